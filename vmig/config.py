@@ -1,0 +1,124 @@
+"""User-facing VM configuration: plain, validated, serialisable data (no live objects)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from vmig.errors import ConfigError
+from vmig.guest import layout
+from vmig.units import MiB, PAGE_SIZE, format_size, parse_size
+
+
+class Workload(str, enum.Enum):
+    """What the guest does after it has stamped its working set once."""
+
+    IDLE = "idle"  #: halts; wakes every few milliseconds to beat and serve checks
+    DIRTY = "dirty"  #: rewrites working-set pages at `dirty_rate` pages per second
+
+
+class DirtyOrder(str, enum.Enum):
+    """In which order the dirty workload walks its pages."""
+
+    SEQUENTIAL = "sequential"
+    RANDOM = "random"
+
+
+DEFAULT_MEMORY = 256 * MiB
+DEFAULT_WORKING_SET = 64 * MiB
+DEFAULT_DIRTY_RATE = 10_000  # pages/s: 40 MB/s, well within one loopback connection
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """What to build: memory, vCPUs and the guest's workload."""
+
+    memory_bytes: int = DEFAULT_MEMORY
+    cpus: int = 1
+    workload: Workload = Workload.IDLE
+    working_set_bytes: int = DEFAULT_WORKING_SET
+    dirty_rate: int = DEFAULT_DIRTY_RATE
+    order: DirtyOrder = DirtyOrder.RANDOM
+    seed: int = 0x5EED
+    memory_file: str | None = None
+    serial_log: str | None = None
+
+    @classmethod
+    def build(cls, *, memory: str | int = DEFAULT_MEMORY, cpus: int = 1,
+              workload: str = "idle", working_set: str | int | None = None,
+              dirty_rate: int = DEFAULT_DIRTY_RATE, order: str = "random", seed: int = 0x5EED,
+              memory_file: str | None = None, serial_log: str | None = None) -> VmConfig:
+        """Parse user-given strings and validate; raise ConfigError naming the bad field."""
+        memory_bytes = parse_size(memory, "memory size")
+        if working_set is None:
+            ws_bytes = min(DEFAULT_WORKING_SET, layout.max_working_set_pages(memory_bytes)
+                           * PAGE_SIZE)
+        else:
+            ws_bytes = parse_size(working_set, "working set size")
+        try:
+            workload_value = Workload(workload)
+        except ValueError:
+            raise ConfigError(f"bad workload {workload!r}: expected 'idle' or 'dirty'") from None
+        try:
+            order_value = DirtyOrder(order)
+        except ValueError:
+            raise ConfigError(f"bad order {order!r}: expected 'sequential' or 'random'") from None
+        config = cls(memory_bytes=memory_bytes, cpus=cpus, workload=workload_value,
+                     working_set_bytes=ws_bytes, dirty_rate=dirty_rate, order=order_value,
+                     seed=seed, memory_file=memory_file, serial_log=serial_log)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ConfigError if this configuration cannot be built."""
+        if self.memory_bytes % (2 * MiB):
+            raise ConfigError(f"bad memory size {self.memory_bytes}: must be a multiple of 2 MiB")
+        if not layout.MIN_MEMORY <= self.memory_bytes <= layout.MAX_MEMORY:
+            raise ConfigError(
+                f"bad memory size {format_size(self.memory_bytes)}: must be between "
+                f"{format_size(layout.MIN_MEMORY)} and {format_size(layout.MAX_MEMORY)}"
+            )
+        if not 1 <= self.cpus <= layout.MAX_CPUS:
+            raise ConfigError(f"bad cpus {self.cpus}: must be between 1 and {layout.MAX_CPUS}")
+        if self.working_set_bytes % PAGE_SIZE or self.working_set_bytes <= 0:
+            raise ConfigError(
+                f"bad working set {self.working_set_bytes}: must be a positive multiple of 4 KiB"
+            )
+        max_ws = layout.max_working_set_pages(self.memory_bytes) * PAGE_SIZE
+        if self.working_set_bytes > max_ws:
+            raise ConfigError(
+                f"working set {format_size(self.working_set_bytes)} does not fit in "
+                f"{format_size(self.memory_bytes)} of guest memory (at most {format_size(max_ws)})"
+            )
+        if self.dirty_rate < 0:
+            raise ConfigError(f"bad dirty rate {self.dirty_rate}: must be >= 0 pages per second")
+
+    @property
+    def working_set_pages(self) -> int:
+        return self.working_set_bytes // PAGE_SIZE
+
+    @property
+    def working_set_gpa(self) -> int:
+        return layout.working_set_gpa(self.working_set_pages)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (enums as their values)."""
+        data = dataclasses.asdict(self)
+        data["workload"] = self.workload.value
+        data["order"] = self.order.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VmConfig:
+        """Inverse of `to_dict`; validates."""
+        try:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            config = cls(**{k: v for k, v in data.items() if k in fields})
+            config = dataclasses.replace(config, workload=Workload(config.workload),
+                                         order=DirtyOrder(config.order))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad VM configuration: {exc}") from None
+        config.validate()
+        return config

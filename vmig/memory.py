@@ -1,0 +1,193 @@
+"""Guest RAM: one shared mapping (memfd or file) with bounds-checked access by GPA.
+
+The mapping is MAP_SHARED so another process can map the same pages (the memfd
+is what a local migration hands over with SCM_RIGHTS, and `--memory-file`
+behaves like QEMU's memory-backend-file with share=on). Writes the VMM makes
+through `write()` are recorded in a VMM-side dirty bitmap, because KVM's dirty
+log only sees the guest's own writes; migration ORs the two.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import threading
+
+import numpy as np
+
+from vmig.errors import GuestMemoryError
+from vmig.units import PAGE_SHIFT, PAGE_SIZE, format_size
+
+MADV_POPULATE_WRITE = 23  # linux/mman.h, 5.14+: prefault writable pages in one call
+_U64 = struct.Struct("<Q")
+
+
+def host_available_memory() -> int:
+    """MemAvailable + SwapFree from /proc/meminfo, in bytes."""
+    fields: dict[str, int] = {}
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            name, _, rest = line.partition(":")
+            fields[name] = int(rest.split()[0]) * 1024
+    return fields.get("MemAvailable", 0) + fields.get("SwapFree", 0)
+
+
+class GuestMemory:
+    """Guest RAM from guest-physical 0 to `size`, in one KVM slot.
+
+    Owns the fd and the mapping. Hand out memoryviews with `view()`; they must be
+    released before `close()` (Python refuses to unmap exported buffers).
+    """
+
+    SLOT = 0
+
+    def __init__(self, fd: int, size: int, path: str | None = None) -> None:
+        self._fd = fd
+        self.size = size
+        self.path = path
+        try:
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(fd)
+            raise GuestMemoryError(f"cannot map {format_size(size)} of guest memory: "
+                                   f"{exc.strerror}") from None
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self.host_addr = ctypes.addressof(anchor)
+        del anchor  # keep no exported pointer, so that close() can unmap
+        self._view = memoryview(self._map)
+        self._vmm_dirty = np.zeros((size // PAGE_SIZE + 63) // 64, dtype=np.uint64)
+        self._dirty_lock = threading.Lock()
+
+    # --- construction ----------------------------------------------------------
+
+    @classmethod
+    def create(cls, size: int, path: str | None = None) -> GuestMemory:
+        """New guest RAM of `size` bytes: an anonymous memfd, or the file at `path`."""
+        if size <= 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(f"bad guest memory size {size}: must be a multiple of 4 KiB")
+        if path is None:
+            available = host_available_memory()
+            if size > available:
+                raise GuestMemoryError(
+                    f"guest memory {format_size(size)} is more than the host can give "
+                    f"({format_size(available)} available)"
+                )
+            fd = os.memfd_create("vmig-guest-ram", os.MFD_CLOEXEC)
+        else:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise GuestMemoryError(f"cannot open memory file {path}: {exc.strerror}") from None
+        try:
+            if path is not None:
+                current = os.fstat(fd).st_size
+                if current not in (0, size):
+                    raise GuestMemoryError(
+                        f"memory file {path} holds {format_size(current)}, "
+                        f"not the {format_size(size)} asked for"
+                    )
+                stat = os.fstatvfs(fd)
+                if current == 0 and size > stat.f_bavail * stat.f_frsize:
+                    raise GuestMemoryError(f"not enough space for {format_size(size)} at {path}")
+            os.ftruncate(fd, size)
+        except GuestMemoryError:
+            os.close(fd)
+            raise
+        except OSError as exc:
+            os.close(fd)
+            raise GuestMemoryError(f"cannot size guest memory: {exc.strerror}") from None
+        return cls(fd, size, path)
+
+    @classmethod
+    def from_fd(cls, fd: int, size: int) -> GuestMemory:
+        """Adopt an fd (e.g. a memfd received over SCM_RIGHTS); this object then owns it."""
+        actual = os.fstat(fd).st_size
+        if actual < size:
+            os.close(fd)
+            raise GuestMemoryError(f"memory fd holds {actual} bytes, expected {size}")
+        return cls(fd, size)
+
+    # --- access ------------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        self._check_open()
+        return self._fd
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise GuestMemoryError("guest memory is closed")
+
+    def check_range(self, gpa: int, length: int) -> None:
+        """Raise GuestMemoryError unless [gpa, gpa+length) lies inside guest memory."""
+        if gpa < 0 or length < 0 or gpa + length > self.size:
+            raise GuestMemoryError(
+                f"guest range {gpa:#x}+{length:#x} is outside guest memory (size {self.size:#x})"
+            )
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable memoryview of [gpa, gpa+length); not tracked as a VMM write."""
+        self._check_open()
+        self.check_range(gpa, length)
+        return self._view[gpa:gpa + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Copy `length` bytes out of guest memory."""
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy `data` into guest memory and record the pages as VMM-dirtied."""
+        self.view(gpa, len(data))[:] = data
+        self.mark_dirty(gpa, len(data))
+
+    def read_u64(self, gpa: int) -> int:
+        self.check_range(gpa, 8)
+        return _U64.unpack_from(self._view, gpa)[0]
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, _U64.pack(value))
+
+    # --- VMM-side dirty tracking -------------------------------------------------
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Record that the VMM wrote [gpa, gpa+length)."""
+        if length <= 0:
+            return
+        first, last = gpa >> PAGE_SHIFT, (gpa + length - 1) >> PAGE_SHIFT
+        with self._dirty_lock:
+            for page in range(first, last + 1):
+                self._vmm_dirty[page >> 6] |= np.uint64(1 << (page & 63))
+
+    def take_vmm_dirty(self) -> np.ndarray:
+        """The VMM-dirtied pages since the last call (u64 words, one bit per page); clears."""
+        with self._dirty_lock:
+            words = self._vmm_dirty.copy()
+            self._vmm_dirty[:] = 0
+        return words
+
+    # --- host-side housekeeping --------------------------------------------------
+
+    def populate(self) -> None:
+        """Prefault every page writable (MADV_POPULATE_WRITE), so receiving takes no faults."""
+        self._check_open()
+        try:
+            self._map.madvise(MADV_POPULATE_WRITE)
+        except OSError:
+            pass  # an older kernel: pages fault in on first touch instead
+
+    def close(self) -> None:
+        """Unmap and close; idempotent. Outstanding views make this raise BufferError."""
+        if self._fd >= 0:
+            self._view.release()
+            self._map.close()
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

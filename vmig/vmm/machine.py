@@ -1,0 +1,516 @@
+"""`Machine`: one KVM VM built from a VmConfig, with its memory, vCPU threads and devices.
+
+Ownership is a tree: the Machine owns the Kvm, the Vm, the GuestMemory, the
+vCPUs (each driven by a VcpuHandle thread), and the serial log. `close()`
+releases all of it, in reverse order of construction.
+
+Lifecycle::
+
+    boot() / restore() --> RUNNING <--pause()/resume()--> PAUSED
+                              |                              |
+                              +---- shutdown() / failure ----+--> SHUTDOWN / FAILED
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import logging
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from vmig.config import DirtyOrder, VmConfig, Workload
+from vmig.errors import GuestError, KvmError, SnapshotError, StateError, VmigError
+from vmig.guest import layout
+from vmig.guest.build import guest_image
+from vmig.kvm import Kvm, Vcpu, Vm
+from vmig.kvm.vcpu import SAVED_MSRS
+from vmig.memory import GuestMemory
+from vmig.units import GiB
+from vmig.vmm.devices import SERIAL_PORTS, STATUS_PORTS, IoBus, Serial8250, StatusPort
+from vmig.vmm.state import MachineState, VcpuState, struct_to_dict
+from vmig.vmm.vcpu_thread import VcpuHandle, VcpuRunState, install_kick_handler
+
+__all__ = ["Machine", "VmState", "install_kick_handler"]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_STATE_FILE = "state.json"
+SNAPSHOT_MEMORY_FILE = "memory.bin"
+CHECK_POLL_S = 0.02
+BOOT_TIMEOUT_S = 30.0
+
+
+class VmState(str, enum.Enum):
+    """Where a Machine is in its life."""
+
+    RUNNING = "running"  #: vCPUs are executing the guest
+    PAUSED = "paused"  #: every vCPU is parked; state and memory are stable
+    SHUTDOWN = "shutdown"  #: stopped on request; resources released
+    FAILED = "failed"  #: a vCPU hit an error the VMM cannot handle; see `error`
+
+
+class Machine:
+    """A running or paused VM. Build it with `boot()`, `restore()` or `restore_snapshot()`."""
+
+    def __init__(self, config: VmConfig, kvm: Kvm, vm: Vm, memory: GuestMemory,
+                 vcpus: list[Vcpu], serial_log: BinaryIO | None, tsc_khz: int) -> None:
+        self.config = config
+        self.kvm = kvm
+        self.vm = vm
+        self.memory = memory
+        self.vcpus = vcpus
+        self.tsc_khz = tsc_khz
+        self.error: str | None = None
+        self.state = VmState.PAUSED
+        self._serial_log = serial_log
+        self._lock = threading.RLock()
+        self._events = threading.Condition()
+        self.booted_cpus: set[int] = set()
+        self.serial = Serial8250(serial_log)
+        self.bus = IoBus()
+        self.bus.register(*SERIAL_PORTS, self.serial)
+        self.bus.register(*STATUS_PORTS, StatusPort(self._guest_event))
+        self.handles: list[VcpuHandle] = []
+        try:
+            for vcpu in vcpus:
+                self.handles.append(VcpuHandle(vcpu, self.bus, self._vcpu_failed))
+        except BaseException:
+            self._release()
+            raise
+
+    # --- construction ------------------------------------------------------------------
+
+    @classmethod
+    def boot(cls, config: VmConfig) -> Machine:
+        """Build a VM from `config`, load the guest and start it running."""
+        config.validate()
+        image = guest_image()
+        memory = GuestMemory.create(config.memory_bytes, config.memory_file)
+        machine = cls._assemble(config, memory, restore=None)
+        try:
+            with machine._lock:
+                _write_boot_memory(memory, config, image, machine.tsc_khz)
+                for vcpu in machine.vcpus:
+                    _enter_real_mode(vcpu, layout.entry_gpa(vcpu.vcpu_id))
+                machine._resume_vcpus()
+            machine.wait_booted()
+        except BaseException:
+            machine.close()
+            raise
+        return machine
+
+    @classmethod
+    def restore(cls, state: MachineState, memory: GuestMemory, *,
+                serial_log: str | None = None, resume: bool = True) -> Machine:
+        """Continue a VM from its saved state and memory; the Machine takes `memory`."""
+        # Host paths in a saved configuration belong to the VMM that saved it.
+        config = dataclasses.replace(state.config, serial_log=serial_log,
+                                     memory_file=memory.path)
+        if memory.size != config.memory_bytes:
+            memory.close()
+            raise SnapshotError(f"memory holds {memory.size} bytes but the VM state says "
+                                f"{config.memory_bytes}")
+        machine = cls._assemble(config, memory, restore=state)
+        if resume:
+            try:
+                machine.resume()
+            except BaseException:
+                machine.close()
+                raise
+        return machine
+
+    @classmethod
+    def restore_snapshot(cls, directory: str, *, serial_log: str | None = None,
+                         memory_file: str | None = None, resume: bool = True) -> Machine:
+        """Start a VM from a snapshot directory written by `snapshot()`."""
+        folder = Path(directory)
+        state_path, memory_path = folder / SNAPSHOT_STATE_FILE, folder / SNAPSHOT_MEMORY_FILE
+        try:
+            state = MachineState.from_json(state_path.read_bytes())
+        except FileNotFoundError:
+            raise SnapshotError(f"{folder} is not a vmig snapshot: {state_path.name} "
+                                "is missing") from None
+        except OSError as exc:
+            raise SnapshotError(f"cannot read {state_path}: {exc.strerror}") from None
+        size = state.config.memory_bytes
+        try:
+            actual = memory_path.stat().st_size
+        except OSError:
+            raise SnapshotError(f"snapshot {folder} has no {memory_path.name}") from None
+        if actual != size:
+            raise SnapshotError(f"snapshot memory {memory_path} holds {actual} bytes, "
+                                f"the VM state says {size}")
+        memory = GuestMemory.create(size, memory_file)
+        try:
+            view = memory.view(0, size)
+            try:
+                with open(memory_path, "rb") as source:
+                    done = 0
+                    while done < size:
+                        n = source.readinto(view[done:])
+                        if not n:
+                            raise SnapshotError(f"{memory_path} ended early")
+                        done += n
+            finally:
+                view.release()
+        except OSError as exc:
+            memory.close()
+            raise SnapshotError(f"cannot read {memory_path}: {exc.strerror}") from None
+        except BaseException:
+            memory.close()
+            raise
+        return cls.restore(state, memory, serial_log=serial_log, resume=resume)
+
+    @classmethod
+    def _assemble(cls, config: VmConfig, memory: GuestMemory,
+                  restore: MachineState | None) -> Machine:
+        """Create KVM objects around `memory` (which it takes), vCPUs paused."""
+        with contextlib.ExitStack() as stack:
+            stack.callback(memory.close)
+            kvm = Kvm()
+            stack.callback(kvm.close)
+            vm = kvm.create_vm()
+            stack.callback(vm.close)
+            vm.set_user_memory_region(GuestMemory.SLOT, 0, memory.size, memory.host_addr)
+            cpuid = kvm.supported_cpuid()
+            vcpus: list[Vcpu] = []
+            for index in range(config.cpus):
+                vcpu = vm.create_vcpu(index)
+                stack.callback(vcpu.close)
+                vcpu.set_cpuid2(cpuid)
+                vcpus.append(vcpu)
+            tsc_khz = vcpus[0].get_tsc_khz()
+            if restore is not None:
+                msr_names = set(kvm.msr_index_list())
+                for vcpu, saved in zip(vcpus, restore.vcpus, strict=True):
+                    _load_vcpu_state(vcpu, saved, msr_names)
+            serial_log = _open_serial_log(config.serial_log)
+            if serial_log is not None:
+                stack.callback(serial_log.close)
+            machine = cls(config, kvm, vm, memory, vcpus, serial_log, tsc_khz)
+            stack.pop_all()
+        if restore is not None:
+            machine.serial.restore_state(restore.devices.get("serial", {"regs": {}}))
+            machine.booted_cpus = set(range(config.cpus))
+        return machine
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Park every vCPU outside KVM_RUN; works while the guest is busy."""
+        with self._lock:
+            self._require(VmState.RUNNING, "pause")
+            self._pause_vcpus()
+            self.state = VmState.PAUSED
+
+    def resume(self) -> None:
+        """Let a paused VM run again."""
+        with self._lock:
+            self._require(VmState.PAUSED, "resume")
+            self._resume_vcpus()
+
+    def shutdown(self) -> None:
+        """Stop the vCPUs and release everything; idempotent."""
+        with self._lock:
+            if self.state is VmState.SHUTDOWN:
+                return
+            self._release()
+            if self.state is not VmState.FAILED:
+                self.state = VmState.SHUTDOWN
+
+    close = shutdown
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require(self, wanted: VmState, action: str) -> None:
+        if self.state is not wanted:
+            raise StateError(f"cannot {action}: VM is {self.state.value}, "
+                             f"it must be {wanted.value}")
+
+    def _pause_vcpus(self) -> None:
+        for handle in self.handles:
+            handle.request_pause()
+        for handle in self.handles:
+            handle.wait_paused()
+
+    def _resume_vcpus(self) -> None:
+        for handle in self.handles:
+            handle.resume()
+        self.state = VmState.RUNNING
+
+    def _release(self) -> None:
+        errors: list[str] = []
+        for handle in self.handles:
+            try:
+                handle.stop()
+            except VmigError as exc:
+                errors.append(str(exc))
+        self.handles = []
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vm.close()
+        self.kvm.close()
+        self.memory.close()
+        if self._serial_log is not None:
+            self._serial_log.close()
+        if errors:
+            log.error("shutdown: %s", "; ".join(errors))
+
+    def _vcpu_failed(self, vcpu_id: int, message: str) -> None:
+        """Called on a vCPU thread when its guest fails: park the others, mark FAILED."""
+        self.error = message
+        self.state = VmState.FAILED
+        for handle in self.handles:
+            handle.request_pause()
+        with self._events:
+            self._events.notify_all()
+
+    def _guest_event(self, event: int, cpu: int) -> None:
+        if event == layout.EVENT_BOOTED:
+            self.booted_cpus.add(cpu)
+        elif event == layout.EVENT_PANIC:
+            log.error("guest vCPU %d panicked", cpu)
+        with self._events:
+            self._events.notify_all()
+
+    def wait_booted(self, timeout: float = BOOT_TIMEOUT_S) -> None:
+        """Wait until every vCPU reports that it reached long mode and filled its pages."""
+        deadline = time.monotonic() + timeout
+        with self._events:
+            while True:
+                if self.state is VmState.FAILED:
+                    raise GuestError(f"guest failed while booting: {self.error}")
+                states = [self._status(cpu, layout.ST_STATE) for cpu in range(self.config.cpus)]
+                if all(s == layout.CPU_STATE_RUNNING for s in states):
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GuestError(f"guest did not finish booting within {timeout:.0f} s "
+                                     f"(vCPU states {states})")
+                self._events.wait(min(remaining, CHECK_POLL_S))
+
+    # --- the guest's view -----------------------------------------------------------------
+
+    def _status(self, cpu: int, field: int) -> int:
+        return self.memory.read_u64(layout.status_gpa(cpu) + field)
+
+    def guest_counters(self) -> dict[str, int]:
+        """Heartbeat and pages written, summed over vCPUs, read from the status page."""
+        cpus = range(self.config.cpus)
+        return {
+            "heartbeat": sum(self._status(c, layout.ST_HEARTBEAT) for c in cpus),
+            "pages_written": sum(self._status(c, layout.ST_PAGES_WRITTEN) for c in cpus),
+        }
+
+    def check_guest(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Ask the guest to verify every working-set page against its table; wait for it."""
+        with self._lock:
+            self._require(VmState.RUNNING, "check the guest")
+            request = self.memory.read_u64(layout.CONFIG_GPA + layout.CFG_CHECK_REQUEST) + 1
+            self.memory.write_u64(layout.CONFIG_GPA + layout.CFG_CHECK_REQUEST, request)
+        deadline = time.monotonic() + timeout
+        cpus = range(self.config.cpus)
+        with self._events:
+            while not all(self._status(c, layout.ST_CHECK_DONE) >= request for c in cpus):
+                if self.state is not VmState.RUNNING:
+                    raise StateError(f"guest check interrupted: VM is {self.state.value}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GuestError(f"guest did not finish its self-check within {timeout} s")
+                self._events.wait(min(remaining, CHECK_POLL_S))
+        pages = sum(self._status(c, layout.ST_CHECK_PAGES) for c in cpus)
+        bad = sum(self._status(c, layout.ST_CHECK_BAD) for c in cpus)
+        first_bad = [self._status(c, layout.ST_FIRST_BAD) for c in cpus]
+        first_bad = [index for index in first_bad if index != (1 << 64) - 1]
+        return {
+            "ok": bad == 0 and pages == self.config.working_set_pages,
+            "pages_checked": pages,
+            "bad_pages": bad,
+            "first_bad_page": min(first_bad) if first_bad else None,
+        }
+
+    def info(self) -> dict[str, Any]:
+        """What `vm.info` reports: configuration, state and the guest's counters."""
+        config = self.config
+        data: dict[str, Any] = {
+            "state": self.state.value,
+            "memory_bytes": config.memory_bytes,
+            "cpus": config.cpus,
+            "workload": config.workload.value,
+            "order": config.order.value,
+            "working_set_bytes": config.working_set_bytes,
+            "working_set_gpa": config.working_set_gpa,
+            "dirty_rate": config.dirty_rate,
+            "memory_file": config.memory_file,
+            "serial_log": config.serial_log,
+            "error": self.error,
+            "heartbeat": None,
+            "pages_written": None,
+            "vcpus": [{"id": h.vcpu.vcpu_id, "state": h.state.value, "exits": h.exits}
+                      for h in self.handles],
+        }
+        if self.state not in (VmState.SHUTDOWN,):
+            data.update(self.guest_counters())
+        return data
+
+    # --- saving and restoring ---------------------------------------------------------------
+
+    def save_state(self) -> MachineState:
+        """The paused VM's state as plain data (memory excluded)."""
+        with self._lock:
+            self._require(VmState.PAUSED, "save the VM state")
+            msr_names = set(self.kvm.msr_index_list())
+            wanted = [index for index in SAVED_MSRS if index in msr_names]
+            vcpus = []
+            for handle in self.handles:
+                if handle.state is not VcpuRunState.PAUSED:
+                    raise StateError(f"vCPU {handle.vcpu.vcpu_id} is {handle.state.value}")
+                vcpus.append(_read_vcpu_state(handle.vcpu, wanted))
+            return MachineState(
+                config=self.config,
+                tsc_khz=self.tsc_khz,
+                vcpus=vcpus,
+                devices={"serial": self.serial.save_state()},
+                guest={"layout": "vmig/guest/layout.py", "booted_cpus": sorted(self.booted_cpus)},
+            )
+
+    def snapshot(self, directory: str) -> None:
+        """Write state.json and memory.bin of the paused VM into `directory`."""
+        with self._lock:
+            self._require(VmState.PAUSED, "snapshot")
+            state = self.save_state()
+            folder = Path(directory)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                _write_file_atomic(folder / SNAPSHOT_MEMORY_FILE,
+                                   self.memory.view(0, self.memory.size))
+                _write_file_atomic(folder / SNAPSHOT_STATE_FILE, state.to_json().encode())
+            except OSError as exc:
+                raise SnapshotError(f"cannot write snapshot to {folder}: "
+                                    f"{exc.strerror or exc}") from None
+
+    # --- dirty tracking for migration -------------------------------------------------------
+
+    def start_dirty_log(self) -> None:
+        """Switch on KVM's dirty log and forget earlier VMM-side writes."""
+        self.vm.set_dirty_logging(GuestMemory.SLOT, True)
+        self.memory.take_vmm_dirty()
+
+    def collect_dirty(self) -> np.ndarray:
+        """Pages written since the last call: KVM's log OR the VMM's own writes."""
+        words = self.vm.get_dirty_log(GuestMemory.SLOT)
+        words |= self.memory.take_vmm_dirty()
+        return words
+
+    def stop_dirty_log(self) -> None:
+        with contextlib.suppress(KvmError):
+            self.vm.set_dirty_logging(GuestMemory.SLOT, False)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def _write_boot_memory(memory: GuestMemory, config: VmConfig, image: bytes, tsc_khz: int) -> None:
+    """Page tables, config page and guest code, written before the first KVM_RUN."""
+    gibs = (config.memory_bytes + GiB - 1) // GiB
+    q = struct.Struct("<Q")
+    memory.write(layout.PML4_GPA, q.pack(layout.PDPT_GPA | 0x3))  # present | writable
+    pdpt = b"".join(q.pack((layout.PD_GPA + i * 4096) | 0x3) for i in range(gibs))
+    memory.write(layout.PDPT_GPA, pdpt)
+    large = 0x83  # present | writable | page size (2 MiB)
+    directory = np.arange(gibs * 512, dtype=np.uint64) * np.uint64(layout.LARGE_PAGE)
+    memory.write(layout.PD_GPA, (directory | np.uint64(large)).tobytes())
+    fields = {
+        layout.CFG_MAGIC: layout.CONFIG_MAGIC,
+        layout.CFG_NCPUS: config.cpus,
+        layout.CFG_WORKLOAD: (layout.WORKLOAD_DIRTY if config.workload is Workload.DIRTY
+                              else layout.WORKLOAD_IDLE),
+        layout.CFG_ORDER: (layout.ORDER_RANDOM if config.order is DirtyOrder.RANDOM
+                           else layout.ORDER_SEQUENTIAL),
+        layout.CFG_DIRTY_RATE: config.dirty_rate,
+        layout.CFG_TSC_KHZ: tsc_khz,
+        layout.CFG_TABLE_GPA: layout.TABLE_GPA,
+        layout.CFG_WS_GPA: config.working_set_gpa,
+        layout.CFG_WS_PAGES: config.working_set_pages,
+        layout.CFG_CHECK_REQUEST: 0,
+        layout.CFG_SEED: config.seed,
+    }
+    for offset, value in fields.items():
+        memory.write_u64(layout.CONFIG_GPA + offset, value)
+    if len(image) > layout.CODE_LIMIT - layout.ENTRY_BASE:
+        raise GuestError(f"guest image is {len(image)} bytes, too big for its code area")
+    memory.write(layout.ENTRY_BASE, image)
+
+
+def _enter_real_mode(vcpu: Vcpu, entry: int) -> None:
+    """Point a fresh vCPU at `entry` in 16-bit real mode (CS base 0); the guest does the rest."""
+    sregs = vcpu.get_sregs()
+    sregs.cs.base = 0
+    sregs.cs.selector = 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip = entry
+    regs.rflags = 0x2  # bit 1 is reserved and always set
+    vcpu.set_regs(regs)
+
+
+def _read_vcpu_state(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
+    try:
+        events: dict[str, Any] | None = struct_to_dict(vcpu.get_vcpu_events())
+    except KvmError:
+        events = None
+    return VcpuState(
+        vcpu_id=vcpu.vcpu_id,
+        regs=struct_to_dict(vcpu.get_regs()),
+        sregs=struct_to_dict(vcpu.get_sregs()),
+        fpu=struct_to_dict(vcpu.get_fpu()),
+        msrs=vcpu.get_msrs(msr_indices),
+        events=events,
+    )
+
+
+def _load_vcpu_state(vcpu: Vcpu, state: VcpuState, known_msrs: set[int]) -> None:
+    vcpu.set_sregs(state.kvm_sregs())
+    vcpu.set_regs(state.kvm_regs())
+    vcpu.set_fpu(state.kvm_fpu())
+    events = state.kvm_vcpu_events()
+    if events is not None:
+        vcpu.set_vcpu_events(events)
+    msrs = {index: value for index, value in state.msrs.items() if index in known_msrs}
+    vcpu.set_msrs(msrs)
+
+
+def _open_serial_log(path: str | None) -> BinaryIO | None:
+    if path is None:
+        return None
+    try:
+        return open(path, "ab")  # noqa: SIM115 - the Machine owns and closes it
+    except OSError as exc:
+        raise VmigError(f"cannot open serial log {path}: {exc.strerror}") from None
+
+
+def _write_file_atomic(path: Path, data: bytes | memoryview) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        if isinstance(data, memoryview):
+            data.release()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
