@@ -1,0 +1,145 @@
+"""Wire layouts: header formats, hello, START payload, range tables, text limits."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vmig.proto import (
+    HELLO_SIZE,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    Command,
+    ConnectionRole,
+    Hello,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Status,
+    encode_hello,
+    encode_response,
+    parse_hello,
+    wire,
+)
+from vmig.ranges import RangeTable
+
+MID = bytes(range(16))
+
+
+def test_enum_values_are_fixed():
+    assert [(c.name, c.value) for c in Command] == [
+        ("INVALID", 0),
+        ("START", 1),
+        ("CONFIG", 2),
+        ("STATE", 3),
+        ("MEMORY", 4),
+        ("COMPLETE", 5),
+        ("ABANDON", 6),
+        ("MEMORY_FD", 7),
+    ]
+    assert [s.value for s in Status] == [0, 1, 2]
+    assert [r.value for r in ConnectionRole] == [0, 1, 2]
+    assert int(wire.StartFlags.LOCAL) == 1 and int(wire.StartFlags.VERIFY_MEMORY) == 2
+
+
+def test_versions():
+    assert PROTOCOL_VERSION == 1
+    assert frozenset({1}) == SUPPORTED_VERSIONS  # version 0 does not exist
+
+
+def test_request_header_layout():
+    data = wire.encode_request_header(Command.MEMORY, 0x0102, wire.encode_memory_headers(3))
+    assert len(data) == wire.HEADER_SIZE == 16
+    assert data == bytes.fromhex("04000300000000000201000000000000")
+    assert wire.decode_request_header(data) == (4, bytes.fromhex("030000000000"), 0x102)
+    with pytest.raises(LocalProtocolError):
+        wire.encode_request_header(Command.START, -1)
+    with pytest.raises(LocalProtocolError):
+        wire.encode_request_header(Command.START, 0, b"\x00")
+
+
+def test_response_layout_and_checks():
+    data = encode_response(Status.ERROR, "bad")
+    assert data == bytes.fromhex("02000000000000000300000000000000") + b"bad"
+    assert wire.decode_response_header(data[:16]) == (Status.ERROR, 3)
+    assert encode_response(Status.OK) == struct.pack("<H6sQ", 1, bytes(6), 0)
+
+
+def test_start_payload_round_trip_and_checks():
+    payload = wire.encode_start_payload(1, wire.StartFlags.VERIFY_MEMORY, MID, 8)
+    assert len(payload) == wire.START_PAYLOAD_SIZE == 32
+    assert wire.decode_start_payload(payload) == (1, wire.StartFlags.VERIFY_MEMORY, MID, 8)
+    with pytest.raises(RemoteProtocolError, match="unknown flags"):
+        wire.decode_start_payload(struct.pack("<II16sII", 1, 0x80, MID, 1, 0))
+    with pytest.raises(RemoteProtocolError, match="reserved"):
+        wire.decode_start_payload(struct.pack("<II16sII", 1, 0, MID, 1, 5))
+    with pytest.raises(RemoteProtocolError, match="31-byte"):
+        wire.decode_start_payload(bytes(31))
+    with pytest.raises(LocalProtocolError):
+        wire.encode_start_payload(1, 0, b"x", 1)
+
+
+def test_memory_fd_layout():
+    assert wire.encode_memory_fd_headers(5) == bytes.fromhex("050000000000")
+    assert wire.decode_memory_fd_headers(bytes.fromhex("050000000000")) == 5
+    payload = wire.encode_memory_fd_payload(0x10_0000, 0x20_0000)
+    assert wire.decode_memory_fd_payload(payload) == (0x10_0000, 0x20_0000)
+    with pytest.raises(RemoteProtocolError, match="64-bit"):
+        wire.decode_memory_fd_payload(struct.pack("<QQ", (1 << 64) - 4096, 8192))
+
+
+def test_decode_range_table():
+    table = RangeTable([(0, 4096), (1 << 40, 8192)])
+    assert wire.decode_range_table(table.encode(), 12288) == table
+    assert wire.decode_range_table(b"", 0) == RangeTable()
+    with pytest.raises(RemoteProtocolError, match="range 1"):
+        wire.decode_range_table(RangeTable([(0, 4096), (10, 4096)]).encode(), 8192)
+    with pytest.raises(RemoteProtocolError):
+        wire.decode_range_table(bytes(17), 0)
+    assert wire.range_table_problem(table) is None
+    assert "aligned" in wire.range_table_problem(RangeTable([(0, 10)]))
+
+
+def test_hello_round_trip():
+    data = encode_hello(ConnectionRole.MEMORY, MID)
+    assert len(data) == HELLO_SIZE == 32
+    assert data[:8] == b"VMIGCONN"
+    assert data[8:16] == bytes.fromhex("0200010000000000")
+    assert data[16:] == MID
+    assert parse_hello(data) == Hello(ConnectionRole.MEMORY, MID, PROTOCOL_VERSION)
+    assert parse_hello(encode_hello(ConnectionRole.MAIN, MID)).role is ConnectionRole.MAIN
+
+
+def _hello(magic=b"VMIGCONN", role=1, version=1, reserved=0, mid=MID):
+    return struct.pack("<8sHHI16s", magic, role, version, reserved, mid)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (_hello(magic=b"VMIGCONX"), "bad magic"),
+        (_hello(magic=b"GET / HT"), "bad magic"),
+        (_hello(role=0), "invalid role 0"),
+        (_hello(role=3), "invalid role 3"),
+        (_hello(reserved=1), "reserved"),
+        (_hello(version=2), "version 2"),
+        (_hello()[:31], "31-byte hello"),
+    ],
+)
+def test_parse_hello_rejects(data, match):
+    with pytest.raises(RemoteProtocolError, match=match):
+        parse_hello(data)
+
+
+def test_encode_hello_checks_arguments():
+    with pytest.raises(LocalProtocolError):
+        encode_hello(ConnectionRole.INVALID, MID)
+    with pytest.raises(LocalProtocolError):
+        encode_hello(ConnectionRole.MAIN, b"short")
+
+
+def test_encode_text_cuts_on_a_character_boundary():
+    assert wire.encode_text("abc") == b"abc"
+    cut = wire.encode_text("\u20ac" * 2000)  # 3 bytes each
+    assert len(cut) == 4095
+    assert cut.decode() == "\u20ac" * 1365

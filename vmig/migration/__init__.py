@@ -1,0 +1,1 @@
+"""The migration engine: pre-copy policy, sender and receiver orchestration."""

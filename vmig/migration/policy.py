@@ -1,0 +1,188 @@
+"""When to stop pre-copying: progress stats and a pure convergence predicate.
+
+`MemoryMigrationStats` tracks what the pre-copy loop measured (CH's
+MemoryMigrationContext); `decide()` turns it into CONTINUE / CONVERGE / ABORT
+(CH's is_precopy_converged). No clock is read here: callers pass ``now`` and
+durations from whatever clock they use, so tests run on synthetic numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from vmig.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_SMOOTHING",
+    "Decision",
+    "MemoryMigrationStats",
+    "TimeoutStrategy",
+    "decide",
+    "decide_with_reason",
+]
+
+#: Weight of the newest sample in the bandwidth and dirty-rate averages. 0.5
+#: follows a changing link within two or three iterations yet damps one slow or
+#: fast chunk (iterations shrink quickly, so single samples are noisy).
+DEFAULT_SMOOTHING = 0.5
+
+
+class TimeoutStrategy(Enum):
+    """What to do when pre-copy has not converged within the timeout."""
+
+    #: Give up: abandon the migration, the source VM keeps running.
+    CANCEL = "cancel"
+    #: Switch over anyway and accept a downtime above the budget.
+    IGNORE = "ignore"
+
+
+class Decision(Enum):
+    """The pre-copy loop's next step."""
+
+    #: Send another iteration of dirty pages with the VM running.
+    CONTINUE = "continue"
+    #: Pause the VM, send the last dirty pages and the state, complete.
+    CONVERGE = "converge"
+    #: Stop and abandon the migration.
+    ABORT = "abort"
+
+
+@dataclass
+class MemoryMigrationStats:
+    """Pre-copy progress, updated by the loop after every iteration.
+
+    Times are float seconds from the caller's clock (`started_at` on the same
+    clock as the ``now`` given to `decide`); rates are exponentially smoothed
+    with weight `smoothing` for the newest sample.
+    """
+
+    started_at: float = 0.0
+    #: Iterations sent so far (the first full copy is iteration 1).
+    iteration: int = 0
+    bytes_sent_total: int = 0
+    last_iteration_bytes: int = 0
+    last_iteration_seconds: float = 0.0
+    #: Dirty bytes right now: what the next iteration (or the downtime) must send.
+    remaining_bytes: int = 0
+    #: Measured send rate; 0.0 until an iteration took measurable time.
+    bandwidth_bytes_per_s: float = 0.0
+    #: How fast the guest dirties memory while an iteration is sent.
+    dirty_rate_bytes_per_s: float = 0.0
+    smoothing: float = DEFAULT_SMOOTHING
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.smoothing <= 1.0:
+            raise ConfigError(f"smoothing must be in (0, 1], not {self.smoothing}")
+
+    @property
+    def expected_downtime_ms(self) -> float:
+        """Time to send `remaining_bytes` at the measured bandwidth, in ms.
+
+        0.0 when nothing is dirty; infinity while no bandwidth has been measured.
+        """
+        if self.remaining_bytes <= 0:
+            return 0.0
+        if self.bandwidth_bytes_per_s <= 0.0:
+            return math.inf
+        return self.remaining_bytes / self.bandwidth_bytes_per_s * 1000.0
+
+    def elapsed(self, now: float) -> float:
+        """Seconds since `started_at` on the caller's clock."""
+        return now - self.started_at
+
+    def record_iteration(self, nbytes: int, seconds: float) -> None:
+        """Count an iteration that sent `nbytes` in `seconds`; update the bandwidth.
+
+        An iteration that sent nothing or took no measurable time counts but
+        leaves the bandwidth as it was.
+        """
+        if nbytes < 0 or seconds < 0:
+            raise ValueError(f"bad iteration sample: {nbytes} bytes in {seconds} s")
+        self.iteration += 1
+        self.bytes_sent_total += nbytes
+        self.last_iteration_bytes = nbytes
+        self.last_iteration_seconds = seconds
+        if nbytes > 0 and seconds > 0:
+            self.bandwidth_bytes_per_s = self._smooth(self.bandwidth_bytes_per_s, nbytes / seconds)
+
+    def record_dirty(self, remaining_bytes: int, seconds_since_last: float) -> None:
+        """Set the bytes dirtied since the last collection, `seconds_since_last` ago.
+
+        Updates `remaining_bytes` and the smoothed dirty rate (not when the
+        interval is zero).
+        """
+        if remaining_bytes < 0 or seconds_since_last < 0:
+            raise ValueError(f"bad dirty sample: {remaining_bytes} bytes in {seconds_since_last} s")
+        self.remaining_bytes = remaining_bytes
+        if seconds_since_last > 0:
+            self.dirty_rate_bytes_per_s = self._smooth(
+                self.dirty_rate_bytes_per_s, remaining_bytes / seconds_since_last
+            )
+
+    def _smooth(self, average: float, sample: float) -> float:
+        if average <= 0.0:
+            return sample  # the first sample is the average
+        return self.smoothing * sample + (1.0 - self.smoothing) * average
+
+
+def decide_with_reason(
+    stats: MemoryMigrationStats,
+    downtime_ms: float,
+    timeout_s: float,
+    strategy: TimeoutStrategy,
+    now: float,
+    max_iterations: int | None = None,
+) -> tuple[Decision, str]:
+    """`decide`, plus one line saying which exit condition fired (for logs and progress)."""
+    if downtime_ms < 0 or timeout_s <= 0:
+        raise ConfigError(
+            f"downtime must be >= 0 ms and timeout > 0 s (got {downtime_ms} ms, {timeout_s} s)"
+        )
+    if max_iterations is not None and max_iterations < 1:
+        raise ConfigError(f"max_iterations must be at least 1, not {max_iterations}")
+    if stats.iteration == 0:
+        return Decision.CONTINUE, "nothing sent yet: the first iteration copies all memory"
+    if stats.remaining_bytes == 0:
+        return Decision.CONVERGE, "no dirty memory left"
+    expected = stats.expected_downtime_ms
+    if expected <= downtime_ms:
+        return Decision.CONVERGE, (
+            f"expected downtime {expected:.1f} ms is within the {downtime_ms:g} ms budget"
+        )
+    elapsed = stats.elapsed(now)
+    if elapsed >= timeout_s:
+        why = f"pre-copy ran {elapsed:.1f} s, reaching the {timeout_s:g} s timeout"
+    elif max_iterations is not None and stats.iteration >= max_iterations:
+        why = f"pre-copy ran {stats.iteration} iterations, the limit"
+    else:
+        return Decision.CONTINUE, (
+            f"expected downtime {expected:.1f} ms exceeds the {downtime_ms:g} ms budget"
+        )
+    if strategy is TimeoutStrategy.CANCEL:
+        return Decision.ABORT, f"{why}; timeout strategy cancel"
+    return Decision.CONVERGE, f"{why}; timeout strategy ignore (downtime ~{expected:.0f} ms)"
+
+
+def decide(
+    stats: MemoryMigrationStats,
+    downtime_ms: float,
+    timeout_s: float,
+    strategy: TimeoutStrategy,
+    now: float,
+    max_iterations: int | None = None,
+) -> Decision:
+    """Whether pre-copy goes on, switches over, or gives up. Checked in this order:
+
+    0. no iteration sent yet -> CONTINUE (the first one copies all of memory);
+    1. nothing dirty (``remaining_bytes == 0``) -> CONVERGE;
+    2. ``expected_downtime_ms <= downtime_ms`` -> CONVERGE;
+    3. ``now - started_at >= timeout_s``, or ``iteration >= max_iterations`` when
+       given -> ABORT for TimeoutStrategy.CANCEL, CONVERGE for IGNORE;
+    4. otherwise -> CONTINUE.
+
+    `now` is on the clock `stats.started_at` came from. Raises ConfigError for
+    a negative downtime budget, a non-positive timeout or max_iterations < 1.
+    """
+    return decide_with_reason(stats, downtime_ms, timeout_s, strategy, now, max_iterations)[0]
