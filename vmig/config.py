@@ -9,17 +9,17 @@ from typing import Any
 
 from vmig.errors import ConfigError
 from vmig.guest import layout
-from vmig.units import MiB, PAGE_SIZE, format_size, parse_size
+from vmig.units import PAGE_SIZE, MiB, format_size, parse_size
 
 
-class Workload(str, enum.Enum):
+class Workload(enum.StrEnum):
     """What the guest does after it has stamped its working set once."""
 
     IDLE = "idle"  #: halts; wakes every few milliseconds to beat and serve checks
     DIRTY = "dirty"  #: rewrites working-set pages at `dirty_rate` pages per second
 
 
-class DirtyOrder(str, enum.Enum):
+class DirtyOrder(enum.StrEnum):
     """In which order the dirty workload walks its pages."""
 
     SEQUENTIAL = "sequential"

@@ -9,6 +9,7 @@ log only sees the guest's own writes; migration ORs the two.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -172,10 +173,8 @@ class GuestMemory:
     def populate(self) -> None:
         """Prefault every page writable (MADV_POPULATE_WRITE), so receiving takes no faults."""
         self._check_open()
-        try:
+        with contextlib.suppress(OSError):  # an older kernel: pages fault in on first touch
             self._map.madvise(MADV_POPULATE_WRITE)
-        except OSError:
-            pass  # an older kernel: pages fault in on first touch instead
 
     def close(self) -> None:
         """Unmap and close; idempotent. Outstanding views make this raise BufferError."""

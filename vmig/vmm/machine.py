@@ -48,13 +48,14 @@ CHECK_POLL_S = 0.02
 BOOT_TIMEOUT_S = 30.0
 
 
-class VmState(str, enum.Enum):
+class VmState(enum.StrEnum):
     """Where a Machine is in its life."""
 
     RUNNING = "running"  #: vCPUs are executing the guest
     PAUSED = "paused"  #: every vCPU is parked; state and memory are stable
     SHUTDOWN = "shutdown"  #: stopped on request; resources released
     FAILED = "failed"  #: a vCPU hit an error the VMM cannot handle; see `error`
+    MIGRATED = "migrated"  #: handed over to a migration destination; resources released
 
 
 class Machine:
@@ -70,6 +71,7 @@ class Machine:
         self.tsc_khz = tsc_khz
         self.error: str | None = None
         self.state = VmState.PAUSED
+        self.busy: str | None = None  # e.g. "migrating": user pause/resume/snapshot must wait
         self._serial_log = serial_log
         self._lock = threading.RLock()
         self._events = threading.Condition()
@@ -206,21 +208,57 @@ class Machine:
 
     def pause(self) -> None:
         """Park every vCPU outside KVM_RUN; works while the guest is busy."""
+        self.pause_for(None)
+
+    def resume(self) -> None:
+        """Let a paused VM run again."""
+        self.resume_for(None)
+
+    def pause_for(self, owner: str | None) -> None:
+        """Pause on behalf of `owner` (the operation holding `busy`, or None for a user)."""
         with self._lock:
+            if self.busy != owner:
+                self._require_idle("pause")
             self._require(VmState.RUNNING, "pause")
             self._pause_vcpus()
             self.state = VmState.PAUSED
 
-    def resume(self) -> None:
-        """Let a paused VM run again."""
+    def resume_for(self, owner: str | None) -> None:
+        """Resume on behalf of `owner` (see `pause_for`)."""
         with self._lock:
+            if self.busy != owner:
+                self._require_idle("resume")
             self._require(VmState.PAUSED, "resume")
             self._resume_vcpus()
+
+    def begin(self, operation: str) -> None:
+        """Mark the VM busy with a long operation (e.g. "migrating"); refuse a second one."""
+        with self._lock:
+            self._require_idle(operation)
+            if self.state not in (VmState.RUNNING, VmState.PAUSED):
+                raise StateError(f"cannot start {operation}: VM is {self.state.value}")
+            self.busy = operation
+
+    def end(self, operation: str) -> None:
+        with self._lock:
+            if self.busy == operation:
+                self.busy = None
+
+    def mark_migrated(self) -> None:
+        """The destination runs the VM now: release everything here, state MIGRATED."""
+        with self._lock:
+            self._release()
+            self.state = VmState.MIGRATED
+            self.busy = None
+
+    def _require_idle(self, action: str) -> None:
+        if self.busy is not None:
+            raise StateError(f"cannot {action}: VM is {self.busy}")
 
     def shutdown(self) -> None:
         """Stop the vCPUs and release everything; idempotent."""
         with self._lock:
-            if self.state is VmState.SHUTDOWN:
+            if self.state in (VmState.SHUTDOWN, VmState.MIGRATED):
                 return
             self._release()
             if self.state is not VmState.FAILED:
@@ -361,7 +399,8 @@ class Machine:
             "vcpus": [{"id": h.vcpu.vcpu_id, "state": h.state.value, "exits": h.exits}
                       for h in self.handles],
         }
-        if self.state not in (VmState.SHUTDOWN,):
+        data["busy"] = self.busy
+        if self.state not in (VmState.SHUTDOWN, VmState.MIGRATED):
             data.update(self.guest_counters())
         return data
 
@@ -389,6 +428,7 @@ class Machine:
     def snapshot(self, directory: str) -> None:
         """Write state.json and memory.bin of the paused VM into `directory`."""
         with self._lock:
+            self._require_idle("snapshot")
             self._require(VmState.PAUSED, "snapshot")
             state = self.save_state()
             folder = Path(directory)
@@ -495,7 +535,7 @@ def _open_serial_log(path: str | None) -> BinaryIO | None:
     if path is None:
         return None
     try:
-        return open(path, "ab")  # noqa: SIM115 - the Machine owns and closes it
+        return open(path, "ab")
     except OSError as exc:
         raise VmigError(f"cannot open serial log {path}: {exc.strerror}") from None
 

@@ -8,6 +8,7 @@ is busy in a loop that never exits on its own (Firecracker's vcpu.rs).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import signal
@@ -121,10 +122,8 @@ class VcpuHandle:
             self.vcpu.set_immediate_exit(True)
         ident = self._thread.ident
         if ident is not None and self._thread.is_alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
                 signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass  # the thread ended meanwhile
 
     # --- the loop (vCPU thread only) ------------------------------------------------
 

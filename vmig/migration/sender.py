@@ -1,0 +1,273 @@
+"""The sending side: pre-copy over many connections, then stop-and-copy and hand-over.
+
+Sequence (docs/protocol.md has the wire view)::
+
+    connect MAIN (hello) -> connect N-1 MEMORY connections (hello each)
+    START -> [MEMORY_FD, local only] -> CONFIG
+    start dirty logging
+    iteration 0: all memory            } pre-copy, guest running; chunks on the
+    iteration k: pages dirtied meanwhile }  shared queue of SenderPool
+    ... until policy.decide() says CONVERGE (or ABORT on timeout with "cancel")
+    pause guest -> last dirty pages -> STATE -> COMPLETE [digest] -> source MIGRATED
+
+Any failure before COMPLETE is acknowledged leaves the source VM as it was
+(resumed if we paused it), sends ABANDON when it still can, and closes every
+connection; the error names the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from vmig.errors import MigrationError, TransportError, VmigError
+from vmig.memory import GuestMemory
+from vmig.migration.digest import DIGEST_ALGORITHM, memory_digest
+from vmig.migration.params import MAX_ITERATIONS, SendParams
+from vmig.migration.policy import Decision, MemoryMigrationStats, decide_with_reason
+from vmig.migration.progress import MigrationProgress, MigrationSummary, Phase
+from vmig.proto import (
+    Abandon,
+    Complete,
+    Config,
+    ConnectionRole,
+    MemoryFd,
+    Start,
+    StartFlags,
+    State,
+)
+from vmig.ranges import RangeTable
+from vmig.transport.address import Address, connect
+from vmig.transport.channel import SenderChannel
+from vmig.transport.pool import SenderPool
+from vmig.transport.stream import Stream
+from vmig.units import PAGE_SIZE
+from vmig.vmm.machine import Machine, VmState
+
+log = logging.getLogger(__name__)
+
+OPERATION = "migrating"
+
+
+class MigrationSender:
+    """Migrates one Machine to one destination; `run()` once."""
+
+    def __init__(self, machine: Machine, params: SendParams,
+                 progress: MigrationProgress | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.address: Address = params.validate()
+        self.machine = machine
+        self.params = params
+        self.clock = clock
+        self.progress = progress or MigrationProgress("send")
+        self.progress.update(memory_bytes=machine.config.memory_bytes,
+                             bytes_remaining=machine.config.memory_bytes)
+        self.migration_id = os.urandom(16)
+        self.stats = MemoryMigrationStats(started_at=clock())
+        self._pool: SenderPool | None = None
+        self._paused_by_us = False
+        self._downtime_started: float | None = None
+        self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self.machine.memory
+
+    # --- the whole migration -------------------------------------------------------------
+
+    def run(self) -> MigrationSummary:
+        """Migrate; return the summary or raise MigrationError (source left running)."""
+        self.machine.begin(OPERATION)
+        try:
+            summary = self._migrate()
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, VmigError) else f"{type(exc).__name__}: {exc}"
+            self._recover(reason)
+            self.progress.update(phase=Phase.FAILED, error=reason)
+            if isinstance(exc, MigrationError):
+                raise
+            raise MigrationError(f"migration failed: {reason}") from exc
+        finally:
+            self.machine.end(OPERATION)
+        self.progress.update(phase=Phase.COMPLETED)
+        return summary
+
+    def _migrate(self) -> MigrationSummary:
+        started = self.clock()
+        self._pool = SenderPool(self._open_connections())
+        main = self._pool.main
+        flags = StartFlags.NONE
+        if self.params.local:
+            flags |= StartFlags.LOCAL
+        if self.params.verify_memory:
+            flags |= StartFlags.VERIFY_MEMORY
+        connections = len(self._pool.channels)
+        main.request(Start(migration_id=self.migration_id, connections=connections, flags=flags))
+        if self.params.local:
+            main.submit_with_fd(MemoryFd(GuestMemory.SLOT, 0, self.memory.size), self.memory.fd)
+            SenderChannel.check(main.read_response())
+        config = {"vm": self.machine.config.to_dict(), "tsc_khz": self.machine.tsc_khz}
+        main.request(Config(json.dumps(config).encode()))
+
+        self.machine.start_dirty_log()
+        try:
+            if not self.params.local:
+                self._precopy()
+            self._stop_and_copy(main)
+        finally:
+            self.machine.stop_dirty_log()
+        downtime_ms = (self.clock() - (self._downtime_started or self.clock())) * 1000
+        duration = self.clock() - started
+        sent = self.stats.bytes_sent_total
+        summary = MigrationSummary(
+            status="completed",
+            connections=connections,
+            iterations=self.stats.iteration,
+            bytes_sent=sent,
+            duration_ms=duration * 1000,
+            downtime_ms=downtime_ms,
+            throughput_bytes_per_s=sent / duration if duration > 0 else 0.0,
+            memory_verified=self.params.verify_memory,
+            local=self.params.local,
+            warnings=list(self.progress.warnings),
+        )
+        self.machine.mark_migrated()
+        self._close()
+        return summary
+
+    # --- connections ---------------------------------------------------------------------
+
+    def _open_connections(self) -> list[SenderChannel]:
+        """MAIN, then up to N-1 MEMORY connections; see the brief for the partial rules."""
+        channels = [self._open(ConnectionRole.MAIN)]
+        wanted = self.params.connections - 1
+        failures: list[str] = []
+        try:
+            for _ in range(wanted):
+                try:
+                    channels.append(self._open(ConnectionRole.MEMORY))
+                except (TransportError, MigrationError) as exc:
+                    failures.append(str(exc))
+        except BaseException:
+            for channel in channels:
+                channel.close()
+            raise
+        opened = len(channels) - 1
+        if wanted and opened == 0:
+            message = (f"could not open any of {wanted} extra connections ({failures[0]}); "
+                       "continuing on one connection")
+            log.warning(message)
+            self.progress.warn(message)
+        elif opened < wanted:
+            for channel in channels:
+                channel.close()
+            raise MigrationError(f"destination accepted only {opened} of {wanted} extra "
+                                 f"connections: {failures[0]}")
+        self.progress.update(connections=len(channels))
+        return channels
+
+    def _open(self, role: ConnectionRole) -> SenderChannel:
+        sock = connect(self.address)
+        stream = Stream(sock, str(self.address))
+        try:
+            return SenderChannel(stream, role, self.migration_id)
+        except BaseException:
+            stream.close()
+            raise
+
+    # --- pre-copy ------------------------------------------------------------------------
+
+    def _views_for(self, ranges: RangeTable) -> list[memoryview]:
+        return [self.memory.view(gpa, length) for gpa, length in ranges]
+
+    def _send(self, ranges: RangeTable) -> int:
+        """Send one iteration's ranges over the pool; record bandwidth."""
+        assert self._pool is not None
+        began = self.clock()
+        chunks = ranges.partition(self.params.chunk_bytes)
+        sent = self._pool.send_iteration(chunks, self._views_for, self.progress.add_bytes)
+        seconds = self.clock() - began
+        self.stats.record_iteration(sent, seconds)
+        self.progress.update(iteration=self.stats.iteration,
+                             throughput_bytes_per_s=self.stats.bandwidth_bytes_per_s)
+        return sent
+
+
+    def _precopy(self) -> None:
+        self.progress.update(phase=Phase.PRECOPY)
+        ranges = RangeTable.full(self.memory.size)
+        last_collect = self.clock()
+        while True:
+            self.progress.update(bytes_remaining=ranges.total_bytes)
+            self._send(ranges)
+            dirty = self.machine.collect_dirty()
+            ranges = RangeTable.from_bitmap(dirty, 0, PAGE_SIZE)
+            now = self.clock()
+            self.stats.record_dirty(ranges.total_bytes, now - last_collect)
+            last_collect = now
+            decision, why = decide_with_reason(
+                self.stats, self.params.downtime_ms, self.params.timeout_s,
+                self.params.timeout_strategy, now, MAX_ITERATIONS)
+            self.progress.update(
+                bytes_remaining=ranges.total_bytes,
+                dirty_rate_bytes_per_s=self.stats.dirty_rate_bytes_per_s,
+                expected_downtime_ms=self.stats.expected_downtime_ms,
+            )
+            log.info("iteration %d: %s -> %s", self.stats.iteration, why, decision.value)
+            if decision is Decision.CONVERGE:
+                self._unsent_dirty = dirty
+                return
+            if decision is Decision.ABORT:
+                raise MigrationError(f"migration cancelled: {why}")
+
+    # --- stop and copy -------------------------------------------------------------------
+
+    def _stop_and_copy(self, main: SenderChannel) -> None:
+        self.progress.update(phase=Phase.DOWNTIME)
+        if self.machine.state is VmState.RUNNING:
+            self._downtime_started = self.clock()
+            self.machine.pause_for(OPERATION)
+            self._paused_by_us = True
+        else:
+            self._downtime_started = self.clock()
+        if not self.params.local:
+            dirty = self.machine.collect_dirty()
+            if self._unsent_dirty is not None:
+                dirty |= self._unsent_dirty
+            final = RangeTable.from_bitmap(dirty, 0, PAGE_SIZE)
+            self.progress.update(bytes_remaining=final.total_bytes)
+            self._send(final)
+        state = self.machine.save_state()
+        main.request(State(state.to_json().encode()))
+        complete: dict[str, object] = {}
+        if self.params.verify_memory:
+            complete["memory_digest"] = {"algorithm": DIGEST_ALGORITHM,
+                                         "hex": memory_digest(self.memory)}
+        main.request(Complete(json.dumps(complete).encode()))
+        self.progress.update(bytes_remaining=0)
+
+    # --- failure -------------------------------------------------------------------------
+
+    def _recover(self, reason: str) -> None:
+        """Leave exactly one running VM: ours. Best effort ABANDON, close everything."""
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._pool.main.submit(Abandon(reason[:1000]))
+        self._close()
+        with contextlib.suppress(Exception):
+            self.machine.stop_dirty_log()
+        if self._paused_by_us and self.machine.state is VmState.PAUSED:
+            self.machine.resume_for(OPERATION)
+        self._paused_by_us = False
+
+    def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+

@@ -1,0 +1,126 @@
+"""`Stream`: exact-size reads and scatter/gather writes on one socket, without copies.
+
+Page bytes go from guest-memory memoryviews to the socket with `sendmsg` and
+from the socket into guest memory with `recv_into`; no Python-level copy.
+Socket errors become TransportError naming the peer and what failed.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import socket
+from collections.abc import Iterator, Sequence
+
+from vmig.errors import TransportError
+
+IOV_MAX = 1024  # Linux UIO_MAXIOV: most buffers one sendmsg takes
+IO_TIMEOUT_S = 60.0  # a peer silent this long is gone
+
+
+class Stream:
+    """Owns a connected socket. Close it with `close()` or a `with` block."""
+
+    def __init__(self, sock: socket.socket, peer: str, timeout: float | None = IO_TIMEOUT_S):
+        self.sock = sock
+        self.peer = peer
+        sock.settimeout(timeout)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except TimeoutError:
+            raise TransportError(f"{action} {self.peer}: timed out") from None
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+            raise TransportError(f"{action} {self.peer}: the peer closed the connection") from None
+        except OSError as exc:
+            raise TransportError(f"{action} {self.peer}: {exc.strerror or exc}") from None
+
+    def recv_some(self, limit: int) -> bytes:
+        """Up to `limit` bytes; b"" at end of stream."""
+        with self._errors("receiving from"):
+            data = self.sock.recv(limit)
+        self.bytes_received += len(data)
+        return data
+
+    def recv_exact(self, size: int) -> bytes:
+        """Exactly `size` bytes, or TransportError if the peer closes first."""
+        buffer = bytearray(size)
+        self.recv_into_exact(memoryview(buffer))
+        return bytes(buffer)
+
+    def recv_into_exact(self, view: memoryview) -> None:
+        """Fill `view` completely from the socket (zero-copy into e.g. guest memory)."""
+        done, size = 0, len(view)
+        with self._errors("receiving from"):
+            while done < size:
+                n = self.sock.recv_into(view[done:])
+                if n == 0:
+                    raise TransportError(f"receiving from {self.peer}: the peer closed the "
+                                         f"connection ({size - done} bytes missing)")
+                done += n
+        self.bytes_received += size
+
+    def send_all(self, buffers: Sequence[bytes | memoryview]) -> None:
+        """Send every buffer in order with sendmsg, resuming after partial writes."""
+        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+        total = sum(len(b) for b in pending)
+        with self._errors("sending to"):
+            while pending:
+                sent = self.sock.sendmsg(pending[:IOV_MAX])
+                while sent:
+                    head = pending[0]
+                    if sent >= len(head):
+                        sent -= len(head)
+                        pending.pop(0)
+                    else:
+                        pending[0] = head[sent:]
+                        sent = 0
+        self.bytes_sent += total
+
+    def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send `data` with `fds` attached as SCM_RIGHTS (UNIX sockets only)."""
+        rights = array.array("i", fds).tobytes()
+        with self._errors("sending file descriptors to"):
+            sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        if sent < len(data):
+            self.send_all([memoryview(data)[sent:]])
+        self.bytes_sent += sent
+
+    def recv_exact_with_fds(self, size: int, max_fds: int = 4) -> tuple[bytes, list[int]]:
+        """Exactly `size` bytes plus any fds that came with them (the caller owns the fds)."""
+        fds: list[int] = []
+        chunks = bytearray()
+        with self._errors("receiving from"):
+            while len(chunks) < size:
+                data, ancdata, _flags, _ = self.sock.recvmsg(
+                    size - len(chunks), socket.CMSG_SPACE(max_fds * 4))
+                for level, kind, payload in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        usable = len(payload) - len(payload) % 4
+                        fds.extend(array.array("i", payload[:usable]))
+                if not data:
+                    for fd in fds:
+                        socket.close(fd)
+                    raise TransportError(f"receiving from {self.peer}: the peer closed the "
+                                         "connection")
+                chunks += data
+        self.bytes_received += size
+        return bytes(chunks), fds
+
+    def shutdown(self) -> None:
+        """Wake up any thread blocked on this socket (it sees end of stream)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
