@@ -61,3 +61,23 @@ class TransportError(VmigError):
 
 class MigrationError(VmigError):
     """A migration failed or was refused; the message names the cause."""
+
+
+class ApiError(VmigError):
+    """An API request failed: `status` is the HTTP status, or None when no answer came."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+class VmmUnreachableError(ApiError):
+    """Nothing answers at the API socket (missing, refused, or timed out)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, message)
+
+
+class ApiSocketError(VmigError):
+    """The API socket cannot be served: the path is in use, not a socket, or not bindable."""

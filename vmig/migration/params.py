@@ -32,6 +32,15 @@ class SendParams:
     verify_memory: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.timeout_strategy, TimeoutStrategy):
+            try:
+                strategy = TimeoutStrategy(self.timeout_strategy)
+            except ValueError:
+                raise ConfigError(f"timeout_strategy: must be 'cancel' or 'ignore', "
+                                  f"got {self.timeout_strategy!r}") from None
+            object.__setattr__(self, "timeout_strategy", strategy)
+
     def validate(self) -> Address:
         """Check every rule; return the parsed destination. ConfigError names the field."""
         try:

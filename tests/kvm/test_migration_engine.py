@@ -1,0 +1,243 @@
+"""The migration engine on real KVM and real sockets, sender and receiver in this process.
+
+The end-to-end tests through VMM processes and the API are in tests/e2e; these
+exercise the engine's paths (connection counts, local mode, verification,
+refusals, protocol violations) quickly and check that nothing leaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from vmig.config import VmConfig
+from vmig.errors import ConfigError, MigrationError
+from vmig.migration.params import SendParams
+from vmig.migration.receiver import MigrationReceiver
+from vmig.migration.sender import MigrationSender
+from vmig.proto import (
+    NEED_DATA,
+    Config,
+    ConnectionRole,
+    Memory,
+    Response,
+    SenderConnection,
+    Start,
+    encode_hello,
+    wire,
+)
+from vmig.ranges import RangeTable
+from vmig.vmm.machine import Machine, VmState, install_kick_handler
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kick_handler():
+    install_kick_handler()
+
+
+class Outcome:
+    """Collects what the receiver reports when it finishes."""
+
+    def __init__(self) -> None:
+        self.machine: Machine | None = None
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, machine: Machine | None, error: str | None) -> None:
+        self.machine, self.error = machine, error
+        self.done.set()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def source():
+    config = VmConfig.build(memory="128M", cpus=2, workload="dirty", working_set="32M",
+                            dirty_rate=20_000)
+    machine = Machine.boot(config)
+    yield machine
+    machine.close()
+
+
+def _receiver(url: str = "tcp:127.0.0.1:0", **kwargs) -> tuple[MigrationReceiver, Outcome, str]:
+    outcome = Outcome()
+    receiver = MigrationReceiver(url, outcome, **kwargs)
+    address = receiver.start()
+    return receiver, outcome, str(address)
+
+
+@pytest.mark.parametrize("connections", [1, 2, 4, 8])
+def test_migrates_dirtying_guest_over_tcp(source, connections):
+    threads_before = threading.active_count()
+    receiver, outcome, url = _receiver()
+    time.sleep(0.2)
+    before = source.guest_counters()
+    summary = MigrationSender(source, SendParams(url, connections=connections,
+                                                 verify_memory=True)).run()
+    assert outcome.done.wait(10)
+    receiver.close()
+    assert outcome.error is None
+    assert summary.status == "completed" and summary.connections == connections
+    assert summary.memory_verified and summary.iterations >= 1
+    assert summary.bytes_sent >= source.config.memory_bytes
+    assert source.state is VmState.MIGRATED
+    with outcome.machine as destination:
+        assert destination.state is VmState.RUNNING
+        after = destination.guest_counters()
+        assert after["heartbeat"] >= before["heartbeat"]
+        assert after["pages_written"] >= before["pages_written"]
+        time.sleep(0.2)
+        assert destination.guest_counters()["heartbeat"] > after["heartbeat"]
+        assert destination.check_guest()["ok"]
+    assert threading.active_count() == threads_before - 2  # the source's vCPUs are gone too
+
+
+def test_local_migration_passes_memory_fd(source, tmp_path):
+    receiver, outcome, url = _receiver(f"unix:{tmp_path}/mig.sock")
+    summary = MigrationSender(source, SendParams(url, local=True, verify_memory=True)).run()
+    assert outcome.done.wait(10)
+    receiver.close()
+    assert summary.local and summary.bytes_sent == 0
+    with outcome.machine as destination:
+        assert destination.check_guest()["ok"]
+    assert not (tmp_path / "mig.sock").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"connections": 0}, "connections: must be between 1 and 128"),
+    ({"connections": 129}, "connections: must be between 1 and 128"),
+    ({"connections": 2, "destination_url": "unix:/tmp/x"}, "connections: must be 1 with a unix"),
+    ({"connections": 2, "local": True, "destination_url": "unix:/tmp/x"},
+     "connections: must be 1"),
+    ({"local": True}, "local: needs a unix"),
+    ({"destination_url": "http://x"}, "destination_url"),
+    ({"downtime_ms": -1}, "downtime_ms"),
+])
+def test_parameter_validation(kwargs, field):
+    params = {"destination_url": "tcp:127.0.0.1:1", **kwargs}
+    with pytest.raises(ConfigError, match=field):
+        SendParams(**params).validate()
+
+
+def test_unreachable_destination_leaves_source_running(source):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now
+    with pytest.raises(MigrationError, match="cannot connect"):
+        MigrationSender(source, SendParams(f"tcp:127.0.0.1:{port}", connections=4)).run()
+    assert source.state is VmState.RUNNING and source.busy is None
+    assert source.check_guest()["ok"]
+
+
+def test_destination_accepting_only_some_connections_fails_cleanly(source):
+    receiver, outcome, url = _receiver(max_connections=2)
+    with pytest.raises(MigrationError, match="accepted only 1 of 3 extra connections"):
+        MigrationSender(source, SendParams(url, connections=4)).run()
+    assert outcome.done.wait(10)
+    receiver.close()
+    assert outcome.machine is None and outcome.error
+    assert source.state is VmState.RUNNING
+    # a second attempt to a fresh receiver succeeds
+    receiver, outcome, url = _receiver()
+    MigrationSender(source, SendParams(url, connections=2)).run()
+    assert outcome.done.wait(10)
+    receiver.close()
+    outcome.machine.close()
+
+
+def test_timeout_with_cancel_keeps_source_running():
+    config = VmConfig.build(memory="64M", cpus=1, workload="dirty", working_set="32M",
+                            dirty_rate=0)  # flat out: cannot converge at 0 ms downtime
+    with Machine.boot(config) as machine:
+        receiver, outcome, url = _receiver()
+        params = SendParams(url, downtime_ms=0, timeout_s=0.05)
+        with pytest.raises(MigrationError, match="cancel"):
+            MigrationSender(machine, params).run()
+        assert outcome.done.wait(10)
+        receiver.close()
+        assert "abandoned" in outcome.error
+        assert machine.state is VmState.RUNNING
+        assert machine.check_guest()["ok"]
+
+
+def test_timeout_with_ignore_converges_anyway():
+    config = VmConfig.build(memory="64M", cpus=1, workload="dirty", working_set="32M",
+                            dirty_rate=0)
+    with Machine.boot(config) as machine:
+        receiver, outcome, url = _receiver()
+        params = SendParams(url, downtime_ms=0, timeout_s=0.05, timeout_strategy="ignore")
+        summary = MigrationSender(machine, params).run()
+        assert outcome.done.wait(10)
+        receiver.close()
+        assert summary.status == "completed"
+        with outcome.machine as destination:
+            assert destination.check_guest()["ok"]
+
+
+def _raw_main(url: str) -> socket.socket:
+    host, port = url.removeprefix("tcp:").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(encode_hello(ConnectionRole.MAIN, bytes(16)))
+    header = wire.decode_response_header(sock.recv(16))
+    assert header.status is wire.Status.OK
+    return sock
+
+
+def _read_response(sock: socket.socket) -> tuple[wire.Status, str]:
+    header = wire.decode_response_header(sock.recv(16, socket.MSG_WAITALL))
+    message = sock.recv(header.length, socket.MSG_WAITALL) if header.length else b""
+    return header.status, message.decode()
+
+
+@pytest.mark.parametrize(("payload", "words"), [
+    (wire.encode_request_header(wire.Command.CONFIG, length=2) + b"{}", "CONFIG"),
+    (wire.encode_request_header(99, length=0), "99"),
+    (wire.encode_request_header(wire.Command.INVALID, length=0), "INVALID"),
+])
+def test_receiver_rejects_protocol_violations_and_cleans_up(payload, words):
+    threads_before = threading.active_count()
+    fds_before = _fds()
+    receiver, outcome, url = _receiver()
+    sock = _raw_main(url)
+    sock.sendall(payload)
+    status, message = _read_response(sock)
+    assert status is wire.Status.ERROR and words in message
+    assert outcome.done.wait(10)
+    assert outcome.machine is None and "protocol" in outcome.error
+    receiver.close()
+    sock.close()
+    assert threading.active_count() == threads_before
+    assert _fds() == fds_before
+
+
+def test_receiver_refuses_memory_outside_guest(source):
+    """A MEMORY range past the end of guest memory is refused, never written."""
+    receiver, outcome, url = _receiver()
+    sock = _raw_main(url)
+    conn = SenderConnection()
+
+    def request(data: bytes) -> Response:
+        sock.sendall(data)
+        while (event := conn.next_event()) is NEED_DATA:
+            conn.receive_data(sock.recv(max(conn.bytes_wanted(), 1)))
+        return event
+
+    assert request(conn.send(Start(migration_id=bytes(16)))).ok
+    assert request(conn.send(Config(json.dumps({"vm": source.config.to_dict()}).encode()))).ok
+    beyond = RangeTable([(source.config.memory_bytes, 4096)])
+    response = request(conn.send(Memory(beyond)) + bytes(4096))
+    assert not response.ok and "past guest memory" in response.message
+    assert outcome.done.wait(10)
+    receiver.close()
+    sock.close()
+    assert outcome.machine is None

@@ -1,0 +1,145 @@
+"""API request models and the one-line validation messages (pure: no socket, no VM)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from vmig.api.app import one_line, status_for, validation_message
+from vmig.api.models import (
+    CheckGuestRequest,
+    RestoreRequest,
+    SnapshotRequest,
+    VmCreateRequest,
+    VmInfo,
+    url_to_path,
+)
+from vmig.config import DirtyOrder, Workload
+from vmig.errors import (
+    ConfigError,
+    GuestError,
+    GuestMemoryError,
+    KvmError,
+    KvmUnavailableError,
+    SnapshotError,
+    StateError,
+    VmigError,
+)
+from vmig.units import MiB
+
+
+def errors_of(model: type, **data: object) -> str:
+    with pytest.raises(ValidationError) as info:
+        model(**data)
+    return validation_message(info.value.errors())
+
+
+def test_create_defaults_build_a_valid_config() -> None:
+    config = VmCreateRequest().to_config()
+    assert config.memory_bytes == 256 * MiB
+    assert config.cpus == 1
+    assert config.workload is Workload.IDLE
+
+
+def test_create_passes_every_field_to_the_config() -> None:
+    request = VmCreateRequest(memory="512M", cpus=4, workload="dirty", working_set="32M",
+                              dirty_rate=0, order="sequential", memory_file="/dev/shm/x",
+                              serial_log="/tmp/serial")
+    config = request.to_config()
+    assert (config.memory_bytes, config.cpus, config.working_set_bytes) == (512 * MiB, 4, 32 * MiB)
+    assert config.workload is Workload.DIRTY and config.order is DirtyOrder.SEQUENTIAL
+    assert (config.dirty_rate, config.memory_file, config.serial_log) == (0, "/dev/shm/x",
+                                                                          "/tmp/serial")
+
+
+def test_bad_size_is_a_config_error_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="bad memory size '12Q'"):
+        VmCreateRequest(memory="12Q").to_config()
+    with pytest.raises(ConfigError, match="working set"):
+        VmCreateRequest(memory="64M", working_set="1G").to_config()
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"cpus": 0}, "cpus: input should be greater than or equal to 1"),
+    ({"cpus": 17}, "cpus: input should be less than or equal to 16"),
+    ({"dirty_rate": -1}, "dirty_rate: input should be greater than or equal to 0"),
+    ({"workload": "busy"}, "workload: input should be 'idle' or 'dirty'"),
+    ({"colour": "red"}, "colour: unknown field"),
+    ({"serial_log": "relative.log"}, "serial_log: 'relative.log' is not absolute"),
+])
+def test_create_validation_messages_are_one_line_and_name_the_field(
+        data: dict[str, object], expected: str) -> None:
+    message = errors_of(VmCreateRequest, **data)
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+def test_several_errors_share_one_line() -> None:
+    message = errors_of(VmCreateRequest, cpus=0, order="backwards")
+    assert message.count(";") == 1 and "\n" not in message
+    assert message.startswith("cpus: ") and "order: " in message
+
+
+@pytest.mark.parametrize(("url", "path"), [
+    ("file:///var/tmp/snap", "/var/tmp/snap"),
+    ("file://localhost/var/tmp/snap", "/var/tmp/snap"),
+    ("file:///with%20space", "/with space"),
+    ("/plain/path", "/plain/path"),
+])
+def test_snapshot_urls_and_paths(url: str, path: str) -> None:
+    assert url_to_path(url) == path
+    assert SnapshotRequest(destination_url=url).directory == path
+    assert RestoreRequest(source_url=url).directory == path
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("tcp://host:1234", "unsupported URL scheme 'tcp'"),
+    ("file://otherhost/dir", "names host 'otherhost'"),
+    ("relative/dir", "is not absolute"),
+    ("", "must not be empty"),
+])
+def test_bad_snapshot_urls(url: str, reason: str) -> None:
+    assert reason in errors_of(SnapshotRequest, destination_url=url)
+    assert reason in errors_of(RestoreRequest, source_url=url)
+
+
+def test_restore_resumes_by_default() -> None:
+    assert RestoreRequest(source_url="/s").resume is True
+
+
+def test_check_guest_timeout_must_be_positive() -> None:
+    assert CheckGuestRequest().timeout == 60.0
+    assert "timeout: input should be greater than 0" in errors_of(CheckGuestRequest, timeout=0)
+
+
+def test_vm_info_passes_unknown_fields_through() -> None:
+    info = VmInfo.model_validate({"state": "migrated", "migration": {"phase": "done"}})
+    assert info.model_dump(exclude_unset=True) == {"state": "migrated",
+                                                  "migration": {"phase": "done"}}
+
+
+def test_invalid_json_and_missing_body_messages() -> None:
+    assert validation_message([{"type": "json_invalid", "loc": ("body", 3),
+                                "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}]
+                              ) == "body: invalid JSON (Expecting value)"
+    assert validation_message([{"type": "missing", "loc": ("body",),
+                                "msg": "Field required"}]) == "body: field required"
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (StateError("x"), 409),
+    (ConfigError("x"), 400),
+    (SnapshotError("x"), 400),
+    (KvmUnavailableError("x"), 400),
+    (GuestMemoryError("x"), 400),
+    (KvmError("KVM_RUN", 22), 500),
+    (GuestError("x"), 500),
+    (VmigError("x"), 500),
+])
+def test_status_by_error_family(error: VmigError, status: int) -> None:
+    assert status_for(error) == status
+
+
+def test_one_line_collapses_whitespace() -> None:
+    assert one_line("first\n  second\tthird ") == "first second third"
+    assert one_line("") == "unknown error"

@@ -1,0 +1,382 @@
+"""The API app, server and client together, in-process, with a fake Machine (no KVM needed).
+
+The server runs on a real UNIX socket in a thread; the Machine is replaced by
+`FakeMachine`, which follows the real one's lifecycle rules, so everything
+between the socket and the Machine is tested: routing, error mapping, the
+controller's preconditions, socket handling and shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from vmig import __version__
+from vmig.api import controller
+from vmig.api.client import ApiClient
+from vmig.api.controller import Vmm
+from vmig.api.server import ApiServer, bind_unix_socket
+from vmig.cli import cli
+from vmig.config import VmConfig
+from vmig.errors import (
+    ApiError,
+    ApiSocketError,
+    ConfigError,
+    GuestError,
+    GuestMemoryError,
+    KvmError,
+    KvmUnavailableError,
+    SnapshotError,
+    StateError,
+    VmmUnreachableError,
+)
+from vmig.vmm.machine import VmState
+
+
+class FakeMachine:
+    """Stands in for vmig.vmm.machine.Machine: same lifecycle rules, no KVM."""
+
+    booted: list[FakeMachine] = []
+
+    def __init__(self, config: VmConfig | None = None) -> None:
+        self.config = config or VmConfig.build()
+        self.state = VmState.RUNNING
+        self.error: str | None = None
+        self.fail_with: BaseException | None = None
+        self.snapshots: list[str] = []
+        self.closed = False
+        self.check_result = {"ok": True, "pages_checked": 16, "bad_pages": 0,
+                             "first_bad_page": None}
+
+    @classmethod
+    def boot(cls, config: VmConfig) -> FakeMachine:
+        machine = cls(config)
+        cls.booted.append(machine)
+        return machine
+
+    @classmethod
+    def restore_snapshot(cls, directory: str, *, serial_log: str | None = None,
+                         memory_file: str | None = None, resume: bool = True) -> FakeMachine:
+        if not directory.startswith("/snap"):
+            raise SnapshotError(f"{directory} is not a vmig snapshot: state.json is missing")
+        machine = cls()
+        machine.state = VmState.RUNNING if resume else VmState.PAUSED
+        return machine
+
+    def _require(self, wanted: VmState, action: str) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        if self.state is not wanted:
+            raise StateError(f"cannot {action}: VM is {self.state.value}, "
+                             f"it must be {wanted.value}")
+
+    def pause(self) -> None:
+        self._require(VmState.RUNNING, "pause")
+        self.state = VmState.PAUSED
+
+    def resume(self) -> None:
+        self._require(VmState.PAUSED, "resume")
+        self.state = VmState.RUNNING
+
+    def shutdown(self) -> None:
+        self.state = VmState.SHUTDOWN
+        self.closed = True
+
+    close = shutdown
+
+    def snapshot(self, directory: str) -> None:
+        self._require(VmState.PAUSED, "snapshot")
+        self.snapshots.append(directory)
+
+    def check_guest(self, timeout: float = 60.0) -> dict[str, Any]:
+        self._require(VmState.RUNNING, "check the guest")
+        return self.check_result
+
+    def info(self) -> dict[str, Any]:
+        return {"state": self.state.value, "memory_bytes": self.config.memory_bytes,
+                "cpus": self.config.cpus, "error": self.error, "heartbeat": 7,
+                "pages_written": 3, "vcpus": [{"id": 0, "state": "running", "exits": 1}]}
+
+
+@dataclass
+class Served:
+    vmm: Vmm
+    client: ApiClient
+    path: str
+    thread: threading.Thread
+
+    def raw(self) -> httpx.Client:
+        """A plain httpx client on the socket, for requests ApiClient would never send."""
+        return httpx.Client(transport=httpx.HTTPTransport(uds=self.path),
+                            base_url="http://localhost/api/v1")
+
+    def machine(self) -> FakeMachine:
+        self.vmm.machine = FakeMachine()
+        return self.vmm.machine  # type: ignore[return-value]
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+    monkeypatch.setattr(controller, "Machine", FakeMachine)
+    FakeMachine.booted = []
+    path = str(tmp_path / "api.sock")
+    vmm = Vmm()
+    server = ApiServer.bind(path)
+    ready = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(vmm,),
+                              kwargs={"on_ready": ready.set}, daemon=True)
+    thread.start()
+    assert ready.wait(10), "server did not start"
+    client = ApiClient(path, timeout=10)
+    yield Served(vmm, client, path, thread)
+    client.close()
+    vmm.request_exit()
+    thread.join(15)
+    assert not thread.is_alive(), "server did not stop"
+    assert not os.path.lexists(path), "socket file left behind"
+
+
+def expect_error(status: int, call: Any, *args: Any) -> str:
+    with pytest.raises(ApiError) as info:
+        call(*args)
+    assert info.value.status == status, info.value
+    assert "\n" not in info.value.message
+    return info.value.message
+
+
+# --- the VMM ---------------------------------------------------------------------------------
+
+
+def test_ping(served: Served) -> None:
+    assert served.client.ping() == {"version": __version__, "pid": os.getpid()}
+
+
+def test_info_without_a_vm_is_empty(served: Served) -> None:
+    assert served.client.info() == {"state": "empty"}
+
+
+def test_socket_is_private(served: Served) -> None:
+    mode = os.stat(served.path).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+@pytest.mark.parametrize("command", ["pause", "resume", "shutdown", "check_guest"])
+def test_commands_need_a_vm(served: Served, command: str) -> None:
+    message = expect_error(409, getattr(served.client, command))
+    assert "no VM: create or restore one first" in message
+
+
+def test_snapshot_needs_a_vm(served: Served) -> None:
+    assert "no VM" in expect_error(409, served.client.snapshot, "/tmp/snap")
+
+
+def test_vmm_shutdown_stops_the_server_and_the_vm(served: Served) -> None:
+    machine = served.machine()
+    served.client.shutdown_vmm()
+    served.thread.join(15)
+    assert not served.thread.is_alive()
+    assert machine.closed
+    assert served.vmm.machine is None
+    assert not os.path.lexists(served.path)
+    with pytest.raises(VmmUnreachableError, match="cannot reach VMM at"):
+        served.client.ping()
+
+
+# --- the VM's lifecycle ----------------------------------------------------------------------
+
+
+def test_create_then_info(served: Served) -> None:
+    info = served.client.create(memory="128M", cpus=2, workload="dirty")
+    assert info["state"] == "running" and info["cpus"] == 2
+    assert FakeMachine.booted[0].config.memory_bytes == 128 << 20
+    assert served.client.info()["heartbeat"] == 7
+
+
+def test_create_when_a_vm_exists_is_a_conflict(served: Served) -> None:
+    served.machine()
+    message = expect_error(409, served.client.create)
+    assert message == "cannot create a VM: a VM already exists and is running; shut it down first"
+    assert FakeMachine.booted == []
+
+
+def test_create_replaces_a_shut_down_vm(served: Served) -> None:
+    old = served.machine()
+    served.client.shutdown()
+    assert served.client.info()["state"] == "shutdown"
+    served.client.shutdown()  # idempotent
+    assert served.client.create()["state"] == "running"
+    assert served.vmm.machine is not old and old.closed
+
+
+def test_pause_resume_and_wrong_states(served: Served) -> None:
+    served.machine()
+    expect_error(409, served.client.resume)
+    served.client.pause()
+    assert served.client.info()["state"] == "paused"
+    message = expect_error(409, served.client.pause)
+    assert message == "cannot pause: VM is paused, it must be running"
+    served.client.resume()
+    assert served.client.info()["state"] == "running"
+
+
+def test_snapshot_while_running_is_a_conflict(served: Served) -> None:
+    served.machine()
+    assert "must be paused" in expect_error(409, served.client.snapshot, "/tmp/snap")
+
+
+def test_snapshot_takes_urls_and_paths(served: Served) -> None:
+    machine = served.machine()
+    served.client.pause()
+    served.client.snapshot("file:///tmp/snap%201")
+    served.client.snapshot("/tmp/snap2")
+    assert machine.snapshots == ["/tmp/snap 1", "/tmp/snap2"]
+    message = expect_error(400, served.client.snapshot, "tcp://somewhere:1")
+    assert message.startswith("destination_url: unsupported URL scheme 'tcp'")
+
+
+def test_restore(served: Served) -> None:
+    assert served.client.restore("file:///snap/a", resume=False)["state"] == "paused"
+    assert "already exists" in expect_error(409, served.client.restore, "/snap/a")
+
+
+def test_restore_of_a_missing_snapshot_is_a_bad_request(served: Served) -> None:
+    message = expect_error(400, served.client.restore, "/elsewhere")
+    assert message == "/elsewhere is not a vmig snapshot: state.json is missing"
+    assert served.client.info() == {"state": "empty"}
+
+
+def test_check_guest(served: Served) -> None:
+    served.machine()
+    assert served.client.check_guest(5)["ok"] is True
+    with served.raw() as raw:  # the body is optional
+        assert raw.put("/vm.check-guest").json()["pages_checked"] == 16
+
+
+def test_cli_check_guest_exits_1_when_the_guest_is_not_ok(served: Served) -> None:
+    machine = served.machine()
+    runner = CliRunner()
+    result = runner.invoke(cli, ["remote", "--api-socket", served.path, "check-guest"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["ok"] is True
+    machine.check_result = {"ok": False, "pages_checked": 16, "bad_pages": 2,
+                            "first_bad_page": 5}
+    result = runner.invoke(cli, ["remote", "--api-socket", served.path, "check-guest"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == machine.check_result
+    assert result.stderr == ""
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (ConfigError("bad thing"), 400),
+    (SnapshotError("cannot write snapshot to /x: No space left on device"), 400),
+    (KvmUnavailableError("/dev/kvm does not exist: is KVM enabled?"), 400),
+    (GuestMemoryError("guest memory 60 GiB is more than the host can give"), 400),
+    (StateError("cannot pause: VM is failed, it must be running"), 409),
+    (KvmError("KVM_RUN", 14), 500),
+    (GuestError("triple fault"), 500),
+])
+def test_vmig_errors_map_to_statuses(served: Served, error: Exception, status: int) -> None:
+    served.machine().fail_with = error
+    assert expect_error(status, served.client.pause) == str(error)
+
+
+def test_unexpected_exception_is_a_one_line_500(served: Served,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    served.machine().fail_with = RuntimeError("boom\nsecond line")
+    message = expect_error(500, served.client.pause)
+    assert message == "internal error: RuntimeError: boom second line"
+    assert "Traceback" not in message
+    assert any(record.exc_info for record in caplog.records), "traceback not logged"
+
+
+def test_bad_create_bodies(served: Served) -> None:
+    with served.raw() as raw:
+        response = raw.put("/vm.create", json={"cpus": 99})
+        assert response.status_code == 400
+        assert response.json() == {"error": "cpus: input should be less than or equal to 16"}
+        response = raw.put("/vm.create", content=b"{nope",
+                           headers={"content-type": "application/json"})
+        assert response.status_code == 400
+        assert response.json()["error"].startswith("body: invalid JSON")
+        response = raw.put("/vm.create")
+        assert response.json() == {"error": "body: field required"}
+    message = expect_error(400, lambda: served.client.create(memory="lots"))
+    assert message == ("bad memory size 'lots': expected a number with an optional K, M, G or "
+                       "T suffix")
+    assert served.client.info() == {"state": "empty"}
+
+
+def test_unknown_route_and_method(served: Served) -> None:
+    with served.raw() as raw:
+        response = raw.get("/vm.nope")
+        assert response.status_code == 404
+        assert response.json() == {"error": "Not Found: GET /api/v1/vm.nope"}
+        response = raw.get("/vm.pause")
+        assert response.status_code == 405
+        assert response.json()["error"].startswith("Method Not Allowed")
+
+
+# --- the socket --------------------------------------------------------------------------------
+
+
+def test_second_server_on_a_live_socket_is_refused(served: Served) -> None:
+    with pytest.raises(ApiSocketError, match=f"API socket {served.path} is in use by another "
+                       "process"):
+        ApiServer.bind(served.path)
+    assert served.client.ping()["pid"] == os.getpid()
+
+
+def test_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = str(tmp_path / "api.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays, nobody listens
+    with ApiServer.bind(path) as server:
+        assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    assert not os.path.lexists(path)
+
+
+def test_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    path.write_text("precious")
+    with pytest.raises(ApiSocketError, match="exists and is not a socket"):
+        bind_unix_socket(str(path))
+    assert path.read_text() == "precious"
+
+
+def test_missing_directory_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(ApiSocketError, match=r"cannot create API socket .*: No such file"):
+        bind_unix_socket(str(tmp_path / "nowhere" / "api.sock"))
+
+
+def test_close_leaves_a_successors_socket_alone(tmp_path: Path) -> None:
+    path = str(tmp_path / "api.sock")
+    server = ApiServer.bind(path)
+    os.unlink(path)
+    successor = bind_unix_socket(path)
+    try:
+        server.close()
+        assert os.path.lexists(path)
+    finally:
+        successor.close()
+
+
+def test_client_on_a_missing_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "none.sock")
+    with ApiClient(path) as client, pytest.raises(VmmUnreachableError) as info:
+        client.ping()
+    assert str(info.value) == f"cannot reach VMM at {path}: No such file or directory"

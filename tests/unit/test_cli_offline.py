@@ -1,0 +1,88 @@
+"""CLI behaviour that needs no VMM: argument checks, error format, unreachable sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vmig.cli import cli
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_error(stderr: str, text: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("vmig: error: ") and text in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (["--memory", "1Q"], "bad memory size '1Q'"),
+    (["--memory", "3M"], "must be a multiple of 2 MiB"),
+    (["--memory", "64M", "--working-set", "1G"], "does not fit"),
+    (["--memory", "256M", "--working-set", "x"], "bad working set size 'x'"),
+])
+def test_vmm_rejects_bad_sizes_before_touching_anything(tmp_path: Path, args: list[str],
+                                                        text: str) -> None:
+    socket_path = tmp_path / "api.sock"
+    code, _, stderr = run("vmm", "--api-socket", str(socket_path), *args)
+    assert code == 1
+    assert_one_line_error(stderr, text)
+    assert not socket_path.exists()
+
+
+def test_vmm_restore_of_a_missing_directory(tmp_path: Path) -> None:
+    code, _, stderr = run("vmm", "--api-socket", str(tmp_path / "a.sock"), "--restore",
+                          str(tmp_path / "nothing"))
+    assert code == 1
+    assert_one_line_error(stderr, "does not exist")
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (["--memory", "256M", "--restore", "/x"], "mutually exclusive"),
+    (["--cpus", "2"], "--cpus needs --memory"),
+    (["--restore", "/x", "--workload", "dirty"], "--workload cannot be used with --restore"),
+    (["--serial-log", "s.log"], "--serial-log needs --memory or --restore"),
+    (["--memory", "256M", "--cpus", "17"], "--cpus"),
+])
+def test_vmm_usage_errors_exit_2(tmp_path: Path, args: list[str], text: str) -> None:
+    code, _, stderr = run("vmm", "--api-socket", str(tmp_path / "a.sock"), *args)
+    assert code == 2
+    assert text in stderr and "Traceback" not in stderr
+
+
+def test_vmm_needs_an_api_socket() -> None:
+    code, _, stderr = run("vmm", "--memory", "256M")
+    assert code == 2 and "--api-socket" in stderr
+
+
+@pytest.mark.parametrize("command", [["ping"], ["info"], ["pause"], ["check-guest"],
+                                     ["snapshot", "/tmp/s"], ["create", "--memory", "1G"]])
+def test_remote_without_a_vmm(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "none.sock"
+    code, stdout, stderr = run("remote", "--api-socket", str(path), *command)
+    assert code == 1 and stdout == ""
+    assert_one_line_error(stderr, f"cannot reach VMM at {path}: No such file or directory")
+
+
+def test_version_and_help() -> None:
+    code, stdout, _ = run("--version")
+    assert code == 0 and "vmig, version" in stdout
+    code, stdout, _ = run("remote", "--help")
+    assert code == 0
+    for command in ("ping", "info", "pause", "resume", "shutdown", "shutdown-vmm", "snapshot",
+                    "restore", "create", "check-guest"):
+        assert command in stdout
+
+
+def test_remote_needs_an_api_socket_but_not_for_help() -> None:
+    code, _, stderr = run("remote", "ping")
+    assert code == 2 and "Missing option '--api-socket'" in stderr
+    code, stdout, _ = run("remote", "restore", "--help")
+    assert code == 0 and "--paused" in stdout

@@ -1,0 +1,138 @@
+"""`ApiClient`: talk to a VMM's API over its UNIX socket (used by the CLI and the tests).
+
+Depends on `vmig.errors`, the stdlib and httpx only, so a client never loads
+the VMM. Every failure is an `ApiError` whose message is one line: the
+server's own `error` for an error status, or "cannot reach VMM at PATH: ..."
+(`VmmUnreachableError`) when nothing answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from vmig.errors import ApiError, VmmUnreachableError
+
+API_PREFIX = "/api/v1"
+DEFAULT_TIMEOUT_S = 30.0
+LONG_TIMEOUT_S = 600.0  # create/restore/snapshot move the whole guest memory
+
+
+class ApiClient:
+    """One VMM's API at `socket_path`. Methods return the decoded JSON (or None for 204)."""
+
+    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT_S,
+                 long_timeout: float = LONG_TIMEOUT_S) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.long_timeout = max(long_timeout, timeout)
+        # The host part of the URL is ignored on a UNIX socket; "localhost" keeps httpx happy.
+        self._http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path),
+                                  base_url=f"http://localhost{API_PREFIX}", timeout=timeout)
+
+    # --- the endpoints -------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        """{"version", "pid"} of the VMM."""
+        return self._request("GET", "vmm.ping")
+
+    def shutdown_vmm(self) -> None:
+        """Ask the VMM process to shut its VM down and exit."""
+        self._request("PUT", "vmm.shutdown")
+
+    def info(self) -> dict[str, Any]:
+        """The VM's state and counters; {"state": "empty"} when there is no VM."""
+        return self._request("GET", "vm.info")
+
+    def create(self, **fields: Any) -> dict[str, Any]:
+        """Build and boot a VM; `fields` are VmCreateRequest's (None ones are left out)."""
+        body = {name: value for name, value in fields.items() if value is not None}
+        return self._request("PUT", "vm.create", body, timeout=self.long_timeout)
+
+    def pause(self) -> None:
+        self._request("PUT", "vm.pause")
+
+    def resume(self) -> None:
+        self._request("PUT", "vm.resume")
+
+    def shutdown(self) -> None:
+        """Stop the VM (the VMM keeps serving)."""
+        self._request("PUT", "vm.shutdown")
+
+    def snapshot(self, destination: str) -> None:
+        """Write the paused VM to `destination` (file:///DIR or an absolute path)."""
+        self._request("PUT", "vm.snapshot", {"destination_url": destination},
+                      timeout=self.long_timeout)
+
+    def restore(self, source: str, *, resume: bool = True, memory_file: str | None = None,
+                serial_log: str | None = None) -> dict[str, Any]:
+        """Start a VM from the snapshot at `source` (file:///DIR or an absolute path)."""
+        body: dict[str, Any] = {"source_url": source, "resume": resume}
+        if memory_file is not None:
+            body["memory_file"] = memory_file
+        if serial_log is not None:
+            body["serial_log"] = serial_log
+        return self._request("PUT", "vm.restore", body, timeout=self.long_timeout)
+
+    def check_guest(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Have the guest verify its working set: {"ok", "pages_checked", "bad_pages", ...}."""
+        return self._request("PUT", "vm.check-guest", {"timeout": timeout},
+                             timeout=timeout + self.timeout)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _request(self, method: str, endpoint: str, body: dict[str, Any] | None = None, *,
+                 timeout: float | None = None) -> Any:
+        try:
+            response = self._http.request(method, endpoint, json=body,
+                                          timeout=timeout or self.timeout)
+        except httpx.TimeoutException:
+            raise VmmUnreachableError(
+                f"VMM at {self.socket_path} did not answer {endpoint} within "
+                f"{timeout or self.timeout:g} s") from None
+        except httpx.TransportError as exc:
+            raise VmmUnreachableError(
+                f"cannot reach VMM at {self.socket_path}: {_reason(exc)}") from None
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, _error_message(response))
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(response.status_code,
+                           f"VMM at {self.socket_path} sent a reply that is not JSON") from None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reason(exc: httpx.TransportError) -> str:
+    """The OS-level reason behind an httpx transport error, e.g. 'No such file or directory'."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The server's one-line `error`, or a short stand-in if the body is not ours."""
+    try:
+        message = response.json().get("error")
+    except (ValueError, AttributeError):
+        message = None
+    if not isinstance(message, str) or not message:
+        text = " ".join(response.text.split())[:200]
+        message = f"HTTP {response.status_code} {response.reason_phrase}" + (
+            f": {text}" if text else "")
+    return " ".join(message.split())
+

@@ -1,0 +1,214 @@
+"""Serve the API (uvicorn) on a UNIX socket that only this user may open (mode 0600).
+
+We bind the socket ourselves, not uvicorn, for three reasons: the mode is set
+at bind time under a umask (there is no moment where the socket is open to
+others), a socket another VMM still answers on is refused instead of
+silently stolen, and the file is removed on the way out, but only if it is
+still ours.
+
+Stopping: SIGTERM, SIGINT (uvicorn's own handlers) or `vmm.shutdown` (the Vmm's
+`exit_requested` event, polled on uvicorn's tick) make the server finish the
+requests in flight and return; then the VM is shut down and the socket file
+removed, and `serve()` returns normally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType, TracebackType
+from typing import Any
+
+import uvicorn
+import uvicorn.config
+
+from vmig.api.app import create_app
+from vmig.api.controller import Vmm
+from vmig.errors import ApiSocketError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOG_LEVEL = "warning"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+BACKLOG = 64
+PROBE_TIMEOUT_S = 1.0  # a live server accepts at once; a full backlog also counts as "in use"
+GRACEFUL_SHUTDOWN_S = 10  # requests still running when we are told to stop get this long
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening AF_UNIX socket at `path`, mode 0600.
+
+    A stale socket file (nobody accepts) is replaced; a live one, or a path that
+    is not a socket, raises ApiSocketError with a one-line reason.
+    """
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old_umask = os.umask(0o177)  # the file is born 0600; no window where others can connect
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ApiSocketError(f"API socket {path} is in use by another process") from None
+        raise ApiSocketError(f"cannot create API socket {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink `path` if it is a socket nobody listens on; refuse anything else that is there."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ApiSocketError(f"cannot use API socket path {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ApiSocketError(f"API socket path {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT_S)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass  # stale: the process that bound it is gone
+    except (TimeoutError, BlockingIOError):
+        raise ApiSocketError(f"API socket {path} is in use by another process") from None
+    except OSError as exc:
+        raise ApiSocketError(f"cannot probe API socket {path}: {exc.strerror or exc}") from None
+    else:
+        raise ApiSocketError(f"API socket {path} is in use by another process")
+    finally:
+        probe.close()
+    log.info("replacing stale API socket %s", path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's server, plus a ready callback and the Vmm's exit request."""
+
+    def __init__(self, config: uvicorn.Config, vmm: Vmm,
+                 on_ready: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._vmm = vmm
+        self._on_ready = on_ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self._vmm.exit_requested.is_set():  # a signal came before uvicorn's handlers
+            self.should_exit = True
+        if self.started and not self.should_exit and self._on_ready is not None:
+            self._on_ready()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._vmm.exit_requested.is_set():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with the access log on stderr too: stdout is not the VMM's to use."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
+
+
+@contextlib.contextmanager
+def _exit_signals_handled(vmm: Vmm) -> Iterator[None]:
+    """Make SIGTERM/SIGINT ask `vmm` to exit while we serve and wind down, never kill us.
+
+    uvicorn installs its own handlers while it runs; before it does (and after
+    it returns, when it re-raises the signal that stopped it) these are in
+    place, so a signal is never lost and the VM is still shut down and the
+    socket removed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; uvicorn then sets none either
+        return
+
+    def request_exit(signum: int, frame: FrameType | None) -> None:
+        vmm.request_exit()
+
+    previous = {sig: signal.signal(sig, request_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class ApiServer:
+    """A bound API socket. `serve()` runs the API on it; `close()` removes the socket file."""
+
+    def __init__(self, path: str, sock: socket.socket) -> None:
+        self.path = path
+        self._sock = sock
+        info = os.stat(path)
+        self._identity = (info.st_dev, info.st_ino)  # to remove only our own file later
+
+    @classmethod
+    def bind(cls, path: str) -> ApiServer:
+        """Bind `path` (see `bind_unix_socket`)."""
+        sock = bind_unix_socket(path)
+        try:
+            return cls(path, sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def serve(self, vmm: Vmm, *, log_level: str = DEFAULT_LOG_LEVEL,
+              on_ready: Callable[[], None] | None = None) -> None:
+        """Serve `vmm` until SIGTERM/SIGINT or vmm.shutdown; then close the VMM and the socket.
+
+        `on_ready` is called once the server accepts requests. Returns normally
+        when asked to stop; the VM is shut down and the socket removed on every
+        way out.
+        """
+        with _exit_signals_handled(vmm):
+            try:
+                config = uvicorn.Config(
+                    create_app(vmm), log_level=log_level, log_config=_log_config(), lifespan="off",
+                    access_log=log_level in ("debug", "info"), server_header=False,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                )
+                _UvicornServer(config, vmm, on_ready).run(sockets=[self._sock])
+            finally:
+                vmm.close()
+                self.close()
+
+    def close(self) -> None:
+        """Close the socket and unlink its file if it is still the one we bound; idempotent."""
+        self._sock.close()
+        with contextlib.suppress(OSError):
+            info = os.lstat(self.path)
+            if (info.st_dev, info.st_ino) == self._identity:
+                os.unlink(self.path)
+
+    def __enter__(self) -> ApiServer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def serve(vmm: Vmm, socket_path: str, *, log_level: str = DEFAULT_LOG_LEVEL,
+          on_ready: Callable[[], None] | None = None) -> None:
+    """Bind `socket_path` and serve `vmm` on it until told to stop; `vmm` is closed either way."""
+    try:
+        server = ApiServer.bind(socket_path)
+    except BaseException:
+        vmm.close()
+        raise
+    server.serve(vmm, log_level=log_level, on_ready=on_ready)

@@ -1,0 +1,328 @@
+"""The `vmig` command: `vmm` runs a VMM, `remote` drives one over its API, `demo` shows one.
+
+Every error a user can cause (a bad size, a socket in use, no /dev/kvm, a
+request in the wrong state) is printed as one line, ``vmig: error: ...``, with
+exit status 1; click's usage errors keep click's format and exit status 2.
+Heavy modules (the VMM, uvicorn) are imported only by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
+
+import click
+
+from vmig import __version__
+from vmig.api.client import ApiClient
+from vmig.api.process import READY_LINE
+from vmig.config import VmConfig
+from vmig.errors import SnapshotError, VmigError
+from vmig.guest.layout import MAX_CPUS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class CliError(click.ClickException):
+    """A VmigError on its way out: one line on stderr, exit status 1."""
+
+    exit_code = 1
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"vmig: error: {self.format_message()}", err=True, file=file)
+
+
+class _Group(click.Group):
+    """A group that turns every VmigError raised below it into a CliError."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VmigError as exc:
+            raise CliError(" ".join(str(exc).split())) from None
+
+
+def _abspath(path: str | None) -> str | None:
+    """Paths go to a VMM whose working directory may not be ours: make them absolute."""
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
+def _location(text: str) -> str:
+    """A snapshot location: URLs as given, plain paths made absolute."""
+    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def vm_options(command: F) -> F:
+    """The options that describe a VM, shared by `vmm` and `remote create` (None = not given)."""
+    options = [
+        click.option("--memory", metavar="SIZE",
+                     help="Guest RAM, e.g. 256M or 1G (a multiple of 2 MiB).  [default: 256M]"),
+        click.option("--cpus", type=click.IntRange(1, MAX_CPUS), metavar="N",
+                     help=f"Number of vCPUs (1-{MAX_CPUS}).  [default: 1]"),
+        click.option("--workload", type=click.Choice(["idle", "dirty"]),
+                     help="idle: halt between heartbeats; dirty: keep rewriting pages.  "
+                          "[default: idle]"),
+        click.option("--working-set", metavar="SIZE",
+                     help="Memory the guest stamps and checks.  [default: 64M or what fits]"),
+        click.option("--dirty-rate", type=click.IntRange(min=0), metavar="PAGES/S",
+                     help="Pages per second the dirty workload rewrites; 0 = flat out.  "
+                          "[default: 10000]"),
+        click.option("--order", type=click.Choice(["sequential", "random"]),
+                     help="Order in which the dirty workload walks its pages.  [default: random]"),
+        click.option("--memory-file", type=click.Path(dir_okay=False), metavar="PATH",
+                     help="Back guest RAM with this file instead of an anonymous memfd."),
+        click.option("--serial-log", type=click.Path(dir_okay=False), metavar="PATH",
+                     help="Append the guest's serial output to this file."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+# Options that shape a new VM; a restored VM takes them from its snapshot.
+_SHAPE_OPTIONS = ("cpus", "workload", "working_set", "dirty_rate", "order")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vmig")
+def cli() -> None:
+    """vmig: a KVM micro-VMM with live migration."""
+
+
+# --- vmig vmm ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--api-socket", required=True, type=click.Path(dir_okay=False), metavar="PATH",
+              help="UNIX socket to serve the API on (created with mode 0600).")
+@vm_options
+@click.option("--restore", "restore_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Start from the snapshot in DIR instead of booting (excludes --memory).")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="warning", show_default=True,
+              help="Server log level (stderr).")
+def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | None,
+        working_set: str | None, dirty_rate: int | None, order: str | None,
+        memory_file: str | None, serial_log: str | None, restore_dir: str | None,
+        log_level: str) -> None:
+    """Run a VMM in the foreground and serve its API on --api-socket.
+
+    With --memory it boots a VM first, with --restore it restores one, with
+    neither it waits, empty, for `vmig remote create` or `restore`. It stops on
+    SIGTERM, Ctrl-C or `vmig remote shutdown-vmm`, shutting its VM down and
+    removing the socket.
+    """
+    given = {name: value for name, value in (("cpus", cpus), ("workload", workload),
+                                              ("working_set", working_set),
+                                              ("dirty_rate", dirty_rate), ("order", order))
+             if value is not None}
+    if restore_dir is not None and memory is not None:
+        raise click.UsageError("--restore and --memory are mutually exclusive")
+    if given and memory is None:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        if restore_dir is not None:
+            raise click.UsageError(f"{flag} cannot be used with --restore: the snapshot sets it")
+        raise click.UsageError(f"{flag} needs --memory (or create the VM later with "
+                               "`vmig remote create`)")
+    memory_file, serial_log = _abspath(memory_file), _abspath(serial_log)
+
+    # Validate everything before touching anything.
+    config = None
+    if memory is not None:
+        config = VmConfig.build(memory=memory, memory_file=memory_file, serial_log=serial_log,
+                                **given)
+    if restore_dir is not None:
+        restore_dir = os.path.abspath(restore_dir)
+        if not os.path.isdir(restore_dir):
+            raise SnapshotError(f"snapshot directory {restore_dir} does not exist")
+    elif memory is None and (memory_file or serial_log):
+        flag = "--memory-file" if memory_file else "--serial-log"
+        raise click.UsageError(f"{flag} needs --memory or --restore")
+
+    _run_vmm(api_socket, config, restore_dir, memory_file=memory_file, serial_log=serial_log,
+             log_level=log_level)
+
+
+def _run_vmm(api_socket: str, config: VmConfig | None, restore_dir: str | None, *,
+             memory_file: str | None, serial_log: str | None, log_level: str) -> None:
+    """Bind the socket, build the VM (if asked), serve; unwind everything on the way out."""
+    from vmig.api.controller import Vmm
+    from vmig.api.server import ApiServer
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="vmig vmm: %(levelname)s: %(name)s: %(message)s")
+    # Until the server installs its own handlers, SIGTERM unwinds like Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    vmm = Vmm()
+    vmm.prepare_process()
+    server = ApiServer.bind(api_socket)  # "in use" is found before a VM is built
+    try:
+        if config is not None:
+            vmm.create(config)
+        elif restore_dir is not None:
+            vmm.restore(restore_dir, serial_log=serial_log, memory_file=memory_file)
+    except BaseException:
+        vmm.close()
+        server.close()
+        raise
+
+    def ready() -> None:
+        click.echo(READY_LINE.format(socket_path=api_socket, pid=os.getpid()), err=True)
+
+    server.serve(vmm, log_level=log_level, on_ready=ready)
+
+
+# --- vmig remote ------------------------------------------------------------------------------
+
+
+class _Remote:
+    """The `remote` group's state: the client is made on first use, so `--help` needs no socket."""
+
+    def __init__(self, ctx: click.Context, api_socket: str | None, timeout: float) -> None:
+        self._ctx = ctx
+        self._api_socket = api_socket
+        self._timeout = timeout
+        self._client: ApiClient | None = None
+
+    @property
+    def client(self) -> ApiClient:
+        if self._client is None:
+            if self._api_socket is None:
+                raise click.UsageError("Missing option '--api-socket'.", self._ctx)
+            self._client = self._ctx.with_resource(ApiClient(self._api_socket, self._timeout))
+        return self._client
+
+
+@cli.group(cls=_Group)
+@click.option("--api-socket", type=click.Path(dir_okay=False), metavar="PATH",
+              help="The VMM's API socket.  [required]")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds to wait for a quick request's answer.")
+@click.pass_context
+def remote(ctx: click.Context, api_socket: str | None, timeout: float) -> None:
+    """Drive a running VMM through its API socket."""
+    ctx.obj = _Remote(ctx, api_socket, timeout)
+
+
+@remote.command()
+@click.pass_obj
+def ping(target: _Remote) -> None:
+    """Print the VMM's version and pid (JSON)."""
+    _print_json(target.client.ping())
+
+
+@remote.command()
+@click.pass_obj
+def info(target: _Remote) -> None:
+    """Print the VM's state and counters (JSON)."""
+    _print_json(target.client.info())
+
+
+@remote.command()
+@vm_options
+@click.pass_obj
+def create(target: _Remote, memory_file: str | None, serial_log: str | None,
+           **fields: Any) -> None:
+    """Build and boot a VM in an empty VMM; print its info (JSON)."""
+    _print_json(target.client.create(memory_file=_abspath(memory_file),
+                                     serial_log=_abspath(serial_log), **fields))
+
+
+@remote.command()
+@click.pass_obj
+def pause(target: _Remote) -> None:
+    """Pause the running VM."""
+    target.client.pause()
+
+
+@remote.command()
+@click.pass_obj
+def resume(target: _Remote) -> None:
+    """Resume the paused VM."""
+    target.client.resume()
+
+
+@remote.command()
+@click.pass_obj
+def shutdown(target: _Remote) -> None:
+    """Shut the VM down (the VMM keeps running, empty of a live VM)."""
+    target.client.shutdown()
+
+
+@remote.command("shutdown-vmm")
+@click.pass_obj
+def shutdown_vmm(target: _Remote) -> None:
+    """Stop the VMM process; its VM is shut down with it."""
+    target.client.shutdown_vmm()
+
+
+@remote.command()
+@click.argument("destination", metavar="DIR")
+@click.pass_obj
+def snapshot(target: _Remote, destination: str) -> None:
+    """Write the paused VM's state and memory to DIR (a path or file:///DIR)."""
+    target.client.snapshot(_location(destination))
+
+
+@remote.command()
+@click.argument("source", metavar="DIR")
+@click.option("--paused", is_flag=True, help="Leave the restored VM paused.")
+@click.option("--memory-file", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Back the restored RAM with this file.")
+@click.option("--serial-log", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Append the guest's serial output to this file.")
+@click.pass_obj
+def restore(target: _Remote, source: str, paused: bool, memory_file: str | None,
+            serial_log: str | None) -> None:
+    """Start a VM from the snapshot in DIR (a path or file:///DIR); print its info (JSON)."""
+    _print_json(target.client.restore(_location(source), resume=not paused,
+                                      memory_file=_abspath(memory_file),
+                                      serial_log=_abspath(serial_log)))
+
+
+@remote.command("check-guest")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds the guest gets to check its pages.")
+@click.pass_obj
+def check_guest(target: _Remote, timeout: float) -> None:
+    """Have the guest verify its working set; print the result (JSON); exit 1 if not ok."""
+    result = target.client.check_guest(timeout)
+    _print_json(result)
+    if not result.get("ok"):
+        sys.exit(1)
+
+
+# --- vmig demo --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--memory", default="256M", show_default=True, metavar="SIZE", help="Guest RAM.")
+@click.option("--cpus", type=click.IntRange(1, MAX_CPUS), default=2, show_default=True,
+              metavar="N", help="Number of vCPUs.")
+@click.option("--seconds", type=click.FloatRange(min=1), default=5.0, show_default=True,
+              help="How long to watch the guest work.")
+def demo(memory: str, cpus: int, seconds: float) -> None:
+    """Start a VMM with a dirtying guest, watch it, check it, pause it, and stop it."""
+    from vmig.demo import run_demo
+
+    if not run_demo(memory=memory, cpus=cpus, seconds=seconds):
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="vmig")
+
+
+if __name__ == "__main__":
+    main()
