@@ -1,0 +1,156 @@
+"""Build the guest's flat binary image from `src/` with gcc and binutils.
+
+The image is built on demand into `_build/guest.bin` (gitignored) and rebuilt
+only when it is missing or older than a source file, `layout.py` or this file.
+Each build runs in its own temporary directory and is moved into place with an
+atomic rename, so several processes may call `ensure_guest_image()` at once.
+
+Run ``python -m vmig.guest.build [--force]`` to build and print the image path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vmig.errors import GuestError
+from vmig.guest import layout
+
+GUEST_DIR = Path(__file__).resolve().parent
+SRC_DIR = GUEST_DIR / "src"
+BUILD_DIR = GUEST_DIR / "_build"
+IMAGE_PATH = BUILD_DIR / "guest.bin"
+SOURCES = (SRC_DIR / "start.S", SRC_DIR / "guest.c", SRC_DIR / "guest.ld")
+INPUTS = (*SOURCES, Path(layout.__file__).resolve(), Path(__file__).resolve())
+MAX_IMAGE_SIZE = layout.CODE_LIMIT - layout.ENTRY_BASE
+
+# Tool -> the Debian package that provides it.
+TOOLS = {"gcc": "gcc", "as": "binutils", "ld": "binutils", "objcopy": "binutils"}
+
+CFLAGS = (
+    "-std=gnu11", "-m64", "-march=x86-64", "-mcmodel=small",
+    "-ffreestanding", "-fno-pic", "-fno-pie", "-mno-red-zone", "-mgeneral-regs-only",
+    "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables",
+    "-fcf-protection=none", "-fno-tree-loop-distribute-patterns",  # no memset/memcpy calls
+    "-nostdlib", "-O2", "-Wall", "-Wextra", "-Werror",
+)
+TOOL_TIMEOUT_S = 120
+STDERR_TAIL_LINES = 6
+
+
+def _stale() -> bool:
+    """True when the image is missing or older than any of its inputs."""
+    try:
+        built = IMAGE_PATH.stat().st_mtime_ns
+    except FileNotFoundError:
+        return True
+    return any(path.stat().st_mtime_ns > built for path in INPUTS if path.exists())
+
+
+def _check_tools() -> None:
+    """Raise GuestError naming the first missing tool and its Debian package."""
+    for tool, package in TOOLS.items():
+        if shutil.which(tool) is None:
+            raise GuestError(
+                f"cannot build the vmig guest: '{tool}' not found on PATH "
+                f"(install the Debian package '{package}')"
+            )
+
+
+def _run(argv: list[str]) -> None:
+    """Run one build tool; a failure becomes a one-line GuestError with its stderr tail."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except FileNotFoundError as exc:
+        package = TOOLS.get(Path(argv[0]).name, "binutils")
+        raise GuestError(
+            f"cannot build the vmig guest: '{argv[0]}' not found "
+            f"(install the Debian package '{package}')"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise GuestError(f"building the vmig guest: {argv[0]} timed out") from exc
+    if proc.returncode != 0:
+        lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines()]
+        tail = " | ".join([line for line in lines if line][-STDERR_TAIL_LINES:]) or "no output"
+        raise GuestError(
+            f"building the vmig guest: {Path(argv[0]).name} failed "
+            f"(exit {proc.returncode}): {tail}"
+        )
+
+
+def _build(workdir: Path) -> Path:
+    """Compile, link and flatten the guest inside `workdir`; return the image path."""
+    (workdir / "layout.h").write_text(layout.c_header())
+    inc = f"-I{workdir}"
+    start_o, guest_o = workdir / "start.o", workdir / "guest.o"
+    lds, elf, image = workdir / "guest.lds", workdir / "guest.elf", workdir / "guest.bin"
+    _run(["gcc", *CFLAGS, inc, "-c", str(SRC_DIR / "start.S"), "-o", str(start_o)])
+    _run(["gcc", *CFLAGS, inc, "-c", str(SRC_DIR / "guest.c"), "-o", str(guest_o)])
+    # The linker script takes its addresses from layout.h via the C preprocessor;
+    # -undef keeps predefined macros such as `linux` out of it.
+    _run(["gcc", "-E", "-P", "-undef", "-x", "c", inc, str(SRC_DIR / "guest.ld"),
+          "-o", str(lds)])
+    _run(["ld", "-nostdlib", "-static", "--build-id=none", "--fatal-warnings",
+          "-T", str(lds), "-o", str(elf), str(start_o), str(guest_o)])
+    _run(["objcopy", "-O", "binary", str(elf), str(image)])
+    size = image.stat().st_size
+    if size > MAX_IMAGE_SIZE:
+        raise GuestError(
+            f"vmig guest image is {size} bytes; at most {MAX_IMAGE_SIZE} fit between "
+            f"ENTRY_BASE {layout.ENTRY_BASE:#x} and CODE_LIMIT {layout.CODE_LIMIT:#x}"
+        )
+    if size < layout.MAX_CPUS * layout.ENTRY_STRIDE:
+        raise GuestError(f"vmig guest image is only {size} bytes: entry stubs missing")
+    return image
+
+
+def ensure_guest_image(force: bool = False) -> Path:
+    """Return the path of an up-to-date guest image, building it first if needed.
+
+    Raises GuestError when a build tool is missing or fails, or the image is too big.
+    """
+    if not force and not _stale():
+        return IMAGE_PATH
+    _check_tools()
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    started_ns = time.time_ns()
+    with tempfile.TemporaryDirectory(prefix="build-", dir=BUILD_DIR) as tmp:
+        workdir = Path(tmp)
+        image = _build(workdir)
+        # Keep the ELF and the header beside the image for objdump/debugging.
+        os.replace(workdir / "guest.elf", BUILD_DIR / "guest.elf")
+        os.replace(workdir / "layout.h", BUILD_DIR / "layout.h")
+        # The image's mtime is the build's start, so a source edited during the
+        # build still counts as newer; the rename comes last and is atomic.
+        os.utime(image, ns=(started_ns, started_ns))
+        os.replace(image, IMAGE_PATH)
+    return IMAGE_PATH
+
+
+def guest_image() -> bytes:
+    """The guest image's bytes (built first if needed), to load at layout.ENTRY_BASE."""
+    return ensure_guest_image().read_bytes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vmig.guest.build [--force]`: build and print the image path and size."""
+    args = sys.argv[1:] if argv is None else argv
+    if any(arg not in ("--force", "-f") for arg in args):
+        print("usage: python -m vmig.guest.build [--force]", file=sys.stderr)
+        return 2
+    try:
+        path = ensure_guest_image(force=bool(args))
+    except GuestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path} ({path.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
