@@ -170,11 +170,42 @@ class GuestMemory:
 
     # --- host-side housekeeping --------------------------------------------------
 
-    def populate(self) -> None:
-        """Prefault every page writable (MADV_POPULATE_WRITE), so receiving takes no faults."""
+    def populate(self, gpa: int = 0, length: int | None = None) -> None:
+        """Prefault [gpa, gpa+length) writable in one call (MADV_POPULATE_WRITE).
+
+        Faulting page by page while bytes stream in costs several times more on
+        these nested hosts; one madvise per received range does the same work in
+        the kernel without a round trip per page.
+        """
         self._check_open()
+        length = self.size - gpa if length is None else length
+        self.check_range(gpa, length)
         with contextlib.suppress(OSError):  # an older kernel: pages fault in on first touch
-            self._map.madvise(MADV_POPULATE_WRITE)
+            self._map.madvise(MADV_POPULATE_WRITE, gpa, length)
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(gpa, length) of every part of the backing file that holds data.
+
+        Holes (never-written pages of a memfd or sparse file) read as zeros, and a
+        fresh destination is all zeros, so a first copy can skip them. Uses
+        SEEK_DATA/SEEK_HOLE: no page is read or faulted in.
+        """
+        self._check_open()
+        extents: list[tuple[int, int]] = []
+        offset = 0
+        while offset < self.size:
+            try:
+                start = os.lseek(self._fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after offset
+                break
+            if start >= self.size:
+                break
+            end = min(os.lseek(self._fd, start, os.SEEK_HOLE), self.size)
+            start_page = start - start % PAGE_SIZE
+            end_page = min(end + (-end) % PAGE_SIZE, self.size)
+            extents.append((start_page, end_page - start_page))
+            offset = end_page
+        return extents
 
     def close(self) -> None:
         """Unmap and close; idempotent. Outstanding views make this raise BufferError."""

@@ -67,11 +67,14 @@ class MigrationReceiver:
     """Listens for one migration and builds the Machine it carries."""
 
     def __init__(self, url: str, on_finished: OnFinished, *, serial_log: str | None = None,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS,
+                 prealloc_bytes: int | None = None) -> None:
         self.address: Address = parse_url(url)
         self._on_finished = on_finished
         self._serial_log = serial_log
         self._max_connections = max_connections
+        self._prealloc_bytes = prealloc_bytes
+        self._prealloc: GuestMemory | None = None
         self.progress = MigrationProgress("receive")
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -93,8 +96,20 @@ class MigrationReceiver:
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> Address:
-        """Listen and return the bound address; threads run until the migration ends."""
-        self._listener = listen(self.address)
+        """Listen and return the bound address; threads run until the migration ends.
+
+        With `prealloc_bytes`, guest memory of that size is created and faulted in
+        first (like a QEMU destination started with its memory preallocated):
+        first-touch page faults are the slowest part of receiving on nested hosts.
+        """
+        if self._prealloc_bytes:
+            self._prealloc = GuestMemory.create(self._prealloc_bytes)
+            self._prealloc.populate()
+        try:
+            self._listener = listen(self.address)
+        except BaseException:
+            self._discard_prealloc()
+            raise
         self._listener.settimeout(ACCEPT_POLL_S)
         self.address = bound_address(self._listener, self.address)
         self._accept_thread = threading.Thread(target=self._accept_loop, name="migrate-accept")
@@ -282,9 +297,13 @@ class MigrationReceiver:
                 raise MigrationError(f"memory fd holds {self._memory.size} bytes, CONFIG says "
                                      f"{config.memory_bytes}")
             return
-        memory = GuestMemory.create(config.memory_bytes)
-        memory.populate()  # take the page faults now, not while the pages stream in
-        self._memory = memory
+        prealloc, self._prealloc = self._prealloc, None
+        if prealloc is not None and prealloc.size == config.memory_bytes:
+            self._memory = prealloc
+            return
+        if prealloc is not None:
+            prealloc.close()
+        self._memory = GuestMemory.create(config.memory_bytes)
 
     def _receive_memory(self, channel: ReceiverChannel, request: MemoryRequest) -> None:
         memory = self._memory
@@ -294,8 +313,11 @@ class MigrationReceiver:
         if len(gpas) and int((gpas + lengths).max()) > memory.size:
             raise GuestMemoryError(f"MEMORY range ends past guest memory "
                                    f"({int((gpas + lengths).max()):#x} > {memory.size:#x})")
-        views = [memory.view(gpa, length)
-                 for gpa, length in zip(gpas.tolist(), lengths.tolist(), strict=True)]
+        ranges = list(zip(gpas.tolist(), lengths.tolist(), strict=True))
+        if not self._prealloc_bytes:
+            for gpa, length in ranges:
+                memory.populate(gpa, length)  # fault pages in bulk before the bytes arrive
+        views = [memory.view(gpa, length) for gpa, length in ranges]
         try:
             channel.receive_payload(views)
         finally:
@@ -369,6 +391,11 @@ class MigrationReceiver:
         self._close_listener()
         self._main_queue.put(None)
 
+    def _discard_prealloc(self) -> None:
+        prealloc, self._prealloc = self._prealloc, None
+        if prealloc is not None:
+            prealloc.close()
+
     def _close_listener(self) -> None:
         with self._lock:
             listener, self._listener = self._listener, None
@@ -401,6 +428,7 @@ class MigrationReceiver:
                 break
             if pending is not None:
                 pending.close()
+        self._discard_prealloc()
         machine, error = self._machine, self._error
         if error is not None:
             if machine is not None:

@@ -201,7 +201,9 @@ class MigrationSender:
 
     def _precopy(self) -> None:
         self.progress.update(phase=Phase.PRECOPY)
-        ranges = RangeTable.full(self.memory.size)
+        # The destination starts from zeroed memory: the first pass copies only the
+        # parts of the backing file that hold data (never-touched pages are holes).
+        ranges = RangeTable(self.memory.data_extents())
         last_collect = self.clock()
         while True:
             self.progress.update(bytes_remaining=ranges.total_bytes)

@@ -23,7 +23,7 @@ from vmig.vmm.devices import IoBus, pack_io, unpack_io
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
-HLT_WAIT_S = 0.005  # a halted guest is re-entered after this long (no timer interrupts)
+HLT_WAIT_S = 0.002  # a halted guest is re-entered after this long (no timer interrupts)
 PAUSE_TIMEOUT_S = 10.0
 
 
