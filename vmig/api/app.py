@@ -9,10 +9,15 @@ Routes (all under /api/v1)::
     PUT  vm.restore        start a VM from a snapshot        -> VmInfo
     PUT  vm.pause | vm.resume | vm.shutdown | vm.snapshot   -> 204
     PUT  vm.check-guest    the guest verifies its working set -> CheckResult
+    PUT  vm.receive-migration  listen for an incoming migration (empty VMM) -> receiver_url
+    PUT  vm.send-migration     live-migrate the VM; blocks until done -> MigrationSummary
+    GET  vm.migration-info     progress of the running (or last) migration -> MigrationInfo
 
 Handlers are plain functions: FastAPI runs them in its thread pool, since VM
-operations block. Errors map to statuses by family (`status_for`): the client's
-or the host's fault is 400, a wrong lifecycle state 409, anything else 500.
+operations block (a send blocks for the whole migration; vm.info and
+vm.migration-info are answered from other threads meanwhile). Errors map to
+statuses by family (`status_for`): the client's or the host's fault is 400, a
+wrong lifecycle state 409, anything else 500 (a failed migration, for one).
 """
 
 from __future__ import annotations
@@ -36,8 +41,13 @@ from vmig.api.models import (
     CheckGuestRequest,
     CheckResult,
     ErrorBody,
+    MigrationInfo,
+    MigrationSummary,
     PingResponse,
+    ReceiveMigrationRequest,
+    ReceiveMigrationResponse,
     RestoreRequest,
+    SendMigrationRequest,
     SnapshotRequest,
     VmCreateRequest,
     VmInfo,
@@ -54,6 +64,7 @@ from vmig.errors import (
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+NO_MIGRATION = "no migration has run in this VMM"
 TITLE = "vmig VMM API"
 DESCRIPTION = (
     "Control one vmig micro-VM over HTTP on a UNIX socket. Routes are named after Cloud "
@@ -217,6 +228,29 @@ def _routes(vmm: Vmm) -> APIRouter:
     def vm_check_guest(body: CheckGuestRequest | None = None) -> dict[str, Any]:
         timeout = (body or CheckGuestRequest()).timeout
         return vmm.check_guest(timeout)
+
+    @router.put("/vm.receive-migration", tags=["migration"],
+                response_model=ReceiveMigrationResponse,
+                summary="Listen for one incoming migration; the VMM must be empty. Returns "
+                        "once listening; vm.info then shows `receiving`")
+    def vm_receive_migration(body: ReceiveMigrationRequest) -> dict[str, Any]:
+        return vmm.receive_migration(body.receiver_url, body.max_connections)
+
+    @router.put("/vm.send-migration", tags=["migration"], response_model=MigrationSummary,
+                summary="Live-migrate the VM to a receiving VMM; blocks until the destination "
+                        "runs it (500: failed, the VM keeps running here)")
+    def vm_send_migration(body: SendMigrationRequest) -> dict[str, Any]:
+        return vmm.send_migration(body.to_params())
+
+    @router.get("/vm.migration-info", tags=["migration"], response_model=MigrationInfo,
+                responses={404: {"model": ErrorBody,
+                                 "description": "No migration has run in this VMM."}},
+                summary="Progress of the running migration, or the last one's outcome")
+    def vm_migration_info() -> Any:
+        info = vmm.migration_info()
+        if info is None:
+            return error_response(404, NO_MIGRATION)
+        return info
 
     return router
 

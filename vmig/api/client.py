@@ -17,6 +17,7 @@ from vmig.errors import ApiError, VmmUnreachableError
 API_PREFIX = "/api/v1"
 DEFAULT_TIMEOUT_S = 30.0
 LONG_TIMEOUT_S = 600.0  # create/restore/snapshot move the whole guest memory
+SEND_TIMEOUT_S = 3600.0  # the VMM's default pre-copy timeout (vm.send-migration's timeout_s)
 
 
 class ApiClient:
@@ -79,6 +80,30 @@ class ApiClient:
         """Have the guest verify its working set: {"ok", "pages_checked", "bad_pages", ...}."""
         return self._request("PUT", "vm.check-guest", {"timeout": timeout},
                              timeout=timeout + self.timeout)
+
+    def receive_migration(self, url: str, max_connections: int | None = None) -> dict[str, Any]:
+        """Have an empty VMM listen on `url` (tcp:HOST:PORT or unix:PATH): {"receiver_url"}."""
+        body: dict[str, Any] = {"receiver_url": url}
+        if max_connections is not None:
+            body["max_connections"] = max_connections
+        return self._request("PUT", "vm.receive-migration", body)
+
+    def send_migration(self, **params: Any) -> dict[str, Any]:
+        """Live-migrate the VM; `params` are SendMigrationRequest's (None ones are left out).
+
+        Blocks until the migration is over: the reply may take the pre-copy
+        timeout (`timeout_s`) plus the final copy, so the HTTP timeout is
+        `timeout_s` plus the long timeout. Returns the summary.
+        """
+        body = {name: value for name, value in params.items() if value is not None}
+        timeout_s = body.get("timeout_s", SEND_TIMEOUT_S)
+        wait = (float(timeout_s) if isinstance(timeout_s, int | float) else SEND_TIMEOUT_S)
+        return self._request("PUT", "vm.send-migration", body,
+                             timeout=wait + self.long_timeout)
+
+    def migration_info(self) -> dict[str, Any]:
+        """Progress of the running (or last) migration, with "active"; 404 if none ran."""
+        return self._request("GET", "vm.migration-info")
 
     # --- plumbing ---------------------------------------------------------------------------
 

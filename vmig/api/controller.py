@@ -1,39 +1,74 @@
 """`Vmm`: the one object per VMM process that owns the VM and carries out API commands.
 
-This is the only API module that imports `vmig.vmm`. Every command takes one
-lock, so commands never interleave (a pause cannot land in the middle of a
-snapshot), and every precondition that is about the *VMM* (is there a VM at
-all?) is checked here; preconditions about the VM's own lifecycle (pause only
-when running) are the Machine's, which raises `StateError` itself.
+This is the only API module that imports `vmig.vmm` (and the migration engine,
+which drives a Machine). Every command takes one lock, so commands never
+interleave (a pause cannot land in the middle of a snapshot), and every
+precondition that is about the *VMM* (is there a VM at all?) is checked here;
+preconditions about the VM's own lifecycle (pause only when running) are the
+Machine's, which raises `StateError` itself.
+
+Migrations are the exception to "one command at a time": they take minutes, and
+vm.info and vm.migration-info must answer meanwhile. A send is admitted under
+the command lock and then runs without it (the Machine's `busy` flag keeps user
+pause/resume/snapshot away, and this class refuses shutdown and a second
+migration); a receive only starts a listener, whose thread later installs the
+received Machine. The migration bookkeeping has its own small lock, never held
+while anything blocks, so the receiver's callback can never deadlock with a
+command.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from typing import Any
 
 from vmig.config import VmConfig
-from vmig.errors import StateError, VmigError
+from vmig.errors import ConfigError, GuestMemoryError, StateError, TransportError
+from vmig.migration.params import SendParams
+from vmig.migration.progress import MigrationProgress
+from vmig.migration.receiver import MigrationReceiver
+from vmig.migration.sender import MigrationSender
 from vmig.vmm.machine import Machine, VmState, install_kick_handler
 
 log = logging.getLogger(__name__)
 
 NO_VM = "no VM: create or restore one first"
+RECEIVING_NO_VM = "no VM yet: an incoming migration is awaited"
 EMPTY = "empty"  # the `state` vm.info reports when there is no VM
+RECEIVING = "receiving"  # ... and when there is none yet because one is being received
 CLOSE_WAIT_S = 5.0  # how long close() waits for a running command before stopping the VM
+SEND_ABORT_POLL_S = 0.1  # close(): how often a send that is still connecting is interrupted
+INFO_RETRIES = 50  # vm.info racing the sender's final release of the source VM: retry, 10 ms
+INFO_RETRY_S = 0.01
 
-# A VM in one of these states is over: creating or restoring replaces it.
-_FINISHED = (VmState.SHUTDOWN, VmState.FAILED)
+# A VM in one of these states is over: creating, restoring or receiving replaces it.
+_FINISHED = (VmState.SHUTDOWN, VmState.FAILED, VmState.MIGRATED)
 
 
 class Vmm:
-    """Holds `machine` (None when empty) and serialises the commands run on it."""
+    """Holds `machine` (None when empty) and serialises the commands run on it.
 
-    def __init__(self) -> None:
+    `serial_log` is the VMM's own `--serial-log`: a VM received by migration
+    writes its serial output there.
+    """
+
+    def __init__(self, serial_log: str | None = None) -> None:
         self._lock = threading.Lock()
         self.machine: Machine | None = None
+        self.serial_log = serial_log
         self.exit_requested = threading.Event()
+        # Migration bookkeeping, guarded by _mig_lock (short critical sections only).
+        self._mig_lock = threading.Lock()
+        self._sender: MigrationSender | None = None  # the send running now
+        self._send_done = threading.Event()
+        self._send_done.set()
+        self._receiver: MigrationReceiver | None = None  # the last receiver started
+        self._receiving = False  # _receiver has not reported its outcome yet
+        self._progress: MigrationProgress | None = None  # the running or the last migration
+        self._last_error: str | None = None  # why the last incoming migration gave no VM
 
     @staticmethod
     def prepare_process() -> None:
@@ -59,7 +94,11 @@ class Vmm:
             return self.machine.info()
 
     def _make_room(self, action: str) -> None:
-        """Refuse while a live VM exists; drop a VM that is shut down or failed."""
+        """Refuse while a live VM exists or one is being received; drop a finished VM."""
+        with self._mig_lock:
+            if self._receiving:
+                raise StateError(f"cannot {action}: an incoming migration is awaited; "
+                                 "shut the VMM down to cancel it")
         machine = self.machine
         if machine is None:
             return
@@ -72,11 +111,20 @@ class Vmm:
     # --- commands on the VM ----------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        """`Machine.info()`, or {"state": "empty"} when there is no VM."""
+        """`Machine.info()`; with no VM {"state": "empty"} or "receiving" (+ last_error)."""
         with self._lock:
-            if self.machine is None:
-                return {"state": EMPTY}
-            return self.machine.info()
+            with self._mig_lock:
+                machine, receiving = self.machine, self._receiving
+                last_error = self._last_error
+                receiver = self._receiver
+            if machine is not None:
+                return _machine_info(machine)
+            data: dict[str, Any] = {"state": RECEIVING if receiving else EMPTY}
+            if receiving and receiver is not None:
+                data["receiver_url"] = str(receiver.address)
+            if last_error is not None:
+                data["last_error"] = last_error
+            return data
 
     def pause(self) -> None:
         with self._lock:
@@ -89,7 +137,10 @@ class Vmm:
     def shutdown(self) -> None:
         """Stop the VM (it stays visible in vm.info as `shutdown`); idempotent."""
         with self._lock:
-            self._require("shut down").shutdown()
+            machine = self._require("shut down")
+            if machine.busy is not None:  # the Machine would stop under the sender's feet
+                raise StateError(f"cannot shut down: VM is {machine.busy}")
+            machine.shutdown()
 
     def snapshot(self, directory: str) -> None:
         with self._lock:
@@ -100,31 +151,171 @@ class Vmm:
             return self._require("check the guest").check_guest(timeout)
 
     def _require(self, action: str) -> Machine:
-        if self.machine is None:
-            raise StateError(f"cannot {action}: {NO_VM}")
-        return self.machine
+        with self._mig_lock:
+            machine, receiving = self.machine, self._receiving
+        if machine is None:
+            raise StateError(f"cannot {action}: {RECEIVING_NO_VM if receiving else NO_VM}")
+        return machine
+
+    # --- migration -------------------------------------------------------------------------
+
+    def receive_migration(self, url: str, max_connections: int) -> dict[str, Any]:
+        """Listen for one incoming migration on `url`; return {"receiver_url": bound URL}.
+
+        Needs an empty VMM (a finished VM is dropped). Returns once listening;
+        the received VM becomes this VMM's VM when the migration completes, and
+        a failure leaves the VMM empty with `last_error` in vm.info.
+        """
+        with self._lock:
+            if self.exit_requested.is_set():
+                raise StateError("cannot receive a migration: the VMM is shutting down")
+            self._make_room("receive a migration")
+            with self._mig_lock:
+                previous = self._receiver
+            if previous is not None:
+                previous.close()  # finished already (not _receiving): this only joins threads
+            try:
+                receiver = MigrationReceiver(url, self._on_received, serial_log=self.serial_log,
+                                             max_connections=max_connections)
+                address = receiver.start()
+            except (ConfigError, TransportError) as exc:
+                raise ConfigError(f"receiver_url: {exc}") from None
+            with self._mig_lock:
+                self._receiver, self._receiving = receiver, True
+                self._progress = receiver.progress
+                self._last_error = None
+            log.info("listening for a migration on %s", address)
+            return {"receiver_url": str(address)}
+
+    def _on_received(self, machine: Machine | None, error: str | None) -> None:
+        """The receiver's outcome (on its thread): install the VM, or remember why not."""
+        with self._mig_lock:
+            self._receiving = False
+            if machine is not None:
+                self.machine = machine
+                self._last_error = None
+            else:
+                self._last_error = error or "the incoming migration ended without a VM"
+        if machine is not None:
+            log.info("incoming migration completed: the VM runs here")
+
+    def send_migration(self, params: SendParams) -> dict[str, Any]:
+        """Migrate the VM as `params` say; block until done and return the summary.
+
+        ConfigError (bad parameters) comes before StateError (no VM, wrong
+        state, a migration already running). MigrationError leaves the VM
+        running here. The command lock is held only to admit the send.
+        """
+        params.validate()
+        with self._lock:
+            if self.exit_requested.is_set():
+                raise StateError("cannot send a migration: the VMM is shutting down")
+            machine = self._require("send a migration")
+            with self._mig_lock:
+                if self._sender is not None or self._receiving:
+                    raise StateError("cannot send a migration: a migration is already running")
+            if machine.busy is not None:
+                raise StateError(f"cannot send a migration: VM is {machine.busy}")
+            if machine.state not in (VmState.RUNNING, VmState.PAUSED):
+                raise StateError(f"cannot send a migration: VM is {machine.state.value}, it "
+                                 "must be running or paused")
+            progress = MigrationProgress("send")
+            sender = MigrationSender(machine, params, progress)
+            with self._mig_lock:
+                self._sender, self._progress = sender, progress
+                self._send_done.clear()
+        log.info("sending the VM to %s over %d connection(s)", params.destination_url,
+                 params.connections)
+        try:
+            summary = sender.run()
+        finally:
+            with self._mig_lock:
+                self._sender = None
+                self._send_done.set()
+        return summary.to_dict()
+
+    def migration_info(self) -> dict[str, Any] | None:
+        """The running (or last) migration's progress plus "active"; None if none ever ran."""
+        with self._mig_lock:
+            progress = self._progress
+            active = self._sender is not None or self._receiving
+        if progress is None:
+            return None
+        data = progress.snapshot()
+        for name, value in data.items():  # JSON has no infinity ("not measured yet")
+            if isinstance(value, float) and not math.isfinite(value):
+                data[name] = None
+        data["active"] = active
+        return data
+
+    def _interrupt_send(self) -> None:
+        """Make a running send fail fast (its connections are shut down); never blocks.
+
+        Works around the engine having no `MigrationSender.cancel()`: it reaches
+        for the sender's connection pool, which exists once connections are open.
+        The sender then abandons, resumes the VM if it paused it, and raises.
+        """
+        sender = self._sender  # no lock: this runs from a signal handler too
+        pool = getattr(sender, "_pool", None) if sender is not None else None
+        if pool is None:
+            return
+        for channel in list(pool.channels):
+            channel.stream.shutdown()
 
     # --- the process ------------------------------------------------------------------------
 
     def request_exit(self) -> None:
-        """Ask the server to stop serving (vmm.shutdown); `close()` follows."""
+        """Ask the server to stop serving (vmm.shutdown, SIGTERM); `close()` follows.
+
+        A send still running is interrupted now, so that the server's graceful
+        shutdown does not wait for it; it ends with an error and the VM resumed.
+        """
         self.exit_requested.set()
+        self._interrupt_send()
 
     def close(self) -> None:
-        """Shut the VM down and forget it; idempotent, never raises a VmigError.
+        """Cancel migrations, shut the VM down and forget it; idempotent, never raises.
 
-        A command still running (a long check-guest, say) gets CLOSE_WAIT_S to
-        finish; after that the VM is shut down under it anyway (the Machine has
-        its own lock, and its waits end when the VM stops).
+        An incoming migration is cancelled (its receiver closed and joined). A
+        send gets CLOSE_WAIT_S to unwind after being interrupted, and a command
+        still running (a long check-guest, say) as long again; after that the VM
+        is shut down under it anyway (the Machine has its own lock, and its
+        waits end when the VM stops).
         """
+        self.exit_requested.set()
+        with self._mig_lock:
+            receiver = self._receiver
+        if receiver is not None:
+            receiver.close()  # aborts if still running; _on_received has run when it returns
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while not self._send_done.is_set() and time.monotonic() < deadline:
+            self._interrupt_send()  # again: the pool may not have existed the first time
+            self._send_done.wait(SEND_ABORT_POLL_S)
         acquired = self._lock.acquire(timeout=CLOSE_WAIT_S)
         try:
-            machine, self.machine = self.machine, None
+            with self._mig_lock:
+                machine, self.machine = self.machine, None
             if machine is not None:
                 try:
                     machine.close()
-                except VmigError as exc:
+                except Exception as exc:  # the process is going away: log, do not raise
                     log.error("shutting the VM down: %s", exc)
         finally:
             if acquired:
                 self._lock.release()
+
+
+def _machine_info(machine: Machine) -> dict[str, Any]:
+    """`machine.info()`, retried while a migration releases the VM under it.
+
+    A sender marks the source MIGRATED after closing its memory; a vm.info in
+    between would read closed memory. The window is a few milliseconds wide.
+    """
+    for _ in range(INFO_RETRIES):
+        try:
+            return machine.info()
+        except (ValueError, GuestMemoryError):
+            if machine.busy is None and machine.state is not VmState.MIGRATED:
+                raise
+            time.sleep(INFO_RETRY_S)
+    return machine.info()

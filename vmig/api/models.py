@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vmig.config import DEFAULT_DIRTY_RATE, VmConfig
 from vmig.guest import layout
+from vmig.migration.params import DEFAULT_DOWNTIME_MS, DEFAULT_TIMEOUT_S, SendParams
+from vmig.proto import MAX_CONNECTIONS
+from vmig.transport.address import parse_url
+
+MAX_DOWNTIME_MS = 600_000  # a budget of 10 minutes is no longer "live"; refuse obvious typos
+MAX_TIMEOUT_S = 86_400.0  # one day of pre-copy
 
 
 def url_to_path(url: str) -> str:
@@ -47,6 +53,12 @@ def _check_optional_path(value: str | None) -> str | None:
     """Host paths sent to the VMM must be absolute: its working directory is not the client's."""
     if value is not None and not os.path.isabs(value):
         raise ValueError(f"{value!r} is not absolute: the VMM resolves no relative paths")
+    return value
+
+
+def _check_migration_url(value: str) -> str:
+    """Field check for migration URLs: 'tcp:HOST:PORT' or 'unix:PATH'."""
+    parse_url(value)  # ConfigError is a ValueError: pydantic reports it under the field
     return value
 
 
@@ -124,11 +136,16 @@ class VmInfo(BaseModel):
              "vcpus": [{"id": 0, "state": "running", "exits": 191},
                        {"id": 1, "state": "running", "exits": 1}]},
             {"state": "empty"},
+            {"state": "receiving", "receiver_url": "tcp:0.0.0.0:6000"},
+            {"state": "empty",
+             "last_error": "the source closed the connection before COMPLETE"},
         ]},
     )
 
-    state: str = Field(description="`empty` (no VM), `running`, `paused`, `shutdown` or "
-                       "`failed`.", examples=["running"])
+    state: str = Field(description="`empty` (no VM), `receiving` (no VM yet: an incoming "
+                       "migration is awaited or under way), `running`, `paused`, `shutdown`, "
+                       "`failed` or `migrated` (handed over to a migration destination; "
+                       "resources released).", examples=["running"])
     memory_bytes: int | None = Field(None, description="Guest RAM in bytes.")
     cpus: int | None = Field(None, description="Number of vCPUs.")
     workload: str | None = Field(None, description="`idle` or `dirty`.")
@@ -146,6 +163,13 @@ class VmInfo(BaseModel):
     pages_written: int | None = Field(None, description="Working-set pages written by the guest, "
                                       "summed over vCPUs.")
     vcpus: list[VcpuInfo] | None = Field(None, description="Per-vCPU thread state.")
+    busy: str | None = Field(None, description="A long operation that holds the VM (e.g. "
+                             "`migrating`); pause, resume, snapshot and shutdown are refused "
+                             "meanwhile.")
+    receiver_url: str | None = Field(None, description="State `receiving`: where the VMM "
+                                     "listens for the incoming migration.")
+    last_error: str | None = Field(None, description="State `empty` or `receiving`: why the "
+                                   "last incoming migration ended without a VM.")
 
 
 class CheckGuestRequest(_Model):
@@ -198,6 +222,126 @@ class RestoreRequest(_Model):
     @property
     def directory(self) -> str:
         return url_to_path(self.source_url)
+
+
+class ReceiveMigrationRequest(_Model):
+    """Where `vm.receive-migration` listens for one incoming migration."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"receiver_url": "tcp:0.0.0.0:6000"},
+        {"receiver_url": "unix:/run/vmig/mig.sock", "max_connections": 1},
+    ]})
+
+    receiver_url: str = Field(description="`tcp:HOST:PORT` (port 0: any free port; the reply "
+                              "names the one chosen) or `unix:PATH`.",
+                              examples=["tcp:0.0.0.0:6000"])
+    max_connections: int = Field(MAX_CONNECTIONS, ge=1, le=MAX_CONNECTIONS,
+                                 description="Most connections one migration may open here "
+                                 "(the main one included); a sender asking for more is refused.")
+
+    _url = field_validator("receiver_url")(_check_migration_url)
+
+
+class ReceiveMigrationResponse(BaseModel):
+    """Where the VMM now listens."""
+
+    receiver_url: str = Field(description="The bound URL: a `tcp:` URL has its real port.",
+                              examples=["tcp:0.0.0.0:6000"])
+
+
+class SendMigrationRequest(_Model):
+    """How `vm.send-migration` migrates the VM (Cloud Hypervisor's VmSendMigrationData)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"destination_url": "tcp:192.0.2.7:6000", "connections": 4, "verify_memory": True},
+        {"destination_url": "unix:/run/vmig/mig.sock", "local": True},
+    ]})
+
+    destination_url: str = Field(description="The receiver's URL: `tcp:HOST:PORT` or "
+                                 "`unix:PATH`.", examples=["tcp:192.0.2.7:6000"])
+    connections: int = Field(1, ge=1, le=MAX_CONNECTIONS, description="TCP connections to "
+                             "copy memory over (the main one included); must be 1 with a "
+                             "`unix:` destination or with `local`.", examples=[4])
+    local: bool = Field(False, description="Same host: hand guest memory over as a file "
+                        "descriptor instead of copying it; needs a `unix:` destination.")
+    downtime_ms: int = Field(DEFAULT_DOWNTIME_MS, ge=0, le=MAX_DOWNTIME_MS,
+                             description="Pause budget: pre-copy goes on until the pages left "
+                             "are expected to move within this many milliseconds.")
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S,
+                             description="Longest pre-copy, in seconds, before "
+                             "`timeout_strategy` applies.")
+    timeout_strategy: Literal["cancel", "ignore"] = Field(
+        "cancel", description="At the timeout: `cancel` gives up (the VM keeps running here), "
+        "`ignore` switches over anyway, accepting a longer pause.")
+    verify_memory: bool = Field(False, description="Compare a BLAKE3 digest of all guest memory "
+                                "on both sides before the destination resumes the VM.")
+
+    _url = field_validator("destination_url")(_check_migration_url)
+
+    def to_params(self) -> SendParams:
+        """The engine's parameters; `SendParams.validate()` checks the cross-field rules."""
+        return SendParams(destination_url=self.destination_url, connections=self.connections,
+                          local=self.local, downtime_ms=self.downtime_ms,
+                          timeout_s=self.timeout_s, timeout_strategy=self.timeout_strategy,
+                          verify_memory=self.verify_memory)
+
+
+class MigrationSummary(BaseModel):
+    """What `vm.send-migration` answers once the destination runs the VM."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"status": "completed", "connections": 4, "iterations": 3, "bytes_sent": 140509184,
+         "duration_ms": 412.5, "downtime_ms": 38.2, "throughput_bytes_per_s": 340628310,
+         "memory_verified": True, "local": False, "warnings": []},
+    ]})
+
+    status: str = Field(description="`completed`.")
+    connections: int = Field(description="Connections the memory went over.")
+    iterations: int = Field(description="Memory passes sent: the pre-copy iterations plus "
+                            "the final one while paused (0 with `local`).")
+    bytes_sent: int = Field(description="Guest memory bytes sent (0 with `local`).")
+    duration_ms: float = Field(description="From the first connection to the destination's "
+                               "last acknowledgement.")
+    downtime_ms: float = Field(description="How long the VM was paused here before the "
+                               "destination acknowledged COMPLETE.")
+    throughput_bytes_per_s: float = Field(description="`bytes_sent` / `duration_ms`.")
+    memory_verified: bool = Field(False, description="Both sides' memory digests matched.")
+    local: bool = Field(False, description="Memory was handed over by file descriptor.")
+    warnings: list[str] = Field(default_factory=list, description="Things that went less well "
+                                "than asked (e.g. fewer connections).")
+
+
+class MigrationInfo(BaseModel):
+    """Progress of the running migration, or the outcome of the last one."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"active": True, "role": "send", "phase": "precopy", "iteration": 2,
+         "elapsed_s": 0.412, "memory_bytes": 268435456, "bytes_transferred": 281018368,
+         "bytes_remaining": 5242880, "dirty_rate_bytes_per_s": 81920000,
+         "throughput_bytes_per_s": 1350000000, "expected_downtime_ms": 3.9, "connections": 4,
+         "receiver_state": None, "error": None, "warnings": []},
+    ]})
+
+    active: bool = Field(description="A migration is running now; false: this is the last "
+                         "one's final state.")
+    role: str = Field(description="`send` (this VMM is the source) or `receive`.")
+    phase: str = Field(description="`connecting`, `precopy`, `downtime` (sender); `listening`, "
+                       "`receiving` (receiver); `completed` or `failed` (both).")
+    iteration: int = Field(description="Pre-copy iterations sent so far.")
+    elapsed_s: float = Field(description="Seconds since the migration started (receiver: "
+                             "since it started listening).")
+    memory_bytes: int = Field(description="Guest RAM being migrated (0 until known).")
+    bytes_transferred: int = Field(description="Guest memory bytes acknowledged so far.")
+    bytes_remaining: int = Field(description="Bytes left in the current pass (dirty pages).")
+    dirty_rate_bytes_per_s: float = Field(description="How fast the guest dirties memory.")
+    throughput_bytes_per_s: float = Field(description="Measured send rate.")
+    expected_downtime_ms: float | None = Field(description="Pause the pages left would need "
+                                               "at the measured rate; null until measured.")
+    connections: int = Field(description="Connections in use.")
+    receiver_state: str | None = Field(description="Receiver: the protocol state of the main "
+                                       "connection; null on the sender.")
+    error: str | None = Field(description="Why the migration failed (phase `failed`).")
+    warnings: list[str] = Field(description="Things that went less well than asked.")
 
 
 class ErrorBody(BaseModel):

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
 EXTRA_CONNECTIONS_WAIT_S = 10.0
 ACCEPT_POLL_S = 0.2
+BULK_POPULATE_BYTES = 256 * 1024  # below this one madvise costs more than the faults it saves
 
 OnFinished = Callable[[Machine | None, str | None], None]
 
@@ -316,7 +317,8 @@ class MigrationReceiver:
         ranges = list(zip(gpas.tolist(), lengths.tolist(), strict=True))
         if not self._prealloc_bytes:
             for gpa, length in ranges:
-                memory.populate(gpa, length)  # fault pages in bulk before the bytes arrive
+                if length >= BULK_POPULATE_BYTES:  # fault big ranges in with one call
+                    memory.populate(gpa, length)
         views = [memory.view(gpa, length) for gpa, length in ranges]
         try:
             channel.receive_payload(views)

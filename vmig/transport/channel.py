@@ -140,9 +140,8 @@ class ReceiverChannel:
 
     def receive_payload(self, views: Sequence[memoryview]) -> None:
         """Read the current Memory request's page bytes straight into `views`."""
-        for view in views:
-            self.stream.recv_into_exact(view)
-            self.conn.payload_received(len(view))
+        self.stream.recv_into_all(views)
+        self.conn.payload_received(sum(len(view) for view in views))
         event = self.conn.next_event()
         if isinstance(event, PayloadData):  # exact-size reads keep pages out of the buffer
             raise MigrationError("page bytes arrived through the protocol buffer")

@@ -64,20 +64,42 @@ class Stream:
                 done += n
         self.bytes_received += size
 
+    def recv_into_all(self, views: Sequence[memoryview]) -> None:
+        """Fill every view in order; scattered pages land with few recvmsg_into calls."""
+        pending = [v for v in views if len(v)]
+        total = sum(len(v) for v in pending)
+        first = 0
+        with self._errors("receiving from"):
+            while first < len(pending):
+                n = self.sock.recvmsg_into(pending[first:first + IOV_MAX])[0]
+                if n == 0:
+                    raise TransportError(f"receiving from {self.peer}: the peer closed the "
+                                         "connection in the middle of a memory payload")
+                while n:
+                    head = pending[first]
+                    if n >= len(head):
+                        n -= len(head)
+                        first += 1
+                    else:
+                        pending[first] = head[n:]
+                        n = 0
+        self.bytes_received += total
+
     def send_all(self, buffers: Sequence[bytes | memoryview]) -> None:
         """Send every buffer in order with sendmsg, resuming after partial writes."""
         pending = [memoryview(b).cast("B") for b in buffers if len(b)]
         total = sum(len(b) for b in pending)
+        first = 0
         with self._errors("sending to"):
-            while pending:
-                sent = self.sock.sendmsg(pending[:IOV_MAX])
+            while first < len(pending):
+                sent = self.sock.sendmsg(pending[first:first + IOV_MAX])
                 while sent:
-                    head = pending[0]
+                    head = pending[first]
                     if sent >= len(head):
                         sent -= len(head)
-                        pending.pop(0)
+                        first += 1
                     else:
-                        pending[0] = head[sent:]
+                        pending[first] = head[sent:]
                         sent = 0
         self.bytes_sent += total
 
