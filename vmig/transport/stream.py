@@ -75,14 +75,7 @@ class Stream:
                 if n == 0:
                     raise TransportError(f"receiving from {self.peer}: the peer closed the "
                                          "connection in the middle of a memory payload")
-                while n:
-                    head = pending[first]
-                    if n >= len(head):
-                        n -= len(head)
-                        first += 1
-                    else:
-                        pending[first] = head[n:]
-                        n = 0
+                first = _advance(pending, first, n)
         self.bytes_received += total
 
     def send_all(self, buffers: Sequence[bytes | memoryview]) -> None:
@@ -92,15 +85,7 @@ class Stream:
         first = 0
         with self._errors("sending to"):
             while first < len(pending):
-                sent = self.sock.sendmsg(pending[first:first + IOV_MAX])
-                while sent:
-                    head = pending[first]
-                    if sent >= len(head):
-                        sent -= len(head)
-                        first += 1
-                    else:
-                        pending[first] = head[sent:]
-                        sent = 0
+                first = _advance(pending, first, self.sock.sendmsg(pending[first:first + IOV_MAX]))
         self.bytes_sent += total
 
     def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
@@ -146,3 +131,16 @@ class Stream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _advance(pending: list[memoryview], first: int, nbytes: int) -> int:
+    """Consume `nbytes` from pending[first:]; return the index of the first unfinished view."""
+    while nbytes:
+        head = pending[first]
+        if nbytes >= len(head):
+            nbytes -= len(head)
+            first += 1
+        else:
+            pending[first] = head[nbytes:]
+            nbytes = 0
+    return first
