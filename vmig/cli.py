@@ -118,9 +118,10 @@ def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | N
     """Run a VMM in the foreground and serve its API on --api-socket.
 
     With --memory it boots a VM first, with --restore it restores one, with
-    neither it waits, empty, for `vmig remote create` or `restore`. It stops on
-    SIGTERM, Ctrl-C or `vmig remote shutdown-vmm`, shutting its VM down and
-    removing the socket.
+    neither it waits, empty, for `vmig remote create`, `restore` or
+    `receive-migration` (a VM received by migration writes its serial output
+    to --serial-log). It stops on SIGTERM, Ctrl-C or `vmig remote
+    shutdown-vmm`, shutting its VM down and removing the socket.
     """
     given = {name: value for name, value in (("cpus", cpus), ("workload", workload),
                                               ("working_set", working_set),
@@ -145,9 +146,8 @@ def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | N
         restore_dir = os.path.abspath(restore_dir)
         if not os.path.isdir(restore_dir):
             raise SnapshotError(f"snapshot directory {restore_dir} does not exist")
-    elif memory is None and (memory_file or serial_log):
-        flag = "--memory-file" if memory_file else "--serial-log"
-        raise click.UsageError(f"{flag} needs --memory or --restore")
+    elif memory is None and memory_file:
+        raise click.UsageError("--memory-file needs --memory or --restore")
 
     _run_vmm(api_socket, config, restore_dir, memory_file=memory_file, serial_log=serial_log,
              log_level=log_level)
@@ -163,7 +163,7 @@ def _run_vmm(api_socket: str, config: VmConfig | None, restore_dir: str | None, 
                         format="vmig vmm: %(levelname)s: %(name)s: %(message)s")
     # Until the server installs its own handlers, SIGTERM unwinds like Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    vmm = Vmm()
+    vmm = Vmm(serial_log=serial_log)
     vmm.prepare_process()
     server = ApiServer.bind(api_socket)  # "in use" is found before a VM is built
     try:
@@ -302,6 +302,80 @@ def check_guest(target: _Remote, timeout: float) -> None:
         sys.exit(1)
 
 
+@remote.command("receive-migration")
+@click.argument("url")
+@click.option("--max-connections", type=int, metavar="N",
+              help="Most connections the migration may open here, the main one included "
+                   "(1-128).  [default: 128]")
+@click.option("--prealloc", metavar="SIZE",
+              help="Create and fault in this much guest RAM before listening (the size of "
+                   "the VM to come, e.g. 1G), so that receiving takes no page faults.")
+@click.pass_obj
+def receive_migration(target: _Remote, url: str, max_connections: int | None,
+                      prealloc: str | None) -> None:
+    """Have an empty VMM listen for one incoming migration on URL; print the bound URL.
+
+    URL is tcp:HOST:PORT (port 0: any free port) or unix:PATH. The command
+    returns once the VMM listens; the VM appears there when the migration
+    completes (`vmig remote info` shows state "receiving" until then).
+    """
+    reply = target.client.receive_migration(url, max_connections, prealloc=prealloc)
+    click.echo(reply["receiver_url"])
+
+
+@remote.command("send-migration")
+@click.argument("url")
+@click.option("--connections", type=int, metavar="N",
+              help="TCP connections to copy memory over, the main one included (1-128; "
+                   "1 with unix: or --local).  [default: 1]")
+@click.option("--local", is_flag=True, default=None,
+              help="Same host: hand guest memory over as a file descriptor (needs unix:URL).")
+@click.option("--downtime-ms", type=int, metavar="MS",
+              help="Pause budget for the switch-over.  [default: 300]")
+@click.option("--timeout-s", type=float, metavar="S",
+              help="Longest pre-copy before --timeout-strategy applies.  [default: 3600]")
+@click.option("--timeout-strategy", metavar="cancel|ignore",
+              help="At the timeout, give up (cancel) or switch over anyway (ignore).  "
+                   "[default: cancel]")
+@click.option("--verify-memory", is_flag=True, default=None,
+              help="Compare digests of all guest memory on both sides before resuming.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print only the summary, as one JSON object.")
+@click.pass_obj
+def send_migration(target: _Remote, url: str, as_json: bool, **params: Any) -> None:
+    """Live-migrate the VM to the VMM receiving at URL (tcp:HOST:PORT or unix:PATH).
+
+    On a terminal a progress bar follows the migration; then a summary is
+    printed. If the migration fails the VM keeps running here and the reason is
+    printed (exit status 1).
+    """
+    from rich.console import Console
+
+    from vmig.watch import send_with_progress, summary_table
+
+    client = target.client
+    request = {"destination_url": url, **params}
+    if as_json or not sys.stdout.isatty():
+        summary = client.send_migration(**request)
+        if as_json:
+            click.echo(json.dumps(summary))
+            return
+    else:
+        try:
+            summary = send_with_progress(client, request, console=Console())
+        except KeyboardInterrupt:
+            raise CliError("interrupted: the VMM goes on with the migration (see `vmig remote "
+                           "migration-info`)") from None
+    Console().print(summary_table(summary, title=f"migration to {url}"))
+
+
+@remote.command("migration-info")
+@click.pass_obj
+def migration_info(target: _Remote) -> None:
+    """Print the progress of the running (or last) migration (JSON)."""
+    _print_json(target.client.migration_info())
+
+
 # --- vmig demo --------------------------------------------------------------------------------
 
 
@@ -309,13 +383,29 @@ def check_guest(target: _Remote, timeout: float) -> None:
 @click.option("--memory", default="256M", show_default=True, metavar="SIZE", help="Guest RAM.")
 @click.option("--cpus", type=click.IntRange(1, MAX_CPUS), default=2, show_default=True,
               metavar="N", help="Number of vCPUs.")
-@click.option("--seconds", type=click.FloatRange(min=1), default=5.0, show_default=True,
-              help="How long to watch the guest work.")
-def demo(memory: str, cpus: int, seconds: float) -> None:
-    """Start a VMM with a dirtying guest, watch it, check it, pause it, and stop it."""
+@click.option("--working-set", default="64M", show_default=True, metavar="SIZE",
+              help="Memory the guest keeps rewriting (and checks at the destination).")
+@click.option("--dirty-rate", type=click.IntRange(min=0), default=20_000, show_default=True,
+              metavar="PAGES/S", help="Pages per second the guest rewrites; 0 = flat out.")
+@click.option("--connections", type=click.IntRange(1, 128), default=4, show_default=True,
+              metavar="N", help="TCP connections to migrate over.")
+@click.option("--downtime-ms", type=click.IntRange(min=0), default=300, show_default=True,
+              metavar="MS", help="Pause budget for the switch-over.")
+@click.option("--seconds", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="How long to let the guest work before migrating it.")
+def demo(memory: str, cpus: int, working_set: str, dirty_rate: int, connections: int,
+         downtime_ms: int, seconds: float) -> None:
+    """Live-migrate a guest that keeps dirtying its memory between two VMMs, and check it.
+
+    Starts an empty destination VMM and a source VMM with a dirtying guest,
+    migrates over loopback TCP with several connections and memory
+    verification, then checks that the guest goes on at the destination.
+    Exit status 1 if anything is wrong. Needs no arguments.
+    """
     from vmig.demo import run_demo
 
-    if not run_demo(memory=memory, cpus=cpus, seconds=seconds):
+    if not run_demo(memory=memory, cpus=cpus, working_set=working_set, dirty_rate=dirty_rate,
+                    connections=connections, downtime_ms=downtime_ms, seconds=seconds):
         sys.exit(1)
 
 

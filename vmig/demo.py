@@ -1,149 +1,198 @@
-"""`vmig demo`: a real VMM subprocess with a dirtying guest, watched and driven over its API.
+"""`vmig demo`: live-migrate a guest that keeps dirtying its memory between two real VMMs.
 
-It starts `vmig vmm` on a socket in a temporary directory, shows the guest's
-heartbeat and pages-written counters growing, has the guest check its pages,
-pauses (the counters must freeze) and resumes (they must move again), stops
-the VMM, and prints a summary. The subprocess is stopped and the temporary
-directory removed on every way out.
+It starts two `vmig vmm` processes on sockets in a temporary directory: an empty
+destination and a source running a dirtying guest. It watches the guest work,
+has the destination listen on a free loopback TCP port, live-migrates over
+several connections with memory verification while showing progress, and then
+checks that the guest goes on at the destination: its heartbeat continues from
+where the source left it, and its self-check finds every page it wrote. Both
+VMMs are stopped and the temporary directory removed on every way out.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
+from vmig.api.client import ApiClient
 from vmig.api.process import VmmProcess
+from vmig.errors import ApiError
 from vmig.units import PAGE_SIZE, format_size
+from vmig.watch import format_ms, format_rate, send_with_progress, summary_table
 
+READY_TIMEOUT_S = 60.0
 SAMPLE_S = 0.25
-FREEZE_S = 0.5  # how long the counters are watched while paused, and after resuming
+CONTINUE_S = 0.5  # how long the destination's heartbeat is watched after the switch-over
+RECEIVER_URL = "tcp:127.0.0.1:0"  # port 0: the destination picks a free port and names it
 
 
 @dataclass
 class DemoReport:
-    """What the demo saw; `ok` when every step behaved."""
+    """What the demo saw; `ok` when the guest made it across and goes on."""
 
-    start_s: float = 0.0
-    pages_written: int = 0
     write_rate: float = 0.0
+    receiving_seen: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+    heartbeat_before: int | None = None  # the source's last reading before the switch-over
+    before_state: str = ""  # the source's state at that reading (paused = the final value)
+    heartbeat_after: int | None = None  # the destination's first reading after it
+    heartbeat_later: int | None = None  # ... and CONTINUE_S later
+    source_state: str = ""
+    destination_state: str = ""
     check: dict[str, Any] = field(default_factory=dict)
-    froze_when_paused: bool = False
-    moved_after_resume: bool = False
-    exit_status: int | None = None
-    socket_removed: bool = False
+
+    @property
+    def heartbeat_continued(self) -> bool:
+        return (self.heartbeat_before is not None and self.heartbeat_after is not None
+                and self.heartbeat_later is not None
+                and self.heartbeat_after >= self.heartbeat_before
+                and self.heartbeat_later > self.heartbeat_after)
 
     @property
     def ok(self) -> bool:
-        return (bool(self.check.get("ok")) and self.pages_written > 0
-                and self.froze_when_paused and self.moved_after_resume
-                and self.exit_status == 0 and self.socket_removed)
+        return (self.summary.get("status") == "completed"
+                and bool(self.summary.get("memory_verified"))
+                and self.heartbeat_continued and self.source_state == "migrated"
+                and self.destination_state == "running" and bool(self.check.get("ok")))
 
 
-def run_demo(*, memory: str = "256M", cpus: int = 2, seconds: float = 5.0,
-             console: Console | None = None) -> bool:
-    """Run the demo; return True if every step behaved. API errors propagate as VmigError."""
+class _SourceWatch:
+    """Remembers the source guest's last heartbeat while it still runs here."""
+
+    def __init__(self, socket_path: str, report: DemoReport) -> None:
+        self.client = ApiClient(socket_path)
+        self.report = report
+        self.lock = threading.Lock()
+
+    def poll(self, _info: dict[str, Any] | None = None) -> None:
+        try:
+            info = self.client.info()
+        except ApiError:
+            return
+        if info.get("state") in ("running", "paused") and info.get("heartbeat") is not None:
+            with self.lock:
+                self.report.heartbeat_before = info["heartbeat"]
+                self.report.before_state = info["state"]
+
+
+def run_demo(*, memory: str = "256M", cpus: int = 2, working_set: str = "64M",
+             dirty_rate: int = 20_000, connections: int = 4, downtime_ms: int = 300,
+             seconds: float = 2.0, console: Console | None = None) -> bool:
+    """Run the demo; return True if the guest made it across. API errors raise VmigError."""
     console = console or Console()
     report = DemoReport()
     with tempfile.TemporaryDirectory(prefix="vmig-demo-") as tmp:
-        socket_path = os.path.join(tmp, "api.sock")
-        args = ["--memory", memory, "--cpus", str(cpus), "--workload", "dirty",
-                "--serial-log", os.path.join(tmp, "serial.log")]
-        console.print(f"[bold]Starting[/] vmig vmm: {memory}, {cpus} vCPUs, dirty workload")
+        def path(name: str) -> str:
+            return os.path.join(tmp, name)
+
+        console.print("[bold]Starting[/] the destination VMM (empty) and the source VMM "
+                      f"({memory}, {cpus} vCPUs, dirtying {working_set} at "
+                      f"{dirty_rate:,} pages/s)")
         started = time.monotonic()
-        vmm = VmmProcess.start(socket_path, args, stderr_path=os.path.join(tmp, "vmm.stderr"),
-                               ready_timeout=60.0)
+        destination = VmmProcess.start(path("dst.sock"), ["--serial-log", path("dst.serial")],
+                                       stderr_path=path("dst.stderr"),
+                                       ready_timeout=READY_TIMEOUT_S)
+        source: VmmProcess | None = None
         try:
-            report.start_s = time.monotonic() - started
-            pid = vmm.client.ping()["pid"]
-            console.print(f"VMM pid {pid} answered on {socket_path} after "
-                          f"{report.start_s:.2f} s")
-            _watch(vmm, seconds, report, console)
-            _check(vmm, report, console)
-            _pause_resume(vmm, report, console)
+            source = VmmProcess.start(
+                path("src.sock"),
+                ["--memory", memory, "--cpus", str(cpus), "--workload", "dirty",
+                 "--working-set", working_set, "--dirty-rate", str(dirty_rate),
+                 "--serial-log", path("src.serial")],
+                stderr_path=path("src.stderr"), ready_timeout=READY_TIMEOUT_S)
+            console.print(f"both VMMs answer after {time.monotonic() - started:.1f} s "
+                          f"(source pid {source.proc.pid}, destination pid "
+                          f"{destination.proc.pid})")
+            _watch_guest(source, seconds, report, console)
+            _migrate(source, destination, report, console, connections=connections,
+                     downtime_ms=downtime_ms)
+            _after(source, destination, report, console)
         finally:
-            report.exit_status = vmm.stop()
-            report.socket_removed = not os.path.lexists(socket_path)
-    console.print(_summary(report))
+            if source is not None:
+                source.stop()
+            destination.stop()
+    console.print(_verdict(report))
     return report.ok
 
 
-def _watch(vmm: VmmProcess, seconds: float, report: DemoReport, console: Console) -> None:
-    """Show the guest's counters for `seconds`, refreshed a few times a second."""
-    first = vmm.client.info()
-    start = time.monotonic()
-    table = _counter_table(first, first, 0.0)
-    with Live(table, console=console, refresh_per_second=8, transient=False) as live:
-        info = first
-        while (elapsed := time.monotonic() - start) < seconds:
-            time.sleep(SAMPLE_S)
-            info = vmm.client.info()
-            live.update(_counter_table(first, info, time.monotonic() - start))
-    console.print()
-    elapsed = time.monotonic() - start
-    report.pages_written = info["pages_written"] - first["pages_written"]
-    report.write_rate = report.pages_written / elapsed if elapsed else 0.0
-
-
-def _counter_table(first: dict[str, Any], now: dict[str, Any], elapsed: float) -> Table:
-    table = Table(title=f"guest after {elapsed:4.1f} s", title_justify="left")
-    for column in ("state", "heartbeat", "pages written", "pages/s", "since start"):
-        table.add_column(column, justify="right")
+def _watch_guest(source: VmmProcess, seconds: float, report: DemoReport,
+                 console: Console) -> None:
+    """Let the guest work for `seconds` and say how fast it writes."""
+    first = source.client.info()
+    began = time.monotonic()
+    with console.status("the source guest is writing to its memory..."):
+        time.sleep(seconds)
+    now = source.client.info()
+    elapsed = time.monotonic() - began
     written = now["pages_written"] - first["pages_written"]
-    rate = written / elapsed if elapsed else 0.0
-    table.add_row(now["state"], f"{now['heartbeat']:,}", f"{now['pages_written']:,}",
-                  f"{rate:,.0f}", format_size(written * PAGE_SIZE))
-    return table
+    report.write_rate = written / elapsed if elapsed else 0.0
+    console.print(f"source guest: heartbeat {now['heartbeat']:,}, "
+                  f"{report.write_rate:,.0f} pages/s written "
+                  f"({format_size(report.write_rate * PAGE_SIZE)}/s)")
 
 
-def _check(vmm: VmmProcess, report: DemoReport, console: Console) -> None:
-    report.check = vmm.client.check_guest()
+def _migrate(source: VmmProcess, destination: VmmProcess, report: DemoReport,
+             console: Console, *, connections: int, downtime_ms: int) -> None:
+    url = destination.client.receive_migration(RECEIVER_URL)["receiver_url"]
+    state = destination.client.info()["state"]
+    report.receiving_seen = state == "receiving"
+    console.print(f"destination listens on {url} (state {state})")
+    console.print(f"[bold]Live-migrating[/] over {connections} connections, memory verified, "
+                  f"downtime budget {downtime_ms} ms")
+    watch = _SourceWatch(source.socket_path, report)
+    try:
+        watch.poll()
+        report.summary = send_with_progress(
+            source.client, {"destination_url": url, "connections": connections,
+                            "downtime_ms": downtime_ms, "verify_memory": True},
+            console=console, on_poll=watch.poll)
+    finally:
+        watch.client.close()
+    console.print(summary_table(report.summary))
+
+
+def _after(source: VmmProcess, destination: VmmProcess, report: DemoReport,
+           console: Console) -> None:
+    """The destination runs the guest on from where it stopped; the source has let go."""
+    after = destination.client.info()
+    report.destination_state = after["state"]
+    report.heartbeat_after = after.get("heartbeat")
+    time.sleep(CONTINUE_S)
+    report.heartbeat_later = destination.client.info().get("heartbeat")
+    report.source_state = source.client.info()["state"]
+    console.print(f"heartbeat: source {report.heartbeat_before} ({report.before_state}, just "
+                  f"before the switch-over) -> destination {report.heartbeat_after} right "
+                  f"after -> {report.heartbeat_later} {CONTINUE_S} s later")
+    report.check = destination.client.check_guest()
     verdict = "[green]ok[/]" if report.check["ok"] else "[red]BAD[/]"
-    console.print(f"check-guest: {verdict}: {report.check['pages_checked']:,} pages checked, "
-                  f"{report.check['bad_pages']} bad")
+    console.print(f"check-guest: {verdict}: {report.check['pages_checked']:,} pages checked "
+                  f"at the destination, {report.check['bad_pages']} bad")
 
 
-def _pause_resume(vmm: VmmProcess, report: DemoReport, console: Console) -> None:
-    """Paused, the counters must not move; resumed, they must."""
-    vmm.client.pause()
-    before = vmm.client.info()
-    time.sleep(FREEZE_S)
-    after = vmm.client.info()
-    report.froze_when_paused = (after["state"] == "paused"
-                                and after["heartbeat"] == before["heartbeat"]
-                                and after["pages_written"] == before["pages_written"])
-    console.print(f"paused: heartbeat {before['heartbeat']:,} -> {after['heartbeat']:,} "
-                  f"over {FREEZE_S} s")
-    vmm.client.resume()
-    time.sleep(FREEZE_S)
-    resumed = vmm.client.info()
-    report.moved_after_resume = (resumed["state"] == "running"
-                                 and resumed["heartbeat"] > after["heartbeat"])
-    console.print(f"resumed: heartbeat {after['heartbeat']:,} -> {resumed['heartbeat']:,} "
-                  f"over {FREEZE_S} s")
-
-
-def _summary(report: DemoReport) -> Table:
+def _verdict(report: DemoReport) -> Table:
     def mark(good: bool) -> str:
         return "[green]yes[/]" if good else "[red]no[/]"
 
+    summary = report.summary
     table = Table(title="vmig demo", show_header=False, title_justify="left")
     table.add_column("what")
     table.add_column("result")
-    table.add_row("VMM up and answering", f"{report.start_s:.2f} s")
-    table.add_row("pages written while watched",
-                  f"{report.pages_written:,} ({report.write_rate:,.0f}/s, "
-                  f"{format_size(report.write_rate * PAGE_SIZE)}/s)")
-    table.add_row("guest check ok", mark(bool(report.check.get("ok"))))
-    table.add_row("counters froze while paused", mark(report.froze_when_paused))
-    table.add_row("counters moved after resume", mark(report.moved_after_resume))
-    table.add_row("VMM exit status", str(report.exit_status))
-    table.add_row("API socket removed", mark(report.socket_removed))
+    table.add_row("destination showed `receiving`", mark(report.receiving_seen))
+    table.add_row("migration", f"{summary.get('status', 'did not finish')}, "
+                  f"{summary.get('connections', '-')} connections, "
+                  f"{summary.get('iterations', '-')} iterations")
+    table.add_row("throughput", format_rate(summary.get("throughput_bytes_per_s")))
+    table.add_row("downtime", format_ms(summary.get("downtime_ms")))
+    table.add_row("memory verified (digests match)", mark(bool(summary.get("memory_verified"))))
+    table.add_row("heartbeat went on at the destination", mark(report.heartbeat_continued))
+    table.add_row("guest self-check at the destination", mark(bool(report.check.get("ok"))))
+    table.add_row("source VM is `migrated`", mark(report.source_state == "migrated"))
     table.add_row("[bold]all good[/]", mark(report.ok))
     return table

@@ -147,5 +147,7 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check-guest: ok" in result.stdout
+    assert "state receiving" in result.stdout
+    assert "heartbeat went on at the destination" in result.stdout
     assert "all good" in result.stdout
     assert list(tmp_path.iterdir()) == [], "the demo left files behind"

@@ -8,7 +8,9 @@ from pydantic import ValidationError
 from vmig.api.app import one_line, status_for, validation_message
 from vmig.api.models import (
     CheckGuestRequest,
+    ReceiveMigrationRequest,
     RestoreRequest,
+    SendMigrationRequest,
     SnapshotRequest,
     VmCreateRequest,
     VmInfo,
@@ -21,10 +23,13 @@ from vmig.errors import (
     GuestMemoryError,
     KvmError,
     KvmUnavailableError,
+    MigrationError,
     SnapshotError,
     StateError,
     VmigError,
 )
+from vmig.migration.params import SendParams
+from vmig.migration.policy import TimeoutStrategy
 from vmig.units import MiB
 
 
@@ -134,6 +139,7 @@ def test_invalid_json_and_missing_body_messages() -> None:
     (GuestMemoryError("x"), 400),
     (KvmError("KVM_RUN", 22), 500),
     (GuestError("x"), 500),
+    (MigrationError("x"), 500),
     (VmigError("x"), 500),
 ])
 def test_status_by_error_family(error: VmigError, status: int) -> None:
@@ -143,3 +149,50 @@ def test_status_by_error_family(error: VmigError, status: int) -> None:
 def test_one_line_collapses_whitespace() -> None:
     assert one_line("first\n  second\tthird ") == "first second third"
     assert one_line("") == "unknown error"
+
+
+def test_send_migration_defaults_are_the_engines() -> None:
+    params = SendMigrationRequest(destination_url="tcp:h:1").to_params()
+    assert params == SendParams("tcp:h:1")
+    assert params.timeout_strategy is TimeoutStrategy.CANCEL
+    params = SendMigrationRequest(destination_url="unix:/m.sock", local=True, downtime_ms=50,
+                                  timeout_s=9.5, timeout_strategy="ignore",
+                                  verify_memory=True).to_params()
+    assert (params.local, params.downtime_ms, params.timeout_s) == (True, 50, 9.5)
+    assert params.timeout_strategy is TimeoutStrategy.IGNORE and params.verify_memory
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"connections": 0}, "connections: input should be greater than or equal to 1"),
+    ({"connections": 129}, "connections: input should be less than or equal to 128"),
+    ({"downtime_ms": -1}, "downtime_ms: input should be greater than or equal to 0"),
+    ({"timeout_s": 0}, "timeout_s: input should be greater than 0"),
+    ({"timeout_strategy": "soon"}, "timeout_strategy: input should be 'cancel' or 'ignore'"),
+    ({"destination_url": "tcp:nohost"}, "destination_url: bad migration URL 'tcp:nohost'"),
+    ({"destination_url": "unix:"}, "destination_url: bad migration URL 'unix:'"),
+    ({"speed": "fast"}, "speed: unknown field"),
+])
+def test_send_migration_messages_name_the_field(data: dict[str, object], expected: str) -> None:
+    message = errors_of(SendMigrationRequest, **{"destination_url": "tcp:h:1", **data})
+    assert message.startswith(expected) and "\n" not in message
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"connections": 2, "destination_url": "unix:/m.sock"}, "connections: must be 1 with a unix"),
+    ({"connections": 2, "local": True}, "connections: must be 1 when local is true"),
+    ({"local": True}, "local: needs a unix: destination_url"),
+])
+def test_send_migration_cross_field_rules_are_the_engines(data: dict[str, object],
+                                                          expected: str) -> None:
+    request = SendMigrationRequest(**{"destination_url": "tcp:h:1", **data})
+    with pytest.raises(ConfigError, match=f"^{expected}"):
+        request.to_params().validate()
+
+
+def test_receive_migration_request() -> None:
+    request = ReceiveMigrationRequest(receiver_url="tcp:0.0.0.0:0")
+    assert (request.max_connections, request.prealloc) == (128, None)
+    assert errors_of(ReceiveMigrationRequest, receiver_url="tcp:h:1", max_connections=0) == (
+        "max_connections: input should be greater than or equal to 1")
+    assert errors_of(ReceiveMigrationRequest, receiver_url="h").startswith(
+        "receiver_url: bad migration URL 'h'")

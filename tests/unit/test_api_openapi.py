@@ -22,6 +22,9 @@ ROUTES = {
     ("put", "/api/v1/vm.snapshot"),
     ("put", "/api/v1/vm.restore"),
     ("put", "/api/v1/vm.check-guest"),
+    ("put", "/api/v1/vm.receive-migration"),
+    ("put", "/api/v1/vm.send-migration"),
+    ("get", "/api/v1/vm.migration-info"),
 }
 
 
@@ -59,6 +62,26 @@ def test_errors_are_documented_as_error_bodies_not_422() -> None:
 def test_request_fields_have_descriptions() -> None:
     schemas = openapi_document()["components"]["schemas"]
     for name in ("VmCreateRequest", "SnapshotRequest", "RestoreRequest", "VmInfo",
-                 "CheckResult", "PingResponse"):
+                 "CheckResult", "PingResponse", "ReceiveMigrationRequest",
+                 "ReceiveMigrationResponse", "SendMigrationRequest", "MigrationSummary",
+                 "MigrationInfo"):
         for field, spec in schemas[name]["properties"].items():
             assert spec.get("description"), f"{name}.{field} has no description"
+
+
+def test_migration_requests_show_defaults_and_bounds() -> None:
+    schemas = openapi_document()["components"]["schemas"]
+    send = schemas["SendMigrationRequest"]["properties"]
+    assert (send["connections"]["default"], send["connections"]["minimum"],
+            send["connections"]["maximum"]) == (1, 1, 128)
+    assert send["downtime_ms"]["default"] == 300 and send["downtime_ms"]["minimum"] == 0
+    assert send["timeout_s"]["default"] == 3600 and send["timeout_s"]["exclusiveMinimum"] == 0
+    assert send["timeout_strategy"]["enum"] == ["cancel", "ignore"]
+    assert send["local"]["default"] is False and send["verify_memory"]["default"] is False
+    assert schemas["SendMigrationRequest"]["required"] == ["destination_url"]
+    receive = schemas["ReceiveMigrationRequest"]["properties"]
+    assert (receive["max_connections"]["default"], receive["max_connections"]["minimum"],
+            receive["max_connections"]["maximum"]) == (128, 1, 128)
+    info = openapi_document()["paths"]["/api/v1/vm.migration-info"]["get"]["responses"]
+    assert info["404"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"}

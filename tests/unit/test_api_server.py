@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from vmig.errors import (
     StateError,
     VmmUnreachableError,
 )
+from vmig.proto import ConnectionRole, encode_hello
 from vmig.vmm.machine import VmState
 
 
@@ -53,6 +55,7 @@ class FakeMachine:
         self.config = config or VmConfig.build()
         self.state = VmState.RUNNING
         self.error: str | None = None
+        self.busy: str | None = None
         self.fail_with: BaseException | None = None
         self.snapshots: list[str] = []
         self.closed = False
@@ -380,3 +383,124 @@ def test_client_on_a_missing_socket(tmp_path: Path) -> None:
     with ApiClient(path) as client, pytest.raises(VmmUnreachableError) as info:
         client.ping()
     assert str(info.value) == f"cannot reach VMM at {path}: No such file or directory"
+
+
+# --- migration (no VM is ever built: validation, refusals, the receiver's listening side) -----
+
+
+def wait_until(predicate: Any, what: str, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def test_migration_info_before_any_migration_is_404(served: Served) -> None:
+    with served.raw() as raw:
+        response = raw.get("/vm.migration-info")
+    assert response.status_code == 404
+    assert response.json() == {"error": "no migration has run in this VMM"}
+
+
+def test_send_migration_checks_parameters_before_the_state(served: Served) -> None:
+    with served.raw() as raw:
+        response = raw.put("/vm.send-migration", json={"destination_url": "tcp:h:1",
+                                                       "connections": 0})
+        assert response.status_code == 400
+        assert response.json() == {"error": "connections: input should be greater than or "
+                                            "equal to 1"}
+        response = raw.put("/vm.send-migration", json={"destination_url": "tcp:h:1",
+                                                       "hurry": True})
+        assert response.json() == {"error": "hurry: unknown field"}
+    message = expect_error(400, lambda: served.client.send_migration(
+        destination_url="tcp:h:1", local=True))
+    assert message.startswith("local: needs a unix: destination_url")
+    message = expect_error(400, lambda: served.client.send_migration(destination_url="h:1"))
+    assert message.startswith("destination_url: bad migration URL 'h:1'")
+    message = expect_error(409, lambda: served.client.send_migration(destination_url="tcp:h:1"))
+    assert message == "cannot send a migration: no VM: create or restore one first"
+
+
+def test_send_migration_needs_a_live_vm(served: Served) -> None:
+    served.machine()
+    served.client.shutdown()
+    message = expect_error(409, lambda: served.client.send_migration(destination_url="tcp:h:1"))
+    assert message == ("cannot send a migration: VM is shutdown, it must be running or paused")
+
+
+def test_receive_migration_listens_until_the_vmm_stops(served: Served) -> None:
+    url = served.client.receive_migration("tcp:127.0.0.1:0")["receiver_url"]
+    host, port = url.removeprefix("tcp:").rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+    assert served.client.info() == {"state": "receiving", "receiver_url": url}
+    info = served.client.migration_info()
+    assert (info["active"], info["role"], info["phase"]) == (True, "receive", "listening")
+    message = expect_error(409, served.client.receive_migration, "tcp:127.0.0.1:0")
+    assert message == ("cannot receive a migration: an incoming migration is awaited; shut "
+                       "the VMM down to cancel it")
+    assert "an incoming migration is awaited" in expect_error(409, served.client.create)
+    message = expect_error(409, served.client.pause)
+    assert message == "cannot pause: no VM yet: an incoming migration is awaited"
+
+    served.client.shutdown_vmm()  # cancels the receive: the port is closed
+    served.thread.join(15)
+    assert not served.thread.is_alive()
+    with pytest.raises(ConnectionRefusedError), socket.create_connection((host, int(port)), 5):
+        pass
+
+
+def test_failed_receive_leaves_the_vmm_empty_with_the_reason(served: Served) -> None:
+    url = served.client.receive_migration("tcp:127.0.0.1:0", max_connections=2)["receiver_url"]
+    host, port = url.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), 5) as sock:  # a source that gives up
+        sock.sendall(encode_hello(ConnectionRole.MAIN, bytes(16)))
+        assert sock.recv(16)  # the hello's answer
+    info = wait_until(lambda: (i := served.client.info())["state"] == "empty" and i,
+                      "the receiver to give up")
+    assert info == {"state": "empty",
+                    "last_error": "the source closed the connection before COMPLETE"}
+    progress = served.client.migration_info()
+    assert (progress["active"], progress["phase"]) == (False, "failed")
+    assert progress["error"] == info["last_error"]
+    # Ready for the next attempt, which clears the old reason.
+    served.client.receive_migration("tcp:127.0.0.1:0")
+    assert "last_error" not in served.client.info()
+
+
+def test_receive_migration_refusals(served: Served, tmp_path: Path) -> None:
+    message = expect_error(400, served.client.receive_migration, "udp:1.2.3.4:5")
+    assert message.startswith("receiver_url: bad migration URL 'udp:1.2.3.4:5'")
+    message = expect_error(400, served.client.receive_migration, "tcp:127.0.0.1:0", 0)
+    assert message == "max_connections: input should be greater than or equal to 1"
+    message = expect_error(400, lambda: served.client.receive_migration(
+        "tcp:127.0.0.1:0", prealloc="lots"))
+    assert message.startswith("bad prealloc size 'lots'")
+    message = expect_error(400, served.client.receive_migration,
+                           f"unix:{tmp_path}/nowhere/mig.sock")
+    assert message.startswith(f"receiver_url: cannot listen on unix:{tmp_path}/nowhere/mig.sock")
+    assert served.client.info() == {"state": "empty"}
+    expect_error(404, served.client.migration_info)
+    served.machine()
+    message = expect_error(409, served.client.receive_migration, "tcp:127.0.0.1:0")
+    assert message == ("cannot receive a migration: a VM already exists and is running; "
+                       "shut it down first")
+
+
+def test_cli_migration_commands(served: Served) -> None:
+    runner = CliRunner()
+    base = ["remote", "--api-socket", served.path]
+    result = runner.invoke(cli, [*base, "receive-migration", "tcp:127.0.0.1:0"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("tcp:127.0.0.1:") and result.stdout.count("\n") == 1
+    result = runner.invoke(cli, [*base, "migration-info"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["phase"] == "listening"
+    for args, text in ((["tcp:h:1", "--connections", "0"], "connections: input should be"),
+                       (["tcp:h:1", "--timeout-strategy", "never"], "timeout_strategy: input"),
+                       (["unix:/x", "--connections", "2"], "connections: must be 1 with a "
+                                                           "unix: destination_url"),
+                       (["tcp:h:1", "--json"], "cannot send a migration: no VM yet")):
+        result = runner.invoke(cli, [*base, "send-migration", *args])
+        assert result.exit_code == 1 and result.stdout == "", (args, result.stdout)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"vmig: error: {text}"), result.stderr

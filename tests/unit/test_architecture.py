@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vmig.transport", "vmig.vmm"),
     ("vmig.migration",),
     ("vmig.api",),
-    ("vmig.cli", "vmig.demo", "vmig.__main__"),
+    ("vmig.cli", "vmig.demo", "vmig.watch", "vmig.__main__"),
 ]
 #: Siblings that must not know each other even where the layers would allow it.
 FORBIDDEN = {

@@ -48,7 +48,7 @@ def test_vmm_restore_of_a_missing_directory(tmp_path: Path) -> None:
     (["--memory", "256M", "--restore", "/x"], "mutually exclusive"),
     (["--cpus", "2"], "--cpus needs --memory"),
     (["--restore", "/x", "--workload", "dirty"], "--workload cannot be used with --restore"),
-    (["--serial-log", "s.log"], "--serial-log needs --memory or --restore"),
+    (["--memory-file", "/dev/shm/x"], "--memory-file needs --memory or --restore"),
     (["--memory", "256M", "--cpus", "17"], "--cpus"),
 ])
 def test_vmm_usage_errors_exit_2(tmp_path: Path, args: list[str], text: str) -> None:
@@ -63,7 +63,10 @@ def test_vmm_needs_an_api_socket() -> None:
 
 
 @pytest.mark.parametrize("command", [["ping"], ["info"], ["pause"], ["check-guest"],
-                                     ["snapshot", "/tmp/s"], ["create", "--memory", "1G"]])
+                                     ["snapshot", "/tmp/s"], ["create", "--memory", "1G"],
+                                     ["receive-migration", "tcp:0.0.0.0:0"],
+                                     ["send-migration", "tcp:h:1", "--json"],
+                                     ["send-migration", "tcp:h:1"], ["migration-info"]])
 def test_remote_without_a_vmm(tmp_path: Path, command: list[str]) -> None:
     path = tmp_path / "none.sock"
     code, stdout, stderr = run("remote", "--api-socket", str(path), *command)
@@ -77,7 +80,8 @@ def test_version_and_help() -> None:
     code, stdout, _ = run("remote", "--help")
     assert code == 0
     for command in ("ping", "info", "pause", "resume", "shutdown", "shutdown-vmm", "snapshot",
-                    "restore", "create", "check-guest"):
+                    "restore", "create", "check-guest", "receive-migration",
+                    "send-migration", "migration-info"):
         assert command in stdout
 
 

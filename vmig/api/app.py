@@ -56,6 +56,7 @@ from vmig.errors import (
     ConfigError,
     GuestMemoryError,
     KvmUnavailableError,
+    MigrationError,
     SnapshotError,
     StateError,
     VmigError,
@@ -153,7 +154,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_vmig_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, VmigError)
         status = status_for(exc)
-        if status >= 500:
+        if isinstance(exc, MigrationError):  # the peer or the network failed, not this VMM
+            log.warning("%s %s failed: %s", request.method, request.url.path, exc)
+        elif status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
         return error_response(status, exc)
 
@@ -234,7 +237,8 @@ def _routes(vmm: Vmm) -> APIRouter:
                 summary="Listen for one incoming migration; the VMM must be empty. Returns "
                         "once listening; vm.info then shows `receiving`")
     def vm_receive_migration(body: ReceiveMigrationRequest) -> dict[str, Any]:
-        return vmm.receive_migration(body.receiver_url, body.max_connections)
+        return vmm.receive_migration(body.receiver_url, body.max_connections,
+                                     prealloc=body.prealloc)
 
     @router.put("/vm.send-migration", tags=["migration"], response_model=MigrationSummary,
                 summary="Live-migrate the VM to a receiving VMM; blocks until the destination "

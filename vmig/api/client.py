@@ -81,12 +81,15 @@ class ApiClient:
         return self._request("PUT", "vm.check-guest", {"timeout": timeout},
                              timeout=timeout + self.timeout)
 
-    def receive_migration(self, url: str, max_connections: int | None = None) -> dict[str, Any]:
+    def receive_migration(self, url: str, max_connections: int | None = None,
+                          prealloc: str | None = None) -> dict[str, Any]:
         """Have an empty VMM listen on `url` (tcp:HOST:PORT or unix:PATH): {"receiver_url"}."""
         body: dict[str, Any] = {"receiver_url": url}
         if max_connections is not None:
             body["max_connections"] = max_connections
-        return self._request("PUT", "vm.receive-migration", body)
+        if prealloc is not None:
+            body["prealloc"] = prealloc
+        return self._request("PUT", "vm.receive-migration", body, timeout=self.long_timeout)
 
     def send_migration(self, **params: Any) -> dict[str, Any]:
         """Live-migrate the VM; `params` are SendMigrationRequest's (None ones are left out).
@@ -96,10 +99,10 @@ class ApiClient:
         `timeout_s` plus the long timeout. Returns the summary.
         """
         body = {name: value for name, value in params.items() if value is not None}
-        timeout_s = body.get("timeout_s", SEND_TIMEOUT_S)
-        wait = (float(timeout_s) if isinstance(timeout_s, int | float) else SEND_TIMEOUT_S)
+        timeout_s = body.get("timeout_s")
+        precopy = float(timeout_s) if isinstance(timeout_s, int | float) else SEND_TIMEOUT_S
         return self._request("PUT", "vm.send-migration", body,
-                             timeout=wait + self.long_timeout)
+                             timeout=precopy + self.long_timeout)
 
     def migration_info(self) -> dict[str, Any]:
         """Progress of the running (or last) migration, with "active"; 404 if none ran."""

@@ -31,6 +31,7 @@ from vmig.migration.params import SendParams
 from vmig.migration.progress import MigrationProgress
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
+from vmig.units import PAGE_SIZE, parse_size
 from vmig.vmm.machine import Machine, VmState, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ EMPTY = "empty"  # the `state` vm.info reports when there is no VM
 RECEIVING = "receiving"  # ... and when there is none yet because one is being received
 CLOSE_WAIT_S = 5.0  # how long close() waits for a running command before stopping the VM
 SEND_ABORT_POLL_S = 0.1  # close(): how often a send that is still connecting is interrupted
+HANDOVER_WAIT_S = 30.0  # longest wait for a receiver in its last step (digest, resume) to end
+# Receiver protocol states from STATE on: the VM is built and about to run or running here.
+_HANDOVER_STATES = ("state_received", "completed")
 INFO_RETRIES = 50  # vm.info racing the sender's final release of the source VM: retry, 10 ms
 INFO_RETRY_S = 0.01
 
@@ -67,6 +71,8 @@ class Vmm:
         self._send_done.set()
         self._receiver: MigrationReceiver | None = None  # the last receiver started
         self._receiving = False  # _receiver has not reported its outcome yet
+        self._received = threading.Event()  # set when _receiver has reported its outcome
+        self._received.set()
         self._progress: MigrationProgress | None = None  # the running or the last migration
         self._last_error: str | None = None  # why the last incoming migration gave no VM
 
@@ -112,6 +118,7 @@ class Vmm:
 
     def info(self) -> dict[str, Any]:
         """`Machine.info()`; with no VM {"state": "empty"} or "receiving" (+ last_error)."""
+        self._await_handover()
         with self._lock:
             with self._mig_lock:
                 machine, receiving = self.machine, self._receiving
@@ -151,6 +158,7 @@ class Vmm:
             return self._require("check the guest").check_guest(timeout)
 
     def _require(self, action: str) -> Machine:
+        self._await_handover()
         with self._mig_lock:
             machine, receiving = self.machine, self._receiving
         if machine is None:
@@ -159,13 +167,18 @@ class Vmm:
 
     # --- migration -------------------------------------------------------------------------
 
-    def receive_migration(self, url: str, max_connections: int) -> dict[str, Any]:
+    def receive_migration(self, url: str, max_connections: int,
+                          prealloc: str | None = None) -> dict[str, Any]:
         """Listen for one incoming migration on `url`; return {"receiver_url": bound URL}.
 
-        Needs an empty VMM (a finished VM is dropped). Returns once listening;
-        the received VM becomes this VMM's VM when the migration completes, and
-        a failure leaves the VMM empty with `last_error` in vm.info.
+        Needs an empty VMM (a finished VM is dropped). Returns once listening
+        (after faulting in `prealloc` bytes of guest RAM, if given); the
+        received VM becomes this VMM's VM when the migration completes, and a
+        failure leaves the VMM empty with `last_error` in vm.info.
         """
+        prealloc_bytes = None if prealloc is None else parse_size(prealloc, "prealloc size")
+        if prealloc_bytes is not None and (prealloc_bytes <= 0 or prealloc_bytes % PAGE_SIZE):
+            raise ConfigError(f"prealloc: must be a positive multiple of 4 KiB, got {prealloc}")
         with self._lock:
             if self.exit_requested.is_set():
                 raise StateError("cannot receive a migration: the VMM is shutting down")
@@ -176,12 +189,25 @@ class Vmm:
                 previous.close()  # finished already (not _receiving): this only joins threads
             try:
                 receiver = MigrationReceiver(url, self._on_received, serial_log=self.serial_log,
-                                             max_connections=max_connections)
-                address = receiver.start()
-            except (ConfigError, TransportError) as exc:
+                                             max_connections=max_connections,
+                                             prealloc_bytes=prealloc_bytes)
+            except ConfigError as exc:
                 raise ConfigError(f"receiver_url: {exc}") from None
-            with self._mig_lock:
+            with self._mig_lock:  # before start(): its callback may come at any time after
                 self._receiver, self._receiving = receiver, True
+                self._received.clear()
+            try:
+                address = receiver.start()
+            except BaseException as exc:
+                with self._mig_lock:
+                    self._receiver, self._receiving = None, False
+                    self._received.set()
+                if isinstance(exc, TransportError):
+                    raise ConfigError(f"receiver_url: {exc}") from None
+                if isinstance(exc, GuestMemoryError):
+                    raise ConfigError(f"prealloc: {exc}") from None
+                raise
+            with self._mig_lock:
                 self._progress = receiver.progress
                 self._last_error = None
             log.info("listening for a migration on %s", address)
@@ -196,8 +222,21 @@ class Vmm:
                 self._last_error = None
             else:
                 self._last_error = error or "the incoming migration ended without a VM"
+        self._received.set()
         if machine is not None:
             log.info("incoming migration completed: the VM runs here")
+
+    def _await_handover(self) -> None:
+        """If an incoming migration is in its last step, wait for its outcome.
+
+        The receiver acknowledges COMPLETE (so the sender reports success)
+        before it reports the running VM to us; without this wait, a request
+        sent right after a successful send could still find no VM here.
+        """
+        receiver = self._receiver
+        if (not self._received.is_set() and receiver is not None
+                and receiver.progress.receiver_state in _HANDOVER_STATES):
+            self._received.wait(HANDOVER_WAIT_S)
 
     def send_migration(self, params: SendParams) -> dict[str, Any]:
         """Migrate the VM as `params` say; block until done and return the summary.

@@ -238,6 +238,12 @@ class ReceiveMigrationRequest(_Model):
     max_connections: int = Field(MAX_CONNECTIONS, ge=1, le=MAX_CONNECTIONS,
                                  description="Most connections one migration may open here "
                                  "(the main one included); a sender asking for more is refused.")
+    prealloc: str | None = Field(
+        None, description="Guest RAM to create and fault in before listening, as a number "
+        "with a K, M, G or T suffix; a migrated VM of exactly that size is then received "
+        "without page faults (like a QEMU destination with preallocated memory), a VM of "
+        "another size ignores it. Default: none; pages are faulted in as they arrive.",
+        examples=["1G"])
 
     _url = field_validator("receiver_url")(_check_migration_url)
 

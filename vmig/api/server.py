@@ -114,6 +114,8 @@ class _UvicornServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self._vmm.exit_requested.is_set():
             self.should_exit = True
+        elif self.should_exit:  # SIGTERM/SIGINT through uvicorn's own handlers
+            self._vmm.request_exit()  # a running send is interrupted, not waited for
         return await super().on_tick(counter)
 
 

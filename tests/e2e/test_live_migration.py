@@ -1,0 +1,445 @@
+"""Live migration end to end: real `vmig vmm` processes, the API and CLI, real sockets.
+
+Every test starts its own VMMs (the `spawn_vmm` fixture): an empty destination
+and a source running a guest that keeps dirtying its memory while it migrates.
+Guests are small (128 MiB, 32 MiB working set) so that the file runs in a
+couple of minutes on two cores; the engine's own paths are covered faster by
+tests/kvm/test_migration_engine.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmig.api.client import ApiClient
+from vmig.api.process import VmmProcess
+from vmig.errors import ApiError
+
+GUEST = ("--memory", "128M", "--cpus", "2", "--workload", "dirty", "--working-set", "32M",
+         "--dirty-rate", "20000")
+# Dirties as fast as it can: at a 1 ms downtime budget pre-copy never converges, so the
+# migration stays in pre-copy until its timeout (long enough to act in the middle of it).
+BUSY_GUEST = ("--memory", "128M", "--cpus", "2", "--workload", "dirty", "--working-set",
+              "32M", "--dirty-rate", "0")
+NEVER_CONVERGES = {"downtime_ms": 1, "timeout_s": 30}
+ANY_PORT = "tcp:127.0.0.1:0"
+WAIT_S = 20.0
+
+Spawn = Callable[..., VmmProcess]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def heartbeat_grows(client: ApiClient, since: int) -> bool:
+    """True if the guest's heartbeat passes `since` within WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if client.info()["heartbeat"] > since:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def expect_api_error(status: int, call: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    with pytest.raises(ApiError) as info:
+        call(*args, **kwargs)
+    assert info.value.status == status, info.value
+    message = info.value.message
+    assert message and "\n" not in message and "Traceback" not in message
+    return message
+
+
+class Background(threading.Thread):
+    """Runs `call()` on a thread, keeping its result or exception."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.call = call
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.call()
+        except BaseException as exc:
+            self.error = exc
+
+    def outcome(self, timeout: float = 120.0) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), "the request did not return"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class SourceWatch(threading.Thread):
+    """Polls the source's vm.info while it migrates; keeps the last live heartbeat."""
+
+    def __init__(self, socket_path: str) -> None:
+        super().__init__(daemon=True)
+        self.client = ApiClient(socket_path)
+        self.stop = threading.Event()
+        self.last_heartbeat: int | None = None
+        self.states: set[str] = set()
+        self.busy: set[str | None] = set()
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                info = self.client.info()
+                self.states.add(info["state"])
+                self.busy.add(info.get("busy"))
+                if info["state"] in ("running", "paused"):
+                    self.last_heartbeat = info["heartbeat"]
+                time.sleep(0.01)
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> SourceWatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join(10)
+
+
+def assert_source_still_healthy(source: VmmProcess) -> None:
+    """The source VMM serves, its VM runs, is not busy, and the guest's pages are intact."""
+    assert source.running
+    assert source.client.ping()["pid"] == source.proc.pid
+    info = source.client.info()
+    assert info["state"] == "running" and info.get("busy") is None, info
+    assert heartbeat_grows(source.client, info["heartbeat"])
+    assert source.client.check_guest(60)["ok"]
+    source.client.pause()  # the user owns the VM again
+    source.client.resume()
+
+
+def vmig(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmig", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], text: str) -> None:
+    assert result.returncode == 1, result
+    assert result.stdout == "", result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vmig: error: ") and text in lines[0], result.stderr
+
+
+# --- migrations that work ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("connections", "local"), [(1, False), (2, False), (4, False),
+                                                    (8, False), (1, True)],
+                         ids=["tcp-1", "tcp-2", "tcp-4", "tcp-8", "unix-local"])
+def test_live_migration_of_a_dirtying_guest(spawn_vmm: Spawn, tmp_path: Path, connections: int,
+                                            local: bool) -> None:
+    destination = spawn_vmm()
+    source = spawn_vmm(*GUEST)
+    wanted = f"unix:{tmp_path}/migration.sock" if local else ANY_PORT
+    url = destination.client.receive_migration(wanted)["receiver_url"]
+    assert url == wanted if local else url.startswith("tcp:127.0.0.1:") and url != ANY_PORT
+    assert destination.client.info() == {"state": "receiving", "receiver_url": url}
+    before = source.client.info()
+    assert before["state"] == "running" and heartbeat_grows(source.client, before["heartbeat"])
+
+    with SourceWatch(source.socket_path) as watch:
+        summary = source.client.send_migration(destination_url=url, connections=connections,
+                                               local=local, verify_memory=True)
+
+    assert summary["status"] == "completed" and summary["connections"] == connections
+    assert summary["memory_verified"] is True and summary["local"] is local
+    assert summary["warnings"] == []
+    if local:
+        assert summary["bytes_sent"] == 0  # the memory fd was handed over, nothing copied
+    else:
+        assert summary["bytes_sent"] >= 32 << 20 and summary["iterations"] >= 2
+    assert summary["downtime_ms"] <= summary["duration_ms"]
+    assert source.client.info()["state"] == "migrated"
+
+    after = destination.client.info()
+    assert after["state"] == "running" and after["cpus"] == 2 and after["workload"] == "dirty"
+    assert watch.last_heartbeat is not None
+    assert after["heartbeat"] >= watch.last_heartbeat  # the guest went on from where it was
+    assert heartbeat_grows(destination.client, after["heartbeat"])
+    assert destination.client.check_guest(60)["ok"]
+
+    for side, role in ((source, "send"), (destination, "receive")):
+        info = side.client.migration_info()
+        assert (info["active"], info["role"], info["phase"]) == (False, role, "completed")
+        assert info["error"] is None
+    if local:
+        assert not (tmp_path / "migration.sock").exists()
+
+
+def test_migration_info_and_vm_info_answer_during_a_migration(spawn_vmm: Spawn) -> None:
+    destination = spawn_vmm()
+    source = spawn_vmm(*GUEST)
+    expect_api_error(404, source.client.migration_info)
+    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    listening = destination.client.migration_info()
+    assert (listening["active"], listening["role"], listening["phase"]) == (True, "receive",
+                                                                           "listening")
+    # A 1 ms budget is not met; after 2 s of pre-copy, "ignore" switches over anyway.
+    send = Background(lambda: source.client.send_migration(
+        destination_url=url, connections=2, downtime_ms=1, timeout_s=2,
+        timeout_strategy="ignore", verify_memory=True))
+    send.start()
+
+    seen = wait_for(lambda: (info := source.client.migration_info())["active"]
+                    and info["phase"] == "precopy" and info["iteration"] >= 1 and info,
+                    "the source to report pre-copy iterations")
+    assert seen["role"] == "send" and seen["connections"] == 2
+    assert seen["bytes_transferred"] > 0 and seen["memory_bytes"] == 128 << 20
+    info = source.client.info()  # vm.info is not blocked by the send
+    assert info["state"] == "running" and info["busy"] == "migrating"
+    incoming = destination.client.migration_info()
+    assert (incoming["active"], incoming["role"], incoming["phase"]) == (True, "receive",
+                                                                        "receiving")
+    assert destination.client.info()["state"] == "receiving"
+    # The VM is taken while it migrates.
+    assert "already running" in expect_api_error(
+        409, source.client.send_migration, destination_url=url)
+    assert "migrating" in expect_api_error(409, source.client.pause)
+    assert "migrating" in expect_api_error(409, source.client.shutdown)
+    assert "awaited" in expect_api_error(409, destination.client.create, memory="64M")
+
+    summary = send.outcome()
+    assert summary["status"] == "completed" and summary["memory_verified"]
+    done = source.client.migration_info()
+    assert (done["active"], done["phase"], done["bytes_remaining"]) == (False, "completed", 0)
+    assert destination.client.check_guest(60)["ok"]
+
+
+# --- refused requests --------------------------------------------------------------------------
+
+
+BAD_SENDS = [
+    ({"connections": 0}, "connections: input should be greater than or equal to 1"),
+    ({"connections": 129}, "connections: input should be less than or equal to 128"),
+    ({"connections": 2, "destination_url": "unix:/tmp/vmig-nowhere.sock"},
+     "connections: must be 1 with a unix: destination_url"),
+    ({"connections": 2, "local": True}, "connections: must be 1 when local is true"),
+    ({"local": True}, "local: needs a unix: destination_url"),
+    ({"destination_url": "http://example.com"}, "destination_url: bad migration URL"),
+    ({"destination_url": "tcp:127.0.0.1"}, "destination_url: bad migration URL"),
+    ({"timeout_strategy": "later"}, "timeout_strategy: input should be 'cancel' or 'ignore'"),
+    ({"downtime_ms": -1}, "downtime_ms: input should be greater than or equal to 0"),
+    ({"timeout_s": 0}, "timeout_s: input should be greater than 0"),
+]
+
+CLI_FLAGS = {"connections": "--connections", "downtime_ms": "--downtime-ms",
+             "timeout_s": "--timeout-s", "timeout_strategy": "--timeout-strategy"}
+
+
+def cli_args(params: dict[str, Any]) -> list[str]:
+    args = [params.get("destination_url", "tcp:127.0.0.1:1")]
+    for name, value in params.items():
+        if name == "local":
+            args.append("--local")
+        elif name != "destination_url":
+            args += [CLI_FLAGS[name], str(value)]
+    return args
+
+
+def test_bad_parameters_are_refused_with_one_line_naming_the_field(spawn_vmm: Spawn) -> None:
+    source = spawn_vmm("--memory", "64M")
+    for params, message in BAD_SENDS:
+        request = {"destination_url": "tcp:127.0.0.1:1", **params}
+        assert expect_api_error(400, source.client.send_migration, **request).startswith(
+            message), params
+        result = vmig("remote", "--api-socket", source.socket_path, "send-migration",
+                      *cli_args(params))
+        assert_one_line_error(result, f"vmig: error: {message}")
+
+    empty = spawn_vmm()
+    for url, max_connections, message in (
+            ("http://x", None, "receiver_url: bad migration URL 'http://x'"),
+            ("tcp:127.0.0.1:0", 0, "max_connections: input should be greater than or equal"),
+            ("tcp:127.0.0.1:0", 129, "max_connections: input should be less than or equal")):
+        assert expect_api_error(400, empty.client.receive_migration, url,
+                                max_connections).startswith(message)
+        args = [url] + ([] if max_connections is None else ["--max-connections",
+                                                            str(max_connections)])
+        assert_one_line_error(vmig("remote", "--api-socket", empty.socket_path,
+                                   "receive-migration", *args), message)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    with busy:
+        port = busy.getsockname()[1]
+        message = expect_api_error(400, empty.client.receive_migration, f"tcp:127.0.0.1:{port}")
+        assert message.startswith(f"receiver_url: cannot listen on tcp:127.0.0.1:{port}")
+
+    # Nothing was started: the VM runs untouched, and no migration has run on either VMM.
+    assert_source_still_healthy(source)
+    for vmm in (source, empty):
+        assert "no migration has run" in expect_api_error(404, vmm.client.migration_info)
+    assert empty.client.info() == {"state": "empty"}
+    # The state rules: no VM to send, a VM in the way of receiving.
+    assert "no VM" in expect_api_error(409, empty.client.send_migration,
+                                       destination_url="tcp:127.0.0.1:1")
+    assert "a VM already exists" in expect_api_error(409, source.client.receive_migration,
+                                                     ANY_PORT)
+
+
+# --- migrations that fail ----------------------------------------------------------------------
+
+
+def test_destination_killed_mid_migration_leaves_the_source_running(spawn_vmm: Spawn) -> None:
+    doomed = spawn_vmm()
+    source = spawn_vmm(*BUSY_GUEST)
+    url = doomed.client.receive_migration(ANY_PORT)["receiver_url"]
+    send = Background(lambda: source.client.send_migration(destination_url=url, connections=4,
+                                                           **NEVER_CONVERGES))
+    send.start()
+    wait_for(lambda: (info := source.client.migration_info())["active"]
+             and info["phase"] == "precopy", "the source to start pre-copy")
+    doomed.proc.send_signal(signal.SIGKILL)
+    doomed.proc.wait(10)
+    os.unlink(doomed.socket_path)  # a killed VMM cannot remove its socket; the fixture checks
+
+    with pytest.raises(ApiError) as failure:
+        send.outcome()
+    assert failure.value.status == 500
+    assert "\n" not in failure.value.message and failure.value.message
+    info = source.client.migration_info()
+    assert (info["active"], info["phase"]) == (False, "failed")
+    assert info["error"] and info["error"] in failure.value.message
+    assert_source_still_healthy(source)
+
+    # A second attempt, to a fresh destination, succeeds.
+    destination = spawn_vmm()
+    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    summary = source.client.send_migration(destination_url=url, connections=4,
+                                           verify_memory=True)
+    assert summary["status"] == "completed" and summary["memory_verified"]
+    assert source.client.info()["state"] == "migrated"
+    assert destination.client.check_guest(60)["ok"]
+
+
+def test_destination_refusing_connections_fails_cleanly_then_a_retry_works(
+        spawn_vmm: Spawn) -> None:
+    destination = spawn_vmm()
+    source = spawn_vmm(*GUEST)
+    url = destination.client.receive_migration(ANY_PORT, max_connections=2)["receiver_url"]
+    message = expect_api_error(500, source.client.send_migration, destination_url=url,
+                               connections=4)
+    assert "accepted only 1 of 3 extra connections" in message
+    assert "takes at most 2 connections" in message
+    assert_source_still_healthy(source)
+
+    # The destination is empty again and says why.
+    info = wait_for(lambda: (i := destination.client.info())["state"] == "empty" and i,
+                    "the destination to give up")
+    assert info["last_error"] and "\n" not in info["last_error"]
+    incoming = destination.client.migration_info()
+    assert (incoming["active"], incoming["phase"]) == (False, "failed")
+    assert incoming["error"] == info["last_error"]
+
+    # The same destination can receive again, and this time all connections are taken.
+    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    assert "last_error" not in destination.client.info()
+    summary = source.client.send_migration(destination_url=url, connections=4,
+                                           verify_memory=True)
+    assert summary["connections"] == 4 and summary["memory_verified"]
+    assert destination.client.info()["state"] == "running"
+    assert destination.client.check_guest(60)["ok"]
+
+
+@pytest.mark.parametrize("how", ["vmm.shutdown", "SIGTERM"])
+def test_stopping_the_source_vmm_interrupts_its_send(spawn_vmm: Spawn, how: str) -> None:
+    destination = spawn_vmm()
+    source = spawn_vmm(*BUSY_GUEST)
+    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    send = Background(lambda: source.client.send_migration(destination_url=url,
+                                                           **NEVER_CONVERGES))
+    send.start()
+    wait_for(lambda: (info := source.client.migration_info())["active"]
+             and info["phase"] == "precopy", "the source to start pre-copy")
+    began = time.monotonic()
+    if how == "SIGTERM":
+        source.signal(signal.SIGTERM)
+    else:
+        source.client.shutdown_vmm()
+    assert source.proc.wait(20) == 0
+    assert time.monotonic() - began < 10  # not the 30 s pre-copy timeout
+    assert "Traceback" not in source.stderr_text()
+    with pytest.raises(ApiError):
+        send.outcome()
+    info = wait_for(lambda: (i := destination.client.info())["state"] == "empty" and i,
+                    "the destination to give up")
+    assert info["last_error"]
+
+
+def test_sigterm_cancels_receiving(spawn_vmm: Spawn) -> None:
+    destination = spawn_vmm()
+    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    port = int(url.rsplit(":", 1)[1])
+    destination.signal(signal.SIGTERM)
+    assert destination.proc.wait(20) == 0
+    assert "Traceback" not in destination.stderr_text()
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), 5):
+        pass
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_receive_and_send(spawn_vmm: Spawn) -> None:
+    destination = spawn_vmm()
+    source = spawn_vmm(*GUEST)
+    result = vmig("remote", "--api-socket", destination.socket_path, "receive-migration",
+                  ANY_PORT, "--max-connections", "4")
+    assert result.returncode == 0, result.stderr
+    url = result.stdout.strip()
+    assert url.startswith("tcp:127.0.0.1:") and result.stdout.count("\n") == 1
+    result = vmig("remote", "--api-socket", source.socket_path, "send-migration", url,
+                  "--connections", "4", "--verify-memory", "--downtime-ms", "200", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)  # one JSON object and nothing else
+    assert summary["status"] == "completed" and summary["connections"] == 4
+    assert summary["memory_verified"] is True
+    result = vmig("remote", "--api-socket", destination.socket_path, "migration-info")
+    assert json.loads(result.stdout)["phase"] == "completed"
+    assert destination.client.check_guest(60)["ok"]
+    result = vmig("remote", "--api-socket", source.socket_path, "send-migration", url)
+    assert_one_line_error(result, "cannot send a migration: VM is migrated, it must be")
+
+    # And back: the source VMM, its VM migrated away, can receive it again. Not on a
+    # terminal and without --json, the summary is printed for people, with no progress bar.
+    result = vmig("remote", "--api-socket", source.socket_path, "receive-migration", ANY_PORT)
+    back = result.stdout.strip()
+    result = vmig("remote", "--api-socket", destination.socket_path, "send-migration", back,
+                  "--connections", "2")
+    assert result.returncode == 0, result.stderr
+    assert "completed" in result.stdout and "throughput" in result.stdout
+    assert "━" not in result.stdout  # no progress bar
+    assert source.client.info()["state"] == "running"
+    assert source.client.check_guest(60)["ok"]
