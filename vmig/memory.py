@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
+import logging
 import mmap
 import os
 import struct
@@ -20,6 +22,8 @@ import numpy as np
 
 from vmig.errors import GuestMemoryError
 from vmig.units import PAGE_SHIFT, PAGE_SIZE, format_size
+
+log = logging.getLogger(__name__)
 
 MADV_POPULATE_WRITE = 23  # linux/mman.h, 5.14+: prefault writable pages in one call
 _U64 = struct.Struct("<Q")
@@ -111,6 +115,10 @@ class GuestMemory:
         return cls(fd, size)
 
     # --- access ------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0
 
     @property
     def fd(self) -> int:
@@ -208,10 +216,18 @@ class GuestMemory:
         return extents
 
     def close(self) -> None:
-        """Unmap and close; idempotent. Outstanding views make this raise BufferError."""
+        """Unmap and close; idempotent. Views still handed out delay the unmapping."""
         if self._fd >= 0:
             self._view.release()
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                gc.collect()  # a view only a reference cycle (a traceback) still holds
+                try:
+                    self._map.close()
+                except BufferError:
+                    log.warning("guest memory is still exported; it is unmapped when the "
+                                "last view goes away")
             os.close(self._fd)
             self._fd = -1
 

@@ -42,11 +42,6 @@ EMPTY = "empty"  # the `state` vm.info reports when there is no VM
 RECEIVING = "receiving"  # ... and when there is none yet because one is being received
 CLOSE_WAIT_S = 5.0  # how long close() waits for a running command before stopping the VM
 SEND_ABORT_POLL_S = 0.1  # close(): how often a send that is still connecting is interrupted
-HANDOVER_WAIT_S = 30.0  # longest wait for a receiver in its last step (digest, resume) to end
-# Receiver protocol states from STATE on: the VM is built and about to run or running here.
-_HANDOVER_STATES = ("state_received", "completed")
-INFO_RETRIES = 50  # vm.info racing the sender's final release of the source VM: retry, 10 ms
-INFO_RETRY_S = 0.01
 
 # A VM in one of these states is over: creating, restoring or receiving replaces it.
 _FINISHED = (VmState.SHUTDOWN, VmState.FAILED, VmState.MIGRATED)
@@ -71,8 +66,6 @@ class Vmm:
         self._send_done.set()
         self._receiver: MigrationReceiver | None = None  # the last receiver started
         self._receiving = False  # _receiver has not reported its outcome yet
-        self._received = threading.Event()  # set when _receiver has reported its outcome
-        self._received.set()
         self._progress: MigrationProgress | None = None  # the running or the last migration
         self._last_error: str | None = None  # why the last incoming migration gave no VM
 
@@ -118,14 +111,13 @@ class Vmm:
 
     def info(self) -> dict[str, Any]:
         """`Machine.info()`; with no VM {"state": "empty"} or "receiving" (+ last_error)."""
-        self._await_handover()
         with self._lock:
             with self._mig_lock:
                 machine, receiving = self.machine, self._receiving
                 last_error = self._last_error
                 receiver = self._receiver
             if machine is not None:
-                return _machine_info(machine)
+                return machine.info()
             data: dict[str, Any] = {"state": RECEIVING if receiving else EMPTY}
             if receiving and receiver is not None:
                 data["receiver_url"] = str(receiver.address)
@@ -158,7 +150,6 @@ class Vmm:
             return self._require("check the guest").check_guest(timeout)
 
     def _require(self, action: str) -> Machine:
-        self._await_handover()
         with self._mig_lock:
             machine, receiving = self.machine, self._receiving
         if machine is None:
@@ -195,13 +186,11 @@ class Vmm:
                 raise ConfigError(f"receiver_url: {exc}") from None
             with self._mig_lock:  # before start(): its callback may come at any time after
                 self._receiver, self._receiving = receiver, True
-                self._received.clear()
             try:
                 address = receiver.start()
             except BaseException as exc:
                 with self._mig_lock:
                     self._receiver, self._receiving = None, False
-                    self._received.set()
                 if isinstance(exc, TransportError):
                     raise ConfigError(f"receiver_url: {exc}") from None
                 if isinstance(exc, GuestMemoryError):
@@ -222,21 +211,8 @@ class Vmm:
                 self._last_error = None
             else:
                 self._last_error = error or "the incoming migration ended without a VM"
-        self._received.set()
         if machine is not None:
             log.info("incoming migration completed: the VM runs here")
-
-    def _await_handover(self) -> None:
-        """If an incoming migration is in its last step, wait for its outcome.
-
-        The receiver acknowledges COMPLETE (so the sender reports success)
-        before it reports the running VM to us; without this wait, a request
-        sent right after a successful send could still find no VM here.
-        """
-        receiver = self._receiver
-        if (not self._received.is_set() and receiver is not None
-                and receiver.progress.receiver_state in _HANDOVER_STATES):
-            self._received.wait(HANDOVER_WAIT_S)
 
     def send_migration(self, params: SendParams) -> dict[str, Any]:
         """Migrate the VM as `params` say; block until done and return the summary.
@@ -288,18 +264,10 @@ class Vmm:
         return data
 
     def _interrupt_send(self) -> None:
-        """Make a running send fail fast (its connections are shut down); never blocks.
-
-        Works around the engine having no `MigrationSender.cancel()`: it reaches
-        for the sender's connection pool, which exists once connections are open.
-        The sender then abandons, resumes the VM if it paused it, and raises.
-        """
+        """Make a running send fail fast (it abandons and resumes the VM); never blocks."""
         sender = self._sender  # no lock: this runs from a signal handler too
-        pool = getattr(sender, "_pool", None) if sender is not None else None
-        if pool is None:
-            return
-        for channel in list(pool.channels):
-            channel.stream.shutdown()
+        if sender is not None:
+            sender.cancel("the VMM is shutting down")
 
     # --- the process ------------------------------------------------------------------------
 
@@ -342,19 +310,3 @@ class Vmm:
         finally:
             if acquired:
                 self._lock.release()
-
-
-def _machine_info(machine: Machine) -> dict[str, Any]:
-    """`machine.info()`, retried while a migration releases the VM under it.
-
-    A sender marks the source MIGRATED after closing its memory; a vm.info in
-    between would read closed memory. The window is a few milliseconds wide.
-    """
-    for _ in range(INFO_RETRIES):
-        try:
-            return machine.info()
-        except (ValueError, GuestMemoryError):
-            if machine.busy is None and machine.state is not VmState.MIGRATED:
-                raise
-            time.sleep(INFO_RETRY_S)
-    return machine.info()

@@ -313,6 +313,8 @@ class MigrationSummary(BaseModel):
     throughput_bytes_per_s: float = Field(description="`bytes_sent` / `duration_ms`.")
     memory_verified: bool = Field(False, description="Both sides' memory digests matched.")
     local: bool = Field(False, description="Memory was handed over by file descriptor.")
+    heartbeat_at_pause: int | None = Field(None, description="The guest's heartbeat when the "
+                                           "source paused it; the destination goes on from it.")
     warnings: list[str] = Field(default_factory=list, description="Things that went less well "
                                 "than asked (e.g. fewer connections).")
 

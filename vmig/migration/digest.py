@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import threading
 
 import blake3
 
@@ -52,3 +53,27 @@ def _overlaps_data(extents: list[tuple[int, int]], starts: list[int], gpa: int,
         return False
     start, size = extents[index]
     return start + size > gpa
+
+
+class BackgroundDigest:
+    """`memory_digest(memory)` on a thread of its own, so both sides hash at once."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self._value: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(memory,), name="migrate-digest")
+        self._thread.start()
+
+    def _run(self, memory: GuestMemory) -> None:
+        try:
+            self._value = memory_digest(memory)
+        except BaseException as exc:  # re-raised by result() on the caller's thread
+            self._error = exc
+
+    def result(self) -> str:
+        """Join the thread; return the digest or raise what computing it raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value

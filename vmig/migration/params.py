@@ -12,10 +12,13 @@ from vmig.units import MiB
 
 DEFAULT_DOWNTIME_MS = 300
 DEFAULT_TIMEOUT_S = 3600
-# Chunk = the unit of work on the shared queue and of acknowledgement. 4 MiB keeps
-# 8 connections x 4 chunks in flight busy on loopback (~3 GB/s x 10 ms) while one
-# chunk still moves in ~1-2 ms, so the last chunks of an iteration do not straggle.
-DEFAULT_CHUNK_BYTES = 4 * MiB
+# Chunk = the unit of work on the shared queue and of acknowledgement. Each chunk
+# costs a request, a range table and an acknowledgement (a few hundred microseconds
+# of Python on both sides), so big chunks keep that overhead small: 16 MiB moved
+# 1 GiB about 20% faster than 4 MiB over 2-4 connections here. Small iterations are
+# cut finer (see MIN_CHUNK_BYTES) so that they still spread over every connection.
+DEFAULT_CHUNK_BYTES = 16 * MiB
+MIN_CHUNK_BYTES = 1 * MiB
 MAX_ITERATIONS = 1000  # a safety net far beyond what a converging migration needs
 
 

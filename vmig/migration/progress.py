@@ -91,6 +91,7 @@ class MigrationSummary:
     downtime_ms: float
     throughput_bytes_per_s: float
     memory_verified: bool = False
+    heartbeat_at_pause: int | None = None  # the guest's heartbeat when the source stopped
     local: bool = False
     warnings: list[str] = field(default_factory=list)
 

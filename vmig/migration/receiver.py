@@ -32,7 +32,7 @@ from collections.abc import Callable
 from vmig.config import VmConfig
 from vmig.errors import GuestMemoryError, MigrationError, ProtocolError, VmigError
 from vmig.memory import GuestMemory
-from vmig.migration.digest import DIGEST_ALGORITHM, memory_digest
+from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest, memory_digest
 from vmig.migration.progress import MigrationProgress, Phase
 from vmig.proto import (
     HELLO_SIZE,
@@ -86,10 +86,13 @@ class MigrationReceiver:
         self._workers: list[threading.Thread] = []
         self._extras_arrived = threading.Condition(self._lock)
         self._start: Start | None = None
+        self._digest: BackgroundDigest | None = None
         self._memory: GuestMemory | None = None
         self._machine: Machine | None = None
         self._error: str | None = None
         self._done = threading.Event()
+        self._reported = False
+        self._memory_preallocated = False
         self._closing = False
         self._accept_thread: threading.Thread | None = None
         self._coordinator: threading.Thread | None = None
@@ -253,6 +256,7 @@ class MigrationReceiver:
             self._on_state(event)
         elif isinstance(event, Complete):
             self._on_complete(event)
+            self._hand_over()  # before the OK: once the sender hears it, the VM is ours
             channel.accept()
             return True
         elif isinstance(event, Abandon):
@@ -301,6 +305,7 @@ class MigrationReceiver:
         prealloc, self._prealloc = self._prealloc, None
         if prealloc is not None and prealloc.size == config.memory_bytes:
             self._memory = prealloc
+            self._memory_preallocated = True
             return
         if prealloc is not None:
             prealloc.close()
@@ -315,7 +320,7 @@ class MigrationReceiver:
             raise GuestMemoryError(f"MEMORY range ends past guest memory "
                                    f"({int((gpas + lengths).max()):#x} > {memory.size:#x})")
         ranges = list(zip(gpas.tolist(), lengths.tolist(), strict=True))
-        if not self._prealloc_bytes:
+        if not self._memory_preallocated:
             for gpa, length in ranges:
                 if length >= BULK_POPULATE_BYTES:  # fault big ranges in with one call
                     memory.populate(gpa, length)
@@ -337,6 +342,10 @@ class MigrationReceiver:
         memory, self._memory = self._memory, None
         self._machine = Machine.restore(state, memory, serial_log=self._serial_log,
                                         resume=False)
+        if self._start is not None and self._start.verify_memory:
+            # Memory is final once STATE arrives (the sender sends it only after every
+            # chunk was acknowledged): hash it while the source hashes its own copy.
+            self._digest = BackgroundDigest(self._machine.memory)
 
     def _on_complete(self, request: Complete) -> None:
         machine = self._machine
@@ -350,7 +359,7 @@ class MigrationReceiver:
                                      "asked to verify memory") from None
             if claimed.get("algorithm") != DIGEST_ALGORITHM:
                 raise MigrationError(f"unknown digest algorithm {claimed.get('algorithm')!r}")
-            ours = memory_digest(machine.memory)
+            ours = self._digest.result() if self._digest else memory_digest(machine.memory)
             if ours != claimed.get("hex"):
                 raise MigrationError("memory verification failed: the destination's memory "
                                      "digest differs from the source's; not resuming")
@@ -407,6 +416,16 @@ class MigrationReceiver:
                 with contextlib.suppress(OSError):
                     os.unlink(self.address.path)
 
+    def _hand_over(self) -> None:
+        """Report the running VM now; from here on it belongs to the caller."""
+        machine, self._machine = self._machine, None
+        self._reported = True
+        self.progress.update(phase=Phase.COMPLETED, bytes_remaining=0)
+        try:
+            self._on_finished(machine, None)
+        except Exception:
+            log.exception("on_finished callback failed")
+
     def _finish(self) -> None:
         """Close every connection, join the workers, then report the outcome once."""
         with self._lock:
@@ -432,23 +451,27 @@ class MigrationReceiver:
                 pending.close()
         self._discard_prealloc()
         machine, error = self._machine, self._error
-        if error is not None:
-            if machine is not None:
-                machine.close()
-                machine = None
-            if self._memory is not None:
-                self._memory.close()
-                self._memory = None
-            self.progress.update(phase=Phase.FAILED, error=error)
-            log.warning("incoming migration failed: %s", error)
-        elif machine is None:
-            error = "the receiver was closed before a migration arrived"
-            self.progress.update(phase=Phase.FAILED, error=error)
-        else:
-            self.progress.update(phase=Phase.COMPLETED, bytes_remaining=0)
         self._machine = None
+        if self._reported:  # handed over; a late error (the OK not delivered) is only logged
+            if error is not None:
+                log.warning("after the hand-over: %s", error)
+            self._done.set()
+            return
+        if self._digest is not None:
+            with contextlib.suppress(Exception):
+                self._digest.result()
+        if machine is not None:  # built from STATE but never completed
+            machine.close()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+        if error is None:
+            error = "the receiver was closed before a migration arrived"
+        self.progress.update(phase=Phase.FAILED, error=error)
+        log.warning("incoming migration failed: %s", error)
         self._done.set()
         try:
-            self._on_finished(machine, error)
+            self._on_finished(None, error)
         except Exception:
             log.exception("on_finished callback failed")
+

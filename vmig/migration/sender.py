@@ -28,8 +28,8 @@ import numpy as np
 
 from vmig.errors import MigrationError, TransportError, VmigError
 from vmig.memory import GuestMemory
-from vmig.migration.digest import DIGEST_ALGORITHM, memory_digest
-from vmig.migration.params import MAX_ITERATIONS, SendParams
+from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest
+from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, SendParams
 from vmig.migration.policy import Decision, MemoryMigrationStats, decide_with_reason
 from vmig.migration.progress import MigrationProgress, MigrationSummary, Phase
 from vmig.proto import (
@@ -73,7 +73,24 @@ class MigrationSender:
         self._pool: SenderPool | None = None
         self._paused_by_us = False
         self._downtime_started: float | None = None
+        self._heartbeat_at_pause: int | None = None
         self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
+        self._cancelled: str | None = None
+        self._channels: list[SenderChannel] = []
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Make a running `run()` fail fast (from any thread; never blocks).
+
+        Every connection is shut down, so blocked sends and receives return at
+        once; `run()` then abandons, resumes the VM if it paused it, and raises.
+        """
+        self._cancelled = reason
+        for channel in list(self._channels):
+            channel.stream.shutdown()
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled is not None:
+            raise MigrationError(f"migration cancelled: {self._cancelled}")
 
     @property
     def memory(self) -> GuestMemory:
@@ -88,6 +105,8 @@ class MigrationSender:
             summary = self._migrate()
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, VmigError) else f"{type(exc).__name__}: {exc}"
+            if self._cancelled is not None:
+                reason = f"migration cancelled: {self._cancelled}"
             self._recover(reason)
             self.progress.update(phase=Phase.FAILED, error=reason)
             if isinstance(exc, MigrationError):
@@ -134,6 +153,7 @@ class MigrationSender:
             downtime_ms=downtime_ms,
             throughput_bytes_per_s=sent / duration if duration > 0 else 0.0,
             memory_verified=self.params.verify_memory,
+            heartbeat_at_pause=self._heartbeat_at_pause,
             local=self.params.local,
             warnings=list(self.progress.warnings),
         )
@@ -145,7 +165,8 @@ class MigrationSender:
 
     def _open_connections(self) -> list[SenderChannel]:
         """MAIN, then up to N-1 MEMORY connections; see the brief for the partial rules."""
-        channels = [self._open(ConnectionRole.MAIN)]
+        channels = self._channels
+        channels.append(self._open(ConnectionRole.MAIN))
         wanted = self.params.connections - 1
         failures: list[str] = []
         try:
@@ -165,14 +186,18 @@ class MigrationSender:
             log.warning(message)
             self.progress.warn(message)
         elif opened < wanted:
+            reason = (f"destination accepted only {opened} of {wanted} extra connections: "
+                      f"{failures[0]}")
+            with contextlib.suppress(Exception):  # tell the destination why we leave
+                channels[0].submit(Abandon(reason[:1000]))
             for channel in channels:
                 channel.close()
-            raise MigrationError(f"destination accepted only {opened} of {wanted} extra "
-                                 f"connections: {failures[0]}")
+            raise MigrationError(reason)
         self.progress.update(connections=len(channels))
         return channels
 
     def _open(self, role: ConnectionRole) -> SenderChannel:
+        self._check_cancelled()
         sock = connect(self.address)
         stream = Stream(sock, str(self.address))
         try:
@@ -189,8 +214,12 @@ class MigrationSender:
     def _send(self, ranges: RangeTable) -> int:
         """Send one iteration's ranges over the pool; record bandwidth."""
         assert self._pool is not None
+        self._check_cancelled()
         began = self.clock()
-        chunks = ranges.partition(self.params.chunk_bytes)
+        connections = len(self._pool.channels)
+        fair_share = ranges.total_bytes // (2 * connections) // PAGE_SIZE * PAGE_SIZE
+        chunk = max(min(self.params.chunk_bytes, fair_share), MIN_CHUNK_BYTES)
+        chunks = ranges.partition(chunk)
         sent = self._pool.send_iteration(chunks, self._views_for, self.progress.add_bytes)
         seconds = self.clock() - began
         self.stats.record_iteration(sent, seconds)
@@ -246,11 +275,18 @@ class MigrationSender:
             self.progress.update(bytes_remaining=final.total_bytes)
             self._send(final)
         state = self.machine.save_state()
-        main.request(State(state.to_json().encode()))
+        self._heartbeat_at_pause = self.machine.guest_counters()["heartbeat"]
+        digest: BackgroundDigest | None = None
+        if self.params.verify_memory:  # hash while STATE travels and the destination hashes
+            digest = BackgroundDigest(self.memory)
+        try:
+            main.request(State(state.to_json().encode()))
+        finally:
+            value = digest.result() if digest is not None else None
         complete: dict[str, object] = {}
-        if self.params.verify_memory:
-            complete["memory_digest"] = {"algorithm": DIGEST_ALGORITHM,
-                                         "hex": memory_digest(self.memory)}
+        if value is not None:
+            complete["memory_digest"] = {"algorithm": DIGEST_ALGORITHM, "hex": value}
+        self._check_cancelled()
         main.request(Complete(json.dumps(complete).encode()))
         self.progress.update(bytes_remaining=0)
 
@@ -269,7 +305,9 @@ class MigrationSender:
         self._paused_by_us = False
 
     def _close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        for channel in self._channels:
+            channel.close()
+        self._channels = []
+        self._pool = None
+
 

@@ -66,16 +66,19 @@ class Stream:
 
     def recv_into_all(self, views: Sequence[memoryview]) -> None:
         """Fill every view in order; scattered pages land with few recvmsg_into calls."""
-        pending = [v for v in views if len(v)]
+        pending = [memoryview(v) for v in views if len(v)]
         total = sum(len(v) for v in pending)
         first = 0
-        with self._errors("receiving from"):
-            while first < len(pending):
-                n = self.sock.recvmsg_into(pending[first:first + IOV_MAX])[0]
-                if n == 0:
-                    raise TransportError(f"receiving from {self.peer}: the peer closed the "
-                                         "connection in the middle of a memory payload")
-                first = _advance(pending, first, n)
+        try:
+            with self._errors("receiving from"):
+                while first < len(pending):
+                    n = self.sock.recvmsg_into(pending[first:first + IOV_MAX])[0]
+                    if n == 0:
+                        raise TransportError(f"receiving from {self.peer}: the peer closed "
+                                             "the connection in the middle of a memory payload")
+                    first = _advance(pending, first, n)
+        finally:
+            _release(pending)
         self.bytes_received += total
 
     def send_all(self, buffers: Sequence[bytes | memoryview]) -> None:
@@ -83,9 +86,13 @@ class Stream:
         pending = [memoryview(b).cast("B") for b in buffers if len(b)]
         total = sum(len(b) for b in pending)
         first = 0
-        with self._errors("sending to"):
-            while first < len(pending):
-                first = _advance(pending, first, self.sock.sendmsg(pending[first:first + IOV_MAX]))
+        try:
+            with self._errors("sending to"):
+                while first < len(pending):
+                    sent = self.sock.sendmsg(pending[first:first + IOV_MAX])
+                    first = _advance(pending, first, sent)
+        finally:
+            _release(pending)
         self.bytes_sent += total
 
     def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
@@ -142,5 +149,13 @@ def _advance(pending: list[memoryview], first: int, nbytes: int) -> int:
             first += 1
         else:
             pending[first] = head[nbytes:]
+            head.release()
             nbytes = 0
     return first
+
+
+def _release(views: list[memoryview]) -> None:
+    """Release the views this module made: a view left to the garbage collector (say, in
+    a traceback) would keep guest memory from being unmapped (BufferError on close)."""
+    for view in views:
+        view.release()

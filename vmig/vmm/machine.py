@@ -74,6 +74,9 @@ class Machine:
         self.busy: str | None = None  # e.g. "migrating": user pause/resume/snapshot must wait
         self._serial_log = serial_log
         self._lock = threading.RLock()
+        # Guards reading guest memory for info() against _release() unmapping it, without
+        # waiting for long operations that hold _lock (a snapshot being written, say).
+        self._memory_lock = threading.Lock()
         self._events = threading.Condition()
         self.booted_cpus: set[int] = set()
         self.serial = Serial8250(serial_log)
@@ -300,7 +303,8 @@ class Machine:
             vcpu.close()
         self.vm.close()
         self.kvm.close()
-        self.memory.close()
+        with self._memory_lock:
+            self.memory.close()
         if self._serial_log is not None:
             self._serial_log.close()
         if errors:
@@ -400,8 +404,9 @@ class Machine:
                       for h in self.handles],
         }
         data["busy"] = self.busy
-        if self.state not in (VmState.SHUTDOWN, VmState.MIGRATED):
-            data.update(self.guest_counters())
+        with self._memory_lock:
+            if self.memory.is_open:
+                data.update(self.guest_counters())
         return data
 
     # --- saving and restoring ---------------------------------------------------------------
