@@ -36,7 +36,13 @@ from vmig.memory import GuestMemory
 from vmig.units import GiB
 from vmig.vmm.devices import SERIAL_PORTS, STATUS_PORTS, IoBus, Serial8250, StatusPort
 from vmig.vmm.state import MachineState, VcpuState, struct_to_dict
-from vmig.vmm.vcpu_thread import VcpuHandle, VcpuRunState, install_kick_handler
+from vmig.vmm.vcpu_thread import (
+    HLT_WAIT_S,
+    IDLE_HLT_WAIT_S,
+    VcpuHandle,
+    VcpuRunState,
+    install_kick_handler,
+)
 
 __all__ = ["Machine", "VmState", "install_kick_handler"]
 
@@ -84,9 +90,11 @@ class Machine:
         self.bus.register(*SERIAL_PORTS, self.serial)
         self.bus.register(*STATUS_PORTS, StatusPort(self._guest_event))
         self.handles: list[VcpuHandle] = []
+        idle = config.workload is Workload.IDLE
+        hlt_wait = IDLE_HLT_WAIT_S if idle else HLT_WAIT_S
         try:
             for vcpu in vcpus:
-                self.handles.append(VcpuHandle(vcpu, self.bus, self._vcpu_failed))
+                self.handles.append(VcpuHandle(vcpu, self.bus, self._vcpu_failed, hlt_wait))
         except BaseException:
             self._release()
             raise

@@ -23,7 +23,11 @@ from vmig.vmm.devices import IoBus, pack_io, unpack_io
 log = logging.getLogger(__name__)
 
 KICK_SIGNAL = signal.SIGUSR1
-HLT_WAIT_S = 0.002  # a halted guest is re-entered after this long (no timer interrupts)
+# There are no timer interrupts: a halted guest is re-entered after this long. A pacing
+# guest halts between batches of page writes, so it wants short naps; an idle one only
+# beats and serves checks, and longer naps keep an idle VMM near 1% of a core.
+HLT_WAIT_S = 0.002
+IDLE_HLT_WAIT_S = 0.02
 PAUSE_TIMEOUT_S = 10.0
 
 
@@ -59,14 +63,15 @@ class VcpuRunState(enum.Enum):
 class VcpuHandle:
     """Owns a vCPU's thread. Created paused; `resume()` starts the guest running."""
 
-    def __init__(self, vcpu: Vcpu, bus: IoBus,
-                 on_failure: Callable[[int, str], None]) -> None:
+    def __init__(self, vcpu: Vcpu, bus: IoBus, on_failure: Callable[[int, str], None],
+                 hlt_wait_s: float = HLT_WAIT_S) -> None:
         if not kick_handler_installed():
             raise VmigError("vCPU kick handler not installed: call install_kick_handler() "
                             "from the main thread first")
         self.vcpu = vcpu
         self._bus = bus
         self._on_failure = on_failure
+        self._hlt_wait_s = hlt_wait_s
         self._cond = threading.Condition()
         self._desired = VcpuRunState.PAUSED
         self._actual = VcpuRunState.PAUSED
@@ -163,7 +168,7 @@ class VcpuHandle:
         if reason == ExitReason.IO:
             self._handle_io()
         elif reason == ExitReason.HLT:
-            self._wake.wait(HLT_WAIT_S)
+            self._wake.wait(self._hlt_wait_s)
             self._wake.clear()
         elif reason == ExitReason.INTR:
             return
