@@ -151,3 +151,25 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     assert "heartbeat went on at the destination" in result.stdout
     assert "all good" in result.stdout
     assert list(tmp_path.iterdir()) == [], "the demo left files behind"
+
+
+def test_page_overwritten_in_the_memory_file_fails_check_guest(spawn_vmm: Any,
+                                                               tmp_path: Path) -> None:
+    """The self-check can fail: a page changed behind the guest's back is caught.
+
+    The guest is idle (it stamped its working set once and only halts since), so
+    nothing rewrites the page between the corruption and the check.
+    """
+    memory_file = tmp_path / "ram"
+    vmm = spawn_vmm("--memory", "128M", "--cpus", "2", "--working-set", "16M",
+                    "--memory-file", str(memory_file))
+    info = vmm.client.info()
+    assert remote(vmm, "check-guest").returncode == 0
+    victim = 3000
+    with open(memory_file, "r+b") as ram:  # the VMM maps this file shared, like QEMU
+        ram.seek(info["working_set_gpa"] + victim * 4096)
+        ram.write(b"\xde\xad\xbe\xef" * 4)
+    result = remote(vmm, "check-guest")
+    check = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert (check["ok"], check["bad_pages"], check["first_bad_page"]) == (False, 1, victim)

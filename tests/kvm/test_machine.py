@@ -70,20 +70,27 @@ def test_wrong_state_requests_are_refused(dirty_vm):
         dirty_vm.check_guest()
 
 
-def test_overwritten_page_fails_the_self_check(dirty_vm):
+@pytest.fixture
+def idle_vm():
+    """Idle after stamping its pages once: nothing rewrites a page we corrupt."""
+    config = VmConfig.build(memory="64M", cpus=2, workload="idle", working_set="16M")
+    with Machine.boot(config) as machine:
+        yield machine
+
+
+def test_overwritten_page_fails_the_self_check(idle_vm):
     victim = 1234
-    dirty_vm.memory.write(dirty_vm.config.working_set_gpa + victim * PAGE_SIZE, b"\xff" * 16)
-    result = dirty_vm.check_guest()
+    idle_vm.memory.write(idle_vm.config.working_set_gpa + victim * PAGE_SIZE, b"\xff" * 16)
+    result = idle_vm.check_guest()
     assert not result["ok"]
     assert result["bad_pages"] == 1
     assert result["first_bad_page"] == victim
 
 
-def test_zeroed_page_fails_the_self_check(dirty_vm):
+def test_zeroed_page_fails_the_self_check(idle_vm):
     victim = 4000
-    dirty_vm.memory.write(dirty_vm.config.working_set_gpa + victim * PAGE_SIZE,
-                          bytes(PAGE_SIZE))
-    assert dirty_vm.check_guest()["bad_pages"] == 1
+    idle_vm.memory.write(idle_vm.config.working_set_gpa + victim * PAGE_SIZE, bytes(PAGE_SIZE))
+    assert idle_vm.check_guest()["bad_pages"] == 1
 
 
 def test_pause_works_while_guest_runs_flat_out():
