@@ -241,3 +241,16 @@ def test_receiver_refuses_memory_outside_guest(source):
     receiver.close()
     sock.close()
     assert outcome.machine is None
+
+
+def test_no_extra_connection_accepted_continues_on_one_and_says_so(source):
+    receiver, outcome, url = _receiver(max_connections=1)
+    summary = MigrationSender(source, SendParams(url, connections=4)).run()
+    assert outcome.done.wait(10)
+    receiver.close()
+    assert summary.status == "completed" and summary.connections == 1
+    assert len(summary.warnings) == 1
+    assert "could not open any of 3 extra connections" in summary.warnings[0]
+    assert "continuing on one connection" in summary.warnings[0]
+    with outcome.machine as destination:
+        assert destination.check_guest()["ok"]
