@@ -357,6 +357,37 @@ def test_destination_killed_mid_migration_leaves_the_source_running(spawn_vmm: S
     assert destination.client.check_guest(60)["ok"]
 
 
+def test_source_killed_mid_migration_leaves_the_destination_empty_and_reusable(
+        spawn_vmm: Spawn) -> None:
+    destination = spawn_vmm()
+    doomed = spawn_vmm(*BUSY_GUEST)
+    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    send = Background(lambda: doomed.client.send_migration(destination_url=url, connections=4,
+                                                          **NEVER_CONVERGES))
+    send.start()
+    wait_for(lambda: (info := migration_info_or_none(doomed.client)) and info["active"]
+             and info["phase"] == "precopy", "the source to start pre-copy")
+    doomed.proc.send_signal(signal.SIGKILL)
+    doomed.proc.wait(10)
+    os.unlink(doomed.socket_path)  # a killed VMM cannot remove its socket; the fixture checks
+    with pytest.raises(ApiError):
+        send.outcome()
+
+    # The destination discards what it received and says why.
+    info = wait_for(lambda: (i := destination.client.info())["state"] == "empty" and i,
+                    "the destination to discard the migration")
+    assert info["last_error"]
+    assert destination.client.migration_info()["phase"] == "failed"
+
+    # It can receive again: a fresh source migrates to it.
+    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    source = spawn_vmm(*GUEST)
+    summary = source.client.send_migration(destination_url=url, connections=2,
+                                           verify_memory=True)
+    assert summary["status"] == "completed"
+    assert destination.client.check_guest(60)["ok"]
+
+
 def test_destination_refusing_connections_fails_cleanly_then_a_retry_works(
         spawn_vmm: Spawn) -> None:
     destination = spawn_vmm()
