@@ -63,6 +63,23 @@ def migration_info_or_none(client: ApiClient) -> dict[str, Any] | None:
         raise
 
 
+def send_in_precopy(source: VmmProcess, url: str, connections: int = 1) -> Background:
+    """Start a send that cannot converge on its own; return once it is in pre-copy."""
+    send = Background(lambda: source.client.send_migration(
+        destination_url=url, connections=connections, **NEVER_CONVERGES))
+    send.start()
+    wait_for(lambda: (info := migration_info_or_none(source.client)) and info["active"]
+             and info["phase"] == "precopy", "the source to start pre-copy")
+    return send
+
+
+def kill(vmm: VmmProcess) -> None:
+    """SIGKILL a VMM; remove the socket file it cannot remove itself (the fixture checks)."""
+    vmm.proc.send_signal(signal.SIGKILL)
+    vmm.proc.wait(10)
+    os.unlink(vmm.socket_path)
+
+
 def heartbeat_grows(client: ApiClient, since: int) -> bool:
     """True if the guest's heartbeat passes `since` within WAIT_S."""
     deadline = time.monotonic() + WAIT_S
@@ -329,14 +346,8 @@ def test_destination_killed_mid_migration_leaves_the_source_running(spawn_vmm: S
     doomed = spawn_vmm()
     source = spawn_vmm(*BUSY_GUEST)
     url = doomed.client.receive_migration(ANY_PORT)["receiver_url"]
-    send = Background(lambda: source.client.send_migration(destination_url=url, connections=4,
-                                                           **NEVER_CONVERGES))
-    send.start()
-    wait_for(lambda: (info := migration_info_or_none(source.client)) and info["active"]
-             and info["phase"] == "precopy", "the source to start pre-copy")
-    doomed.proc.send_signal(signal.SIGKILL)
-    doomed.proc.wait(10)
-    os.unlink(doomed.socket_path)  # a killed VMM cannot remove its socket; the fixture checks
+    send = send_in_precopy(source, url, connections=4)
+    kill(doomed)
 
     with pytest.raises(ApiError) as failure:
         send.outcome()
@@ -362,14 +373,8 @@ def test_source_killed_mid_migration_leaves_the_destination_empty_and_reusable(
     destination = spawn_vmm()
     doomed = spawn_vmm(*BUSY_GUEST)
     url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
-    send = Background(lambda: doomed.client.send_migration(destination_url=url, connections=4,
-                                                          **NEVER_CONVERGES))
-    send.start()
-    wait_for(lambda: (info := migration_info_or_none(doomed.client)) and info["active"]
-             and info["phase"] == "precopy", "the source to start pre-copy")
-    doomed.proc.send_signal(signal.SIGKILL)
-    doomed.proc.wait(10)
-    os.unlink(doomed.socket_path)  # a killed VMM cannot remove its socket; the fixture checks
+    send = send_in_precopy(doomed, url, connections=4)
+    kill(doomed)
     with pytest.raises(ApiError):
         send.outcome()
 
@@ -422,11 +427,7 @@ def test_stopping_the_source_vmm_interrupts_its_send(spawn_vmm: Spawn, how: str)
     destination = spawn_vmm()
     source = spawn_vmm(*BUSY_GUEST)
     url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
-    send = Background(lambda: source.client.send_migration(destination_url=url,
-                                                           **NEVER_CONVERGES))
-    send.start()
-    wait_for(lambda: (info := migration_info_or_none(source.client)) and info["active"]
-             and info["phase"] == "precopy", "the source to start pre-copy")
+    send = send_in_precopy(source, url)
     began = time.monotonic()
     if how == "SIGTERM":
         source.signal(signal.SIGTERM)
