@@ -21,17 +21,23 @@ from vmig.migration.params import SendParams
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
 from vmig.proto import (
+    HELLO_SIZE,
     NEED_DATA,
+    Complete,
     Config,
     ConnectionRole,
     Memory,
+    MemoryRequest,
     Response,
     SenderConnection,
     Start,
     encode_hello,
+    parse_hello,
     wire,
 )
 from vmig.ranges import RangeTable
+from vmig.transport.channel import ReceiverChannel, answer_hello
+from vmig.transport.stream import Stream
 from vmig.vmm.machine import Machine, VmState, install_kick_handler
 
 pytestmark = pytest.mark.kvm
@@ -254,3 +260,41 @@ def test_no_extra_connection_accepted_continues_on_one_and_says_so(source):
     assert "continuing on one connection" in summary.warnings[0]
     with outcome.machine as destination:
         assert destination.check_guest()["ok"]
+
+
+def test_unanswered_complete_leaves_the_source_paused(source):
+    """If COMPLETE's answer never comes, the destination may run the guest: do not resume.
+
+    The peer is a minimal destination built from the real protocol core and channel
+    that accepts everything, then vanishes when COMPLETE arrives.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+
+    def vanishing_destination() -> None:
+        sock, _ = listener.accept()
+        stream = Stream(sock, "source")
+        hello = parse_hello(stream.recv_exact(HELLO_SIZE))
+        answer_hello(stream)
+        channel = ReceiverChannel(stream, ConnectionRole.MAIN, hello.migration_id)
+        memory = bytearray()
+        while True:
+            event = channel.next_request()
+            if isinstance(event, Complete):
+                channel.close()  # gone without an answer
+                return
+            if isinstance(event, Config):
+                memory = bytearray(json.loads(event.data)["vm"]["memory_bytes"])
+            if isinstance(event, MemoryRequest):
+                channel.receive_payload([memoryview(memory)[g:g + n] for g, n in event.ranges])
+            channel.accept()
+
+    peer = threading.Thread(target=vanishing_destination)
+    peer.start()
+    with pytest.raises(MigrationError, match="source stays paused"):
+        MigrationSender(source, SendParams(url)).run()
+    peer.join(10)
+    listener.close()
+    assert source.state is VmState.PAUSED and source.busy is None
+    source.resume()  # the user decides; here nothing runs the guest, so resume it
+    assert source.check_guest()["ok"]

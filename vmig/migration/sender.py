@@ -76,6 +76,7 @@ class MigrationSender:
         self._heartbeat_at_pause: int | None = None
         self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
         self._cancelled: str | None = None
+        self._complete_sent = False
         self._channels: list[SenderChannel] = []
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -107,6 +108,13 @@ class MigrationSender:
             reason = str(exc) if isinstance(exc, VmigError) else f"{type(exc).__name__}: {exc}"
             if self._cancelled is not None:
                 reason = f"migration cancelled: {self._cancelled}"
+            if self._complete_sent and not isinstance(exc, MigrationError):
+                # COMPLETE went out but its answer did not come back: the destination may
+                # be running the guest. Resuming here could leave two copies running.
+                reason += ("; COMPLETE was sent but not answered, so the destination may be "
+                           "running the VM: the source stays paused (resume it only if the "
+                           "destination does not run it)")
+                self._paused_by_us = False
             self._recover(reason)
             self.progress.update(phase=Phase.FAILED, error=reason)
             if isinstance(exc, MigrationError):
@@ -287,7 +295,9 @@ class MigrationSender:
         if value is not None:
             complete["memory_digest"] = {"algorithm": DIGEST_ALGORITHM, "hex": value}
         self._check_cancelled()
-        main.request(Complete(json.dumps(complete).encode()))
+        main.submit(Complete(json.dumps(complete).encode()))
+        self._complete_sent = True  # from here the destination may already run the guest
+        SenderChannel.check(main.read_response())
         self.progress.update(bytes_remaining=0)
 
     # --- failure -------------------------------------------------------------------------
