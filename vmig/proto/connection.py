@@ -121,17 +121,24 @@ _BLOB_LIMITS = {
 
 
 class _Buffer:
-    """Received bytes not yet parsed; consumed from the front."""
+    """Received bytes not yet parsed, consumed from the front; remembers EOF."""
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "eof")
 
     def __init__(self) -> None:
         self._data = bytearray()
+        self.eof = False
 
     def __len__(self) -> int:
         return len(self._data)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes; ``b""`` records EOF (bytes after it are a caller bug)."""
+        if not data:
+            self.eof = True
+            return
+        if self.eof:
+            raise LocalProtocolError("receive_data() called with bytes after EOF")
         self._data += data
 
     def take(self, count: int) -> bytes | None:
@@ -201,7 +208,6 @@ class ReceiverConnection:
         self._migration_id = migration_id
         self._start: Start | None = None
         self._buffer = _Buffer()
-        self._eof = False
         self._phase = _Phase.HEADER
         self._request: _Request | None = None
         self._event: ReceiverEvent | None = None
@@ -263,11 +269,6 @@ class ReceiverConnection:
 
         Raises LocalProtocolError if bytes arrive after EOF was recorded.
         """
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise LocalProtocolError("receive_data() called with bytes after EOF")
         self._buffer.feed(data)
 
     def payload_received(self, nbytes: int) -> None:
@@ -417,7 +418,7 @@ class ReceiverConnection:
             offset = self._payload_done
             self._payload_done += len(data)
             return PayloadData(data, offset)
-        if self._eof:
+        if self._buffer.eof:
             raise RemoteProtocolError(
                 f"sender closed the connection with {remaining} of {self._payload_total} "
                 "page bytes of a MEMORY request missing"
@@ -427,7 +428,7 @@ class ReceiverConnection:
     def _short(self, size: int, what: str) -> ReceiverEvent:
         """NEED_DATA, ConnectionClosed or an error when fewer than `size` bytes are here."""
         have = len(self._buffer)
-        if not self._eof:
+        if not self._buffer.eof:
             return NEED_DATA
         if self._phase is _Phase.HEADER and have == 0:
             return ConnectionClosed()
@@ -578,7 +579,6 @@ class SenderConnection:
         self._abandoned = False
         self._start: Start | None = None
         self._buffer = _Buffer()
-        self._eof = False
         self._header: ResponseHeader | None = None
         self._error: RemoteProtocolError | None = None
 
@@ -672,11 +672,6 @@ class SenderConnection:
 
         Raises LocalProtocolError if bytes arrive after EOF was recorded.
         """
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise LocalProtocolError("receive_data() called with bytes after EOF")
         self._buffer.feed(data)
 
     def next_event(self) -> SenderEvent:
@@ -717,7 +712,7 @@ class SenderConnection:
         return Response(status, payload.decode("utf-8", errors="replace"), command)
 
     def _short(self, what: str) -> SenderEvent:
-        if not self._eof:
+        if not self._buffer.eof:
             return NEED_DATA
         if not self._outstanding and not len(self._buffer):
             return ConnectionClosed()
