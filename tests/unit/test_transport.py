@@ -141,7 +141,8 @@ def test_pool_moves_every_chunk_over_all_connections():
         return [memoryview(source)[gpa:gpa + n] for gpa, n in ranges]
 
     sent = pool.send_iteration(table.partition(256 * 1024), views_for, acked.append)
-    pool.close()
+    for channel in pool.channels:
+        channel.close()
     server.close()
     assert sent == table.total_bytes == sum(acked)
     for gpa, n in table:
@@ -160,6 +161,7 @@ def test_pool_raises_the_receivers_error_and_joins_its_threads():
         pool.send_iteration(RangeTable.full(size).partition(65536),
                             lambda r: [memoryview(source)[g:g + n] for g, n in r])
     assert not [t for t in threading.enumerate() if t.name.startswith("migrate-send")]
-    pool.close()
+    for channel in pool.channels:
+        channel.close()
     server.close()
 

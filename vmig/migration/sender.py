@@ -72,7 +72,7 @@ class MigrationSender:
         self.stats = MemoryMigrationStats(started_at=clock())
         self._pool: SenderPool | None = None
         self._paused_by_us = False
-        self._downtime_started: float | None = None
+        self._downtime_started = 0.0
         self._heartbeat_at_pause: int | None = None
         self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
         self._cancelled: str | None = None
@@ -149,7 +149,7 @@ class MigrationSender:
             self._stop_and_copy(main)
         finally:
             self.machine.stop_dirty_log()
-        downtime_ms = (self.clock() - (self._downtime_started or self.clock())) * 1000
+        downtime_ms = (self.clock() - self._downtime_started) * 1000
         duration = self.clock() - started
         sent = self.stats.bytes_sent_total
         summary = MigrationSummary(
@@ -269,12 +269,10 @@ class MigrationSender:
 
     def _stop_and_copy(self, main: SenderChannel) -> None:
         self.progress.update(phase=Phase.DOWNTIME)
+        self._downtime_started = self.clock()
         if self.machine.state is VmState.RUNNING:
-            self._downtime_started = self.clock()
             self.machine.pause_for(OPERATION)
             self._paused_by_us = True
-        else:
-            self._downtime_started = self.clock()
         if not self.params.local:
             dirty = self.machine.collect_dirty()
             if self._unsent_dirty is not None:

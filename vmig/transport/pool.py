@@ -24,7 +24,8 @@ OnAcked = Callable[[int], None]
 
 
 class SenderPool:
-    """The channels of one migration; the first is MAIN. Owns and closes them all."""
+    """Drives the channels of one migration (the first is MAIN); the caller owns and
+    closes them, since it opens them before the pool exists and may cancel meanwhile."""
 
     def __init__(self, channels: Sequence[SenderChannel]) -> None:
         if not channels:
@@ -64,10 +65,6 @@ class SenderPool:
                 raise first
             raise TransportError(f"memory worker failed: {first!r}") from first
         return sum(acked)
-
-    def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
 
 
 def _drain(channel: SenderChannel, work: queue.SimpleQueue[RangeTable], stop: threading.Event,
