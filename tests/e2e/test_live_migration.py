@@ -29,11 +29,12 @@ from vmig.errors import ApiError
 
 GUEST = ("--memory", "128M", "--cpus", "2", "--workload", "dirty", "--working-set", "32M",
          "--dirty-rate", "20000")
-# Dirties as fast as it can: at a 1 ms downtime budget pre-copy never converges, so the
-# migration stays in pre-copy until its timeout (long enough to act in the middle of it).
+# Dirties as fast as it can, so some memory is always dirty: with a 0 ms downtime budget
+# pre-copy never converges and stays in pre-copy until its timeout (long enough to act in
+# the middle of it). A paced guest may be caught with nothing dirty, which converges.
 BUSY_GUEST = ("--memory", "128M", "--cpus", "2", "--workload", "dirty", "--working-set",
               "32M", "--dirty-rate", "0")
-NEVER_CONVERGES = {"downtime_ms": 1, "timeout_s": 30}
+NEVER_CONVERGES = {"downtime_ms": 0, "timeout_s": 30}
 ANY_PORT = "tcp:127.0.0.1:0"
 WAIT_S = 20.0
 
@@ -230,21 +231,26 @@ def test_live_migration_of_a_dirtying_guest(spawn_vmm: Spawn, tmp_path: Path, co
 
 def test_migration_info_and_vm_info_answer_during_a_migration(spawn_vmm: Spawn) -> None:
     destination = spawn_vmm()
-    source = spawn_vmm(*GUEST)
+    source = spawn_vmm(*BUSY_GUEST)
     expect_api_error(404, source.client.migration_info)
     url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
     listening = destination.client.migration_info()
     assert (listening["active"], listening["role"], listening["phase"]) == (True, "receive",
                                                                            "listening")
-    # A 1 ms budget is not met; after 2 s of pre-copy, "ignore" switches over anyway.
+    # A 0 ms budget is never met; after 3 s of pre-copy, "ignore" switches over anyway.
     send = Background(lambda: source.client.send_migration(
-        destination_url=url, connections=2, downtime_ms=1, timeout_s=2,
+        destination_url=url, connections=2, downtime_ms=0, timeout_s=3,
         timeout_strategy="ignore", verify_memory=True))
     send.start()
 
-    seen = wait_for(lambda: (info := migration_info_or_none(source.client)) and info["active"]
-                    and info["phase"] == "precopy" and info["iteration"] >= 1 and info,
-                    "the source to report pre-copy iterations")
+    def in_later_iteration() -> dict[str, Any] | None:
+        assert send.is_alive(), f"the send ended before it was seen in pre-copy: {send.outcome()}"
+        info = migration_info_or_none(source.client)
+        if info and info["active"] and info["phase"] == "precopy" and info["iteration"] >= 1:
+            return info
+        return None
+
+    seen = wait_for(in_later_iteration, "the source to report pre-copy iterations")
     assert seen["role"] == "send" and seen["connections"] == 2
     assert seen["bytes_transferred"] > 0 and seen["memory_bytes"] == 128 << 20
     info = source.client.info()  # vm.info is not blocked by the send
