@@ -135,10 +135,13 @@ class RangeTable:
         n = np.array(lengths, dtype=_U64).reshape(-1)
         if g.shape != n.shape:
             raise ValueError(f"{g.size} addresses but {n.size} lengths")
-        if np.any(n == 0):
-            raise ValueError("a memory range has length 0")
-        if np.any(g > _U64_MAX - (n - _U64(1))):
-            raise ValueError("a memory range runs past the end of the 64-bit address space")
+        empty = np.flatnonzero(n == 0)
+        if empty.size:
+            raise ValueError(f"range {int(empty[0])} has length 0")
+        wraps = np.flatnonzero(g > _U64_MAX - (n - _U64(1)))
+        if wraps.size:
+            raise ValueError(f"range {int(wraps[0])} runs past the end of the 64-bit address "
+                             "space")
         return cls._make(g, n)
 
     @classmethod

@@ -86,6 +86,8 @@ def test_memory_fd_layout():
     assert wire.decode_memory_fd_payload(payload) == (0x10_0000, 0x20_0000)
     with pytest.raises(RemoteProtocolError, match="64-bit"):
         wire.decode_memory_fd_payload(struct.pack("<QQ", (1 << 64) - 4096, 8192))
+    with pytest.raises(LocalProtocolError, match="MEMORY_FD"):  # a size u64 cannot hold
+        wire.encode_memory_fd_payload(0, 1 << 64)
 
 
 def test_decode_range_table():

@@ -76,15 +76,13 @@ from vmig.proto.wire import (
     MAX_RANGES_PER_REQUEST,
     MAX_STATE_SIZE,
     MEMORY_FD_PAYLOAD_SIZE,
-    MIGRATION_ID_SIZE,
     NO_HEADERS,
     START_PAYLOAD_SIZE,
-    SUPPORTED_VERSIONS,
     Command,
     ConnectionRole,
     ResponseHeader,
-    StartFlags,
     Status,
+    check_version,
     decode_memory_fd_headers,
     decode_memory_fd_payload,
     decode_memory_headers,
@@ -108,7 +106,7 @@ __all__ = ["DEFAULT_PIPELINE_DEPTH", "ReceiverConnection", "SenderConnection"]
 
 #: Outstanding MEMORY requests per MEMORY connection when not given. Two hide one
 #: round trip behind the next chunk; four leave slack for a slow ack without
-#: letting unacknowledged data pile up (each chunk is tens of MiB).
+#: letting unacknowledged data pile up (a chunk is up to 16 MiB by default).
 DEFAULT_PIPELINE_DEPTH = 4
 
 # Payload limits of the commands whose payload is one opaque blob.
@@ -153,10 +151,6 @@ class _Buffer:
             out = bytes(view[:count])
         del self._data[:count]  # O(1) from the front of a bytearray in CPython
         return out
-
-
-def _versions_text() -> str:
-    return " and ".join(str(v) for v in sorted(SUPPORTED_VERSIONS))
 
 
 # ===================================================================================
@@ -518,11 +512,7 @@ class ReceiverConnection:
 
     def _parse_start(self, body: bytes) -> Start:
         version, flags, migration_id, connections = decode_start_payload(body)
-        if version not in SUPPORTED_VERSIONS:
-            raise RemoteProtocolError(
-                f"sender speaks protocol version {version}; this receiver accepts "
-                f"{_versions_text()}"
-            )
+        check_version(version, "sender")
         if not 1 <= connections <= MAX_CONNECTIONS:
             raise RemoteProtocolError(
                 f"sender asked for {connections} connections; allowed are 1 to {MAX_CONNECTIONS}"
@@ -744,15 +734,6 @@ _REQUEST_COMMANDS: tuple[tuple[type, Command], ...] = (
 def _encode_request(event: Request) -> bytes:
     """Header (and payload, except MEMORY's page bytes) of a request."""
     if isinstance(event, Start):
-        if not 1 <= event.connections <= MAX_CONNECTIONS:
-            raise LocalProtocolError(
-                f"cannot send START with {event.connections} connections; "
-                f"allowed are 1 to {MAX_CONNECTIONS}"
-            )
-        if len(event.migration_id) != MIGRATION_ID_SIZE:
-            raise LocalProtocolError(f"migration id must be {MIGRATION_ID_SIZE} bytes")
-        if int(event.flags) & ~int(StartFlags.LOCAL | StartFlags.VERIFY_MEMORY):
-            raise LocalProtocolError(f"cannot send START with unknown flags {event.flags!r}")
         payload = encode_start_payload(
             event.version, event.flags, event.migration_id, event.connections
         )

@@ -16,9 +16,10 @@ with a 32-byte *hello*, so one listener can sort incoming sockets::
     12     4     reserved       zero
     16     16    migration id   random; the same on every connection of a migration
 
-The receiver sends nothing back for a hello (on a bad one it may send an Error
-response and close). After it, the sender sends *requests*; the receiver answers
-each with exactly one *response*, in order.
+The receiver answers every hello with a bare response header: OK when it takes
+the connection, ERROR with a reason (then it closes) when not. After that, the
+sender sends *requests*; the receiver answers each with exactly one *response*,
+in order.
 
 Request (16-byte header, then ``length`` payload bytes)::
 
@@ -116,6 +117,7 @@ __all__ = [
     "StartFlags",
     "StartPayload",
     "Status",
+    "check_version",
     "decode_memory_fd_headers",
     "decode_memory_fd_payload",
     "decode_memory_headers",
@@ -220,7 +222,7 @@ MAX_COMPLETE_SIZE = 1 * MiB
 #: Ranges in one MEMORY request: 16 MiB of table at most, which is a 1 GiB
 #: payload as scattered single pages at worst (2**18 pages) with margin.
 MAX_RANGES_PER_REQUEST = 1 << 20
-#: Page bytes in one MEMORY request. Senders chunk far smaller (tens of MiB,
+#: Page bytes in one MEMORY request. Senders chunk far smaller (16 MiB by default,
 #: one ack each); this bounds what a receiver commits to on one header.
 MAX_MEMORY_PAYLOAD = 1 * GiB
 #: Connections per migration (CH: MAX_MIGRATION_CONNECTIONS).
@@ -326,9 +328,17 @@ def decode_response_header(data: bytes | bytearray | memoryview) -> ResponseHead
 
 
 def encode_start_payload(version: int, flags: int, migration_id: bytes, connections: int) -> bytes:
-    """The 32-byte START payload."""
+    """The 32-byte START payload. Raises LocalProtocolError on a bad id, connection
+    count or unknown flags."""
     if len(migration_id) != MIGRATION_ID_SIZE:
         raise LocalProtocolError(f"migration id must be {MIGRATION_ID_SIZE} bytes")
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        raise LocalProtocolError(
+            f"cannot send START with {connections} connections; allowed are 1 to "
+            f"{MAX_CONNECTIONS}"
+        )
+    if int(flags) & ~_KNOWN_FLAGS:
+        raise LocalProtocolError(f"cannot send START with unknown flags {flags!r}")
     return _pack(_START, "START payload", version, int(flags), migration_id, connections, 0)
 
 
@@ -390,7 +400,7 @@ def encode_memory_fd_payload(gpa: int, size: int) -> bytes:
     problem = _region_problem(gpa, size)
     if problem:
         raise LocalProtocolError(f"cannot send MEMORY_FD: {problem}")
-    return _MEMORY_FD_PAYLOAD.pack(gpa, size)
+    return _pack(_MEMORY_FD_PAYLOAD, "MEMORY_FD payload", gpa, size)
 
 
 def decode_memory_fd_payload(data: bytes | bytearray | memoryview) -> tuple[int, int]:
@@ -438,10 +448,7 @@ def decode_range_table(data: bytes | bytearray | memoryview, payload_bytes: int)
         raise RemoteProtocolError(f"sender sent a {len(data)}-byte range table")
     pairs = np.frombuffer(data, dtype="<u8").reshape(-1, 2)
     gpas, lengths = pairs[:, 0], pairs[:, 1]
-    empty = np.flatnonzero(lengths == 0)
-    if empty.size:
-        raise RemoteProtocolError(f"sender sent MEMORY with range {int(empty[0])} of length 0")
-    # Each length is at most the payload limit, so the sum below cannot overflow.
+    # Each length is at most the payload limit, so the table's total cannot overflow.
     too_long = np.flatnonzero(lengths > np.uint64(MAX_MEMORY_PAYLOAD))
     if too_long.size:
         i = int(too_long[0])
@@ -449,21 +456,19 @@ def decode_range_table(data: bytes | bytearray | memoryview, payload_bytes: int)
             f"sender sent MEMORY with range {i} of {int(lengths[i])} bytes; "
             f"the limit is {MAX_MEMORY_PAYLOAD}"
         )
+    try:
+        table = RangeTable.from_arrays(gpas, lengths)  # empty and wrapping ranges
+    except ValueError as exc:
+        raise RemoteProtocolError(f"sender sent MEMORY whose {exc}") from None
     problem = _aligned_problem(gpas, lengths)
     if problem:
         raise RemoteProtocolError(f"sender sent MEMORY with {problem}")
-    wraps = np.flatnonzero(gpas > np.uint64(_U64_LIMIT - 1) - (lengths - np.uint64(1)))
-    if wraps.size:
+    if table.total_bytes != payload_bytes:
         raise RemoteProtocolError(
-            f"sender sent MEMORY with range {int(wraps[0])} past the 64-bit address space"
-        )
-    total = int(lengths.sum(dtype=np.uint64))
-    if total != payload_bytes:
-        raise RemoteProtocolError(
-            f"sender sent MEMORY whose ranges hold {total} bytes but whose header "
+            f"sender sent MEMORY whose ranges hold {table.total_bytes} bytes but whose header "
             f"announces {payload_bytes} page bytes"
         )
-    return RangeTable.from_arrays(gpas, lengths)
+    return table
 
 
 # -- hello --------------------------------------------------------------------------
@@ -495,12 +500,14 @@ def parse_hello(data: bytes | bytearray | memoryview) -> Hello:
         raise RemoteProtocolError(f"peer sent a hello with invalid role {role}")
     if reserved:
         raise RemoteProtocolError(f"peer sent a hello with reserved field {reserved:#x}")
-    if version not in SUPPORTED_VERSIONS:
-        raise RemoteProtocolError(
-            f"peer speaks protocol version {version}; this side accepts {_versions_text()}"
-        )
+    check_version(version, "peer")
     return Hello(ConnectionRole(role), migration_id, version)
 
 
-def _versions_text() -> str:
-    return " and ".join(str(v) for v in sorted(SUPPORTED_VERSIONS))
+def check_version(version: int, peer: str) -> None:
+    """RemoteProtocolError unless `version` (sent by `peer`) is one this side speaks."""
+    if version not in SUPPORTED_VERSIONS:
+        accepted = " and ".join(str(v) for v in sorted(SUPPORTED_VERSIONS))
+        raise RemoteProtocolError(
+            f"{peer} speaks protocol version {version}; this side accepts {accepted}"
+        )
