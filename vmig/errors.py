@@ -81,3 +81,13 @@ class VmmUnreachableError(ApiError):
 
 class ApiSocketError(VmigError):
     """The API socket cannot be served: the path is in use, not a socket, or not bindable."""
+
+
+def one_line(text: object, empty: str = "") -> str:
+    """`text` with its whitespace collapsed, so that it is always exactly one line."""
+    return " ".join(str(text).split()) or empty
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a failure: a VmigError's own message, anything else with its type."""
+    return str(exc) if isinstance(exc, VmigError) else f"{type(exc).__name__}: {exc}"

@@ -17,6 +17,7 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -141,6 +142,10 @@ class GuestMemory:
         self._check_open()
         self.check_range(gpa, length)
         return self._view[gpa:gpa + length]
+
+    def views(self, ranges: Iterable[tuple[int, int]]) -> list[memoryview]:
+        """Writable views of several (gpa, length) ranges, in order, for scatter/gather I/O."""
+        return [self.view(gpa, length) for gpa, length in ranges]
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy `length` bytes out of guest memory."""

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 
 from vmig.config import VmConfig
-from vmig.errors import GuestMemoryError, MigrationError, ProtocolError, VmigError
+from vmig.errors import GuestMemoryError, MigrationError, ProtocolError, VmigError, describe
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest, memory_digest
 from vmig.migration.progress import MigrationProgress, Phase
@@ -50,7 +50,7 @@ from vmig.proto import (
 )
 from vmig.transport.address import Address, bound_address, listen, parse_url
 from vmig.transport.channel import ReceiverChannel, answer_hello
-from vmig.transport.stream import Stream
+from vmig.transport.stream import IO_TIMEOUT_S, Stream
 from vmig.vmm.machine import Machine
 from vmig.vmm.state import MachineState
 
@@ -170,10 +170,13 @@ class MigrationReceiver:
             return
         try:
             answer_hello(stream)
-        except VmigError:
+        except VmigError:  # the source left: let a new MAIN try again
+            if hello.role is ConnectionRole.MAIN:
+                with self._lock:
+                    self._migration_id = None
             stream.close()
             return
-        stream.sock.settimeout(None if hello.role is ConnectionRole.MEMORY else 60.0)
+        stream.sock.settimeout(None if hello.role is ConnectionRole.MEMORY else IO_TIMEOUT_S)
         local = self.address.kind == "unix"
         channel = ReceiverChannel(stream, hello.role, hello.migration_id,
                                   accept_fds=local and hello.role is ConnectionRole.MAIN)
@@ -215,8 +218,7 @@ class MigrationReceiver:
                 self.progress.update(phase=Phase.RECEIVING, connections=1)
                 self._serve_main(channel)
         except BaseException as exc:
-            reason = str(exc) if isinstance(exc, VmigError) else f"{type(exc).__name__}: {exc}"
-            self._abort(reason)
+            self._abort(describe(exc))
         finally:
             self._finish()
 
@@ -319,12 +321,11 @@ class MigrationReceiver:
         if len(gpas) and int((gpas + lengths).max()) > memory.size:
             raise GuestMemoryError(f"MEMORY range ends past guest memory "
                                    f"({int((gpas + lengths).max()):#x} > {memory.size:#x})")
-        ranges = list(zip(gpas.tolist(), lengths.tolist(), strict=True))
-        if not self._memory_preallocated:
-            for gpa, length in ranges:
-                if length >= BULK_POPULATE_BYTES:  # fault big ranges in with one call
-                    memory.populate(gpa, length)
-        views = [memory.view(gpa, length) for gpa, length in ranges]
+        if not self._memory_preallocated:  # fault big ranges in with one call each
+            big = lengths >= BULK_POPULATE_BYTES
+            for gpa, length in zip(gpas[big].tolist(), lengths[big].tolist(), strict=True):
+                memory.populate(gpa, length)
+        views = memory.views(request.ranges)
         try:
             channel.receive_payload(views)
         finally:
@@ -385,7 +386,7 @@ class MigrationReceiver:
                     channel.reject(str(exc))
                     raise
         except BaseException as exc:  # after a hand-over _abort() ignores this
-            self._abort(str(exc) if isinstance(exc, VmigError) else repr(exc))
+            self._abort(describe(exc))
 
     # --- ending -----------------------------------------------------------------------------
 
@@ -396,11 +397,19 @@ class MigrationReceiver:
                 return  # already ending: the first reason stands
             self._closing = True
             self._error = reason
+        self._shut_connections()
+        self._main_queue.put(None)
+
+    def _shut_connections(self) -> tuple[list[ReceiverChannel], list[threading.Thread]]:
+        """Wake every thread blocked on a migration socket and stop accepting; return the
+        connections and workers there are."""
+        with self._lock:
             channels = [*self._extras, *([self._main] if self._main else [])]
+            workers = list(self._workers)
         for channel in channels:
             channel.stream.shutdown()
         self._close_listener()
-        self._main_queue.put(None)
+        return channels, workers
 
     def _discard_prealloc(self) -> None:
         prealloc, self._prealloc = self._prealloc, None
@@ -430,11 +439,7 @@ class MigrationReceiver:
         """Close every connection, join the workers, then report the outcome once."""
         with self._lock:
             self._closing = True
-            channels = [*self._extras, *([self._main] if self._main else [])]
-            workers = list(self._workers)
-        for channel in channels:
-            channel.stream.shutdown()
-        self._close_listener()
+        channels, workers = self._shut_connections()
         for worker in workers:
             worker.join()
         if self._accept_thread is not None:

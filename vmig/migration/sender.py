@@ -10,9 +10,10 @@ Sequence (docs/protocol.md has the wire view)::
     ... until policy.decide() says CONVERGE (or ABORT on timeout with "cancel")
     pause guest -> last dirty pages -> STATE -> COMPLETE [digest] -> source MIGRATED
 
-Any failure before COMPLETE is acknowledged leaves the source VM as it was
-(resumed if we paused it), sends ABANDON when it still can, and closes every
-connection; the error names the cause.
+Any failure before COMPLETE is sent leaves the source VM as it was (resumed if
+we paused it), sends ABANDON when it still can, and closes every connection;
+the error names the cause. If COMPLETE was sent but not answered, the
+destination may already run the guest, so the source stays paused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vmig.errors import MigrationError, TransportError, VmigError
+from vmig.errors import MigrationError, TransportError, describe
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest
 from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, SendParams
@@ -100,12 +101,12 @@ class MigrationSender:
     # --- the whole migration -------------------------------------------------------------
 
     def run(self) -> MigrationSummary:
-        """Migrate; return the summary or raise MigrationError (source left running)."""
+        """Migrate; return the summary or raise MigrationError (see the module docstring)."""
         self.machine.begin(OPERATION)
         try:
             summary = self._migrate()
         except BaseException as exc:
-            reason = str(exc) if isinstance(exc, VmigError) else f"{type(exc).__name__}: {exc}"
+            reason = describe(exc)
             if self._cancelled is not None:
                 reason = f"migration cancelled: {self._cancelled}"
             if self._complete_sent and not isinstance(exc, MigrationError):
@@ -142,13 +143,15 @@ class MigrationSender:
         config = {"vm": self.machine.config.to_dict(), "tsc_khz": self.machine.tsc_khz}
         main.request(Config(json.dumps(config).encode()))
 
-        self.machine.start_dirty_log()
-        try:
-            if not self.params.local:
-                self._precopy()
+        if self.params.local:  # the destination maps this memory: nothing to track or copy
             self._stop_and_copy(main)
-        finally:
-            self.machine.stop_dirty_log()
+        else:
+            self.machine.start_dirty_log()
+            try:
+                self._precopy()
+                self._stop_and_copy(main)
+            finally:
+                self.machine.stop_dirty_log()
         downtime_ms = (self.clock() - self._downtime_started) * 1000
         duration = self.clock() - started
         sent = self.stats.bytes_sent_total
@@ -172,7 +175,7 @@ class MigrationSender:
     # --- connections ---------------------------------------------------------------------
 
     def _open_connections(self) -> list[SenderChannel]:
-        """MAIN, then up to N-1 MEMORY connections; see the brief for the partial rules."""
+        """MAIN, then up to N-1 MEMORY connections (docs/protocol.md: partial acceptance)."""
         channels = self._channels
         channels.append(self._open(ConnectionRole.MAIN))
         wanted = self.params.connections - 1
@@ -197,7 +200,7 @@ class MigrationSender:
             reason = (f"destination accepted only {opened} of {wanted} extra connections: "
                       f"{failures[0]}")
             with contextlib.suppress(Exception):  # tell the destination why we leave
-                channels[0].submit(Abandon(reason[:1000]))
+                channels[0].submit(Abandon(reason))
             for channel in channels:
                 channel.close()
             raise MigrationError(reason)
@@ -216,9 +219,6 @@ class MigrationSender:
 
     # --- pre-copy ------------------------------------------------------------------------
 
-    def _views_for(self, ranges: RangeTable) -> list[memoryview]:
-        return [self.memory.view(gpa, length) for gpa, length in ranges]
-
     def _send(self, ranges: RangeTable) -> int:
         """Send one iteration's ranges over the pool; record bandwidth."""
         assert self._pool is not None
@@ -226,9 +226,9 @@ class MigrationSender:
         began = self.clock()
         connections = len(self._pool.channels)
         fair_share = ranges.total_bytes // (2 * connections) // PAGE_SIZE * PAGE_SIZE
-        chunk = max(min(self.params.chunk_bytes, fair_share), MIN_CHUNK_BYTES)
+        chunk = min(self.params.chunk_bytes, max(fair_share, MIN_CHUNK_BYTES))
         chunks = ranges.partition(chunk)
-        sent = self._pool.send_iteration(chunks, self._views_for, self.progress.add_bytes)
+        sent = self._pool.send_iteration(chunks, self.memory.views, self.progress.add_bytes)
         seconds = self.clock() - began
         self.stats.record_iteration(sent, seconds)
         self.progress.update(iteration=self.stats.iteration,
@@ -304,7 +304,7 @@ class MigrationSender:
         """Leave exactly one running VM: ours. Best effort ABANDON, close everything."""
         if self._pool is not None:
             with contextlib.suppress(Exception):
-                self._pool.main.submit(Abandon(reason[:1000]))
+                self._pool.main.submit(Abandon(reason))
         self._close()
         with contextlib.suppress(Exception):
             self.machine.stop_dirty_log()

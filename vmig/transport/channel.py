@@ -132,7 +132,7 @@ class ReceiverChannel:
 
     def _fill(self, wanted: int) -> None:
         if self._accept_fds:
-            data, fds = self.stream.recv_exact_with_fds(max(wanted, 1))
+            data, fds = self.stream.recv_some_with_fds(max(wanted, 1))
             self.fds.extend(fds)
         else:
             data = self.stream.recv_some(max(wanted, 1))

@@ -1,7 +1,7 @@
 """`Stream`: exact-size reads and scatter/gather writes on one socket, without copies.
 
 Page bytes go from guest-memory memoryviews to the socket with `sendmsg` and
-from the socket into guest memory with `recv_into`; no Python-level copy.
+from the socket into guest memory with `recvmsg_into`; no Python-level copy.
 Socket errors become TransportError naming the peer and what failed.
 """
 
@@ -25,8 +25,6 @@ class Stream:
         self.sock = sock
         self.peer = peer
         sock.settimeout(timeout)
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -42,9 +40,7 @@ class Stream:
     def recv_some(self, limit: int) -> bytes:
         """Up to `limit` bytes; b"" at end of stream."""
         with self._errors("receiving from"):
-            data = self.sock.recv(limit)
-        self.bytes_received += len(data)
-        return data
+            return self.sock.recv(limit)
 
     def recv_exact(self, size: int) -> bytes:
         """Exactly `size` bytes, or TransportError if the peer closes first."""
@@ -62,12 +58,10 @@ class Stream:
                     raise TransportError(f"receiving from {self.peer}: the peer closed the "
                                          f"connection ({size - done} bytes missing)")
                 done += n
-        self.bytes_received += size
 
     def recv_into_all(self, views: Sequence[memoryview]) -> None:
         """Fill every view in order; scattered pages land with few recvmsg_into calls."""
         pending = [memoryview(v) for v in views if len(v)]
-        total = sum(len(v) for v in pending)
         first = 0
         try:
             with self._errors("receiving from"):
@@ -79,12 +73,10 @@ class Stream:
                     first = _advance(pending, first, n)
         finally:
             _release(pending)
-        self.bytes_received += total
 
     def send_all(self, buffers: Sequence[bytes | memoryview]) -> None:
         """Send every buffer in order with sendmsg, resuming after partial writes."""
         pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-        total = sum(len(b) for b in pending)
         first = 0
         try:
             with self._errors("sending to"):
@@ -93,7 +85,6 @@ class Stream:
                     first = _advance(pending, first, sent)
         finally:
             _release(pending)
-        self.bytes_sent += total
 
     def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
         """Send `data` with `fds` attached as SCM_RIGHTS (UNIX sockets only)."""
@@ -102,28 +93,18 @@ class Stream:
             sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
         if sent < len(data):
             self.send_all([memoryview(data)[sent:]])
-        self.bytes_sent += sent
 
-    def recv_exact_with_fds(self, size: int, max_fds: int = 4) -> tuple[bytes, list[int]]:
-        """Exactly `size` bytes plus any fds that came with them (the caller owns the fds)."""
-        fds: list[int] = []
-        chunks = bytearray()
+    def recv_some_with_fds(self, limit: int, max_fds: int = 4) -> tuple[bytes, list[int]]:
+        """Up to `limit` bytes plus any fds that came with them (the caller owns the fds);
+        (b"", []) at end of stream."""
         with self._errors("receiving from"):
-            while len(chunks) < size:
-                data, ancdata, _flags, _ = self.sock.recvmsg(
-                    size - len(chunks), socket.CMSG_SPACE(max_fds * 4))
-                for level, kind, payload in ancdata:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        usable = len(payload) - len(payload) % 4
-                        fds.extend(array.array("i", payload[:usable]))
-                if not data:
-                    for fd in fds:
-                        socket.close(fd)
-                    raise TransportError(f"receiving from {self.peer}: the peer closed the "
-                                         "connection")
-                chunks += data
-        self.bytes_received += size
-        return bytes(chunks), fds
+            data, ancdata, _flags, _ = self.sock.recvmsg(limit, socket.CMSG_SPACE(max_fds * 4))
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(array.array("i", payload[:usable]))
+        return data, fds
 
     def shutdown(self) -> None:
         """Wake up any thread blocked on this socket (it sees end of stream)."""

@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-from vmig.errors import GuestError, VmigError
+from vmig.errors import GuestError, VmigError, describe
 from vmig.kvm import Vcpu
 from vmig.kvm.bindings import KVM_EXIT_IO_OUT, ExitReason
 from vmig.vmm.devices import IoBus, pack_io, unpack_io
@@ -153,7 +153,7 @@ class VcpuHandle:
                     self._actual = VcpuRunState.RUNNING
                 self._run_once()
         except Exception as exc:  # the guest or the VMM failed: record it, stop this vCPU
-            self.error = str(exc) if isinstance(exc, VmigError) else f"{type(exc).__name__}: {exc}"
+            self.error = describe(exc)
             log.error("vCPU %d failed: %s", self.vcpu.vcpu_id, self.error)
             self._on_failure(self.vcpu.vcpu_id, self.error)
         finally:
