@@ -22,7 +22,7 @@ from vmig import __version__
 from vmig.api.client import ApiClient
 from vmig.api.process import READY_LINE
 from vmig.config import VmConfig
-from vmig.errors import SnapshotError, VmigError
+from vmig.errors import SnapshotError, VmigError, one_line
 from vmig.guest.layout import MAX_CPUS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,7 +46,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except VmigError as exc:
-            raise CliError(" ".join(str(exc).split())) from None
+            raise CliError(one_line(exc)) from None
 
 
 def _abspath(path: str | None) -> str | None:
@@ -88,10 +88,6 @@ def vm_options(command: F) -> F:
     for option in reversed(options):
         command = option(command)
     return command
-
-
-# Options that shape a new VM; a restored VM takes them from its snapshot.
-_SHAPE_OPTIONS = ("cpus", "workload", "working_set", "dirty_rate", "order")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

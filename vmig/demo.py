@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,7 +68,6 @@ class _SourceWatch:
     def __init__(self, socket_path: str, report: DemoReport) -> None:
         self.client = ApiClient(socket_path)
         self.report = report
-        self.lock = threading.Lock()
 
     def poll(self, _info: dict[str, Any] | None = None) -> None:
         try:
@@ -77,9 +75,8 @@ class _SourceWatch:
         except ApiError:
             return
         if info.get("state") in ("running", "paused") and info.get("heartbeat") is not None:
-            with self.lock:
-                self.report.heartbeat_before = info["heartbeat"]
-                self.report.before_state = info["state"]
+            self.report.heartbeat_before = info["heartbeat"]
+            self.report.before_state = info["state"]
 
 
 def run_demo(*, memory: str = "256M", cpus: int = 2, working_set: str = "64M",

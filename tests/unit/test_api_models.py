@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from vmig.api.app import one_line, status_for, validation_message
+from vmig.api.app import error_response, status_for, validation_message
 from vmig.api.models import (
     CheckGuestRequest,
     ReceiveMigrationRequest,
@@ -27,6 +29,7 @@ from vmig.errors import (
     SnapshotError,
     StateError,
     VmigError,
+    one_line,
 )
 from vmig.migration.params import SendParams
 from vmig.migration.policy import TimeoutStrategy
@@ -148,7 +151,7 @@ def test_status_by_error_family(error: VmigError, status: int) -> None:
 
 def test_one_line_collapses_whitespace() -> None:
     assert one_line("first\n  second\tthird ") == "first second third"
-    assert one_line("") == "unknown error"
+    assert json.loads(error_response(500, "").body) == {"error": "unknown error"}
 
 
 def test_send_migration_defaults_are_the_engines() -> None:

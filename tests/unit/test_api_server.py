@@ -267,6 +267,30 @@ def test_check_guest(served: Served) -> None:
         assert raw.put("/vm.check-guest").json()["pages_checked"] == 16
 
 
+def test_info_answers_while_a_long_command_holds_the_vm(served: Served) -> None:
+    machine = served.machine()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_check(timeout: float = 60.0) -> dict[str, Any]:
+        entered.set()
+        release.wait(20)
+        return machine.check_result
+
+    machine.check_guest = slow_check  # type: ignore[method-assign]
+    with ApiClient(served.path, timeout=30) as other:
+        check = threading.Thread(target=other.check_guest, args=(60,), daemon=True)
+        check.start()
+        try:
+            assert entered.wait(10), "check-guest did not start"
+            with ApiClient(served.path, timeout=2) as quick:
+                assert quick.info()["state"] == "running"
+            assert check.is_alive()  # info answered while the check held the VM
+        finally:
+            release.set()
+            check.join(10)
+    assert not check.is_alive()
+
+
 def test_cli_check_guest_exits_1_when_the_guest_is_not_ok(served: Served) -> None:
     machine = served.machine()
     runner = CliRunner()

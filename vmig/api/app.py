@@ -60,6 +60,7 @@ from vmig.errors import (
     SnapshotError,
     StateError,
     VmigError,
+    one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,8 @@ def status_for(exc: VmigError) -> int:
     return 500
 
 
-def one_line(text: object) -> str:
-    """Collapse whitespace so that a message is always exactly one line."""
-    return " ".join(str(text).split()) or "unknown error"
-
-
 def error_response(status: int, message: object) -> JSONResponse:
-    return JSONResponse({"error": one_line(message)}, status_code=status)
+    return JSONResponse({"error": one_line(message, "unknown error")}, status_code=status)
 
 
 def validation_message(errors: Sequence[Any]) -> str:
@@ -166,9 +162,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        if exc.status_code < 400 or exc.status_code in (204, 304):
+        if exc.status_code < 400:
             return Response(status_code=exc.status_code, headers=exc.headers)
-        message = one_line(exc.detail)
+        message = one_line(exc.detail, "unknown error")
         if exc.status_code in (404, 405):  # say which request, so a typo is easy to spot
             message = f"{message}: {request.method} {request.url.path}"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)

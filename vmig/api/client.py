@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from vmig.errors import ApiError, VmmUnreachableError
+from vmig.errors import ApiError, VmmUnreachableError, one_line
 
 API_PREFIX = "/api/v1"
 DEFAULT_TIMEOUT_S = 30.0
@@ -149,7 +149,7 @@ def _reason(exc: httpx.TransportError) -> str:
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
         cause = cause.__cause__ or cause.__context__
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return one_line(exc, type(exc).__name__)
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -159,8 +159,8 @@ def _error_message(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         message = None
     if not isinstance(message, str) or not message:
-        text = " ".join(response.text.split())[:200]
+        text = one_line(response.text)[:200]
         message = f"HTTP {response.status_code} {response.reason_phrase}" + (
             f": {text}" if text else "")
-    return " ".join(message.split())
+    return one_line(message)
 

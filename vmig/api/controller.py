@@ -20,7 +20,6 @@ command.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from typing import Any
@@ -110,20 +109,23 @@ class Vmm:
     # --- commands on the VM ----------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        """`Machine.info()`; with no VM {"state": "empty"} or "receiving" (+ last_error)."""
-        with self._lock:
-            with self._mig_lock:
-                machine, receiving = self.machine, self._receiving
-                last_error = self._last_error
-                receiver = self._receiver
-            if machine is not None:
-                return machine.info()
-            data: dict[str, Any] = {"state": RECEIVING if receiving else EMPTY}
-            if receiving and receiver is not None:
-                data["receiver_url"] = str(receiver.address)
-            if last_error is not None:
-                data["last_error"] = last_error
-            return data
+        """`Machine.info()`; with no VM {"state": "empty"} or "receiving" (+ last_error).
+
+        Does not wait for the command lock, so it answers during a long command
+        (check-guest, snapshot); `Machine.info()` is safe on a machine being closed.
+        """
+        with self._mig_lock:
+            machine, receiving = self.machine, self._receiving
+            last_error = self._last_error
+            receiver = self._receiver
+        if machine is not None:
+            return machine.info()
+        data: dict[str, Any] = {"state": RECEIVING if receiving else EMPTY}
+        if receiving and receiver is not None:
+            data["receiver_url"] = str(receiver.address)
+        if last_error is not None:
+            data["last_error"] = last_error
+        return data
 
     def pause(self) -> None:
         with self._lock:
@@ -257,9 +259,6 @@ class Vmm:
         if progress is None:
             return None
         data = progress.snapshot()
-        for name, value in data.items():  # JSON has no infinity ("not measured yet")
-            if isinstance(value, float) and not math.isfinite(value):
-                data[name] = None
         data["active"] = active
         return data
 

@@ -8,7 +8,7 @@ the same words.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -367,8 +367,3 @@ class PingResponse(BaseModel):
 
     version: str = Field(description="vmig version of the VMM.", examples=["0.1.0"])
     pid: int = Field(description="Process id of the VMM.", examples=[4242])
-
-
-def vm_info(data: dict[str, Any]) -> VmInfo:
-    """Wrap a `Machine.info()`-style dict; unknown keys pass through."""
-    return VmInfo.model_validate(data)

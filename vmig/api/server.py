@@ -37,7 +37,6 @@ from vmig.errors import ApiSocketError
 log = logging.getLogger(__name__)
 
 DEFAULT_LOG_LEVEL = "warning"
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BACKLOG = 64
 PROBE_TIMEOUT_S = 1.0  # a live server accepts at once; a full backlog also counts as "in use"
 GRACEFUL_SHUTDOWN_S = 10  # requests still running when we are told to stop get this long
@@ -203,14 +202,3 @@ class ApiServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-def serve(vmm: Vmm, socket_path: str, *, log_level: str = DEFAULT_LOG_LEVEL,
-          on_ready: Callable[[], None] | None = None) -> None:
-    """Bind `socket_path` and serve `vmm` on it until told to stop; `vmm` is closed either way."""
-    try:
-        server = ApiServer.bind(socket_path)
-    except BaseException:
-        vmm.close()
-        raise
-    server.serve(vmm, log_level=log_level, on_ready=on_ready)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,8 +71,7 @@ class MigrationProgress:
                 "bytes_remaining": self.bytes_remaining,
                 "dirty_rate_bytes_per_s": round(self.dirty_rate_bytes_per_s),
                 "throughput_bytes_per_s": round(self.throughput_bytes_per_s),
-                "expected_downtime_ms": (None if self.expected_downtime_ms is None
-                                         else round(self.expected_downtime_ms, 1)),
+                "expected_downtime_ms": _finite_or_none(self.expected_downtime_ms),
                 "connections": self.connections,
                 "receiver_state": self.receiver_state,
                 "error": self.error,
@@ -101,3 +101,8 @@ class MigrationSummary:
         data["downtime_ms"] = round(self.downtime_ms, 1)
         data["throughput_bytes_per_s"] = round(self.throughput_bytes_per_s)
         return data
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """`value` to 0.1, or None when unknown or not measured yet (JSON has no infinity)."""
+    return None if value is None or not math.isfinite(value) else round(value, 1)
