@@ -65,6 +65,12 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _threads() -> set[threading.Thread]:
+    """Live threads, compared as sets so that a thread of an earlier test ending now
+    cannot shift a count."""
+    return set(threading.enumerate())
+
+
 @pytest.fixture
 def source():
     config = VmConfig.build(memory="128M", cpus=2, workload="dirty", working_set="32M",
@@ -83,7 +89,7 @@ def _receiver(url: str = "tcp:127.0.0.1:0", **kwargs) -> tuple[MigrationReceiver
 
 @pytest.mark.parametrize("connections", [1, 2, 4, 8])
 def test_migrates_dirtying_guest_over_tcp(source, connections):
-    threads_before = threading.active_count()
+    threads_before = _threads()
     receiver, outcome, url = _receiver()
     time.sleep(0.2)
     before = source.guest_counters()
@@ -104,7 +110,10 @@ def test_migrates_dirtying_guest_over_tcp(source, connections):
         time.sleep(0.2)
         assert destination.guest_counters()["heartbeat"] > after["heartbeat"]
         assert destination.check_guest()["ok"]
-    assert threading.active_count() == threads_before - 2  # the source's vCPUs are gone too
+    assert not _threads() - threads_before  # receiver and destination threads are joined
+    gone = threads_before - _threads()
+    assert sorted(t.name for t in gone if t.name.startswith("vcpu")) == ["vcpu0", "vcpu1"]
+
 
 
 def test_local_migration_passes_memory_fd(source, tmp_path):
@@ -211,7 +220,7 @@ def _read_response(sock: socket.socket) -> tuple[wire.Status, str]:
     (wire.encode_request_header(wire.Command.INVALID, length=0), "INVALID"),
 ])
 def test_receiver_rejects_protocol_violations_and_cleans_up(payload, words):
-    threads_before = threading.active_count()
+    threads_before = _threads()
     fds_before = _fds()
     receiver, outcome, url = _receiver()
     sock = _raw_main(url)
@@ -222,7 +231,7 @@ def test_receiver_rejects_protocol_violations_and_cleans_up(payload, words):
     assert outcome.machine is None and "protocol" in outcome.error
     receiver.close()
     sock.close()
-    assert threading.active_count() == threads_before
+    assert not _threads() - threads_before
     assert _fds() == fds_before
 
 

@@ -148,7 +148,7 @@ def test_a_converging_workload_simulated():
     bandwidth, dirty_rate = 100 * MiB, 20 * MiB
     to_send = 1024 * MiB
     decisions = []
-    while True:
+    for _ in range(50):
         seconds = to_send / bandwidth
         now += seconds
         stats.record_iteration(to_send, seconds)
@@ -158,6 +158,8 @@ def test_a_converging_workload_simulated():
         decisions.append(decision)
         if decision is not Decision.CONTINUE:
             break
+    else:
+        pytest.fail("no decision but CONTINUE in 50 iterations")
     assert decisions[-1] is Decision.CONVERGE
     assert stats.expected_downtime_ms <= 300
     assert 2 <= stats.iteration <= 5
