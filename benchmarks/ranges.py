@@ -15,6 +15,8 @@ import numpy as np
 from vmig.ranges import RangeTable
 from vmig.units import PAGE_SIZE, GiB
 
+RESULTS = Path(__file__).resolve().parent / "results"  # gitignored
+
 
 def best_of(fn, repeat: int = 5) -> float:
     best = float("inf")
@@ -27,7 +29,7 @@ def best_of(fn, repeat: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=f"benchmarks/results/ranges-{int(time.time())}.json")
+    parser.add_argument("--output", default=str(RESULTS / f"ranges-{int(time.time())}.json"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     cases = {}
