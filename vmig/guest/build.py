@@ -1,15 +1,21 @@
 """Build the guest's flat binary image from `src/` with gcc and binutils.
 
-The image is built on demand into `_build/guest.bin` (gitignored) and rebuilt
-only when it is missing or older than a source file, `layout.py` or this file.
-Each build runs in its own temporary directory and is moved into place with an
-atomic rename, so several processes may call `ensure_guest_image()` at once.
+The image lives in `_build/guest.bin` (gitignored) beside `_build/guest.stamp`,
+the sha256 of the build's inputs (the sources, `layout.py` and this file) it was
+built from. In a checkout it is built on demand and rebuilt when an input's
+content no longer matches the stamp (without a stamp: when the image is older
+than an input). A wheel carries the image and its stamp, built by setup.py's
+`build_py` through `build_image()`, so an installed vmig uses them as they are,
+whatever the installed files' mtimes, and never needs gcc. Each build runs in
+its own temporary directory and is moved into place with atomic renames, so
+several processes may call `ensure_guest_image()` at once.
 
 Run ``python -m vmig.guest.build [--force]`` to build and print the image path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,6 +31,7 @@ GUEST_DIR = Path(__file__).resolve().parent
 SRC_DIR = GUEST_DIR / "src"
 BUILD_DIR = GUEST_DIR / "_build"
 IMAGE_PATH = BUILD_DIR / "guest.bin"
+STAMP_PATH = BUILD_DIR / "guest.stamp"
 SOURCES = (SRC_DIR / "start.S", SRC_DIR / "guest.c", SRC_DIR / "guest.ld")
 INPUTS = (*SOURCES, Path(layout.__file__).resolve(), Path(__file__).resolve())
 MAX_IMAGE_SIZE = layout.CODE_LIMIT - layout.ENTRY_BASE
@@ -43,13 +50,34 @@ TOOL_TIMEOUT_S = 120
 STDERR_TAIL_LINES = 6
 
 
+def inputs_digest() -> str:
+    """sha256 (hex) over the names and contents of the build's inputs: the stamp's text."""
+    digest = hashlib.sha256()
+    for path in INPUTS:
+        digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.exists() else b"\0missing\0")
+    return digest.hexdigest()
+
+
 def _stale() -> bool:
-    """True when the image is missing or older than any of its inputs."""
+    """True when the image is missing or out of date with its inputs.
+
+    With a stamp, the image is current exactly while the inputs' contents match
+    it (mtimes, which an install or a checkout resets, do not count). An image
+    with no sources beside it is a packaged one and is used as it is. An image
+    with neither is stale when any input is newer.
+    """
     try:
         built = IMAGE_PATH.stat().st_mtime_ns
     except FileNotFoundError:
         return True
-    return any(path.stat().st_mtime_ns > built for path in INPUTS if path.exists())
+    if not any(path.exists() for path in SOURCES):
+        return False
+    try:
+        stamp = STAMP_PATH.read_text().strip()
+    except FileNotFoundError:
+        return any(path.stat().st_mtime_ns > built for path in INPUTS if path.exists())
+    return stamp != inputs_digest()
 
 
 def _check_tools() -> None:
@@ -109,6 +137,32 @@ def _build(workdir: Path) -> Path:
     return image
 
 
+def build_image(build_dir: Path) -> Path:
+    """Build the guest into `build_dir` (guest.bin, guest.stamp, guest.elf, layout.h).
+
+    Returns the image's path. Raises GuestError when a build tool is missing or
+    fails, or the image is too big. setup.py calls this to put the image in a wheel.
+    """
+    _check_tools()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    started_ns = time.time_ns()
+    # Taken before compiling: a source edited during the build no longer matches it.
+    stamp = inputs_digest()
+    with tempfile.TemporaryDirectory(prefix="build-", dir=build_dir) as tmp:
+        workdir = Path(tmp)
+        image = _build(workdir)
+        # Keep the ELF and the header beside the image for objdump/debugging.
+        os.replace(workdir / "guest.elf", build_dir / "guest.elf")
+        os.replace(workdir / "layout.h", build_dir / "layout.h")
+        # The image's mtime is the build's start, so a source edited during the
+        # build still counts as newer; the renames come last and are atomic.
+        os.utime(image, ns=(started_ns, started_ns))
+        os.replace(image, build_dir / IMAGE_PATH.name)
+        (workdir / STAMP_PATH.name).write_text(stamp + "\n")
+        os.replace(workdir / STAMP_PATH.name, build_dir / STAMP_PATH.name)
+    return build_dir / IMAGE_PATH.name
+
+
 def ensure_guest_image(force: bool = False) -> Path:
     """Return the path of an up-to-date guest image, building it first if needed.
 
@@ -116,20 +170,7 @@ def ensure_guest_image(force: bool = False) -> Path:
     """
     if not force and not _stale():
         return IMAGE_PATH
-    _check_tools()
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    started_ns = time.time_ns()
-    with tempfile.TemporaryDirectory(prefix="build-", dir=BUILD_DIR) as tmp:
-        workdir = Path(tmp)
-        image = _build(workdir)
-        # Keep the ELF and the header beside the image for objdump/debugging.
-        os.replace(workdir / "guest.elf", BUILD_DIR / "guest.elf")
-        os.replace(workdir / "layout.h", BUILD_DIR / "layout.h")
-        # The image's mtime is the build's start, so a source edited during the
-        # build still counts as newer; the rename comes last and is atomic.
-        os.utime(image, ns=(started_ns, started_ns))
-        os.replace(image, IMAGE_PATH)
-    return IMAGE_PATH
+    return build_image(BUILD_DIR)
 
 
 def guest_image() -> bytes:
