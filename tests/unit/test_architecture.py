@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vmig.errors", "vmig.units", "vmig.ranges", "vmig.config", "vmig.guest.layout",
      "vmig.guest", ROOT),
     ("vmig.proto", "vmig.migration.policy"),
-    ("vmig.kvm", "vmig.memory", "vmig.guest.build"),
+    ("vmig.kvm", "vmig.memory", "vmig.uffd", "vmig.guest.build"),
     ("vmig.transport", "vmig.vmm"),
     ("vmig.migration",),
     ("vmig.api",),
@@ -29,6 +29,7 @@ FORBIDDEN = {
     "vmig.transport": ("vmig.kvm", "vmig.vmm", "vmig.memory", "vmig.migration"),
     "vmig.proto": ("vmig.kvm", "vmig.vmm", "vmig.memory", "vmig.transport", "vmig.config"),
     "vmig.kvm": ("vmig.memory", "vmig.vmm", "vmig.transport"),
+    "vmig.uffd": ("vmig.kvm", "vmig.memory", "vmig.vmm", "vmig.transport"),
 }
 #: The pure core does no I/O, keeps no threads or clocks of its own, and builds only
 #: on the other pure pieces.
@@ -37,7 +38,7 @@ PURE_MAY_IMPORT = ("vmig.errors", "vmig.units", "vmig.ranges", "vmig.proto")
 IMPURE_STDLIB = {"socket", "threading", "time", "os", "select", "selectors", "ctypes", "fcntl",
                  "mmap", "signal", "subprocess", "asyncio"}
 #: What may only be loaded by the code that runs a VM.
-VMM_SIDE = ("vmig.vmm", "vmig.kvm", "vmig.memory")
+VMM_SIDE = ("vmig.vmm", "vmig.kvm", "vmig.memory", "vmig.uffd")
 
 
 def _module_name(path: Path) -> str:
