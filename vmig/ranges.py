@@ -13,8 +13,8 @@ or per range. Pure: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple, SupportsIndex, overload
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple, SupportsIndex, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +27,8 @@ __all__ = ["RANGE_ENTRY_SIZE", "MemoryRange", "RangeTable"]
 RANGE_ENTRY_SIZE = 16
 
 _U64 = np.uint64
-_U64_MAX = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+_ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF
+_U64_MAX = np.uint64(_ALL_ONES)
 _WIRE_DTYPE = np.dtype("<u8")
 
 U64Array = npt.NDArray[np.uint64]
@@ -52,39 +53,302 @@ def _frozen(array: npt.ArrayLike) -> U64Array:
     return out
 
 
-def _bitmap_runs(words: U64Array) -> tuple[U64Array, U64Array]:
-    """First page and page count of every run of set bits in a u64 word bitmap.
+# -- dirty bitmap -> runs --------------------------------------------------------------
+#
+# A KVM dirty bitmap of a 1 TiB guest is 2**22 u64 words (32 MiB). Unpacking every bit
+# to a byte would touch 256 MiB, so `_bitmap_runs` works on whole words instead:
+#
+# - a word that is 0 holds nothing; a block of words that are all 0, or all ones, is
+#   skipped (or taken as one run) after one reduction;
+# - for every non-zero word w, with p the bit before its bit 0 (bit 63 of the word
+#   before), the run *starts* are ``x = w & ~((w << 1) | p)``; popcount(x) starts
+#   give each word its slots in the output, so the output is written in page order
+#   without a sort;
+# - the lowest start of a word is ``x & -x``, its highest is the exponent of
+#   ``float64(x)`` (exact: x has at most 32 bits set); the starts in between (words
+#   with three runs or more) are found afterwards, for all such words at once;
+# - a run is one page long when every set bit of the word is a start (``x == w``); only
+#   the other words get their run lengths computed, as ``popcount(w & ~(w + low))``;
+#   a run that reaches bit 63 goes on through the next words: over full words (found
+#   with one comparison of the bitmap against all-ones) and into the trailing ones of
+#   the first word that is not full.
+#
+# Every step is a numpy loop over a block's words (or over the few words that need
+# more), so the cost follows the number of non-zero words and of runs, not of pages.
 
-    Only the non-zero words are unpacked, so a sparse bitmap of a large guest
-    costs in proportion to its dirty words. A run continues from one word into
-    the next only when the two words are adjacent in the bitmap.
+#: Bitmap words per step: 1 MiB of bitmap, so that a step's temporaries stay in cache.
+_BLOCK_WORDS = 1 << 17
+#: Words unpacked to bits at once by `_set_bits` (one byte per bit: 2 MiB of bools).
+_UNPACK_WORDS = 1 << 15
+_ONE = _U64(1)
+_TOP_BIT = _U64(1 << 63)
+_EXPONENT = _U64(52)  # a float64's exponent field starts at bit 52, biased by 1023
+_EXPONENT_BIAS = 1023
+
+IntpArray = npt.NDArray[np.intp]
+_T = TypeVar("_T", bound=np.generic)
+
+
+def _set_bits(x: U64Array) -> Iterator[tuple[IntpArray, U64Array, IntpArray | int]]:
+    """Every set bit of every word of `x`: (index of the word, bit number, rank in the word).
+
+    Lowest bit first within a word. Few bits per word are peeled off one round each
+    (``x & -x``); many are unpacked, a chunk of words at a time so that the bools stay
+    small.
     """
-    index = np.flatnonzero(words)
-    if index.size == 0:
-        empty = np.zeros(0, dtype=_U64)
-        return empty, empty
-    raw = words[index].astype(_WIRE_DTYPE, copy=False).view(np.uint8)
-    bits = np.unpackbits(raw, bitorder="little").view(np.bool_).reshape(-1, 64)
-    gap_before = np.ones(index.size, dtype=np.bool_)
-    gap_before[1:] = np.diff(index) != 1
-    gap_after = np.ones(index.size, dtype=np.bool_)
-    gap_after[:-1] = gap_before[1:]
-    # A set bit starts a run when the bit before it (in page order) is clear; the
-    # bit before bit 0 of a word is bit 63 of the previous word only if adjacent.
-    before = np.empty_like(bits)
-    before[:, 1:] = bits[:, :-1]
-    before[1:, 0] = bits[:-1, 63]
-    before[gap_before, 0] = False
-    after = np.empty_like(bits)
-    after[:, :-1] = bits[:, 1:]
-    after[:-1, 63] = bits[1:, 0]
-    after[gap_after, 63] = False
-    firsts = np.flatnonzero(bits & ~before)
-    lasts = np.flatnonzero(bits & ~after)
-    # Map positions in the compressed bit array back to page numbers.
-    first_pages = index[firsts // 64].astype(_U64) * _U64(64) + (firsts % 64).astype(_U64)
-    last_pages = index[lasts // 64].astype(_U64) * _U64(64) + (lasts % 64).astype(_U64)
-    return first_pages, last_pages - first_pages + _U64(1)
+    if int(np.bitwise_count(x).sum(dtype=np.int64)) <= 2 * x.size:
+        word = np.arange(x.size, dtype=np.intp)
+        x = x.copy()
+        rank = 0
+        while x.size:
+            low = np.negative(x)
+            low &= x
+            bit = low.astype(np.float64).view(_U64)  # 2**b is exact: exponent b + 1023
+            bit >>= _EXPONENT
+            bit -= _U64(_EXPONENT_BIAS)
+            yield word, bit, rank
+            x ^= low
+            more = np.flatnonzero(x != 0)
+            if more.size < x.size:
+                x, word = x.take(more), word.take(more)
+            rank += 1
+        return
+    for lo in range(0, x.size, _UNPACK_WORDS):
+        chunk = x[lo:lo + _UNPACK_WORDS]
+        raw = chunk.astype(_WIRE_DTYPE, copy=False).view(np.uint8)
+        position = np.flatnonzero(np.unpackbits(raw, bitorder="little").view(np.bool_))
+        word = position >> 6
+        counts = np.bitwise_count(chunk)
+        first = np.cumsum(counts, dtype=np.intp)
+        first -= counts
+        ranks = np.arange(position.size, dtype=np.intp)
+        ranks -= first.take(word)
+        word += lo
+        yield word, (position & 63).astype(_U64), ranks
+
+
+class _Scale:
+    """Page numbers -> bytes for one `page_size`, with a shift when it is a power of two.
+
+    Bit numbers come from float64 exponents, which are biased: `exponent` returns
+    ``page_size * (b + 1023)``, and callers take ``1023 * page_size`` off their base
+    address once instead of off every element.
+    """
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = _U64(page_size)
+        power_of_two = page_size > 0 and not page_size & (page_size - 1)
+        self.shift = page_size.bit_length() - 1 if power_of_two else None
+
+    def scale(self, pages: U64Array) -> U64Array:
+        """``pages * page_size``, in place."""
+        if self.shift is None:
+            pages *= self.page_size
+        else:
+            pages <<= _U64(self.shift)
+        return pages
+
+    def exponent(self, words: U64Array, *, single_bit: bool) -> U64Array:
+        """``page_size * (b + 1023)``, b the highest set bit of each word; a new array.
+
+        Exact for words with at most 53 bits set (rounding to 53 bits then never
+        carries into the next power of two). Words with a single bit set have a zero
+        mantissa, so their exponent field is shifted straight into place.
+        """
+        bits = words.astype(np.float64).view(_U64)
+        if single_bit and self.shift is not None and self.shift <= 52:
+            bits >>= _U64(52 - self.shift)
+            return bits
+        bits >>= _EXPONENT
+        return self.scale(bits)
+
+
+class _Output:
+    """The (gpa, length) arrays `_bitmap_runs` fills block by block, in page order.
+
+    Capacity is estimated from the blocks seen so far; a block that does not fit starts
+    a new pair of arrays, which `finish` joins. Each pair has one spare element after
+    its capacity, where a block sends the writes of its words that start no run.
+    """
+
+    def __init__(self, nblocks: int) -> None:
+        self._nblocks = nblocks
+        self._done: list[tuple[U64Array, U64Array]] = []
+        self._gpas = self._lengths = np.zeros(1, dtype=_U64)
+        self._capacity = 0
+        self._fill = 0
+        self.total = 0
+
+    def reserve(self, count: int, block: int) -> tuple[U64Array, U64Array, int]:
+        """Room for `count` runs of block number `block`: (gpas, lengths, offset in them)."""
+        if self._fill + count > self._capacity:
+            self._retire()
+            seen = self.total + count
+            estimate = int(seen * self._nblocks / (block + 1) * 1.1) - self.total + 64
+            self._capacity = max(count, estimate, 2 * self._capacity)
+            self._gpas = np.empty(self._capacity + 1, dtype=_U64)
+            self._lengths = np.empty(self._capacity + 1, dtype=_U64)
+        offset = self._fill
+        self._fill += count
+        self.total += count
+        return self._gpas, self._lengths, offset
+
+    def _retire(self) -> None:
+        if self._fill:
+            self._done.append((self._gpas[:self._fill], self._lengths[:self._fill]))
+        self._fill = 0
+
+    def finish(self) -> tuple[U64Array, U64Array]:
+        self._retire()
+        if not self._done:
+            empty = np.zeros(0, dtype=_U64)
+            return empty, empty
+        if len(self._done) == 1:
+            gpas, lengths = self._done[0]
+            if gpas.size < self._capacity // 2:  # do not keep a mostly unused allocation
+                gpas, lengths = gpas.copy(), lengths.copy()
+            return gpas, lengths
+        return (np.concatenate([g for g, _ in self._done]),
+                np.concatenate([n for _, n in self._done]))
+
+
+def _bitmap_runs(words: U64Array, base_gpa: int, page_size: int) -> tuple[U64Array, U64Array]:
+    """(gpa, length) of every run of set bits of a u64 word bitmap, in page order.
+
+    Bit i of word k is page ``64 * k + i`` at ``base_gpa + page * page_size``; a run
+    continues from one word into the next. Arithmetic wraps modulo 2**64, like numpy's.
+    """
+    n = words.size
+    scale = _Scale(page_size)
+    modulus = 1 << 64
+    word_bytes = _U64(64 * page_size % modulus)
+    out = _Output((n + _BLOCK_WORDS - 1) // _BLOCK_WORDS)
+    # Deferred work, in output slots: the middle starts of words with three runs or
+    # more, and the lengths of runs that are not a single page.
+    middle: list[tuple[U64Array, U64Array, IntpArray]] = []
+    longer: list[tuple[U64Array, U64Array, IntpArray, IntpArray]] = []
+    for block, lo in enumerate(range(0, n, _BLOCK_WORDS)):
+        w = words[lo:lo + _BLOCK_WORDS]
+        head = int(w[0])
+        if head == 0 and not w.any():
+            continue
+        if head == _ALL_ONES and w.min() == _U64_MAX:  # one run through the whole block
+            if lo and int(words[lo - 1]) >> 63:
+                continue  # ... that started before it
+            idx = np.zeros(1, dtype=np.intp)
+            ww = w[:1]
+            x = np.ones(1, dtype=_U64)
+        else:
+            idx = np.flatnonzero(w != 0)
+            ww = w.take(idx)
+            before = words.take(idx + (lo - 1))  # index -1 (the last word) only for word 0
+            if lo == 0 and idx[0] == 0:
+                before[0] = 0
+            before >>= _U64(63)
+            x = ww << _ONE
+            x |= before
+            np.bitwise_not(x, out=x)
+            x &= ww  # run starts: set bits whose previous bit is clear
+        counts = np.bitwise_count(x)
+        slot32 = np.cumsum(counts, dtype=np.int32)  # int32: at most 32 runs per word
+        count = int(slot32[-1])
+        if count == 0:
+            continue
+        slot32 -= counts
+        slot = slot32.astype(np.intp)
+        gpas, lengths, offset = out.reserve(count, block)
+        first_slot = out.total - count
+        empty = np.flatnonzero(counts == 0)  # every bit continues a run from before
+        if empty.size:
+            slot[empty] = count  # their writes go to the spare element after this block
+        g = gpas[offset:offset + count + 1]
+        base = idx.astype(_U64)  # of each word's bit 0, less the exponent bias
+        base *= word_bytes
+        base += _U64((base_gpa + lo * 64 * page_size - _EXPONENT_BIAS * page_size) % modulus)
+        low = np.negative(x)
+        low &= x
+        first = scale.exponent(low, single_bit=True)
+        first += base
+        g[slot] = first
+        several = np.flatnonzero(counts > 1)
+        if several.size:
+            sx = x.take(several)
+            sbase = base.take(several)
+            sslot = slot.take(several)
+            scount = counts.take(several).astype(np.intp)
+            last = scale.exponent(sx, single_bit=False)
+            last += sbase
+            g[sslot + scount - 1] = last
+            inner = np.flatnonzero(scount > 2)
+            if inner.size:
+                mx = sx.take(inner)
+                mx &= mx - _ONE  # clear the lowest start
+                top = (mx.astype(np.float64).view(_U64) >> _EXPONENT) - _U64(_EXPONENT_BIAS)
+                mx ^= np.left_shift(_ONE, top)  # and the highest
+                middle.append((mx, sbase.take(inner), sslot.take(inner) + (first_slot + 1)))
+        lengths[offset:offset + count] = scale.page_size
+        special = x != ww  # some run is longer than a page
+        special |= ww >= _TOP_BIT  # or may go on into the next word
+        special = np.flatnonzero(special)
+        if empty.size and special.size:
+            special = special[counts.take(special) != 0]
+        if special.size:
+            longer.append((x.take(special), ww.take(special), slot.take(special) + first_slot,
+                           idx.take(special) + lo))
+    gpas, lengths = out.finish()
+    if middle:
+        mx, mbase, mslot = (_joined(part) for part in zip(*middle, strict=True))
+        for word, bit, rank in _set_bits(mx):
+            bit += _U64(_EXPONENT_BIAS)
+            position = scale.scale(bit)
+            position += mbase.take(word)
+            gpas[mslot.take(word) + rank] = position
+    if longer:
+        lx, lw, lslot, lword = (_joined(part) for part in zip(*longer, strict=True))
+        crossing_slots, crossing_words = [], []
+        for at, bit, rank in _set_bits(lx):
+            ww = lw.take(at)
+            run = np.left_shift(_ONE, bit)
+            run += ww
+            np.bitwise_not(run, out=run)
+            run &= ww  # the bits from the start up to the first clear bit
+            target = lslot.take(at)
+            target += rank
+            lengths[target] = scale.scale(np.bitwise_count(run).astype(_U64))
+            crossing = np.flatnonzero(run >= _TOP_BIT)  # goes on into the next word
+            if crossing.size:
+                crossing_slots.append(target.take(crossing))
+                crossing_words.append(lword.take(at.take(crossing)))
+        if crossing_slots:
+            target = _joined(crossing_slots)
+            lengths[target] += scale.scale(_pages_after(words, _joined(crossing_words)))
+    return gpas, lengths
+
+
+def _joined(parts: Sequence[npt.NDArray[_T]]) -> npt.NDArray[_T]:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _pages_after(words: U64Array, word: IntpArray) -> U64Array:
+    """For runs that reach bit 63 of ``words[word]``: how many pages they hold after it."""
+    n = words.size
+    nxt = word + 1
+    following = words.take(np.minimum(nxt, n - 1))
+    full = (following == _U64_MAX) & (nxt < n)
+    if full.any():  # skip whole words of ones: find where each such stretch ends
+        is_full = words == _U64_MAX
+        edges = np.flatnonzero(is_full[1:] != is_full[:-1])  # last word of each stretch
+        ends = np.append(edges, n - 1)
+        nxt[full] = ends[np.searchsorted(edges, nxt[full])] + 1
+        following = words.take(np.minimum(nxt, n - 1))
+    inverted = ~following
+    trailing = np.negative(inverted)
+    trailing &= inverted
+    trailing -= _ONE  # the trailing ones of the first word that is not full
+    pages = np.bitwise_count(trailing).astype(_U64)
+    pages[nxt >= n] = 0
+    pages += (nxt - word - 1).astype(_U64) << _U64(6)
+    return pages
 
 
 class RangeTable:
@@ -153,13 +417,15 @@ class RangeTable:
         `words` is a sequence of u64 words as KVM_GET_DIRTY_LOG returns them
         (numpy array, ``array('Q')``, list). Runs of set bits, also across word
         boundaries, become one range each, starting at
-        ``base_gpa + page * page_size``. Vectorised: unpack the bits, then find
-        the run edges by comparing each bit with its neighbours; clean words are
-        skipped.
+        ``base_gpa + page * page_size``. Works on whole words (see `_bitmap_runs`):
+        clean words and blocks of clean or full words cost next to nothing, and the
+        rest costs in proportion to the non-zero words and the runs.
         """
         w = np.ascontiguousarray(words, dtype=_U64).reshape(-1)
-        starts, counts = _bitmap_runs(w)
-        return cls._make(_U64(base_gpa) + starts * _U64(page_size), counts * _U64(page_size))
+        for value in (base_gpa, page_size):
+            _U64(value)  # OverflowError outside 0 .. 2**64 - 1
+        gpas, lengths = _bitmap_runs(w, int(base_gpa), int(page_size))
+        return cls._make(gpas, lengths)
 
     @classmethod
     def from_pages(

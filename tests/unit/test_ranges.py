@@ -104,6 +104,84 @@ def test_bitmap_with_full_and_empty_words_matches_reference():
     assert pairs(RangeTable.from_bitmap(words)) == naive_from_bitmap(words.tolist())
 
 
+def bits_reference(words: np.ndarray, base_gpa: int = 0, page_size: int = PAGE_SIZE):
+    """Reference for large bitmaps: unpack every bit, runs start at 0->1 and end at 1->0."""
+    bits = np.unpackbits(np.asarray(words, dtype="<u8").view(np.uint8), bitorder="little")
+    edges = np.diff(np.concatenate(([0], bits.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return RangeTable.from_arrays(base_gpa + starts * page_size, (ends - starts) * page_size)
+
+
+WORD_KINDS = np.array([0, 0, ALL_ONES, ALL_ONES, 1, 1 << 63, (1 << 63) | 1, ALL_ONES - 1,
+                       ALL_ONES >> 1, 0x5555_5555_5555_5555, 0x0FF0_0000_0000_0001,
+                       0xFFFF_0000_0000_FFFF], dtype=np.uint64)
+
+
+def random_bitmap(rng: np.random.Generator, nwords: int) -> np.ndarray:
+    """Words of every kind the conversion treats apart: clean, full, edge bits, sparse, dense."""
+    kind = rng.integers(0, 4, nwords)
+    special = rng.choice(WORD_KINDS, nwords)
+    sparse = np.packbits(rng.random(nwords * 64) < 0.03, bitorder="little").view("<u8")
+    dense = np.packbits(rng.random(nwords * 64) < 0.6, bitorder="little").view("<u8")
+    words = np.where(kind == 0, special, np.where(kind == 1, sparse, dense)).astype(np.uint64)
+    for start in rng.integers(0, nwords, 3):  # a few stretches of clean or full words
+        words[start:start + int(rng.integers(1, 20))] = rng.choice(WORD_KINDS[:4])
+    return words
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_bitmap_matches_reference_across_block_edges(seed, monkeypatch):
+    """Tiny blocks put word and block edges everywhere; page sizes and bases vary."""
+    import vmig.ranges as ranges_module
+
+    rng = np.random.default_rng(100 + seed)
+    monkeypatch.setattr(ranges_module, "_BLOCK_WORDS", int(rng.choice([1, 2, 3, 5, 64])))
+    monkeypatch.setattr(ranges_module, "_UNPACK_WORDS", int(rng.choice([1, 3, 1000])))
+    words = random_bitmap(rng, int(rng.integers(1, 120)))
+    base = int(rng.integers(0, 1 << 30)) * PAGE_SIZE
+    page_size = int(rng.choice([PAGE_SIZE, 2 * MiB, 1, 3, 12288]))
+    table = RangeTable.from_bitmap(words, base, page_size)
+    assert pairs(table) == naive_from_bitmap(words.tolist(), base, page_size)
+    assert table.total_bytes == int(np.bitwise_count(words).sum()) * page_size
+
+
+@pytest.mark.parametrize("pattern", ["scattered", "clustered", "dense", "long_runs"])
+def test_large_bitmaps_match_reference(pattern):
+    """Default block sizes, several blocks, the shapes benchmarks/ranges.py times."""
+    rng = np.random.default_rng(1)
+    nwords = 3 * (1 << 17) + 12345  # over three blocks, the last one partial
+    npages = nwords * 64
+    if pattern == "scattered":
+        bits = rng.random(npages, dtype=np.float32) < 0.01
+    elif pattern == "dense":
+        bits = rng.random(npages, dtype=np.float32) < 0.5
+    else:
+        bits = np.zeros(npages, dtype=bool)
+        longest = 200 if pattern == "clustered" else 3 * 64 * (1 << 17)
+        for start in rng.integers(0, npages, 300 if pattern == "clustered" else 3):
+            bits[start:start + int(rng.integers(1, longest))] = True
+    words = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
+    assert RangeTable.from_bitmap(words, 1 << 40) == bits_reference(words, 1 << 40)
+
+
+def test_full_blocks_and_a_run_through_all_of_them():
+    nwords = 5 * (1 << 17)
+    words = np.full(nwords, ALL_ONES, dtype=np.uint64)
+    words[0] = ALL_ONES << np.uint64(5)  # the run starts at page 5 ...
+    words[-1] = 0xFF  # ... and ends 8 pages into the last word
+    assert pairs(RangeTable.from_bitmap(words)) == [
+        (5 * PAGE_SIZE, ((nwords - 1) * 64 + 8 - 5) * PAGE_SIZE)]
+    words[(1 << 17) + 7] = 0  # a clean word in the second block cuts it in two
+    assert RangeTable.from_bitmap(words) == bits_reference(words)
+
+
+def test_bitmap_base_and_page_size_out_of_range():
+    with pytest.raises(OverflowError):
+        RangeTable.from_bitmap([1], base_gpa=-4096)
+    with pytest.raises(OverflowError):
+        RangeTable.from_bitmap([1], base_gpa=1 << 64)
+
+
 def test_from_pages_sorts_dedupes_and_merges():
     table = RangeTable.from_pages([5, 3, 4, 4, 10, 0], base_gpa=0x8000)
     assert pairs(table) == [
