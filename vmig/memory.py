@@ -5,19 +5,24 @@ is what a local migration hands over with SCM_RIGHTS, and `--memory-file`
 behaves like QEMU's memory-backend-file with share=on). Writes the VMM makes
 through `write()` are recorded in a VMM-side dirty bitmap, because KVM's dirty
 log only sees the guest's own writes; migration ORs the two.
+
+Prefaulting (`populate`), allocating (`allocate`) and freeing (`discard`) call libc
+through ctypes, which lets go of the GIL for the length of the call: CPython's own
+``mmap.madvise`` keeps it, and a half-second MADV_POPULATE_WRITE would stall every
+other thread of the process (see /work/shared/notes/baselines.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -27,7 +32,29 @@ from vmig.units import PAGE_SHIFT, PAGE_SIZE, format_size
 log = logging.getLogger(__name__)
 
 MADV_POPULATE_WRITE = 23  # linux/mman.h, 5.14+: prefault writable pages in one call
+FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
+FALLOC_FL_PUNCH_HOLE = 0x02
 _U64 = struct.Struct("<Q")
+
+# Foreign calls through a CDLL release the GIL while they run (a PyDLL would not).
+_libc = ctypes.CDLL(None, use_errno=True)
+_madvise = _libc.madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise.restype = ctypes.c_int
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+
+def _retrying(call: str, fn: Callable[..., int], *args: object) -> int:
+    """Call a libc function that returns -1 with errno set; retry on EINTR; 0 or the errno."""
+    while True:
+        if fn(*args) == 0:
+            return 0
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            log.debug("%s failed: %s", call, os.strerror(err))
+            return err
 
 
 def host_available_memory() -> int:
@@ -65,6 +92,7 @@ class GuestMemory:
         self._view = memoryview(self._map)
         self._vmm_dirty = np.zeros((size // PAGE_SIZE + 63) // 64, dtype=np.uint64)
         self._dirty_lock = threading.Lock()
+        self._populate_unsupported = False
 
     # --- construction ----------------------------------------------------------
 
@@ -188,13 +216,73 @@ class GuestMemory:
 
         Faulting page by page while bytes stream in costs several times more on
         these nested hosts; one madvise per received range does the same work in
-        the kernel without a round trip per page.
+        the kernel without a round trip per page. The range is widened to whole
+        pages. The GIL is released during the call. On a kernel without
+        MADV_POPULATE_WRITE (before 5.14) this does nothing: pages fault in on first
+        touch. Raises GuestMemoryError if the kernel cannot provide the pages.
         """
+        start, end = self._page_span(gpa, length)
+        if end == start or self._populate_unsupported:
+            return
+        err = _retrying("madvise(MADV_POPULATE_WRITE)", _madvise, self.host_addr + start,
+                        end - start, MADV_POPULATE_WRITE)
+        if err == errno.EINVAL:  # an older kernel
+            self._populate_unsupported = True
+            log.info("this kernel has no MADV_POPULATE_WRITE: guest pages fault in on first use")
+        elif err:
+            raise GuestMemoryError(f"cannot populate guest memory {start:#x}+{end - start:#x}: "
+                                   f"{os.strerror(err)}")
+
+    def allocate(self, gpa: int = 0, length: int | None = None) -> None:
+        """Allocate the backing pages of [gpa, gpa+length) (fallocate, mode 0).
+
+        Reserves the memory (or file blocks) ahead of use, so that running out shows
+        here as a GuestMemoryError instead of a SIGBUS or an OOM kill later. The pages
+        keep reading as zeros. On a memfd (shmem) this does *not* map them or clear
+        them: the first touch still faults, and clears the page then (see
+        docs/performance.md); use `populate` to prefault. The GIL is released during
+        the call.
+        """
+        start, end = self._page_span(gpa, length)
+        if end == start:
+            return
+        err = _retrying("fallocate", _fallocate, self._fd, 0, start, end - start)
+        if err:
+            raise GuestMemoryError(f"cannot allocate guest memory {start:#x}+{end - start:#x}: "
+                                   f"{os.strerror(err)}")
+
+    def discard(self, gpa: int, length: int) -> None:
+        """Free the pages of [gpa, gpa+length): they read as zeros again and hold no memory.
+
+        fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) on the backing fd, which
+        also drops the pages from every mapping of it (KVM's included: the guest sees
+        zeros). For ranges that became all zeros, and for post-copy. `gpa` and `length`
+        must be multiples of the page size. Not recorded as a VMM write (like `view`):
+        a source that discards must send the range itself. The GIL is released during
+        the call.
+        """
+        self._check_open()
+        self.check_range(gpa, length)
+        if gpa % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(f"discard {gpa:#x}+{length:#x}: not whole pages")
+        if length == 0:
+            return
+        err = _retrying("fallocate(PUNCH_HOLE)", _fallocate, self._fd,
+                        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, gpa, length)
+        if err:
+            raise GuestMemoryError(f"cannot discard guest memory {gpa:#x}+{length:#x}: "
+                                   f"{os.strerror(err)}")
+
+    def _page_span(self, gpa: int, length: int | None) -> tuple[int, int]:
+        """[start, end) of the whole pages covering [gpa, gpa+length), checked."""
         self._check_open()
         length = self.size - gpa if length is None else length
         self.check_range(gpa, length)
-        with contextlib.suppress(OSError):  # an older kernel: pages fault in on first touch
-            self._map.madvise(MADV_POPULATE_WRITE, gpa, length)
+        if length == 0:
+            return gpa, gpa
+        start = gpa - gpa % PAGE_SIZE
+        end = gpa + length + (-(gpa + length)) % PAGE_SIZE  # size is whole pages
+        return start, end
 
     def data_extents(self) -> list[tuple[int, int]]:
         """(gpa, length) of every part of the backing file that holds data.
