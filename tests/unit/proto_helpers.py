@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vmig.proto import (
     NEED_DATA,
+    PROTOCOL_VERSION,
     Abandon,
     Command,
     Complete,
@@ -63,7 +64,7 @@ def raw_request(command: int) -> bytes:
     """The full bytes of a well-formed request for any command value (even invalid ones),
     built with the wire encoders directly so no sender-side check gets in the way."""
     if command == Command.START:
-        payload = encode_start_payload(1, StartFlags.LOCAL, MID, 2)
+        payload = encode_start_payload(PROTOCOL_VERSION, StartFlags.LOCAL, MID, 2)
         return encode_request_header(command, len(payload)) + payload
     if command == Command.MEMORY_FD:
         payload = encode_memory_fd_payload(0, 1 * MiB)

@@ -12,6 +12,7 @@ from vmig.proto import (
     MAX_MEMORY_PAYLOAD,
     MAX_RANGES_PER_REQUEST,
     NEED_DATA,
+    PROTOCOL_VERSION,
     TRANSITIONS,
     Abandon,
     Command,
@@ -456,7 +457,7 @@ def _configured():
     return pair.receiver
 
 
-def _start_bytes(version=1, flags=0, mid=MID, connections=1, reserved=0):
+def _start_bytes(version=PROTOCOL_VERSION, flags=0, mid=MID, connections=1, reserved=0):
     payload = struct.pack("<II16sII", version, flags, mid, connections, reserved)
     return encode_request_header(Command.START, len(payload)) + payload
 
@@ -479,7 +480,8 @@ def _memory_bytes(pairs, page_bytes=None, count=None, reserved=0, length=None):
         (_established, encode_request_header(99, 0), "unknown command 99"),
         (_established, encode_request_header(0xFFFF, 0), "unknown command 65535"),
         (_established, encode_request_header(Command.CONFIG, 2) + b"{}", "CONFIG in state ESTAB"),
-        (_established, _start_bytes(version=2), "version 2"),
+        (_established, _start_bytes(version=1), "version 1"),
+        (_established, _start_bytes(version=3), "version 3"),
         (_established, _start_bytes(version=0), "version 0"),
         (_established, _start_bytes(flags=4), "unknown flags"),
         (_established, _start_bytes(reserved=1), "reserved"),
@@ -909,4 +911,4 @@ def test_late_ok_after_error_does_not_revive_the_sender():
 def test_start_payload_helper_matches_sender():
     sender = SenderConnection()
     data = sender.send(Start(migration_id=MID, connections=2, flags=StartFlags.LOCAL))
-    assert data[16:] == encode_start_payload(1, StartFlags.LOCAL, MID, 2)
+    assert data[16:] == encode_start_payload(PROTOCOL_VERSION, StartFlags.LOCAL, MID, 2)

@@ -36,6 +36,7 @@ def test_enum_values_are_fixed():
         ("COMPLETE", 5),
         ("ABANDON", 6),
         ("MEMORY_FD", 7),
+        ("AUTH", 8),
     ]
     assert [s.value for s in Status] == [0, 1, 2]
     assert [r.value for r in ConnectionRole] == [0, 1, 2]
@@ -43,8 +44,9 @@ def test_enum_values_are_fixed():
 
 
 def test_versions():
-    assert PROTOCOL_VERSION == 1
-    assert frozenset({1}) == SUPPORTED_VERSIONS  # version 0 does not exist
+    assert PROTOCOL_VERSION == 2
+    # version 1 had no authentication: a receiver takes no unauthenticated peer
+    assert frozenset({2}) == SUPPORTED_VERSIONS
 
 
 def test_request_header_layout():
@@ -106,13 +108,13 @@ def test_hello_round_trip():
     data = encode_hello(ConnectionRole.MEMORY, MID)
     assert len(data) == HELLO_SIZE == 32
     assert data[:8] == b"VMIGCONN"
-    assert data[8:16] == bytes.fromhex("0200010000000000")
+    assert data[8:16] == bytes.fromhex("0200020000000000")
     assert data[16:] == MID
     assert parse_hello(data) == Hello(ConnectionRole.MEMORY, MID, PROTOCOL_VERSION)
     assert parse_hello(encode_hello(ConnectionRole.MAIN, MID)).role is ConnectionRole.MAIN
 
 
-def _hello(magic=b"VMIGCONN", role=1, version=1, reserved=0, mid=MID):
+def _hello(magic=b"VMIGCONN", role=1, version=2, reserved=0, mid=MID):
     return struct.pack("<8sHHI16s", magic, role, version, reserved, mid)
 
 
@@ -124,7 +126,8 @@ def _hello(magic=b"VMIGCONN", role=1, version=1, reserved=0, mid=MID):
         (_hello(role=0), "invalid role 0"),
         (_hello(role=3), "invalid role 3"),
         (_hello(reserved=1), "reserved"),
-        (_hello(version=2), "version 2"),
+        (_hello(version=1), "version 1"),
+        (_hello(version=3), "version 3"),
         (_hello()[:31], "31-byte hello"),
     ],
 )

@@ -5,8 +5,12 @@ into events; `vmig.proto.wire` documents the byte layout, `vmig.proto.state`
 holds the one transition table, docs/protocol.md is the full write-up.
 """
 
-from vmig.proto.connection import DEFAULT_PIPELINE_DEPTH, ReceiverConnection, SenderConnection
-from vmig.proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from vmig.proto.errors import (
+    AuthenticationError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from vmig.proto.events import (
     NEED_DATA,
     Abandon,
@@ -28,6 +32,19 @@ from vmig.proto.events import (
     Start,
     State,
 )
+from vmig.proto.handshake import (
+    Authenticated,
+    Challenged,
+    Established,
+    HelloReceived,
+    ReceiverHandshake,
+    ReceiverHandshakeState,
+    Refused,
+    SenderHandshake,
+    SenderHandshakeState,
+)
+from vmig.proto.receiver import ReceiverConnection
+from vmig.proto.sender import DEFAULT_PIPELINE_DEPTH, SenderConnection
 from vmig.proto.state import (
     INITIAL_STATES,
     TERMINAL_STATES,
@@ -45,6 +62,7 @@ from vmig.proto.wire import (
     MIGRATION_ID_SIZE,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
+    AuthMethod,
     Command,
     ConnectionRole,
     Hello,
@@ -70,6 +88,10 @@ __all__ = [
     "TERMINAL_STATES",
     "TRANSITIONS",
     "Abandon",
+    "AuthMethod",
+    "Authenticated",
+    "AuthenticationError",
+    "Challenged",
     "Command",
     "Complete",
     "Config",
@@ -77,7 +99,9 @@ __all__ = [
     "ConnectionRole",
     "EndOfPayload",
     "Error",
+    "Established",
     "Hello",
+    "HelloReceived",
     "LocalProtocolError",
     "Memory",
     "MemoryFd",
@@ -88,12 +112,17 @@ __all__ = [
     "ProtocolError",
     "ReceiverConnection",
     "ReceiverEvent",
+    "ReceiverHandshake",
+    "ReceiverHandshakeState",
     "ReceiverState",
+    "Refused",
     "RemoteProtocolError",
     "Request",
     "Response",
     "SenderConnection",
     "SenderEvent",
+    "SenderHandshake",
+    "SenderHandshakeState",
     "Start",
     "StartFlags",
     "State",

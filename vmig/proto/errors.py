@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from vmig.errors import ProtocolError
 
-__all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
+__all__ = ["AuthenticationError", "LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
 
 # The wire value of Status.ERROR (vmig.proto.wire imports this module, so the
 # enum cannot be used here; the connection tests check the two agree).
@@ -40,4 +40,12 @@ class RemoteProtocolError(_SideProtocolError):
 
     The connection that raised it is aborted; the message is fit to send back
     in an Error response.
+    """
+
+
+class AuthenticationError(RemoteProtocolError):
+    """The peer could not be authenticated: it does not know the token, or does not ask
+    for one where it must (or asks for one this side was not given).
+
+    The message says which, and is fit to send back in an Error response.
     """

@@ -16,8 +16,11 @@ with a 32-byte *hello*, so one listener can sort incoming sockets::
     12     4     reserved       zero
     16     16    migration id   random; the same on every connection of a migration
 
-The receiver answers every hello with a bare response header: OK when it takes
-the connection, ERROR with a reason (then it closes) when not. After that, the
+The receiver answers every hello with a response: ERROR with a reason (then it
+closes), or OK with ``u32 method, u32 reserved, 16-byte nonce`` (method NONE: the
+channel, TLS or a UNIX socket, authenticated the peer; TOKEN: the sender must
+send AUTH with its nonce and an HMAC proof, which the receiver answers with OK and
+its own proof, or ERROR). vmig.proto.handshake has the exchange. After that, the
 sender sends *requests*; the receiver answers each with exactly one *response*,
 in order.
 
@@ -47,6 +50,7 @@ Commands and their payloads::
     ABANDON=6    payload: empty or a UTF-8 reason (<= 4 KiB)
     MEMORY_FD=7  headers: u32 slot, u16 reserved zero; payload: u64 gpa, u64 size;
                  the fd itself rides along as SCM_RIGHTS data (LOCAL mode only)
+    AUTH=8       handshake only: payload 16-byte sender nonce, 32-byte proof
     INVALID=0    reserved; always rejected
 
 Command sequence on MAIN (each request answered OK before the next is sent)::
@@ -93,8 +97,11 @@ from vmig.ranges import RANGE_ENTRY_SIZE, RangeTable
 from vmig.units import PAGE_SIZE, GiB, KiB, MiB
 
 __all__ = [
+    "AUTH_PAYLOAD_SIZE",
+    "BLOB_LIMITS",
     "HEADER_SIZE",
     "HELLO_MAGIC",
+    "HELLO_REPLY_SIZE",
     "HELLO_SIZE",
     "MAX_COMPLETE_SIZE",
     "MAX_CONFIG_SIZE",
@@ -105,10 +112,13 @@ __all__ = [
     "MAX_STATE_SIZE",
     "MEMORY_FD_PAYLOAD_SIZE",
     "MIGRATION_ID_SIZE",
+    "NONCE_SIZE",
     "NO_HEADERS",
+    "PROOF_SIZE",
     "PROTOCOL_VERSION",
     "START_PAYLOAD_SIZE",
     "SUPPORTED_VERSIONS",
+    "AuthMethod",
     "Command",
     "ConnectionRole",
     "Hello",
@@ -118,6 +128,8 @@ __all__ = [
     "StartPayload",
     "Status",
     "check_version",
+    "decode_auth",
+    "decode_hello_reply",
     "decode_memory_fd_headers",
     "decode_memory_fd_payload",
     "decode_memory_headers",
@@ -125,7 +137,9 @@ __all__ = [
     "decode_request_header",
     "decode_response_header",
     "decode_start_payload",
+    "encode_auth",
     "encode_hello",
+    "encode_hello_reply",
     "encode_memory_fd_headers",
     "encode_memory_fd_payload",
     "encode_memory_headers",
@@ -139,9 +153,11 @@ __all__ = [
 ]
 
 #: The version this code speaks; START and the hello carry it.
-PROTOCOL_VERSION = 1
-#: Versions a receiver accepts: the current one and the previous one (if any).
-SUPPORTED_VERSIONS = frozenset(v for v in (PROTOCOL_VERSION - 1, PROTOCOL_VERSION) if v > 0)
+PROTOCOL_VERSION = 2
+#: Versions a receiver accepts. Normally the current one and the one before it; but
+#: version 1 had no authentication, and a receiver never takes an unauthenticated
+#: peer, so version 2 accepts only itself (docs/protocol.md, "Versioning").
+SUPPORTED_VERSIONS = frozenset({2})
 
 
 class Command(IntEnum):
@@ -155,6 +171,8 @@ class Command(IntEnum):
     COMPLETE = 5
     ABANDON = 6
     MEMORY_FD = 7
+    #: Handshake only: the sender's token proof (see vmig.proto.handshake).
+    AUTH = 8
 
 
 class Status(IntEnum):
@@ -173,6 +191,15 @@ class ConnectionRole(IntEnum):
     MAIN = 1
     #: An extra data connection: MEMORY requests only (pipelined), or ABANDON.
     MEMORY = 2
+
+
+class AuthMethod(IntEnum):
+    """How a receiver authenticates a connection; named in its answer to the hello."""
+
+    #: The channel itself is authenticated: mutual TLS, or a UNIX socket's file mode.
+    NONE = 0
+    #: Both sides prove they know a shared token: HMAC-SHA256 over both nonces.
+    TOKEN = 1
 
 
 class StartFlags(IntFlag):
@@ -211,6 +238,17 @@ _HELLO = struct.Struct("<8sHHI16s")
 HELLO_SIZE = _HELLO.size
 HELLO_MAGIC = b"VMIGCONN"
 
+#: Random bytes each side contributes to a token authentication (128 bits).
+NONCE_SIZE = 16
+#: An HMAC-SHA256 proof.
+PROOF_SIZE = 32
+_HELLO_REPLY = struct.Struct("<II16s")  # auth method, reserved, receiver nonce
+#: Payload of the receiver's OK answer to a hello.
+HELLO_REPLY_SIZE = _HELLO_REPLY.size
+_AUTH = struct.Struct("<16s32s")  # sender nonce, sender proof
+#: Payload of AUTH: the sender's nonce and proof.
+AUTH_PAYLOAD_SIZE = _AUTH.size
+
 #: Error messages and ABANDON reasons: a line or a short paragraph for a human.
 MAX_MESSAGE_SIZE = 4 * KiB
 #: CONFIG: a VM config JSON is a few KiB; 1 MiB leaves room without inviting abuse.
@@ -227,6 +265,14 @@ MAX_RANGES_PER_REQUEST = 1 << 20
 MAX_MEMORY_PAYLOAD = 1 * GiB
 #: Connections per migration (CH: MAX_MIGRATION_CONNECTIONS).
 MAX_CONNECTIONS = 128
+
+#: Payload limits of the commands whose payload is one opaque blob.
+BLOB_LIMITS = {
+    Command.CONFIG: MAX_CONFIG_SIZE,
+    Command.STATE: MAX_STATE_SIZE,
+    Command.COMPLETE: MAX_COMPLETE_SIZE,
+    Command.ABANDON: MAX_MESSAGE_SIZE,
+}
 
 _U64_LIMIT = 1 << 64
 
@@ -502,6 +548,52 @@ def parse_hello(data: bytes | bytearray | memoryview) -> Hello:
         raise RemoteProtocolError(f"peer sent a hello with reserved field {reserved:#x}")
     check_version(version, "peer")
     return Hello(ConnectionRole(role), migration_id, version)
+
+
+def encode_hello_reply(method: AuthMethod, nonce: bytes) -> bytes:
+    """The receiver's OK answer to a hello: response header + method + nonce."""
+    if len(nonce) != NONCE_SIZE:
+        raise LocalProtocolError(f"a nonce must be {NONCE_SIZE} bytes")
+    payload = _pack(_HELLO_REPLY, "hello reply", int(method), 0, nonce)
+    return encode_response_header(Status.OK, len(payload)) + payload
+
+
+def decode_hello_reply(data: bytes) -> tuple[AuthMethod, bytes]:
+    """``(method, receiver nonce)`` from the payload of an OK answer to a hello."""
+    if len(data) != HELLO_REPLY_SIZE:
+        raise RemoteProtocolError(
+            f"receiver answered the hello with a {len(data)}-byte payload; "
+            f"expected {HELLO_REPLY_SIZE}"
+        )
+    method, reserved, nonce = _HELLO_REPLY.unpack(data)
+    if reserved:
+        raise RemoteProtocolError(f"receiver answered the hello with reserved field {reserved:#x}")
+    try:
+        return AuthMethod(method), nonce
+    except ValueError:
+        raise RemoteProtocolError(
+            f"receiver asked for unknown authentication method {method}"
+        ) from None
+
+
+def encode_auth(nonce: bytes, proof: bytes) -> bytes:
+    """An AUTH request: header + sender nonce + sender proof."""
+    if len(nonce) != NONCE_SIZE or len(proof) != PROOF_SIZE:
+        raise LocalProtocolError(
+            f"AUTH needs a {NONCE_SIZE}-byte nonce and a {PROOF_SIZE}-byte proof"
+        )
+    payload = _pack(_AUTH, "AUTH payload", nonce, proof)
+    return encode_request_header(Command.AUTH, len(payload)) + payload
+
+
+def decode_auth(data: bytes) -> tuple[bytes, bytes]:
+    """``(sender nonce, sender proof)`` from an AUTH payload."""
+    if len(data) != AUTH_PAYLOAD_SIZE:
+        raise RemoteProtocolError(
+            f"sender sent a {len(data)}-byte AUTH payload; expected {AUTH_PAYLOAD_SIZE}"
+        )
+    nonce, proof = _AUTH.unpack(data)
+    return nonce, proof
 
 
 def check_version(version: int, peer: str) -> None:

@@ -1,0 +1,289 @@
+"""`SenderConnection`: the sending end of one migration connection, sans-IO (h11 style).
+
+For each request: ``sock.sendall(conn.send(Start(...)))``; for MEMORY
+``sock.sendmsg([conn.send(Memory(ranges)), *guest_views])``; then feed received
+bytes with ``receive_data()`` until ``next_event()`` gives the `Response`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from vmig.proto.buffer import ReceiveBuffer
+from vmig.proto.errors import LocalProtocolError, RemoteProtocolError
+from vmig.proto.events import (
+    NEED_DATA,
+    Abandon,
+    Complete,
+    Config,
+    ConnectionClosed,
+    Memory,
+    MemoryFd,
+    Request,
+    Response,
+    SenderEvent,
+    Start,
+    State,
+)
+from vmig.proto.state import (
+    INITIAL_STATES,
+    TERMINAL_STATES,
+    TRANSITIONS,
+    ReceiverState,
+    expected_text,
+)
+from vmig.proto.wire import (
+    BLOB_LIMITS,
+    HEADER_SIZE,
+    Command,
+    ConnectionRole,
+    ResponseHeader,
+    Status,
+    decode_response_header,
+    encode_memory_fd_headers,
+    encode_memory_fd_payload,
+    encode_memory_headers,
+    encode_request_header,
+    encode_start_payload,
+    encode_text,
+    range_table_problem,
+)
+
+__all__ = ["DEFAULT_PIPELINE_DEPTH", "SenderConnection"]
+
+#: Outstanding MEMORY requests per MEMORY connection when not given. Two hide one
+#: round trip behind the next chunk; four leave slack for a slow ack without
+#: letting unacknowledged data pile up (a chunk is up to 16 MiB by default).
+DEFAULT_PIPELINE_DEPTH = 4
+
+
+class _Outstanding(NamedTuple):
+    """A request sent and not yet answered."""
+
+    command: Command
+    target: ReceiverState
+
+
+class SenderConnection:
+    """The sending end of one migration connection (MAIN or MEMORY role).
+
+    Turns requests into bytes, enforcing the order of `TRANSITIONS` against the
+    receiver's state as confirmed by its responses, and parses the responses.
+    MAIN allows one unanswered request (plus an ABANDON queued behind it); MEMORY
+    allows `max_outstanding` pipelined MEMORY requests, answered in order.
+    """
+
+    def __init__(
+        self, role: ConnectionRole = ConnectionRole.MAIN, *, max_outstanding: int | None = None
+    ) -> None:
+        """Raises LocalProtocolError for an unknown role or a pipeline on MAIN."""
+        if role not in INITIAL_STATES:
+            raise LocalProtocolError(f"no sender for connection role {role!r}")
+        self.role = ConnectionRole(role)
+        if self.role is ConnectionRole.MAIN:
+            if max_outstanding not in (None, 1):
+                raise LocalProtocolError("the MAIN connection allows one outstanding request")
+            depth = 1
+        else:
+            depth = DEFAULT_PIPELINE_DEPTH if max_outstanding is None else max_outstanding
+            if depth < 1:
+                raise LocalProtocolError(f"max_outstanding must be at least 1, not {depth}")
+        self.max_outstanding = depth
+        self._state = INITIAL_STATES[self.role]
+        self._outstanding: deque[_Outstanding] = deque()
+        self._abandoned = False
+        self._start: Start | None = None
+        self._buffer = ReceiveBuffer()
+        self._header: ResponseHeader | None = None
+        self._error: RemoteProtocolError | None = None
+
+    # -- introspection ---------------------------------------------------------------
+
+    @property
+    def state(self) -> ReceiverState:
+        """The receiver's state as confirmed by the responses read so far."""
+        return self._state
+
+    @property
+    def outstanding(self) -> tuple[Command, ...]:
+        """Commands sent and not yet answered, oldest first."""
+        return tuple(entry.command for entry in self._outstanding)
+
+    @property
+    def start(self) -> Start | None:
+        """The START sent on this connection, if any."""
+        return self._start
+
+    def bytes_wanted(self) -> int:
+        """How many more bytes finish the response being read (0 if none is expected)."""
+        if self._error is not None or not self._outstanding:
+            return 0
+        have = len(self._buffer)
+        if self._header is None:
+            return max(HEADER_SIZE - have, 0)
+        return max(self._header.length - have, 0)
+
+    # -- output ------------------------------------------------------------------------
+
+    def send(self, event: Request) -> bytes:
+        """Encode a request and record it as outstanding; return the bytes to write.
+
+        For `Memory(ranges)` the result is the header and range table only: the
+        caller writes exactly ``ranges.total_bytes`` page bytes, in table order,
+        right after it and before anything else.
+
+        Raises LocalProtocolError if the request is not allowed now (wrong order,
+        too many outstanding, after ABANDON or a failure) or its fields are out of
+        range; nothing is recorded then.
+        """
+        command = _command_of(event)
+        if self._error is not None:
+            raise LocalProtocolError(
+                f"cannot send {command.name}: the connection failed ({self._error})"
+            )
+        if self._abandoned:
+            raise LocalProtocolError(f"cannot send {command.name}: ABANDON was already sent")
+        if command is Command.ABANDON:
+            # ABANDON may queue behind unanswered requests; it is checked against
+            # the state they will leave behind if answered OK.
+            state = self._expected_state()
+            target = TRANSITIONS.get((state, command))
+            if target is None:
+                raise LocalProtocolError(f"cannot send ABANDON in state {state.name}")
+        else:
+            state = self._expected_state()
+            target = TRANSITIONS.get((state, command))
+            if target is None:
+                raise LocalProtocolError(
+                    f"cannot send {command.name} in state {state.name}; "
+                    f"expected {expected_text(state)}"
+                )
+            if len(self._outstanding) >= self.max_outstanding:
+                raise LocalProtocolError(
+                    f"cannot send {command.name}: waiting for the response to "
+                    f"{self._outstanding[-1].command.name} "
+                    f"({len(self._outstanding)} outstanding, limit {self.max_outstanding})"
+                )
+            if command is Command.MEMORY_FD and (self._start is None or not self._start.local):
+                raise LocalProtocolError("cannot send MEMORY_FD: START did not set LOCAL")
+        data = _encode_request(event)
+        self._outstanding.append(_Outstanding(command, target))
+        if isinstance(event, Start):
+            self._start = event
+        elif isinstance(event, Abandon):
+            self._abandoned = True
+        return data
+
+    def _expected_state(self) -> ReceiverState:
+        """The receiver's state once every outstanding request is answered OK."""
+        if self._outstanding and self._state not in TERMINAL_STATES:
+            return self._outstanding[-1].target
+        return self._state
+
+    # -- input -------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer received bytes; ``b""`` records EOF.
+
+        Raises LocalProtocolError if bytes arrive after EOF was recorded.
+        """
+        self._buffer.feed(data)
+
+    def next_event(self) -> SenderEvent:
+        """Parse the next response, or return NEED_DATA or ConnectionClosed.
+
+        An OK response moves `state` on; an ERROR response moves it to ABORTED
+        (the `Response` is returned either way). Raises RemoteProtocolError on a
+        malformed or unsolicited response or EOF with requests unanswered; the
+        connection is then ABORTED and every later call raises the same error.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._parse()
+        except RemoteProtocolError as exc:
+            self._state = ReceiverState.ABORTED
+            self._error = exc
+            raise
+
+    def _parse(self) -> SenderEvent:
+        if self._header is None:
+            if len(self._buffer) and not self._outstanding:
+                raise RemoteProtocolError("receiver sent a response with no request outstanding")
+            raw = self._buffer.take(HEADER_SIZE)
+            if raw is None:
+                return self._short("a response header")
+            self._header = decode_response_header(raw)
+        payload = self._buffer.take(self._header.length)
+        if payload is None:
+            return self._short("a response message")
+        status = self._header.status
+        self._header = None
+        command, target = self._outstanding.popleft()
+        if status is Status.ERROR or self._state is ReceiverState.ABORTED:
+            self._state = ReceiverState.ABORTED
+        else:
+            self._state = target
+        return Response(status, payload.decode("utf-8", errors="replace"), command)
+
+    def _short(self, what: str) -> SenderEvent:
+        if not self._buffer.eof:
+            return NEED_DATA
+        if not self._outstanding and not len(self._buffer):
+            return ConnectionClosed()
+        pending = ", ".join(c.name for c in self.outstanding)
+        raise RemoteProtocolError(
+            f"receiver closed the connection in the middle of {what} "
+            f"with {len(self._outstanding)} request(s) unanswered ({pending})"
+        )
+
+
+def _command_of(event: object) -> Command:
+    for kind, command in _REQUEST_COMMANDS:
+        if isinstance(event, kind):
+            return command
+    raise LocalProtocolError(f"a sender cannot send {event!r}")
+
+
+_REQUEST_COMMANDS: tuple[tuple[type, Command], ...] = (
+    (Start, Command.START),
+    (Config, Command.CONFIG),
+    (MemoryFd, Command.MEMORY_FD),
+    (Memory, Command.MEMORY),
+    (State, Command.STATE),
+    (Complete, Command.COMPLETE),
+    (Abandon, Command.ABANDON),
+)
+
+
+def _encode_request(event: Request) -> bytes:
+    """Header (and payload, except MEMORY's page bytes) of a request."""
+    if isinstance(event, Start):
+        payload = encode_start_payload(
+            event.version, event.flags, event.migration_id, event.connections
+        )
+        return encode_request_header(Command.START, len(payload)) + payload
+    if isinstance(event, Memory):
+        problem = range_table_problem(event.ranges)
+        if problem:
+            raise LocalProtocolError(f"cannot send MEMORY: {problem}")
+        table = event.ranges.encode()
+        headers = encode_memory_headers(len(event.ranges))
+        length = len(table) + event.ranges.total_bytes
+        return encode_request_header(Command.MEMORY, length, headers) + table
+    if isinstance(event, MemoryFd):
+        payload = encode_memory_fd_payload(event.gpa, event.size)
+        headers = encode_memory_fd_headers(event.slot)
+        return encode_request_header(Command.MEMORY_FD, len(payload), headers) + payload
+    if isinstance(event, Abandon):
+        payload = encode_text(event.reason)
+        return encode_request_header(Command.ABANDON, len(payload)) + payload
+    command = _command_of(event)
+    payload = bytes(event.data)
+    limit = BLOB_LIMITS[command]
+    if len(payload) > limit:
+        raise LocalProtocolError(
+            f"cannot send {command.name} with {len(payload)} bytes; the limit is {limit}"
+        )
+    return encode_request_header(command, len(payload)) + payload
