@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tlsfiles import TlsDirs, make_tls_dirs
 
 from vmig.api.process import VmmProcess
 from vmig.errors import VmmUnreachableError
@@ -93,3 +94,15 @@ def spawn_vmm(tmp_path: Path) -> Iterator[SpawnVmm]:
             problems.append(f"VMM pid {vmm.proc.pid} (exit status {code}) left its socket "
                             f"{vmm.socket_path} behind\n{vmm.stderr_text()}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsDirs:
+    """A CA with a destination (server) and a source (client) directory, made by openssl."""
+    return make_tls_dirs(tmp_path_factory.mktemp("tls"), "trusted")
+
+
+@pytest.fixture(scope="session")
+def other_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsDirs:
+    """The same layout from another CA, which the `tls` directories do not trust."""
+    return make_tls_dirs(tmp_path_factory.mktemp("tls"), "other")

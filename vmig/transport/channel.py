@@ -1,62 +1,100 @@
-"""Channels: a `Stream` driving a sans-IO protocol connection.
+"""Channels: a `Stream` driving the sans-IO protocol, handshake first.
 
-`SenderChannel` writes requests and reads responses; `ReceiverChannel` reads
-requests and writes responses. They are the only code that moves bytes between
-sockets and `vmig.proto`: page bytes go straight between sockets and the
-memoryviews the caller passes (guest memory), never through the protocol buffer.
-
-Every connection opens with a 32-byte hello (role + migration id), which the
-receiver answers with a plain response header (OK, or ERROR and a reason) before
-any request, so a sender knows which of its connections the receiver took.
+`SenderChannel` says hello, proves the token if the receiver asks (and checks
+the receiver's proof), then writes requests and reads responses.
+`receive_handshake()` is the receiving side of that handshake; the
+`ReceiverChannel` it returns reads requests and writes responses. These are the
+only code that moves bytes between streams and `vmig.proto`: page bytes go
+straight between sockets and the memoryviews the caller passes (guest memory),
+never through the protocol buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable, Sequence
 
 from vmig.errors import MigrationError, TransportError
 from vmig.proto import (
     NEED_DATA,
+    AuthenticationError,
+    AuthMethod,
+    Challenged,
     ConnectionClosed,
     ConnectionRole,
     EndOfPayload,
     Error,
+    Established,
+    Hello,
+    HelloReceived,
     Memory,
     MemoryFd,
     Ok,
     PayloadData,
     ReceiverConnection,
     ReceiverEvent,
+    ReceiverHandshake,
+    Refused,
+    RemoteProtocolError,
     Request,
     Response,
     SenderConnection,
-    wire,
+    SenderHandshake,
 )
+from vmig.proto.wire import NONCE_SIZE
 from vmig.ranges import RangeTable
-from vmig.transport.stream import Stream
+from vmig.transport.stream import PlainStream, Stream
 
 ViewsFor = Callable[[RangeTable], list[memoryview]]
+#: Admission: None to take the connection, or the reason it is refused.
+Admit = Callable[[Hello], "str | None"]
+
+
+class HandshakeRefused(TransportError):
+    """The receiving side refused a connection during its handshake (the peer was told)."""
 
 
 class SenderChannel:
-    """The sending end of one connection: hello, then requests and their responses."""
+    """The sending end of one connection: handshake, then requests and their responses."""
 
-    def __init__(self, stream: Stream, role: ConnectionRole, migration_id: bytes,
-                 max_outstanding: int | None = None) -> None:
+    def __init__(self, stream: Stream, role: ConnectionRole, migration_id: bytes, *,
+                 token: bytes | None = None, max_outstanding: int | None = None) -> None:
         self.stream = stream
         self.role = role
         self.conn = SenderConnection(role, max_outstanding=max_outstanding)
-        self._hello(migration_id)
+        self.method = self._handshake(migration_id, token)
 
-    def _hello(self, migration_id: bytes) -> None:
-        self.stream.send_all([wire.encode_hello(self.role, migration_id)])
-        header = wire.decode_response_header(self.stream.recv_exact(wire.HEADER_SIZE))
-        message = self.stream.recv_exact(header.length).decode("utf-8", "replace")
-        if header.status is not wire.Status.OK:
-            raise MigrationError(f"destination refused the {self.role.name} connection: "
-                                 f"{message}")
+    def _handshake(self, migration_id: bytes, token: bytes | None) -> AuthMethod:
+        handshake = SenderHandshake(self.role, migration_id, token=token,
+                                    nonce=os.urandom(NONCE_SIZE))
+        name = self.role.name
+        try:
+            self.stream.send_all([handshake.hello()])
+            while True:
+                event = handshake.next_event()
+                if event is NEED_DATA:
+                    handshake.receive_data(self.stream.recv_some(max(handshake.bytes_wanted(),
+                                                                     1)))
+                elif isinstance(event, Challenged):
+                    self.stream.send_all([handshake.authenticate()])
+                elif isinstance(event, Refused):
+                    raise MigrationError(f"destination refused the {name} connection: "
+                                         f"{event.reason}")
+                elif isinstance(event, Established):
+                    leftover = handshake.unused_data()
+                    if leftover:
+                        self.conn.receive_data(leftover)
+                    return event.method
+        except AuthenticationError as exc:
+            raise MigrationError(f"{self.stream.peer}: {exc}") from None
+        except RemoteProtocolError as exc:
+            raise MigrationError(f"handshake with {self.stream.peer} failed: {exc}"
+                                 f"{_hint(self.stream)}") from None
+        except TransportError as exc:
+            raise TransportError(f"handshake on the {name} connection failed: {exc}"
+                                 f"{_hint(self.stream)}") from None
 
     @property
     def max_outstanding(self) -> int:
@@ -76,7 +114,9 @@ class SenderChannel:
                 view.release()
 
     def submit_with_fd(self, event: MemoryFd, fd: int) -> None:
-        """Write a MemoryFd request with `fd` attached (SCM_RIGHTS)."""
+        """Write a MemoryFd request with `fd` attached (SCM_RIGHTS; UNIX sockets only)."""
+        if not isinstance(self.stream, PlainStream) or not self.stream.passes_fds:
+            raise MigrationError("memory fds can only be passed over a unix: connection")
         self.stream.send_with_fds(self.conn.send(event), [fd])
 
     def read_response(self) -> Response:
@@ -106,15 +146,67 @@ class SenderChannel:
         self.stream.close()
 
 
+def _hint(stream: Stream) -> str:
+    """What a handshake that broke off most likely means, given how this side connected."""
+    if stream.encrypted:  # our TLS handshake passed; the destination then ended the session
+        return (" (the destination does not accept this side's certificate: is "
+                "client-cert.pem signed by the CA the destination trusts?)")
+    if stream.sock.family in (socket.AF_INET, socket.AF_INET6):
+        return " (does the destination expect TLS? then pass --tls-dir)"
+    return ""
+
+
+def receive_handshake(stream: Stream, *, token: bytes | None, admit: Admit,
+                      accept_fds: bool = False) -> ReceiverChannel:
+    """Run the receiving side of the handshake on `stream`; return the admitted channel.
+
+    `admit(hello)` is asked once the peer is authenticated (after its proof with a
+    `token`; right after the hello without one, the channel having authenticated
+    it): None takes the connection, a string refuses it with that reason. Raises
+    HandshakeRefused (the peer was told why) or TransportError; the caller closes
+    the stream either way.
+    """
+    handshake = ReceiverHandshake(token=token, nonce=os.urandom(NONCE_SIZE))
+    while True:
+        try:
+            event = handshake.next_event()
+        except RemoteProtocolError as exc:
+            with contextlib.suppress(TransportError):
+                stream.send_all([handshake.refuse(str(exc))])
+            raise HandshakeRefused(str(exc)) from None
+        if event is NEED_DATA:
+            handshake.receive_data(stream.recv_some(max(handshake.bytes_wanted(), 1)))
+            continue
+        if isinstance(event, ConnectionClosed):
+            raise TransportError("the peer closed the connection before its hello")
+        if isinstance(event, HelloReceived) and handshake.method is AuthMethod.TOKEN:
+            stream.send_all([handshake.challenge()])
+            continue
+        hello = event.hello
+        refusal = admit(hello)
+        if refusal is not None:
+            with contextlib.suppress(TransportError):
+                stream.send_all([handshake.refuse(refusal)])
+            raise HandshakeRefused(refusal)
+        stream.send_all([handshake.admit()])
+        channel = ReceiverChannel(stream, hello.role, hello.migration_id,
+                                  accept_fds=accept_fds)
+        leftover = handshake.unused_data()
+        if leftover:
+            channel.conn.receive_data(leftover)
+        return channel
+
+
 class ReceiverChannel:
-    """The receiving end of one connection, after its hello was accepted."""
+    """The receiving end of one connection, after its handshake admitted it."""
 
     def __init__(self, stream: Stream, role: ConnectionRole, migration_id: bytes,
                  accept_fds: bool = False) -> None:
         self.stream = stream
         self.role = role
+        self.migration_id = migration_id
         self.conn = ReceiverConnection(role, migration_id=migration_id)
-        self._accept_fds = accept_fds
+        self._accept_fds = accept_fds and isinstance(stream, PlainStream) and stream.passes_fds
         self.fds: list[int] = []
 
     def next_request(self) -> ReceiverEvent:
@@ -132,6 +224,7 @@ class ReceiverChannel:
 
     def _fill(self, wanted: int) -> None:
         if self._accept_fds:
+            assert isinstance(self.stream, PlainStream)
             data, fds = self.stream.recv_some_with_fds(max(wanted, 1))
             self.fds.extend(fds)
         else:
@@ -167,13 +260,3 @@ class ReceiverChannel:
                 os.close(fd)
         self.fds.clear()
         self.stream.close()
-
-
-def answer_hello(stream: Stream, error: str | None = None) -> None:
-    """The receiver's reply to a hello: OK, or ERROR with a reason."""
-    if error is None:
-        stream.send_all([wire.encode_response(wire.Status.OK)])
-    else:
-        with contextlib.suppress(TransportError):
-            stream.send_all([wire.encode_response(wire.Status.ERROR, error)])
-

@@ -1,8 +1,13 @@
-"""`Stream`: exact-size reads and scatter/gather writes on one socket, without copies.
+"""Streams: exact-size reads and gathered writes on one connection, plain or TLS.
 
-Page bytes go from guest-memory memoryviews to the socket with `sendmsg` and
-from the socket into guest memory with `recvmsg_into`; no Python-level copy.
-Socket errors become TransportError naming the peer and what failed.
+`Stream` is the interface the channels use; `PlainStream` and `TlsStream` are its two
+variants. The plain one moves page bytes without a Python-level copy: from
+guest-memory memoryviews to the socket with `sendmsg`, from the socket into guest
+memory with `recvmsg_into`. Python's `SSLSocket` has neither, so the TLS one writes
+each buffer with `SSL_write` (small ones gathered first, so that scattered pages do
+not become one TLS record each) and reads with `recv_into`, record by record;
+encryption needs a copy anyway, and `ssl` releases the GIL while it works. Socket
+and TLS errors become TransportError naming the peer and what failed.
 """
 
 from __future__ import annotations
@@ -10,106 +15,99 @@ from __future__ import annotations
 import array
 import contextlib
 import socket
+import ssl
 from collections.abc import Iterator, Sequence
 
 from vmig.errors import TransportError
 
 IOV_MAX = 1024  # Linux UIO_MAXIOV: most buffers one sendmsg takes
 IO_TIMEOUT_S = 60.0  # a peer silent this long is gone
+# TLS: buffers smaller than this are gathered into one write of up to TLS_GATHER_BYTES;
+# one SSL_write per 4 KiB page would cost a record header, a MAC and a syscall each.
+TLS_SMALL_BYTES = 64 << 10
+TLS_GATHER_BYTES = 256 << 10
+
+Buffer = bytes | bytearray | memoryview
 
 
 class Stream:
-    """Owns a connected socket. Close it with `close()` or a `with` block."""
+    """One connected socket, owned: close it with `close()` or a `with` block."""
+
+    #: Whether file descriptors can travel with the bytes (UNIX sockets only).
+    passes_fds = False
+    #: Whether bytes are encrypted and authenticated on the wire.
+    encrypted = False
 
     def __init__(self, sock: socket.socket, peer: str, timeout: float | None = IO_TIMEOUT_S):
         self.sock = sock
         self.peer = peer
         sock.settimeout(timeout)
 
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
     @contextlib.contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
+    def errors(self, action: str) -> Iterator[None]:
+        """OSError and ssl.SSLError -> TransportError("ACTION PEER: why")."""
         try:
             yield
         except TimeoutError:
             raise TransportError(f"{action} {self.peer}: timed out") from None
+        except ssl.SSLError as exc:
+            raise TransportError(f"{action} {self.peer}: TLS: {tls_reason(exc)}") from None
         except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
             raise TransportError(f"{action} {self.peer}: the peer closed the connection") from None
         except OSError as exc:
             raise TransportError(f"{action} {self.peer}: {exc.strerror or exc}") from None
 
+    # --- reading --------------------------------------------------------------------
+
     def recv_some(self, limit: int) -> bytes:
         """Up to `limit` bytes; b"" at end of stream."""
-        with self._errors("receiving from"):
+        with self.errors("receiving from"):
             return self.sock.recv(limit)
 
     def recv_exact(self, size: int) -> bytes:
         """Exactly `size` bytes, or TransportError if the peer closes first."""
         buffer = bytearray(size)
-        self.recv_into_exact(memoryview(buffer))
+        with memoryview(buffer) as view:
+            self.recv_into_exact(view)
         return bytes(buffer)
 
     def recv_into_exact(self, view: memoryview) -> None:
         """Fill `view` completely from the socket (zero-copy into e.g. guest memory)."""
         done, size = 0, len(view)
-        with self._errors("receiving from"):
+        with self.errors("receiving from"):
             while done < size:
-                n = self.sock.recv_into(view[done:])
+                with view[done:] as rest:
+                    n = self.sock.recv_into(rest)
                 if n == 0:
                     raise TransportError(f"receiving from {self.peer}: the peer closed the "
                                          f"connection ({size - done} bytes missing)")
                 done += n
 
     def recv_into_all(self, views: Sequence[memoryview]) -> None:
-        """Fill every view in order; scattered pages land with few recvmsg_into calls."""
-        pending = [memoryview(v) for v in views if len(v)]
-        first = 0
-        try:
-            with self._errors("receiving from"):
-                while first < len(pending):
-                    n = self.sock.recvmsg_into(pending[first:first + IOV_MAX])[0]
-                    if n == 0:
-                        raise TransportError(f"receiving from {self.peer}: the peer closed "
-                                             "the connection in the middle of a memory payload")
-                    first = _advance(pending, first, n)
-        finally:
-            _release(pending)
+        """Fill every view in order."""
+        for view in views:
+            if len(view):
+                self.recv_into_exact(view)
 
-    def send_all(self, buffers: Sequence[bytes | memoryview]) -> None:
-        """Send every buffer in order with sendmsg, resuming after partial writes."""
-        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-        first = 0
-        try:
-            with self._errors("sending to"):
-                while first < len(pending):
-                    sent = self.sock.sendmsg(pending[first:first + IOV_MAX])
-                    first = _advance(pending, first, sent)
-        finally:
-            _release(pending)
+    # --- writing --------------------------------------------------------------------
 
-    def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
-        """Send `data` with `fds` attached as SCM_RIGHTS (UNIX sockets only)."""
-        rights = array.array("i", fds).tobytes()
-        with self._errors("sending file descriptors to"):
-            sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-        if sent < len(data):
-            self.send_all([memoryview(data)[sent:]])
+    def send_all(self, buffers: Sequence[Buffer]) -> None:
+        """Send every buffer, in order."""
+        raise NotImplementedError
 
-    def recv_some_with_fds(self, limit: int, max_fds: int = 4) -> tuple[bytes, list[int]]:
-        """Up to `limit` bytes plus any fds that came with them (the caller owns the fds);
-        (b"", []) at end of stream."""
-        with self._errors("receiving from"):
-            data, ancdata, _flags, _ = self.sock.recvmsg(limit, socket.CMSG_SPACE(max_fds * 4))
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds.extend(array.array("i", payload[:usable]))
-        return data, fds
+    # --- ending ---------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Wake up any thread blocked on this socket (it sees end of stream)."""
+        """Wake up any thread blocked on this socket (it sees end of stream or an error).
+
+        Only the socket is shut down, never the TLS session: another thread may
+        be inside OpenSSL on it right now.
+        """
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         self.sock.close()
@@ -119,6 +117,104 @@ class Stream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PlainStream(Stream):
+    """A TCP or UNIX socket, zero-copy: `sendmsg` and `recvmsg_into` on memoryviews."""
+
+    def __init__(self, sock: socket.socket, peer: str, timeout: float | None = IO_TIMEOUT_S):
+        super().__init__(sock, peer, timeout)
+        self.passes_fds = sock.family == socket.AF_UNIX
+
+    def recv_into_all(self, views: Sequence[memoryview]) -> None:
+        """Fill every view in order; scattered pages land with few recvmsg_into calls."""
+        pending = [memoryview(v) for v in views if len(v)]
+        first = 0
+        try:
+            with self.errors("receiving from"):
+                while first < len(pending):
+                    n = self.sock.recvmsg_into(pending[first:first + IOV_MAX])[0]
+                    if n == 0:
+                        raise TransportError(f"receiving from {self.peer}: the peer closed "
+                                             "the connection in the middle of a memory payload")
+                    first = _advance(pending, first, n)
+        finally:
+            _release(pending)
+
+    def send_all(self, buffers: Sequence[Buffer]) -> None:
+        """Send every buffer in order with sendmsg, resuming after partial writes."""
+        pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+        first = 0
+        try:
+            with self.errors("sending to"):
+                while first < len(pending):
+                    sent = self.sock.sendmsg(pending[first:first + IOV_MAX])
+                    first = _advance(pending, first, sent)
+        finally:
+            _release(pending)
+
+    def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send `data` with `fds` attached as SCM_RIGHTS (UNIX sockets only)."""
+        rights = array.array("i", fds).tobytes()
+        with self.errors("sending file descriptors to"):
+            sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        if sent < len(data):
+            self.send_all([memoryview(data)[sent:]])
+
+    def recv_some_with_fds(self, limit: int, max_fds: int = 4) -> tuple[bytes, list[int]]:
+        """Up to `limit` bytes plus any fds that came with them (the caller owns the fds);
+        (b"", []) at end of stream."""
+        with self.errors("receiving from"):
+            data, ancdata, _flags, _ = self.sock.recvmsg(limit, socket.CMSG_SPACE(max_fds * 4))
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(array.array("i", payload[:usable]))
+        return data, fds
+
+
+class TlsStream(Stream):
+    """A TLS 1.3 connection (handshake already done): `SSL_write` / `SSL_read`."""
+
+    encrypted = True
+    sock: ssl.SSLSocket
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str, timeout: float | None = IO_TIMEOUT_S):
+        super().__init__(sock, peer, timeout)
+        self._gather = bytearray(TLS_GATHER_BYTES)
+
+    def send_all(self, buffers: Sequence[Buffer]) -> None:
+        """Write every buffer in order; small ones are gathered into one TLS write."""
+        gathered = 0
+        gather = self._gather
+        with self.errors("sending to"), memoryview(gather) as out:
+            for buffer in buffers:
+                size = len(buffer)
+                if not size:
+                    continue
+                if size < TLS_SMALL_BYTES:
+                    if gathered + size > len(gather):
+                        self.sock.sendall(out[:gathered])
+                        gathered = 0
+                    out[gathered:gathered + size] = buffer
+                    gathered += size
+                    continue
+                if gathered:
+                    self.sock.sendall(out[:gathered])
+                    gathered = 0
+                self.sock.sendall(buffer)
+            if gathered:
+                self.sock.sendall(out[:gathered])
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    """The useful words of an SSLError ('certificate verify failed: unable to get local
+    issuer certificate', 'tlsv13 alert certificate required')."""
+    verify = getattr(exc, "verify_message", None)
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    text = reason.lower().replace("_", " ")
+    return f"{text}: {verify}" if verify else text
 
 
 def _advance(pending: list[memoryview], first: int, nbytes: int) -> int:
