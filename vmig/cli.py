@@ -24,6 +24,12 @@ from vmig.api.process import READY_LINE
 from vmig.config import VmConfig
 from vmig.errors import SnapshotError, VmigError, one_line
 from vmig.guest.layout import MAX_CPUS
+from vmig.migration.params import (
+    RECEIVE_PARAMETERS,
+    SEND_PARAMETERS,
+    Param,
+    parameter,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -298,59 +304,101 @@ def check_guest(target: _Remote, timeout: float) -> None:
         sys.exit(1)
 
 
+def _click_type(param: Param) -> Any:
+    """The click type for a parameter: its limits become click's own range checks, so an
+    out-of-range value is a usage error naming the flag (exit status 2)."""
+    low, high = param.minimum, param.maximum
+    if param.kind == "int":
+        return click.IntRange(None if low is None else int(low),
+                              None if high is None else int(high), min_open=param.minimum_open)
+    if param.kind == "float":
+        return click.FloatRange(low, high, min_open=param.minimum_open)
+    if param.kind == "choice":
+        return click.Choice(param.choices)
+    if param.kind == "path":
+        return click.Path()
+    return str
+
+
+def _option_help(param: Param) -> str:
+    shown = param.default
+    if isinstance(shown, bool) or shown is None:
+        return param.help
+    return f"{param.help}  [default: {shown}]"
+
+
+def parameter_options(table: tuple[Param, ...]) -> Callable[[F], F]:
+    """One click option per migration parameter (vmig.migration.params is the source);
+    an option not given is None and is not sent, so the VMM's default applies."""
+    def decorate(command: F) -> F:
+        for param in reversed(table):
+            if param.kind == "bool":
+                option = click.option(param.flag, param.name, is_flag=True, default=None,
+                                      help=_option_help(param))
+            else:
+                option = click.option(param.flag, param.name, type=_click_type(param),
+                                      metavar=param.metavar or None, help=_option_help(param))
+            command = option(command)
+        return command
+    return decorate
+
+
+def _absolute_paths(table: tuple[Param, ...], values: dict[str, Any]) -> dict[str, Any]:
+    """Path parameters made absolute: the VMM's working directory is not ours."""
+    return {name: _abspath(value) if value is not None and parameter(table, name).kind == "path"
+            else value for name, value in values.items()}
+
+
 @remote.command("receive-migration")
 @click.argument("url")
-@click.option("--max-connections", type=int, metavar="N",
-              help="Most connections the migration may open here, the main one included "
-                   "(1-128).  [default: 128]")
-@click.option("--prealloc", metavar="SIZE",
-              help="Create and fault in this much guest RAM before listening (the size of "
-                   "the VM to come, e.g. 1G), so that receiving takes no page faults.")
+@parameter_options(RECEIVE_PARAMETERS)
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
 @click.pass_obj
-def receive_migration(target: _Remote, url: str, max_connections: int | None,
-                      prealloc: str | None) -> None:
-    """Have an empty VMM listen for one incoming migration on URL; print the bound URL.
+def receive_migration(target: _Remote, url: str, as_json: bool, **params: Any) -> None:
+    """Have an empty VMM listen for one incoming migration on URL; print where to send it.
 
-    URL is tcp:HOST:PORT (port 0: any free port) or unix:PATH. The command
-    returns once the VMM listens; the VM appears there when the migration
-    completes (`vmig remote info` shows state "receiving" until then).
+    URL is tcp:HOST:PORT (port 0: any free port; IPv6 hosts in brackets) or
+    unix:PATH. Over tcp: every connection is authenticated: with --tls-dir
+    (mutual TLS), or with a token. Without --token/--token-file (and without
+    --tls-dir) the VMM makes a random token and prints it: give it to
+    send-migration. The command returns once the VMM listens; the VM appears
+    there when the migration completes (`vmig remote info` shows state
+    "receiving" until then).
     """
-    reply = target.client.receive_migration(url, max_connections, prealloc=prealloc)
-    click.echo(reply["receiver_url"])
+    reply = target.client.receive_migration(url, **_absolute_paths(RECEIVE_PARAMETERS, params))
+    if as_json:
+        click.echo(json.dumps(reply))
+        return
+    click.echo(f"receiver_url: {reply['receiver_url']}")
+    if reply.get("token"):
+        click.echo(f"token: {reply['token']}")
+    if reply.get("listening_on"):
+        click.echo(f"listening on: {', '.join(reply['listening_on'])}")
+    click.echo(f"security: {reply.get('security', '')}")
+    for warning in reply.get("warnings") or ():
+        click.echo(f"warning: {warning}", err=True)
 
 
 @remote.command("send-migration")
 @click.argument("url")
-@click.option("--connections", type=int, metavar="N",
-              help="TCP connections to copy memory over, the main one included (1-128; "
-                   "1 with unix: or --local).  [default: 1]")
-@click.option("--local", is_flag=True, default=None,
-              help="Same host: hand guest memory over as a file descriptor (needs unix:URL).")
-@click.option("--downtime-ms", type=int, metavar="MS",
-              help="Pause budget for the switch-over.  [default: 300]")
-@click.option("--timeout-s", type=float, metavar="S",
-              help="Longest pre-copy before --timeout-strategy applies.  [default: 3600]")
-@click.option("--timeout-strategy", metavar="cancel|ignore",
-              help="At the timeout, give up (cancel) or switch over anyway (ignore).  "
-                   "[default: cancel]")
-@click.option("--verify-memory", is_flag=True, default=None,
-              help="Compare digests of all guest memory on both sides before resuming.")
+@parameter_options(SEND_PARAMETERS)
 @click.option("--json", "as_json", is_flag=True,
               help="Print only the summary, as one JSON object.")
 @click.pass_obj
 def send_migration(target: _Remote, url: str, as_json: bool, **params: Any) -> None:
     """Live-migrate the VM to the VMM receiving at URL (tcp:HOST:PORT or unix:PATH).
 
-    On a terminal a progress bar follows the migration; then a summary is
-    printed. If the migration fails the VM keeps running here and the reason is
-    printed (exit status 1).
+    Over tcp: pass the destination's token (--token/--token-file) or a TLS
+    directory (--tls-dir). On a terminal a progress bar follows the migration;
+    then a summary is printed. If the migration fails the VM keeps running here
+    and the reason is printed (exit status 1).
     """
     from rich.console import Console
 
     from vmig.watch import send_with_progress, summary_table
 
     client = target.client
-    request = {"destination_url": url, **params}
+    request = {"destination_url": url, **_absolute_paths(SEND_PARAMETERS, params)}
     if as_json or not sys.stdout.isatty():
         summary = client.send_migration(**request)
         if as_json:

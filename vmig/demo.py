@@ -38,6 +38,7 @@ class DemoReport:
 
     write_rate: float = 0.0
     receiving_seen: bool = False
+    authenticated: bool = False  # the destination asked for a token and the source proved it
     summary: dict[str, Any] = field(default_factory=dict)
     heartbeat_before: int | None = None  # the source's last reading before the switch-over
     before_state: str = ""  # the source's state at that reading (paused = the final value)
@@ -56,7 +57,7 @@ class DemoReport:
 
     @property
     def ok(self) -> bool:
-        return (self.summary.get("status") == "completed"
+        return (self.summary.get("status") == "completed" and self.authenticated
                 and bool(self.summary.get("memory_verified"))
                 and self.heartbeat_continued and self.source_state == "migrated"
                 and self.destination_state == "running" and bool(self.check.get("ok")))
@@ -137,18 +138,24 @@ def _watch_guest(source: VmmProcess, seconds: float, report: DemoReport,
 
 def _migrate(source: VmmProcess, destination: VmmProcess, report: DemoReport,
              console: Console, *, connections: int, downtime_ms: int) -> None:
-    url = destination.client.receive_migration(RECEIVER_URL)["receiver_url"]
+    reply = destination.client.receive_migration(RECEIVER_URL)
+    url, token = reply["receiver_url"], reply["token"]
     state = destination.client.info()["state"]
     report.receiving_seen = state == "receiving"
-    console.print(f"destination listens on {url} (state {state})")
-    console.print(f"[bold]Live-migrating[/] over {connections} connections, memory verified, "
-                  f"downtime budget {downtime_ms} ms")
+    report.authenticated = bool(token)
+    console.print(f"destination listens on {url} (state {state}); it made the token "
+                  f"{token[:6]}... that the source must prove it knows (HMAC-SHA256 "
+                  "challenge-response on every connection; the token itself never crosses the "
+                  "wire)")
+    console.print(f"[bold]Live-migrating[/] over {connections} connections, authenticated "
+                  f"by token, memory verified, downtime budget {downtime_ms} ms")
     watch = _SourceWatch(source.socket_path, report)
     try:
         watch.poll()
         report.summary = send_with_progress(
             source.client, {"destination_url": url, "connections": connections,
-                            "downtime_ms": downtime_ms, "verify_memory": True},
+                            "downtime_ms": downtime_ms, "verify_memory": True,
+                            "token": token},
             console=console, on_poll=watch.poll)
     finally:
         watch.client.close()
@@ -182,6 +189,7 @@ def _verdict(report: DemoReport) -> Table:
     table.add_column("what")
     table.add_column("result")
     table.add_row("destination showed `receiving`", mark(report.receiving_seen))
+    table.add_row("connections authenticated by token", mark(report.authenticated))
     table.add_row("migration", f"{summary.get('status', 'did not finish')}, "
                   f"{summary.get('connections', '-')} connections, "
                   f"{summary.get('iterations', '-')} iterations")

@@ -10,175 +10,33 @@ tests/kvm/test_migration_engine.py.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import (
+    ANY_PORT,
+    BUSY_GUEST,
+    GUEST,
+    Background,
+    SourceWatch,
+    Spawn,
+    assert_one_line_error,
+    assert_source_still_healthy,
+    expect_api_error,
+    heartbeat_grows,
+    kill,
+    migration_info_or_none,
+    receive,
+    send_in_precopy,
+    vmig,
+    wait_for,
+)
 
-from vmig.api.client import ApiClient
-from vmig.api.process import VmmProcess
 from vmig.errors import ApiError
-
-GUEST = ("--memory", "128M", "--cpus", "2", "--workload", "dirty", "--working-set", "32M",
-         "--dirty-rate", "20000")
-# Dirties as fast as it can, so some memory is always dirty: with a 0 ms downtime budget
-# pre-copy never converges and stays in pre-copy until its timeout (long enough to act in
-# the middle of it). A paced guest may be caught with nothing dirty, which converges.
-BUSY_GUEST = ("--memory", "128M", "--cpus", "2", "--workload", "dirty", "--working-set",
-              "32M", "--dirty-rate", "0")
-NEVER_CONVERGES = {"downtime_ms": 0, "timeout_s": 30}
-ANY_PORT = "tcp:127.0.0.1:0"
-WAIT_S = 20.0
-
-Spawn = Callable[..., VmmProcess]
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def migration_info_or_none(client: ApiClient) -> dict[str, Any] | None:
-    """vm.migration-info, or None while no migration has started yet (404)."""
-    try:
-        return client.migration_info()
-    except ApiError as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-def send_in_precopy(source: VmmProcess, url: str, connections: int = 1) -> Background:
-    """Start a send that cannot converge on its own; return once it is in pre-copy."""
-    send = Background(lambda: source.client.send_migration(
-        destination_url=url, connections=connections, **NEVER_CONVERGES))
-    send.start()
-    wait_for(lambda: (info := migration_info_or_none(source.client)) and info["active"]
-             and info["phase"] == "precopy", "the source to start pre-copy")
-    return send
-
-
-def kill(vmm: VmmProcess) -> None:
-    """SIGKILL a VMM; remove the socket file it cannot remove itself (the fixture checks)."""
-    vmm.proc.send_signal(signal.SIGKILL)
-    vmm.proc.wait(10)
-    os.unlink(vmm.socket_path)
-
-
-def heartbeat_grows(client: ApiClient, since: int) -> bool:
-    """True if the guest's heartbeat passes `since` within WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if client.info()["heartbeat"] > since:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def expect_api_error(status: int, call: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
-    with pytest.raises(ApiError) as info:
-        call(*args, **kwargs)
-    assert info.value.status == status, info.value
-    message = info.value.message
-    assert message and "\n" not in message and "Traceback" not in message
-    return message
-
-
-class Background(threading.Thread):
-    """Runs `call()` on a thread, keeping its result or exception."""
-
-    def __init__(self, call: Callable[[], Any]) -> None:
-        super().__init__(daemon=True)
-        self.call = call
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self.call()
-        except BaseException as exc:
-            self.error = exc
-
-    def outcome(self, timeout: float = 120.0) -> Any:
-        self.join(timeout)
-        assert not self.is_alive(), "the request did not return"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-class SourceWatch(threading.Thread):
-    """Polls the source's vm.info while it migrates; keeps the last live heartbeat."""
-
-    def __init__(self, socket_path: str) -> None:
-        super().__init__(daemon=True)
-        self.client = ApiClient(socket_path)
-        self.stop = threading.Event()
-        self.last_heartbeat: int | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                info = self.client.info()
-                if info["state"] in ("running", "paused"):
-                    self.last_heartbeat = info["heartbeat"]
-                time.sleep(0.01)
-        except BaseException as exc:  # reported by __exit__: vm.info must answer throughout
-            self.error = exc
-        finally:
-            self.client.close()
-
-    def __enter__(self) -> SourceWatch:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.join(10)
-        assert self.error is None, f"vm.info failed during the migration: {self.error}"
-
-
-def assert_source_still_healthy(source: VmmProcess) -> None:
-    """The source VMM serves, its VM runs, is not busy, and the guest's pages are intact."""
-    assert source.running
-    assert source.client.ping()["pid"] == source.proc.pid
-    info = source.client.info()
-    assert info["state"] == "running" and info.get("busy") is None, info
-    assert heartbeat_grows(source.client, info["heartbeat"])
-    assert source.client.check_guest(60)["ok"]
-    source.client.pause()  # the user owns the VM again
-    source.client.resume()
-
-
-def vmig(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmig", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], text: str) -> None:
-    assert result.returncode == 1, result
-    assert result.stdout == "", result.stdout
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("vmig: error: ") and text in lines[0], result.stderr
-
 
 # --- migrations that work ----------------------------------------------------------------------
 
@@ -191,14 +49,15 @@ def test_live_migration_of_a_dirtying_guest(spawn_vmm: Spawn, tmp_path: Path, co
     destination = spawn_vmm()
     source = spawn_vmm(*GUEST)
     wanted = f"unix:{tmp_path}/migration.sock" if local else ANY_PORT
-    url = destination.client.receive_migration(wanted)["receiver_url"]
+    url, auth = receive(destination, wanted)
+    assert bool(auth) is not local  # tcp: a token was made; unix: the socket's mode
     assert url == wanted if local else url.startswith("tcp:127.0.0.1:") and url != ANY_PORT
     assert destination.client.info() == {"state": "receiving", "receiver_url": url}
     before = source.client.info()
     assert before["state"] == "running" and heartbeat_grows(source.client, before["heartbeat"])
 
     with SourceWatch(source.socket_path) as watch:
-        summary = source.client.send_migration(destination_url=url, connections=connections,
+        summary = source.client.send_migration(destination_url=url, **auth, connections=connections,
                                                local=local, verify_memory=True)
 
     assert summary["status"] == "completed" and summary["connections"] == connections
@@ -233,14 +92,14 @@ def test_migration_info_and_vm_info_answer_during_a_migration(spawn_vmm: Spawn) 
     destination = spawn_vmm()
     source = spawn_vmm(*BUSY_GUEST)
     expect_api_error(404, source.client.migration_info)
-    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    url, auth = receive(destination, ANY_PORT)
     listening = destination.client.migration_info()
     assert (listening["active"], listening["role"], listening["phase"]) == (True, "receive",
                                                                            "listening")
     # A 0 ms budget is never met; after 5 s of pre-copy, "ignore" switches over anyway
     # (time enough for the checks below on a slow host).
     send = Background(lambda: source.client.send_migration(
-        destination_url=url, connections=2, downtime_ms=0, timeout_s=5,
+        destination_url=url, **auth, connections=2, downtime_ms=0, timeout_s=5,
         timeout_strategy="ignore", verify_memory=True))
     send.start()
 
@@ -262,7 +121,7 @@ def test_migration_info_and_vm_info_answer_during_a_migration(spawn_vmm: Spawn) 
     assert destination.client.info()["state"] == "receiving"
     # The VM is taken while it migrates.
     assert "already running" in expect_api_error(
-        409, source.client.send_migration, destination_url=url)
+        409, source.client.send_migration, destination_url=url, **auth)
     assert "migrating" in expect_api_error(409, source.client.pause)
     assert "migrating" in expect_api_error(409, source.client.shutdown)
     assert "awaited" in expect_api_error(409, destination.client.create, memory="64M")
@@ -277,9 +136,13 @@ def test_migration_info_and_vm_info_answer_during_a_migration(spawn_vmm: Spawn) 
 # --- refused requests --------------------------------------------------------------------------
 
 
+TOKEN = "e2e-test-token-0123456789"
+
 BAD_SENDS = [
     ({"connections": 0}, "connections: input should be greater than or equal to 1"),
     ({"connections": 129}, "connections: input should be less than or equal to 128"),
+    ({"token": None}, "token: a tcp: destination needs the token"),
+    ({"token": "short"}, "token: must be at least 16 characters"),
     ({"connections": 2, "destination_url": "unix:/tmp/vmig-nowhere.sock"},
      "connections: must be 1 with a unix: destination_url"),
     ({"connections": 2, "local": True}, "connections: must be 1 when local is true"),
@@ -292,15 +155,16 @@ BAD_SENDS = [
 ]
 
 CLI_FLAGS = {"connections": "--connections", "downtime_ms": "--downtime-ms",
-             "timeout_s": "--timeout-s", "timeout_strategy": "--timeout-strategy"}
+             "timeout_s": "--timeout-s", "timeout_strategy": "--timeout-strategy",
+             "token": "--token"}
 
 
 def cli_args(params: dict[str, Any]) -> list[str]:
-    args = [params.get("destination_url", "tcp:127.0.0.1:1")]
+    args = [params["destination_url"]]
     for name, value in params.items():
         if name == "local":
             args.append("--local")
-        elif name != "destination_url":
+        elif name != "destination_url" and value is not None:
             args += [CLI_FLAGS[name], str(value)]
     return args
 
@@ -308,12 +172,16 @@ def cli_args(params: dict[str, Any]) -> list[str]:
 def test_bad_parameters_are_refused_with_one_line_naming_the_field(spawn_vmm: Spawn) -> None:
     source = spawn_vmm("--memory", "64M")
     for params, message in BAD_SENDS:
-        request = {"destination_url": "tcp:127.0.0.1:1", **params}
+        request = {"destination_url": "tcp:127.0.0.1:1", "token": TOKEN, **params}
         assert expect_api_error(400, source.client.send_migration, **request).startswith(
             message), params
         result = vmig("remote", "--api-socket", source.socket_path, "send-migration",
-                      *cli_args(params))
-        assert_one_line_error(result, f"vmig: error: {message}")
+                      *cli_args(request))
+        if "input should be" not in message:
+            assert_one_line_error(result, f"vmig: error: {message}")
+        else:  # a limit or a choice: click's own usage error, naming the flag (exit 2)
+            flag = CLI_FLAGS[message.split(":")[0]]
+            assert result.returncode == 2 and f"Invalid value for '{flag}'" in result.stderr
 
     empty = spawn_vmm()
     for url, max_connections, message in (
@@ -321,11 +189,15 @@ def test_bad_parameters_are_refused_with_one_line_naming_the_field(spawn_vmm: Sp
             ("tcp:127.0.0.1:0", 0, "max_connections: input should be greater than or equal"),
             ("tcp:127.0.0.1:0", 129, "max_connections: input should be less than or equal")):
         assert expect_api_error(400, empty.client.receive_migration, url,
-                                max_connections).startswith(message)
+                                max_connections=max_connections).startswith(message)
         args = [url] + ([] if max_connections is None else ["--max-connections",
                                                             str(max_connections)])
-        assert_one_line_error(vmig("remote", "--api-socket", empty.socket_path,
-                                   "receive-migration", *args), message)
+        result = vmig("remote", "--api-socket", empty.socket_path, "receive-migration", *args)
+        if max_connections is None:
+            assert_one_line_error(result, message)
+        else:
+            assert result.returncode == 2
+            assert "Invalid value for '--max-connections'" in result.stderr
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -341,7 +213,7 @@ def test_bad_parameters_are_refused_with_one_line_naming_the_field(spawn_vmm: Sp
     assert empty.client.info() == {"state": "empty"}
     # The state rules: no VM to send, a VM in the way of receiving.
     assert "no VM" in expect_api_error(409, empty.client.send_migration,
-                                       destination_url="tcp:127.0.0.1:1")
+                                       destination_url="tcp:127.0.0.1:1", token=TOKEN)
     assert "a VM already exists" in expect_api_error(409, source.client.receive_migration,
                                                      ANY_PORT)
 
@@ -352,8 +224,8 @@ def test_bad_parameters_are_refused_with_one_line_naming_the_field(spawn_vmm: Sp
 def test_destination_killed_mid_migration_leaves_the_source_running(spawn_vmm: Spawn) -> None:
     doomed = spawn_vmm()
     source = spawn_vmm(*BUSY_GUEST)
-    url = doomed.client.receive_migration(ANY_PORT)["receiver_url"]
-    send = send_in_precopy(source, url, connections=4)
+    url, auth = receive(doomed, ANY_PORT)
+    send = send_in_precopy(source, url, auth, connections=4)
     kill(doomed)
 
     with pytest.raises(ApiError) as failure:
@@ -367,8 +239,8 @@ def test_destination_killed_mid_migration_leaves_the_source_running(spawn_vmm: S
 
     # A second attempt, to a fresh destination, succeeds.
     destination = spawn_vmm()
-    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
-    summary = source.client.send_migration(destination_url=url, connections=4,
+    url, auth = receive(destination, ANY_PORT)
+    summary = source.client.send_migration(destination_url=url, **auth, connections=4,
                                            verify_memory=True)
     assert summary["status"] == "completed" and summary["memory_verified"]
     assert source.client.info()["state"] == "migrated"
@@ -379,8 +251,8 @@ def test_source_killed_mid_migration_leaves_the_destination_empty_and_reusable(
         spawn_vmm: Spawn) -> None:
     destination = spawn_vmm()
     doomed = spawn_vmm(*BUSY_GUEST)
-    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
-    send = send_in_precopy(doomed, url, connections=4)
+    url, auth = receive(destination, ANY_PORT)
+    send = send_in_precopy(doomed, url, auth, connections=4)
     kill(doomed)
     with pytest.raises(ApiError):
         send.outcome()
@@ -392,9 +264,9 @@ def test_source_killed_mid_migration_leaves_the_destination_empty_and_reusable(
     assert destination.client.migration_info()["phase"] == "failed"
 
     # It can receive again: a fresh source migrates to it.
-    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    url, auth = receive(destination, ANY_PORT)
     source = spawn_vmm(*GUEST)
-    summary = source.client.send_migration(destination_url=url, connections=2,
+    summary = source.client.send_migration(destination_url=url, **auth, connections=2,
                                            verify_memory=True)
     assert summary["status"] == "completed"
     assert destination.client.check_guest(60)["ok"]
@@ -404,9 +276,9 @@ def test_destination_refusing_connections_fails_cleanly_then_a_retry_works(
         spawn_vmm: Spawn) -> None:
     destination = spawn_vmm()
     source = spawn_vmm(*GUEST)
-    url = destination.client.receive_migration(ANY_PORT, max_connections=2)["receiver_url"]
+    url, auth = receive(destination, ANY_PORT, max_connections=2)
     message = expect_api_error(500, source.client.send_migration, destination_url=url,
-                               connections=4)
+                               connections=4, **auth)
     assert "accepted only 1 of 3 extra connections" in message
     assert "takes at most 2 connections" in message
     assert_source_still_healthy(source)
@@ -420,9 +292,9 @@ def test_destination_refusing_connections_fails_cleanly_then_a_retry_works(
     assert incoming["error"] == info["last_error"]
 
     # The same destination can receive again, and this time all connections are taken.
-    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    url, auth = receive(destination, ANY_PORT)
     assert "last_error" not in destination.client.info()
-    summary = source.client.send_migration(destination_url=url, connections=4,
+    summary = source.client.send_migration(destination_url=url, **auth, connections=4,
                                            verify_memory=True)
     assert summary["connections"] == 4 and summary["memory_verified"]
     assert destination.client.info()["state"] == "running"
@@ -433,8 +305,8 @@ def test_destination_refusing_connections_fails_cleanly_then_a_retry_works(
 def test_stopping_the_source_vmm_interrupts_its_send(spawn_vmm: Spawn, how: str) -> None:
     destination = spawn_vmm()
     source = spawn_vmm(*BUSY_GUEST)
-    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
-    send = send_in_precopy(source, url)
+    url, auth = receive(destination, ANY_PORT)
+    send = send_in_precopy(source, url, auth)
     began = time.monotonic()
     if how == "SIGTERM":
         source.signal(signal.SIGTERM)
@@ -452,7 +324,7 @@ def test_stopping_the_source_vmm_interrupts_its_send(spawn_vmm: Spawn, how: str)
 
 def test_sigterm_cancels_receiving(spawn_vmm: Spawn) -> None:
     destination = spawn_vmm()
-    url = destination.client.receive_migration(ANY_PORT)["receiver_url"]
+    url, _ = receive(destination, ANY_PORT)
     port = int(url.rsplit(":", 1)[1])
     destination.signal(signal.SIGTERM)
     assert destination.proc.wait(20) == 0
@@ -464,16 +336,21 @@ def test_sigterm_cancels_receiving(spawn_vmm: Spawn) -> None:
 # --- the CLI -----------------------------------------------------------------------------------
 
 
-def test_cli_receive_and_send(spawn_vmm: Spawn) -> None:
+def test_cli_receive_and_send(spawn_vmm: Spawn, tmp_path: Path) -> None:
     destination = spawn_vmm()
     source = spawn_vmm(*GUEST)
     result = vmig("remote", "--api-socket", destination.socket_path, "receive-migration",
-                  ANY_PORT, "--max-connections", "4")
+                  ANY_PORT, "--max-connections", "4", "--json")
     assert result.returncode == 0, result.stderr
-    url = result.stdout.strip()
-    assert url.startswith("tcp:127.0.0.1:") and result.stdout.count("\n") == 1
+    reply = json.loads(result.stdout)  # one JSON object and nothing else
+    url, token = reply["receiver_url"], reply["token"]
+    assert url.startswith("tcp:127.0.0.1:") and reply["security"] == "token"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     result = vmig("remote", "--api-socket", source.socket_path, "send-migration", url,
-                  "--connections", "4", "--verify-memory", "--downtime-ms", "200", "--json")
+                  "--connections", "4", "--verify-memory", "--downtime-ms", "200", "--json",
+                  "--token-file", str(token_file))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)  # one JSON object and nothing else
     assert summary["status"] == "completed" and summary["connections"] == 4
@@ -481,15 +358,19 @@ def test_cli_receive_and_send(spawn_vmm: Spawn) -> None:
     result = vmig("remote", "--api-socket", destination.socket_path, "migration-info")
     assert json.loads(result.stdout)["phase"] == "completed"
     assert destination.client.check_guest(60)["ok"]
-    result = vmig("remote", "--api-socket", source.socket_path, "send-migration", url)
+    result = vmig("remote", "--api-socket", source.socket_path, "send-migration", url,
+                  "--token", token)
     assert_one_line_error(result, "cannot send a migration: VM is migrated, it must be")
 
     # And back: the source VMM, its VM migrated away, can receive it again. Not on a
     # terminal and without --json, the summary is printed for people, with no progress bar.
-    result = vmig("remote", "--api-socket", source.socket_path, "receive-migration", ANY_PORT)
-    back = result.stdout.strip()
+    result = vmig("remote", "--api-socket", source.socket_path, "receive-migration", ANY_PORT,
+                  "--token", TOKEN)
+    lines = result.stdout.splitlines()  # for people: the URL, then what secures it
+    assert lines[0].startswith("receiver_url: tcp:127.0.0.1:") and "token:" not in result.stdout
+    back = lines[0].split()[1]
     result = vmig("remote", "--api-socket", destination.socket_path, "send-migration", back,
-                  "--connections", "2")
+                  "--connections", "2", "--token", TOKEN)
     assert result.returncode == 0, result.stderr
     assert "completed" in result.stdout and "throughput" in result.stdout
     assert "━" not in result.stdout  # no progress bar

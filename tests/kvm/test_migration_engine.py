@@ -17,11 +17,10 @@ import pytest
 
 from vmig.config import VmConfig
 from vmig.errors import ConfigError, MigrationError
-from vmig.migration.params import SendParams
+from vmig.migration.params import ReceiveParams, SendParams
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
 from vmig.proto import (
-    HELLO_SIZE,
     NEED_DATA,
     Complete,
     Config,
@@ -31,16 +30,20 @@ from vmig.proto import (
     Response,
     SenderConnection,
     Start,
-    encode_hello,
-    parse_hello,
     wire,
 )
 from vmig.ranges import RangeTable
-from vmig.transport.channel import ReceiverChannel, answer_hello
-from vmig.transport.stream import Stream
+from vmig.transport.address import parse_url
+from vmig.transport.channel import SenderChannel, receive_handshake
+from vmig.transport.endpoint import dial
+from vmig.transport.security import Security
+from vmig.transport.stream import PlainStream
 from vmig.vmm.machine import Machine, VmState, install_kick_handler
 
 pytestmark = pytest.mark.kvm
+
+TOKEN = "engine-test-token-0123456789"
+KEY = TOKEN.encode()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,10 +84,33 @@ def source():
 
 
 def _receiver(url: str = "tcp:127.0.0.1:0", **kwargs) -> tuple[MigrationReceiver, Outcome, str]:
+    """A started receiver; over tcp: it takes TOKEN."""
     outcome = Outcome()
-    receiver = MigrationReceiver(url, outcome, **kwargs)
+    if url.startswith("tcp:") and "tls_dir" not in kwargs:
+        kwargs.setdefault("token", TOKEN)
+    receiver = MigrationReceiver(ReceiveParams(url, **kwargs).resolve(), outcome)
     address = receiver.start()
+    _started.append(receiver)
     return receiver, outcome, str(address)
+
+
+_started: list[MigrationReceiver] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_receivers():
+    """Close every receiver a test started, passed or not: their threads would keep
+    pytest from exiting."""
+    yield
+    while _started:
+        _started.pop().close()
+
+
+def _send(url: str, **kwargs) -> SendParams:
+    """SendParams to a `_receiver()`, with its token over tcp:."""
+    if url.startswith("tcp:") and "tls_dir" not in kwargs:
+        kwargs.setdefault("token", TOKEN)
+    return SendParams(url, **kwargs)
 
 
 @pytest.mark.parametrize("connections", [1, 2, 4, 8])
@@ -93,7 +119,7 @@ def test_migrates_dirtying_guest_over_tcp(source, connections):
     receiver, outcome, url = _receiver()
     time.sleep(0.2)
     before = source.guest_counters()
-    summary = MigrationSender(source, SendParams(url, connections=connections,
+    summary = MigrationSender(source, _send(url, connections=connections,
                                                  verify_memory=True)).run()
     assert outcome.done.wait(10)
     receiver.close()
@@ -118,7 +144,7 @@ def test_migrates_dirtying_guest_over_tcp(source, connections):
 
 def test_local_migration_passes_memory_fd(source, tmp_path):
     receiver, outcome, url = _receiver(f"unix:{tmp_path}/mig.sock")
-    summary = MigrationSender(source, SendParams(url, local=True, verify_memory=True)).run()
+    summary = MigrationSender(source, _send(url, local=True, verify_memory=True)).run()
     assert outcome.done.wait(10)
     receiver.close()
     assert summary.local and summary.bytes_sent == 0
@@ -130,6 +156,7 @@ def test_local_migration_passes_memory_fd(source, tmp_path):
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"connections": 0}, "connections: must be between 1 and 128"),
     ({"connections": 129}, "connections: must be between 1 and 128"),
+    ({"token": None}, "token: a tcp: destination needs the token"),
     ({"connections": 2, "destination_url": "unix:/tmp/x"}, "connections: must be 1 with a unix"),
     ({"connections": 2, "local": True, "destination_url": "unix:/tmp/x"},
      "connections: must be 1"),
@@ -138,7 +165,7 @@ def test_local_migration_passes_memory_fd(source, tmp_path):
     ({"downtime_ms": -1}, "downtime_ms"),
 ])
 def test_parameter_validation(kwargs, field):
-    params = {"destination_url": "tcp:127.0.0.1:1", **kwargs}
+    params = {"destination_url": "tcp:127.0.0.1:1", "token": TOKEN, **kwargs}
     with pytest.raises(ConfigError, match=field):
         SendParams(**params).validate()
 
@@ -149,7 +176,7 @@ def test_unreachable_destination_leaves_source_running(source):
     port = listener.getsockname()[1]
     listener.close()  # nothing listens there now
     with pytest.raises(MigrationError, match="cannot connect"):
-        MigrationSender(source, SendParams(f"tcp:127.0.0.1:{port}", connections=4)).run()
+        MigrationSender(source, _send(f"tcp:127.0.0.1:{port}", connections=4)).run()
     assert source.state is VmState.RUNNING and source.busy is None
     assert source.check_guest()["ok"]
 
@@ -157,14 +184,14 @@ def test_unreachable_destination_leaves_source_running(source):
 def test_destination_accepting_only_some_connections_fails_cleanly(source):
     receiver, outcome, url = _receiver(max_connections=2)
     with pytest.raises(MigrationError, match="accepted only 1 of 3 extra connections"):
-        MigrationSender(source, SendParams(url, connections=4)).run()
+        MigrationSender(source, _send(url, connections=4)).run()
     assert outcome.done.wait(10)
     receiver.close()
     assert outcome.machine is None and outcome.error
     assert source.state is VmState.RUNNING
     # a second attempt to a fresh receiver succeeds
     receiver, outcome, url = _receiver()
-    MigrationSender(source, SendParams(url, connections=2)).run()
+    MigrationSender(source, _send(url, connections=2)).run()
     assert outcome.done.wait(10)
     receiver.close()
     outcome.machine.close()
@@ -175,7 +202,7 @@ def test_timeout_with_cancel_keeps_source_running():
                             dirty_rate=0)  # flat out: cannot converge at 0 ms downtime
     with Machine.boot(config) as machine:
         receiver, outcome, url = _receiver()
-        params = SendParams(url, downtime_ms=0, timeout_s=0.05)
+        params = _send(url, downtime_ms=0, timeout_s=0.05)
         with pytest.raises(MigrationError, match="cancel"):
             MigrationSender(machine, params).run()
         assert outcome.done.wait(10)
@@ -190,7 +217,7 @@ def test_timeout_with_ignore_converges_anyway():
                             dirty_rate=0)
     with Machine.boot(config) as machine:
         receiver, outcome, url = _receiver()
-        params = SendParams(url, downtime_ms=0, timeout_s=0.05, timeout_strategy="ignore")
+        params = _send(url, downtime_ms=0, timeout_s=0.05, timeout_strategy="ignore")
         summary = MigrationSender(machine, params).run()
         assert outcome.done.wait(10)
         receiver.close()
@@ -200,11 +227,11 @@ def test_timeout_with_ignore_converges_anyway():
 
 
 def _raw_main(url: str) -> socket.socket:
-    host, port = url.removeprefix("tcp:").rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=5)
-    sock.sendall(encode_hello(ConnectionRole.MAIN, bytes(16)))
-    header = wire.decode_response_header(sock.recv(16))
-    assert header.status is wire.Status.OK
+    """A MAIN connection that passed the handshake with TOKEN, as a bare socket."""
+    channel = SenderChannel(dial(parse_url(url), Security(token=KEY)), ConnectionRole.MAIN,
+                            bytes(16), token=KEY)
+    sock = channel.stream.sock
+    sock.settimeout(5)
     return sock
 
 
@@ -260,7 +287,7 @@ def test_receiver_refuses_memory_outside_guest(source):
 
 def test_no_extra_connection_accepted_continues_on_one_and_says_so(source):
     receiver, outcome, url = _receiver(max_connections=1)
-    summary = MigrationSender(source, SendParams(url, connections=4)).run()
+    summary = MigrationSender(source, _send(url, connections=4)).run()
     assert outcome.done.wait(10)
     receiver.close()
     assert summary.status == "completed" and summary.connections == 1
@@ -282,10 +309,8 @@ def test_unanswered_complete_leaves_the_source_paused(source):
 
     def vanishing_destination() -> None:
         sock, _ = listener.accept()
-        stream = Stream(sock, "source")
-        hello = parse_hello(stream.recv_exact(HELLO_SIZE))
-        answer_hello(stream)
-        channel = ReceiverChannel(stream, ConnectionRole.MAIN, hello.migration_id)
+        channel = receive_handshake(PlainStream(sock, "source"), token=KEY,
+                                    admit=lambda hello: None)
         memory = bytearray()
         while True:
             event = channel.next_request()
@@ -301,7 +326,7 @@ def test_unanswered_complete_leaves_the_source_paused(source):
     peer = threading.Thread(target=vanishing_destination)
     peer.start()
     with pytest.raises(MigrationError, match="source stays paused"):
-        MigrationSender(source, SendParams(url)).run()
+        MigrationSender(source, _send(url)).run()
     peer.join(10)
     listener.close()
     assert source.state is VmState.PAUSED and source.busy is None

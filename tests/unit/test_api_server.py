@@ -43,7 +43,13 @@ from vmig.errors import (
     VmmUnreachableError,
 )
 from vmig.proto import ConnectionRole, encode_hello
+from vmig.transport.address import parse_url
+from vmig.transport.channel import SenderChannel
+from vmig.transport.endpoint import dial
+from vmig.transport.security import Security
 from vmig.vmm.machine import VmState
+
+TOKEN = "0123456789abcdef0123456789abcdef"
 
 
 class FakeMachine:
@@ -442,14 +448,21 @@ def test_send_migration_checks_parameters_before_the_state(served: Served) -> No
     assert message.startswith("local: needs a unix: destination_url")
     message = expect_error(400, lambda: served.client.send_migration(destination_url="h:1"))
     assert message.startswith("destination_url: bad migration URL 'h:1'")
-    message = expect_error(409, lambda: served.client.send_migration(destination_url="tcp:h:1"))
+    message = expect_error(400, lambda: served.client.send_migration(destination_url="tcp:h:1"))
+    assert message.startswith("token: a tcp: destination needs the token")
+    message = expect_error(400, lambda: served.client.send_migration(
+        destination_url="tcp:h:1", token="short"))
+    assert message.startswith("token: must be at least 16 characters")
+    message = expect_error(409, lambda: served.client.send_migration(destination_url="tcp:h:1",
+                                                                     token=TOKEN))
     assert message == "cannot send a migration: no VM: create or restore one first"
 
 
 def test_send_migration_needs_a_live_vm(served: Served) -> None:
     served.machine()
     served.client.shutdown()
-    message = expect_error(409, lambda: served.client.send_migration(destination_url="tcp:h:1"))
+    message = expect_error(409, lambda: served.client.send_migration(destination_url="tcp:h:1",
+                                                                     token=TOKEN))
     assert message == ("cannot send a migration: VM is shutdown, it must be running or paused")
 
 
@@ -475,11 +488,19 @@ def test_receive_migration_listens_until_the_vmm_stops(served: Served) -> None:
 
 
 def test_failed_receive_leaves_the_vmm_empty_with_the_reason(served: Served) -> None:
-    url = served.client.receive_migration("tcp:127.0.0.1:0", max_connections=2)["receiver_url"]
+    reply = served.client.receive_migration("tcp:127.0.0.1:0", max_connections=2)
+    url, token = reply["receiver_url"], reply["token"]
+    assert reply["security"] == "token" and len(token) == 32
     host, port = url.removeprefix("tcp:").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), 5) as sock:  # a source that gives up
+    with socket.create_connection((host, int(port)), 5) as sock:  # a peer without the token
         sock.sendall(encode_hello(ConnectionRole.MAIN, bytes(16)))
-        assert sock.recv(16)  # the hello's answer
+        assert sock.recv(16)  # the challenge; then it leaves: nothing changes
+    time.sleep(0.2)
+    assert served.client.info()["state"] == "receiving"
+    # A source that authenticates, then gives up.
+    channel = SenderChannel(dial(parse_url(url), Security(token=token.encode())),
+                            ConnectionRole.MAIN, bytes(16), token=token.encode())
+    channel.close()
     info = wait_until(lambda: (i := served.client.info())["state"] == "empty" and i,
                       "the receiver to give up")
     assert info == {"state": "empty",
@@ -495,14 +516,25 @@ def test_failed_receive_leaves_the_vmm_empty_with_the_reason(served: Served) -> 
 def test_receive_migration_refusals(served: Served, tmp_path: Path) -> None:
     message = expect_error(400, served.client.receive_migration, "udp:1.2.3.4:5")
     assert message.startswith("receiver_url: bad migration URL 'udp:1.2.3.4:5'")
-    message = expect_error(400, served.client.receive_migration, "tcp:127.0.0.1:0", 0)
+    message = expect_error(400, lambda: served.client.receive_migration(
+        "tcp:127.0.0.1:0", max_connections=0))
     assert message == "max_connections: input should be greater than or equal to 1"
     message = expect_error(400, lambda: served.client.receive_migration(
         "tcp:127.0.0.1:0", prealloc="lots"))
-    assert message.startswith("bad prealloc size 'lots'")
+    assert message.startswith("prealloc: bad size 'lots'")
+    message = expect_error(400, lambda: served.client.receive_migration(
+        "tcp:127.0.0.1:0", tls_dir=str(tmp_path)))
+    assert message == f"tls_dir: {tmp_path}/ca-cert.pem is missing"
+    message = expect_error(400, lambda: served.client.receive_migration(
+        "tcp:127.0.0.1:0", token_file=str(tmp_path / "none")))
+    assert message == f"token_file: {tmp_path}/none is missing"
+    message = expect_error(400, lambda: served.client.receive_migration(
+        "unix:/tmp/x.sock", token=TOKEN))
+    assert message.startswith("token: not used with a unix: URL")
     message = expect_error(400, served.client.receive_migration,
                            f"unix:{tmp_path}/nowhere/mig.sock")
-    assert message.startswith(f"receiver_url: cannot listen on unix:{tmp_path}/nowhere/mig.sock")
+    assert message == (f"receiver_url: cannot create migration socket {tmp_path}/nowhere/"
+                       "mig.sock: No such file or directory")
     assert served.client.info() == {"state": "empty"}
     expect_error(404, served.client.migration_info)
     served.machine()
@@ -516,14 +548,24 @@ def test_cli_migration_commands(served: Served) -> None:
     base = ["remote", "--api-socket", served.path]
     result = runner.invoke(cli, [*base, "receive-migration", "tcp:127.0.0.1:0"])
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.startswith("tcp:127.0.0.1:") and result.stdout.count("\n") == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("receiver_url: tcp:127.0.0.1:")
+    assert lines[1].startswith("token: ") and len(lines[1].split()[1]) == 32
+    assert lines[2] == "security: token"
     result = runner.invoke(cli, [*base, "migration-info"])
     assert result.exit_code == 0 and json.loads(result.stdout)["phase"] == "listening"
-    for args, text in ((["tcp:h:1", "--connections", "0"], "connections: input should be"),
-                       (["tcp:h:1", "--timeout-strategy", "never"], "timeout_strategy: input"),
-                       (["unix:/x", "--connections", "2"], "connections: must be 1 with a "
+    for args, text in ((["tcp:h:1", "--connections", "0"],
+                        "Invalid value for '--connections': 0 is not in the range 1<=x<=128"),
+                       (["tcp:h:1", "--timeout-strategy", "never"],
+                        "Invalid value for '--timeout-strategy': 'never' is not one of")):
+        result = runner.invoke(cli, [*base, "send-migration", *args])
+        assert result.exit_code == 2 and result.stdout == "", (args, result.stdout)
+        assert text in result.stderr
+    for args, text in ((["unix:/x", "--connections", "2"], "connections: must be 1 with a "
                                                            "unix: destination_url"),
-                       (["tcp:h:1", "--json"], "cannot send a migration: no VM yet")):
+                       (["tcp:h:1", "--json"], "token: a tcp: destination needs the token"),
+                       (["tcp:h:1", "--json", "--token", TOKEN],
+                        "cannot send a migration: no VM yet")):
         result = runner.invoke(cli, [*base, "send-migration", *args])
         assert result.exit_code == 1 and result.stdout == "", (args, result.stdout)
         lines = result.stderr.splitlines()

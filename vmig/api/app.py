@@ -233,8 +233,7 @@ def _routes(vmm: Vmm) -> APIRouter:
                 summary="Listen for one incoming migration; the VMM must be empty. Returns "
                         "once listening; vm.info then shows `receiving`")
     def vm_receive_migration(body: ReceiveMigrationRequest) -> dict[str, Any]:
-        return vmm.receive_migration(body.receiver_url, body.max_connections,
-                                     prealloc=body.prealloc)
+        return vmm.receive_migration(body.to_params())
 
     @router.put("/vm.send-migration", tags=["migration"], response_model=MigrationSummary,
                 summary="Live-migrate the VM to a receiving VMM; blocks until the destination "

@@ -81,14 +81,12 @@ class ApiClient:
         return self._request("PUT", "vm.check-guest", {"timeout": timeout},
                              timeout=timeout + self.timeout)
 
-    def receive_migration(self, url: str, max_connections: int | None = None,
-                          prealloc: str | None = None) -> dict[str, Any]:
-        """Have an empty VMM listen on `url` (tcp:HOST:PORT or unix:PATH): {"receiver_url"}."""
+    def receive_migration(self, url: str, **params: Any) -> dict[str, Any]:
+        """Have an empty VMM listen on `url` (tcp:HOST:PORT or unix:PATH); `params` are
+        ReceiveMigrationRequest's (None ones are left out). Returns {"receiver_url",
+        "token", ...}."""
         body: dict[str, Any] = {"receiver_url": url}
-        if max_connections is not None:
-            body["max_connections"] = max_connections
-        if prealloc is not None:
-            body["prealloc"] = prealloc
+        body.update({name: value for name, value in params.items() if value is not None})
         return self._request("PUT", "vm.receive-migration", body, timeout=self.long_timeout)
 
     def send_migration(self, **params: Any) -> dict[str, Any]:

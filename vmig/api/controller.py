@@ -26,11 +26,11 @@ from typing import Any
 
 from vmig.config import VmConfig
 from vmig.errors import ConfigError, GuestMemoryError, StateError, TransportError
-from vmig.migration.params import SendParams
+from vmig.migration.params import ReceiveParams, SendParams
 from vmig.migration.progress import MigrationProgress
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
-from vmig.units import PAGE_SIZE, parse_size
+from vmig.transport.address import dialable
 from vmig.vmm.machine import Machine, VmState, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -160,18 +160,17 @@ class Vmm:
 
     # --- migration -------------------------------------------------------------------------
 
-    def receive_migration(self, url: str, max_connections: int,
-                          prealloc: str | None = None) -> dict[str, Any]:
-        """Listen for one incoming migration on `url`; return {"receiver_url": bound URL}.
+    def receive_migration(self, params: ReceiveParams) -> dict[str, Any]:
+        """Listen for one incoming migration; return where a sender reaches it.
 
-        Needs an empty VMM (a finished VM is dropped). Returns once listening
-        (after faulting in `prealloc` bytes of guest RAM, if given); the
-        received VM becomes this VMM's VM when the migration completes, and a
-        failure leaves the VMM empty with `last_error` in vm.info.
+        Needs an empty VMM (a finished VM is dropped). Every file (TLS, token) is
+        read and checked before anything listens. Returns once listening (after
+        faulting in `prealloc` bytes of guest RAM, if given), with the token made
+        for this migration when none was given; the received VM becomes this
+        VMM's VM when the migration completes, and a failure leaves the VMM empty
+        with `last_error` in vm.info.
         """
-        prealloc_bytes = None if prealloc is None else parse_size(prealloc, "prealloc size")
-        if prealloc_bytes is not None and (prealloc_bytes <= 0 or prealloc_bytes % PAGE_SIZE):
-            raise ConfigError(f"prealloc: must be a positive multiple of 4 KiB, got {prealloc}")
+        resolved = params.resolve()
         with self._lock:
             if self.exit_requested.is_set():
                 raise StateError("cannot receive a migration: the VMM is shutting down")
@@ -180,12 +179,7 @@ class Vmm:
                 previous = self._receiver
             if previous is not None:
                 previous.close()  # finished already (not _receiving): this only joins threads
-            try:
-                receiver = MigrationReceiver(url, self._on_received, serial_log=self.serial_log,
-                                             max_connections=max_connections,
-                                             prealloc_bytes=prealloc_bytes)
-            except ConfigError as exc:
-                raise ConfigError(f"receiver_url: {exc}") from None
+            receiver = MigrationReceiver(resolved, self._on_received, serial_log=self.serial_log)
             with self._mig_lock:  # before start(): its callback may come at any time after
                 self._receiver, self._receiving = receiver, True
             try:
@@ -201,8 +195,13 @@ class Vmm:
             with self._mig_lock:
                 self._progress = receiver.progress
                 self._last_error = None
-            log.info("listening for a migration on %s", address)
-            return {"receiver_url": str(address)}
+        url, hosts = dialable(address)
+        for warning in resolved.warnings:
+            log.warning("%s", warning)
+        log.info("listening for a migration on %s (%s)", address, resolved.security.describe())
+        return {"receiver_url": str(url), "token": resolved.generated_token,
+                "security": resolved.security.describe(), "listening_on": hosts,
+                "warnings": list(resolved.warnings)}
 
     def _on_received(self, machine: Machine | None, error: str | None) -> None:
         """The receiver's outcome (on its thread): install the VM, or remember why not."""
@@ -223,7 +222,7 @@ class Vmm:
         state, a migration already running). MigrationError leaves the VM
         running here. The command lock is held only to admit the send.
         """
-        params.validate()
+        resolved = params.resolve()
         with self._lock:
             if self.exit_requested.is_set():
                 raise StateError("cannot send a migration: the VMM is shutting down")
@@ -237,7 +236,7 @@ class Vmm:
                 raise StateError(f"cannot send a migration: VM is {machine.state.value}, it "
                                  "must be running or paused")
             progress = MigrationProgress("send")
-            sender = MigrationSender(machine, params, progress)
+            sender = MigrationSender(machine, resolved, progress)
             with self._mig_lock:
                 self._sender, self._progress = sender, progress
                 self._send_done.clear()

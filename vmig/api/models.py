@@ -8,19 +8,22 @@ the same words.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from vmig.config import DEFAULT_DIRTY_RATE, VmConfig
 from vmig.guest import layout
-from vmig.migration.params import DEFAULT_DOWNTIME_MS, DEFAULT_TIMEOUT_S, SendParams
-from vmig.proto import MAX_CONNECTIONS
+from vmig.migration.params import (
+    RECEIVE_PARAMETERS,
+    SEND_PARAMETERS,
+    Param,
+    ReceiveParams,
+    SendParams,
+)
 from vmig.transport.address import parse_url
-
-MAX_DOWNTIME_MS = 600_000  # a budget of 10 minutes is no longer "live"; refuse obvious typos
-MAX_TIMEOUT_S = 86_400.0  # one day of pre-copy
+from vmig.units import parse_size
 
 
 def url_to_path(url: str) -> str:
@@ -224,72 +227,114 @@ class RestoreRequest(_Model):
         return url_to_path(self.source_url)
 
 
-class ReceiveMigrationRequest(_Model):
-    """Where `vm.receive-migration` listens for one incoming migration."""
+_KINDS: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, "path": str,
+                          "size": str}
 
+
+def _param_field(param: Param) -> tuple[Any, Any]:
+    """A pydantic field for one migration parameter (vmig.migration.params is the source)."""
+    kind: Any = Literal[param.choices] if param.kind == "choice" else _KINDS[param.kind]
+    if param.default is None:
+        kind = kind | None
+    limits: dict[str, Any] = {}
+    if param.minimum is not None:
+        limits["gt" if param.minimum_open else "ge"] = param.minimum
+    if param.maximum is not None:
+        limits["le"] = param.maximum
+    return kind, Field(param.default, description=param.help, **limits)
+
+
+def _check_size(value: str | None) -> str | None:
+    if value is not None:
+        parse_size(value)  # ConfigError is a ValueError: pydantic reports it under the field
+    return value
+
+
+def _validators(table: tuple[Param, ...]) -> dict[str, Any]:
+    """Field checks by kind: paths absolute, sizes parseable."""
+    paths = [p.name for p in table if p.kind == "path"]
+    sizes = [p.name for p in table if p.kind == "size"]
+    checks: dict[str, Any] = {}
+    if paths:
+        checks["_paths"] = field_validator(*paths)(_check_optional_path)
+    if sizes:
+        checks["_sizes"] = field_validator(*sizes)(_check_size)
+    return checks
+
+
+class _ReceiveBase(_Model):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"receiver_url": "tcp:0.0.0.0:6000"},
+        {"receiver_url": "tcp:0.0.0.0:6000", "tls_dir": "/etc/vmig/tls"},
         {"receiver_url": "unix:/run/vmig/mig.sock", "max_connections": 1},
     ]})
 
     receiver_url: str = Field(description="`tcp:HOST:PORT` (port 0: any free port; the reply "
-                              "names the one chosen) or `unix:PATH`.",
-                              examples=["tcp:0.0.0.0:6000"])
-    max_connections: int = Field(MAX_CONNECTIONS, ge=1, le=MAX_CONNECTIONS,
-                                 description="Most connections one migration may open here "
-                                 "(the main one included); a sender asking for more is refused.")
-    prealloc: str | None = Field(
-        None, description="Guest RAM to create and fault in before listening, as a number "
-        "with a K, M, G or T suffix; a migrated VM of exactly that size is then received "
-        "without page faults (like a QEMU destination with preallocated memory), a VM of "
-        "another size ignores it. Default: none; pages are faulted in as they arrive.",
-        examples=["1G"])
+                              "names the one chosen; IPv6 hosts in brackets) or `unix:PATH` "
+                              "(created with mode 0600).", examples=["tcp:0.0.0.0:6000"])
 
     _url = field_validator("receiver_url")(_check_migration_url)
 
+    def to_params(self) -> ReceiveParams:
+        """The engine's parameters; `ReceiveParams.resolve()` checks the rest."""
+        return ReceiveParams(**self.model_dump())
+
+
+ReceiveMigrationRequest = create_model(
+    "ReceiveMigrationRequest", __base__=_ReceiveBase,
+    __doc__="Where and how `vm.receive-migration` listens for one incoming migration. Over "
+            "`tcp:` every connection is authenticated: with mutual TLS (`tls_dir`), or with a "
+            "token the sender must prove it knows (given, or made and returned).",
+    __validators__=_validators(RECEIVE_PARAMETERS),
+    **{p.name: _param_field(p) for p in RECEIVE_PARAMETERS})
+
 
 class ReceiveMigrationResponse(BaseModel):
-    """Where the VMM now listens."""
+    """Where the VMM now listens, and what a sender needs to reach it."""
 
-    receiver_url: str = Field(description="The bound URL: a `tcp:` URL has its real port.",
-                              examples=["tcp:0.0.0.0:6000"])
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"receiver_url": "tcp:192.0.2.8:6000", "token": "3f0c9d6e2a7b41c58e1f09ad6b2c7e45",
+         "security": "token", "listening_on": ["192.0.2.8", "10.0.0.5"], "warnings": []},
+    ]})
+
+    receiver_url: str = Field(description="The URL a sender dials: a `tcp:` URL has its real "
+                              "port, and a wildcard address is replaced by one of this "
+                              "host's.", examples=["tcp:192.0.2.8:6000"])
+    token: str | None = Field(None, description="The token made for this migration because "
+                              "none was given; pass it to `send-migration`. Shown once.")
+    security: str = Field("", description="What authenticates the connections: `token`, "
+                          "`mutual TLS 1.3`, both, or `UNIX socket permissions`.")
+    listening_on: list[str] = Field(default_factory=list, description="The addresses this "
+                                    "host listens on, for a wildcard `tcp:` URL.")
+    warnings: list[str] = Field(default_factory=list, description="Things to fix (e.g. a "
+                                "private key others may read).")
 
 
-class SendMigrationRequest(_Model):
-    """How `vm.send-migration` migrates the VM (Cloud Hypervisor's VmSendMigrationData)."""
-
+class _SendBase(_Model):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"destination_url": "tcp:192.0.2.7:6000", "connections": 4, "verify_memory": True},
+        {"destination_url": "tcp:192.0.2.7:6000", "connections": 4, "verify_memory": True,
+         "token": "3f0c9d6e2a7b41c58e1f09ad6b2c7e45"},
+        {"destination_url": "tcp:dst.example:6000", "connections": 8,
+         "tls_dir": "/etc/vmig/tls"},
         {"destination_url": "unix:/run/vmig/mig.sock", "local": True},
     ]})
 
     destination_url: str = Field(description="The receiver's URL: `tcp:HOST:PORT` or "
                                  "`unix:PATH`.", examples=["tcp:192.0.2.7:6000"])
-    connections: int = Field(1, ge=1, le=MAX_CONNECTIONS, description="TCP connections to "
-                             "copy memory over (the main one included); must be 1 with a "
-                             "`unix:` destination or with `local`.", examples=[4])
-    local: bool = Field(False, description="Same host: hand guest memory over as a file "
-                        "descriptor instead of copying it; needs a `unix:` destination.")
-    downtime_ms: int = Field(DEFAULT_DOWNTIME_MS, ge=0, le=MAX_DOWNTIME_MS,
-                             description="Pause budget: pre-copy goes on until the pages left "
-                             "are expected to move within this many milliseconds.")
-    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S,
-                             description="Longest pre-copy, in seconds, before "
-                             "`timeout_strategy` applies.")
-    timeout_strategy: Literal["cancel", "ignore"] = Field(
-        "cancel", description="At the timeout: `cancel` gives up (the VM keeps running here), "
-        "`ignore` switches over anyway, accepting a longer pause.")
-    verify_memory: bool = Field(False, description="Compare a BLAKE3 digest of all guest memory "
-                                "on both sides before the destination resumes the VM.")
 
     _url = field_validator("destination_url")(_check_migration_url)
 
     def to_params(self) -> SendParams:
         """The engine's parameters; `SendParams.validate()` checks the cross-field rules."""
-        return SendParams(destination_url=self.destination_url, connections=self.connections,
-                          local=self.local, downtime_ms=self.downtime_ms,
-                          timeout_s=self.timeout_s, timeout_strategy=self.timeout_strategy,
-                          verify_memory=self.verify_memory)
+        return SendParams(**self.model_dump())
+
+
+SendMigrationRequest = create_model(
+    "SendMigrationRequest", __base__=_SendBase,
+    __doc__="How `vm.send-migration` migrates the VM (Cloud Hypervisor's "
+            "VmSendMigrationData).",
+    __validators__=_validators(SEND_PARAMETERS),
+    **{p.name: _param_field(p) for p in SEND_PARAMETERS})
 
 
 class MigrationSummary(BaseModel):
@@ -346,6 +391,8 @@ class MigrationInfo(BaseModel):
     expected_downtime_ms: float | None = Field(description="Pause the pages left would need "
                                                "at the measured rate; null until measured.")
     connections: int = Field(description="Connections in use.")
+    migration_id: str | None = Field(None, description="The migration's random id (hex), "
+                                     "the same on both sides; null while listening.")
     receiver_state: str | None = Field(description="Receiver: the protocol state of the main "
                                        "connection; null on the sender.")
     error: str | None = Field(description="Why the migration failed (phase `failed`).")

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import logging
 import os
 import signal
 import socket
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
@@ -33,65 +31,23 @@ import uvicorn.config
 from vmig.api.app import create_app
 from vmig.api.controller import Vmm
 from vmig.errors import ApiSocketError
+from vmig.transport import address
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOG_LEVEL = "warning"
 BACKLOG = 64
-PROBE_TIMEOUT_S = 1.0  # a live server accepts at once; a full backlog also counts as "in use"
 GRACEFUL_SHUTDOWN_S = 10  # requests still running when we are told to stop get this long
 
 
 def bind_unix_socket(path: str) -> socket.socket:
-    """A listening AF_UNIX socket at `path`, mode 0600.
+    """A listening AF_UNIX socket at `path`, mode 0600 (transport's one helper).
 
     A stale socket file (nobody accepts) is replaced; a live one, or a path that
     is not a socket, raises ApiSocketError with a one-line reason.
     """
-    _remove_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        old_umask = os.umask(0o177)  # the file is born 0600; no window where others can connect
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        sock.listen(BACKLOG)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ApiSocketError(f"API socket {path} is in use by another process") from None
-        raise ApiSocketError(f"cannot create API socket {path}: {exc.strerror or exc}") from None
-    return sock
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink `path` if it is a socket nobody listens on; refuse anything else that is there."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ApiSocketError(f"cannot use API socket path {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ApiSocketError(f"API socket path {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(PROBE_TIMEOUT_S)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        pass  # stale: the process that bound it is gone
-    except (TimeoutError, BlockingIOError):
-        raise ApiSocketError(f"API socket {path} is in use by another process") from None
-    except OSError as exc:
-        raise ApiSocketError(f"cannot probe API socket {path}: {exc.strerror or exc}") from None
-    else:
-        raise ApiSocketError(f"API socket {path} is in use by another process")
-    finally:
-        probe.close()
-    log.info("replacing stale API socket %s", path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    return address.bind_unix_socket(path, what="API socket", backlog=BACKLOG,
+                                    error=ApiSocketError)
 
 
 class _UvicornServer(uvicorn.Server):

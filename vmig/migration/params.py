@@ -1,17 +1,40 @@
-"""What a user asks of a migration: validated, plain data (CH's VmSendMigrationData)."""
+"""What a user asks of a migration: one table of parameters, and the checked result.
+
+`SEND_PARAMETERS` and `RECEIVE_PARAMETERS` are the one source of every option's
+name, default, limits and help: the API's request models, the CLI's options and
+their help, and the checks below are all made from them, so the three cannot
+disagree. `SendParams` / `ReceiveParams` are the checked values (CH's
+VmSendMigrationData / VmReceiveMigrationData); `.resolve()` turns them into what
+the engine needs (a parsed address, the connection security, sizes in bytes).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 from vmig.errors import ConfigError
 from vmig.migration.policy import TimeoutStrategy
 from vmig.proto import MAX_CONNECTIONS
 from vmig.transport.address import Address, parse_url
-from vmig.units import MiB
+from vmig.transport.security import (
+    Security,
+    TlsSide,
+    generate_token,
+    load_tls,
+    read_token_file,
+    token_bytes,
+)
+from vmig.units import PAGE_SIZE, MiB, format_size, parse_size
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DOWNTIME_MS = 300
 DEFAULT_TIMEOUT_S = 3600
+MAX_DOWNTIME_MS = 600_000  # a budget of 10 minutes is no longer "live"; refuse obvious typos
+MAX_TIMEOUT_S = 86_400.0  # one day of pre-copy
 # Chunk = the unit of work on the shared queue and of acknowledgement. Each chunk
 # costs a request, a range table and an acknowledgement (a few hundred microseconds
 # of Python on both sides), so big chunks keep that overhead small: 16 MiB moved
@@ -23,8 +46,130 @@ MAX_ITERATIONS = 1000  # a safety net far beyond what a converging migration nee
 
 
 @dataclass(frozen=True)
+class Param:
+    """One migration parameter: its API field, CLI flag, default, limits and help."""
+
+    name: str
+    kind: str  # "int", "float", "bool", "str", "path", "size" or "choice"
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    #: The minimum itself is not allowed (e.g. timeout_s > 0).
+    minimum_open: bool = False
+    choices: tuple[str, ...] = ()
+    metavar: str = ""
+    #: Kept out of logs and echoes (a secret).
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        """The CLI option: ``--downtime-ms`` for ``downtime_ms``."""
+        return "--" + self.name.replace("_", "-")
+
+    def range_text(self) -> str:
+        """'between 1 and 128', '>= 0', '> 0' or ''."""
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None and not self.minimum_open:
+            return f"between {_num(low)} and {_num(high)}"
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if self.minimum_open else '>='} {_num(low)}")
+        if high is not None:
+            parts.append(f"<= {_num(high)}")
+        return " and ".join(parts)
+
+    def check(self, value: Any) -> None:
+        """ConfigError naming the field when `value` is outside the limits."""
+        if value is None or self.kind not in ("int", "float"):
+            return
+        low, high = self.minimum, self.maximum
+        too_low = low is not None and (value <= low if self.minimum_open else value < low)
+        if too_low or (high is not None and value > high):
+            raise ConfigError(f"{self.name}: must be {self.range_text()}, got {value}")
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+_TLS_HELP = ("Directory with ca-cert.pem, {side}-cert.pem and {side}-key.pem: mutual TLS 1.3 "
+             "on every connection, each side checking the other's certificate against its "
+             "own ca-cert.pem.")
+
+#: Parameters of `vm.send-migration` (besides `destination_url`), in CLI order.
+SEND_PARAMETERS: tuple[Param, ...] = (
+    Param("connections", "int", 1, "TCP connections to copy memory over, the main one "
+          "included; 1 with a unix: destination or with local.", 1, MAX_CONNECTIONS,
+          metavar="N"),
+    Param("local", "bool", False, "Same host: hand guest memory over as a file descriptor "
+          "instead of copying it; needs a unix: destination."),
+    Param("downtime_ms", "int", DEFAULT_DOWNTIME_MS, "Pause budget: pre-copy goes on until "
+          "the pages left are expected to move within this many milliseconds.", 0,
+          MAX_DOWNTIME_MS, metavar="MS"),
+    Param("timeout_s", "float", DEFAULT_TIMEOUT_S, "Longest pre-copy, in seconds, before "
+          "timeout_strategy applies.", 0, MAX_TIMEOUT_S, minimum_open=True, metavar="S"),
+    Param("timeout_strategy", "choice", TimeoutStrategy.CANCEL.value, "At the timeout: cancel "
+          "gives up (the VM keeps running here), ignore switches over anyway, accepting a "
+          "longer pause.", choices=tuple(s.value for s in TimeoutStrategy)),
+    Param("verify_memory", "bool", False, "Compare a BLAKE3 digest of all guest memory on "
+          "both sides before the destination resumes the VM."),
+    Param("tls_dir", "path", None, _TLS_HELP.format(side="client") + " The destination's "
+          "certificate must name the host of the URL.", metavar="DIR"),
+    Param("token", "str", None, "The destination's token (tcp: without TLS): both sides "
+          "prove they know it; it is never sent.", metavar="TOKEN", secret=True),
+    Param("token_file", "path", None, "Absolute path of a file whose first line is the "
+          "token (instead of token).", metavar="PATH"),
+)
+
+#: Parameters of `vm.receive-migration` (besides `receiver_url`), in CLI order.
+RECEIVE_PARAMETERS: tuple[Param, ...] = (
+    Param("max_connections", "int", MAX_CONNECTIONS, "Most connections one migration may "
+          "open here, the main one included; a sender asking for more is refused.", 1,
+          MAX_CONNECTIONS, metavar="N"),
+    Param("prealloc", "size", None, "Guest RAM to create and fault in before listening, "
+          "e.g. 1G: a VM of exactly that size is then received without page faults (like a "
+          "QEMU destination with preallocated memory); a VM of another size ignores it.",
+          metavar="SIZE"),
+    Param("tls_dir", "path", None, _TLS_HELP.format(side="server"), metavar="DIR"),
+    Param("token", "str", None, "The secret a sender must prove it knows (tcp: without "
+          "TLS). Default over tcp: without tls_dir: a random 128-bit token, returned in the "
+          "answer.", metavar="TOKEN", secret=True),
+    Param("token_file", "path", None, "Absolute path of a file whose first line is the "
+          "token (instead of token).", metavar="PATH"),
+)
+
+
+def parameter(table: tuple[Param, ...], name: str) -> Param:
+    return next(p for p in table if p.name == name)
+
+
+def _security(address: Address, tls_dir: str | None, token: str | None,
+              token_file: str | None, side: TlsSide) -> tuple[Security, str | None, list[str]]:
+    """The connection security the fields ask for, the token text, and warnings."""
+    if token is not None and token_file is not None:
+        raise ConfigError("token: give token or token_file, not both")
+    warnings: list[str] = []
+    if token_file is not None:
+        token, warnings = read_token_file(token_file)
+    key = None if token is None else token_bytes(token)
+    if address.kind == "unix":
+        if tls_dir is not None:
+            raise ConfigError("tls_dir: not used with a unix: URL (the socket file's mode "
+                              "protects it)")
+        if key is not None:
+            raise ConfigError("token: not used with a unix: URL (the socket file's mode "
+                              "protects it)")
+        return Security(), None, warnings
+    tls = None if tls_dir is None else load_tls(tls_dir, side)
+    if tls is not None:
+        warnings.extend(tls.warnings)
+    return Security(tls=tls, token=key), token, warnings
+
+
+@dataclass(frozen=True)
 class SendParams:
-    """Parameters of `vm.send-migration`."""
+    """Parameters of `vm.send-migration`, as given."""
 
     destination_url: str
     connections: int = 1
@@ -33,6 +178,9 @@ class SendParams:
     timeout_s: float = DEFAULT_TIMEOUT_S
     timeout_strategy: TimeoutStrategy = TimeoutStrategy.CANCEL
     verify_memory: bool = False
+    tls_dir: str | None = None
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     def __post_init__(self) -> None:
@@ -40,19 +188,20 @@ class SendParams:
             try:
                 strategy = TimeoutStrategy(self.timeout_strategy)
             except ValueError:
-                raise ConfigError(f"timeout_strategy: must be 'cancel' or 'ignore', "
+                choices = " or ".join(repr(s.value) for s in TimeoutStrategy)
+                raise ConfigError(f"timeout_strategy: must be {choices}, "
                                   f"got {self.timeout_strategy!r}") from None
             object.__setattr__(self, "timeout_strategy", strategy)
 
     def validate(self) -> Address:
-        """Check every rule; return the parsed destination. ConfigError names the field."""
+        """Check every rule that needs no file; return the parsed destination. ConfigError
+        names the field."""
         try:
             address = parse_url(self.destination_url)
         except ConfigError as exc:
             raise ConfigError(f"destination_url: {exc}") from None
-        if not 1 <= self.connections <= MAX_CONNECTIONS:
-            raise ConfigError(f"connections: must be between 1 and {MAX_CONNECTIONS}, "
-                              f"got {self.connections}")
+        for param in SEND_PARAMETERS:
+            param.check(getattr(self, param.name))
         if self.connections > 1 and address.kind == "unix":
             raise ConfigError("connections: must be 1 with a unix: destination_url "
                               "(several connections need tcp:)")
@@ -62,11 +211,80 @@ class SendParams:
         if self.local and address.kind != "unix":
             raise ConfigError("local: needs a unix: destination_url (memory fds are passed "
                               "over a UNIX socket)")
-        if self.downtime_ms < 0:
-            raise ConfigError(f"downtime_ms: must be >= 0, got {self.downtime_ms}")
-        if self.timeout_s <= 0:
-            raise ConfigError(f"timeout_s: must be > 0, got {self.timeout_s}")
-        if self.chunk_bytes < 4096 or self.chunk_bytes % 4096:
-            raise ConfigError(f"chunk_bytes: must be a positive multiple of 4096, "
+        if self.chunk_bytes < PAGE_SIZE or self.chunk_bytes % PAGE_SIZE:
+            raise ConfigError(f"chunk_bytes: must be a positive multiple of {PAGE_SIZE}, "
                               f"got {self.chunk_bytes}")
+        if address.kind == "tcp" and self.tls_dir is None and self.token is None \
+                and self.token_file is None:
+            raise ConfigError("token: a tcp: destination needs the token its "
+                              "receive-migration printed (token or token_file), or tls_dir")
         return address
+
+    def resolve(self) -> ResolvedSend:
+        """Validate, read the TLS and token files; ConfigError names the field or file."""
+        address = self.validate()
+        security, _, warnings = _security(address, self.tls_dir, self.token, self.token_file,
+                                          TlsSide.CLIENT)
+        return ResolvedSend(self, address, security, tuple(warnings))
+
+
+@dataclass(frozen=True)
+class ResolvedSend:
+    """A send's parameters with its address parsed and its credentials loaded."""
+
+    params: SendParams
+    address: Address
+    security: Security
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReceiveParams:
+    """Parameters of `vm.receive-migration`, as given."""
+
+    receiver_url: str
+    max_connections: int = MAX_CONNECTIONS
+    prealloc: str | None = None
+    tls_dir: str | None = None
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+
+    def resolve(self) -> ResolvedReceive:
+        """Validate, read the TLS and token files, make a token if one is needed."""
+        try:
+            address = parse_url(self.receiver_url)
+        except ConfigError as exc:
+            raise ConfigError(f"receiver_url: {exc}") from None
+        for param in RECEIVE_PARAMETERS:
+            param.check(getattr(self, param.name))
+        prealloc = None
+        if self.prealloc is not None:
+            prealloc = parse_size(self.prealloc, "prealloc size")
+            if prealloc <= 0 or prealloc % PAGE_SIZE:
+                raise ConfigError(f"prealloc: must be a positive multiple of 4 KiB, got "
+                                  f"{self.prealloc}")
+        security, token, warnings = _security(address, self.tls_dir, self.token,
+                                              self.token_file, TlsSide.SERVER)
+        generated = None
+        if address.kind == "tcp" and security.tls is None and security.token is None:
+            generated = token = generate_token()
+            security = dataclasses.replace(security, token=token_bytes(token))
+        return ResolvedReceive(self, address, security, prealloc, generated, tuple(warnings))
+
+
+@dataclass(frozen=True)
+class ResolvedReceive:
+    """A receive's parameters with its address parsed and its credentials ready."""
+
+    params: ReceiveParams
+    address: Address
+    security: Security
+    prealloc_bytes: int | None
+    #: The token made because none was given (returned to the caller once).
+    generated_token: str | None = field(default=None, repr=False)
+    warnings: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        size = "" if self.prealloc_bytes is None else f", {format_size(self.prealloc_bytes)} " \
+            "preallocated"
+        return f"{self.address} ({self.security.describe()}{size})"

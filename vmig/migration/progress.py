@@ -39,6 +39,7 @@ class MigrationProgress:
         self.throughput_bytes_per_s = 0.0
         self.expected_downtime_ms: float | None = None
         self.connections = 0
+        self.migration_id: str | None = None
         self.receiver_state: str | None = None
         self.error: str | None = None
         self.warnings: list[str] = []
@@ -73,6 +74,7 @@ class MigrationProgress:
                 "throughput_bytes_per_s": round(self.throughput_bytes_per_s),
                 "expected_downtime_ms": _finite_or_none(self.expected_downtime_ms),
                 "connections": self.connections,
+                "migration_id": self.migration_id,
                 "receiver_state": self.receiver_state,
                 "error": self.error,
                 "warnings": list(self.warnings),

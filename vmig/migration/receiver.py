@@ -1,101 +1,154 @@
-"""The receiving side: one incoming migration, driven by the protocol's state machine.
+"""The receiving side: one incoming migration as a step function over one context.
 
-Threads (all owned here, all joined by `close()`):
+Like Cloud Hypervisor's receiver (`vm_receive_migration_step`), the migration is
+a current *phase* and a step per request: ``step(phase, request) -> next phase``,
+after which the request is answered OK (any error answers ERROR and aborts). Each
+phase is a small frozen dataclass holding exactly what exists at that point, so
+no handler has to ask whether memory or a VM exists yet::
 
-- ``migrate-accept``: accepts connections, reads each hello, answers it, and
-  hands the MAIN connection to the coordinator and each MEMORY connection to
-  a worker of its own;
-- ``migrate-recv``: the coordinator: serves the MAIN connection request by
-  request (START, [MEMORY_FD], CONFIG, MEMORY*, STATE, COMPLETE), then cleans up
-  and reports the outcome through `on_finished`;
-- ``migrate-mem-N``: one per extra connection: MEMORY requests straight into
-  guest memory.
+    Listening --START--> Started --MEMORY_FD--> FdReceived --CONFIG--> MemoryReady
+                            \\--------------------CONFIG----------------/
+    MemoryReady --MEMORY--> MemoryReady --STATE--> Built --COMPLETE--> Completed
+    any phase but Completed --ABANDON, error, cancel--> Aborted
 
-Every request gets exactly one response. A request the protocol core rejects,
-a command that fails here (a range outside guest memory, a bad state document,
-a digest mismatch) or a dropped connection gets an ERROR response where one can
-still be sent and aborts the migration: the listener closes, every connection
-closes, every thread is joined, and guest memory is discarded.
+Connections are the `ReceiverPool`'s (vmig.transport): it accepts, authenticates
+and admits them. The coordinator thread (``migrate-recv``) serves MAIN and steps;
+every MEMORY connection's thread calls `_serve_memory` with requests straight into
+guest memory. On any failure the pool is shut down (every blocked thread wakes),
+what was received is discarded (guest memory, the VM built at STATE), every
+thread is joined, and `on_finished(None, reason)` reports why.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import queue
-import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from vmig.config import VmConfig
-from vmig.errors import GuestMemoryError, MigrationError, ProtocolError, VmigError, describe
+from vmig.errors import (
+    GuestMemoryError,
+    MigrationError,
+    ProtocolError,
+    TransportError,
+    VmigError,
+    describe,
+)
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest, memory_digest
+from vmig.migration.params import ResolvedReceive
 from vmig.migration.progress import MigrationProgress, Phase
 from vmig.proto import (
-    HELLO_SIZE,
-    MAX_CONNECTIONS,
     Abandon,
     Complete,
     Config,
     ConnectionClosed,
-    ConnectionRole,
     MemoryFd,
     MemoryRequest,
     Start,
     State,
-    parse_hello,
 )
-from vmig.transport.address import Address, bound_address, listen, parse_url
-from vmig.transport.channel import ReceiverChannel, answer_hello
-from vmig.transport.stream import IO_TIMEOUT_S, Stream
+from vmig.transport.address import Address
+from vmig.transport.channel import ReceiverChannel
+from vmig.transport.receiver_pool import ReceiverPool
 from vmig.vmm.machine import Machine
 from vmig.vmm.state import MachineState
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT_S = 10.0
 EXTRA_CONNECTIONS_WAIT_S = 10.0
-ACCEPT_POLL_S = 0.2
 BULK_POPULATE_BYTES = 256 * 1024  # below this one madvise costs more than the faults it saves
 
 OnFinished = Callable[[Machine | None, str | None], None]
 
 
+# --- phases: what exists at each point of an incoming migration --------------------------
+
+
+@dataclass(frozen=True)
+class Listening:
+    """Waiting for an authenticated source to send START."""
+
+
+@dataclass(frozen=True)
+class Started:
+    """START accepted; every connection it announced is here; admission is closed."""
+
+    start: Start
+
+
+@dataclass(frozen=True)
+class FdReceived:
+    """Local mode: the guest memory came by file descriptor."""
+
+    start: Start
+    memory: GuestMemory
+
+
+@dataclass(frozen=True)
+class MemoryReady:
+    """CONFIG applied: guest memory exists and MEMORY requests fill it."""
+
+    start: Start
+    config: VmConfig
+    memory: GuestMemory
+    preallocated: bool
+
+
+@dataclass(frozen=True)
+class Built:
+    """STATE applied: the VM exists, paused, on the received memory."""
+
+    start: Start
+    machine: Machine
+    digest: BackgroundDigest | None
+
+
+@dataclass(frozen=True)
+class Completed:
+    """COMPLETE accepted: the VM runs here and belongs to the caller."""
+
+    machine: Machine
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """Abandoned, refused or failed; nothing is kept."""
+
+    reason: str
+
+
+ReceivePhase = Listening | Started | FdReceived | MemoryReady | Built | Completed | Aborted
+
+
 class MigrationReceiver:
     """Listens for one migration and builds the Machine it carries."""
 
-    def __init__(self, url: str, on_finished: OnFinished, *, serial_log: str | None = None,
-                 max_connections: int = MAX_CONNECTIONS,
-                 prealloc_bytes: int | None = None) -> None:
-        self.address: Address = parse_url(url)
+    def __init__(self, params: ResolvedReceive, on_finished: OnFinished, *,
+                 serial_log: str | None = None) -> None:
+        self.params = params
+        self.address: Address = params.address
+        self.security = params.security
         self._on_finished = on_finished
         self._serial_log = serial_log
-        self._max_connections = max_connections
-        self._prealloc_bytes = prealloc_bytes
-        self._prealloc: GuestMemory | None = None
         self.progress = MigrationProgress("receive")
+        self._pool = ReceiverPool(params.address, params.security,
+                                  max_connections=params.params.max_connections,
+                                  serve_memory=self._serve_memory)
         self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self._main_queue: queue.SimpleQueue[ReceiverChannel | None] = queue.SimpleQueue()
-        self._main: ReceiverChannel | None = None
-        self._migration_id: bytes | None = None
-        self._extras: list[ReceiverChannel] = []
-        self._workers: list[threading.Thread] = []
-        self._extras_arrived = threading.Condition(self._lock)
-        self._start: Start | None = None
-        self._digest: BackgroundDigest | None = None
-        self._memory: GuestMemory | None = None
-        self._machine: Machine | None = None
+        self._phase: ReceivePhase = Listening()
+        self._prealloc: GuestMemory | None = None
         self._error: str | None = None
-        self._done = threading.Event()
-        self._reported = False
-        self._memory_preallocated = False
         self._closing = False
-        self._accept_thread: threading.Thread | None = None
+        self._done = threading.Event()
         self._coordinator: threading.Thread | None = None
+
+    @property
+    def phase(self) -> ReceivePhase:
+        return self._phase
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -106,19 +159,19 @@ class MigrationReceiver:
         first (like a QEMU destination started with its memory preallocated):
         first-touch page faults are the slowest part of receiving on nested hosts.
         """
-        if self._prealloc_bytes:
-            self._prealloc = GuestMemory.create(self._prealloc_bytes)
-            self._prealloc.populate()
+        if self.params.prealloc_bytes:
+            self._prealloc = GuestMemory.create(self.params.prealloc_bytes)
+            try:
+                self._prealloc.populate()
+            except BaseException:
+                self._discard_prealloc()
+                raise
         try:
-            self._listener = listen(self.address)
+            self.address = self._pool.start()
         except BaseException:
             self._discard_prealloc()
             raise
-        self._listener.settimeout(ACCEPT_POLL_S)
-        self.address = bound_address(self._listener, self.address)
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="migrate-accept")
         self._coordinator = threading.Thread(target=self._coordinate, name="migrate-recv")
-        self._accept_thread.start()
         self._coordinator.start()
         return self.address
 
@@ -132,90 +185,20 @@ class MigrationReceiver:
     def close(self) -> None:
         """Abort if still running, and join every thread; idempotent."""
         self._abort("the destination VMM is shutting down")
-        self._main_queue.put(None)
-        for thread in (self._coordinator, self._accept_thread):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join()
+        coordinator = self._coordinator
+        if coordinator is not None and coordinator is not threading.current_thread():
+            coordinator.join()
+        elif coordinator is None:
+            self._pool.close()
 
-    # --- accepting connections ------------------------------------------------------------
-
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        try:
-            while not self._closing:
-                try:
-                    sock, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break  # listener closed
-                self._greet(sock)
-        finally:
-            self._close_listener()
-
-    def _greet(self, sock: socket.socket) -> None:
-        """Read and answer a hello; hand the connection to its handler."""
-        stream = Stream(sock, "migration source", timeout=HELLO_TIMEOUT_S)
-        try:
-            hello = parse_hello(stream.recv_exact(HELLO_SIZE))
-        except (VmigError, OSError) as exc:
-            answer_hello(stream, f"bad hello: {exc}")
-            stream.close()
-            return
-        refusal = self._admit(hello.role, hello.migration_id)
-        if refusal is not None:
-            answer_hello(stream, refusal)
-            stream.close()
-            return
-        try:
-            answer_hello(stream)
-        except VmigError:  # the source left: let a new MAIN try again
-            if hello.role is ConnectionRole.MAIN:
-                with self._lock:
-                    self._migration_id = None
-            stream.close()
-            return
-        stream.sock.settimeout(None if hello.role is ConnectionRole.MEMORY else IO_TIMEOUT_S)
-        local = self.address.kind == "unix"
-        channel = ReceiverChannel(stream, hello.role, hello.migration_id,
-                                  accept_fds=local and hello.role is ConnectionRole.MAIN)
-        if hello.role is ConnectionRole.MAIN:
-            self._main_queue.put(channel)
-            return
-        with self._lock:
-            self._extras.append(channel)
-            index = len(self._extras)
-            worker = threading.Thread(target=self._serve_memory, args=(channel,),
-                                      name=f"migrate-mem-{index}")
-            self._workers.append(worker)
-            self._extras_arrived.notify_all()
-        worker.start()
-
-    def _admit(self, role: ConnectionRole, migration_id: bytes) -> str | None:
-        """None to accept the connection, or why it is refused."""
-        with self._lock:
-            if self._closing:
-                return "the receiver is closing"
-            if role is ConnectionRole.MAIN:
-                if self._migration_id is not None:
-                    return "a migration is already in progress"
-                self._migration_id = migration_id
-                return None
-            if migration_id != self._migration_id:
-                return "no migration with this id is in progress"
-            if len(self._extras) + 1 >= self._max_connections:
-                return f"this receiver takes at most {self._max_connections} connections"
-            return None
-
-    # --- the coordinator --------------------------------------------------------------------
+    # --- the coordinator: MAIN, step by step ---------------------------------------------
 
     def _coordinate(self) -> None:
-        channel = self._main_queue.get()
         try:
+            channel = self._pool.main()
             if channel is not None:
-                self._main = channel
-                self.progress.update(phase=Phase.RECEIVING, connections=1)
+                self.progress.update(phase=Phase.RECEIVING, connections=1,
+                                     migration_id=channel.migration_id.hex())
                 self._serve_main(channel)
         except BaseException as exc:
             self._abort(describe(exc))
@@ -227,13 +210,16 @@ class MigrationReceiver:
             event = self._next(channel)
             if isinstance(event, ConnectionClosed):
                 raise MigrationError("the source closed the connection before COMPLETE")
+            if isinstance(event, MemoryRequest):
+                self._receive_memory(channel, event)
+                continue
             try:
-                finished = self._handle(channel, event)
+                phase = self._step(channel, event)
             except VmigError as exc:
                 channel.reject(str(exc))
                 raise
             self.progress.update(receiver_state=channel.conn.state.value)
-            if finished:
+            if isinstance(phase, Completed):
                 return
 
     def _next(self, channel: ReceiverChannel) -> object:
@@ -243,55 +229,52 @@ class MigrationReceiver:
             channel.reject(str(exc))
             raise MigrationError(f"source broke the protocol: {exc}") from None
 
-    def _handle(self, channel: ReceiverChannel, event: object) -> bool:
-        """Apply one request on MAIN and answer it; True once the VM runs here."""
-        if isinstance(event, Start):
-            self._on_start(event)
-        elif isinstance(event, MemoryFd):
-            self._on_memory_fd(channel, event)
-        elif isinstance(event, Config):
-            self._on_config(event)
-        elif isinstance(event, MemoryRequest):
-            self._receive_memory(channel, event)
-            return False  # _receive_memory answered
-        elif isinstance(event, State):
-            self._on_state(event)
-        elif isinstance(event, Complete):
-            self._on_complete(event)
-            self._hand_over()  # before the OK: once the sender hears it, the VM is ours
-            channel.accept()
-            return True
-        elif isinstance(event, Abandon):
+    def _step(self, channel: ReceiverChannel, event: object) -> ReceivePhase:
+        """Apply one request to the current phase, answer it, and move on."""
+        phase = self._phase
+        if isinstance(event, Abandon):
+            self._set_phase(Aborted(f"the source abandoned the migration: {event.reason}"))
             channel.accept()
             raise MigrationError(f"the source abandoned the migration: {event.reason}")
-        else:
-            raise MigrationError(f"unexpected event {event!r}")
+        handler = _STEPS.get((type(phase), type(event)))
+        if handler is None:
+            raise MigrationError(f"unexpected {type(event).__name__} while "
+                                 f"{type(phase).__name__}")
+        following = handler(self, phase, event, channel)
+        self._set_phase(following)
+        if isinstance(following, Completed):
+            self._hand_over(following.machine)  # before the OK: then the VM is ours
         channel.accept()
-        return False
+        return following
 
-    def _on_start(self, start: Start) -> None:
+    def _set_phase(self, phase: ReceivePhase) -> None:
+        with self._lock:
+            self._phase = phase
+
+    # --- the steps -------------------------------------------------------------------------
+
+    def _on_start(self, phase: Listening, start: Start, channel: ReceiverChannel) -> Started:
         if start.local and self.address.kind != "unix":
             raise MigrationError("local migration needs a unix: receiver")
         extras = start.connections - 1
-        with self._lock:
-            arrived = self._extras_arrived.wait_for(lambda: len(self._extras) >= extras,
-                                                   EXTRA_CONNECTIONS_WAIT_S)
-            count = len(self._extras)
-        if not arrived or count != extras:
+        count = self._pool.close_admission(extras, EXTRA_CONNECTIONS_WAIT_S)
+        if count != extras:
             raise MigrationError(f"START announced {extras} extra connections, "
                                  f"{count} arrived")
         self.progress.update(connections=start.connections)
-        self._start = start
+        return Started(start)
 
-    def _on_memory_fd(self, channel: ReceiverChannel, request: MemoryFd) -> None:
+    def _on_memory_fd(self, phase: Started, request: MemoryFd,
+                      channel: ReceiverChannel) -> FdReceived:
         fd = channel.take_fd()
         if request.slot != GuestMemory.SLOT or request.gpa != 0:
             os.close(fd)
             raise MigrationError(f"memory fd for slot {request.slot} at {request.gpa:#x}: "
                                  "only slot 0 at GPA 0 exists")
-        self._memory = GuestMemory.from_fd(fd, request.size)
+        return FdReceived(phase.start, GuestMemory.from_fd(fd, request.size))
 
-    def _on_config(self, request: Config) -> None:
+    def _on_config(self, phase: Started | FdReceived, request: Config,
+                   channel: ReceiverChannel) -> MemoryReady:
         try:
             document = json.loads(request.data)
             config = VmConfig.from_dict(document["vm"])
@@ -299,29 +282,75 @@ class MigrationReceiver:
             raise MigrationError(f"bad CONFIG: {exc}") from None
         self.progress.update(memory_bytes=config.memory_bytes,
                              bytes_remaining=config.memory_bytes)
-        if self._memory is not None:  # local: memory came by fd
-            if self._memory.size != config.memory_bytes:
-                raise MigrationError(f"memory fd holds {self._memory.size} bytes, CONFIG says "
+        if isinstance(phase, FdReceived):  # local: memory came by fd
+            if phase.memory.size != config.memory_bytes:
+                raise MigrationError(f"memory fd holds {phase.memory.size} bytes, CONFIG says "
                                      f"{config.memory_bytes}")
-            return
+            return MemoryReady(phase.start, config, phase.memory, preallocated=True)
         prealloc, self._prealloc = self._prealloc, None
         if prealloc is not None and prealloc.size == config.memory_bytes:
-            self._memory = prealloc
-            self._memory_preallocated = True
-            return
+            return MemoryReady(phase.start, config, prealloc, preallocated=True)
         if prealloc is not None:
             prealloc.close()
-        self._memory = GuestMemory.create(config.memory_bytes)
+        return MemoryReady(phase.start, config, GuestMemory.create(config.memory_bytes),
+                           preallocated=False)
+
+    def _on_state(self, phase: MemoryReady, request: State, channel: ReceiverChannel) -> Built:
+        state = MachineState.from_json(request.data)
+        if state.config.memory_bytes != phase.memory.size:
+            raise MigrationError("STATE describes a different memory size than CONFIG")
+        machine = Machine.restore(state, phase.memory, serial_log=self._serial_log,
+                                  resume=False)
+        digest = None
+        if phase.start.verify_memory:
+            # Memory is final once STATE arrives (the sender sends it only after every
+            # chunk was acknowledged): hash it while the source hashes its own copy.
+            digest = BackgroundDigest(machine.memory)
+        return Built(phase.start, machine, digest)
+
+    def _on_complete(self, phase: Built, request: Complete,
+                     channel: ReceiverChannel) -> Completed:
+        if phase.start.verify_memory:
+            try:
+                claimed = json.loads(request.data or b"{}")["memory_digest"]
+            except (ValueError, KeyError, TypeError):
+                raise MigrationError("COMPLETE carries no memory digest although START "
+                                     "asked to verify memory") from None
+            if claimed.get("algorithm") != DIGEST_ALGORITHM:
+                raise MigrationError(f"unknown digest algorithm {claimed.get('algorithm')!r}")
+            ours = phase.digest.result() if phase.digest else memory_digest(phase.machine.memory)
+            if ours != claimed.get("hex"):
+                raise MigrationError("memory verification failed: the destination's memory "
+                                     "digest differs from the source's; not resuming")
+        phase.machine.resume()
+        return Completed(phase.machine)
+
+    # --- memory, on MAIN and on every MEMORY connection ------------------------------------
 
     def _receive_memory(self, channel: ReceiverChannel, request: MemoryRequest) -> None:
-        memory = self._memory
-        if memory is None:
-            raise MigrationError("MEMORY arrived before CONFIG")
+        phase = self._phase
+        if not isinstance(phase, MemoryReady):
+            error = MigrationError(f"MEMORY arrived while {type(phase).__name__}; it is "
+                                   "allowed between CONFIG and STATE")
+            channel.reject(str(error))
+            raise error
+        try:
+            self._write_memory(channel, phase, request)
+        except VmigError as exc:
+            channel.reject(str(exc))
+            raise
+        channel.accept()
+        self.progress.add_bytes(request.payload_bytes)
+
+    @staticmethod
+    def _write_memory(channel: ReceiverChannel, phase: MemoryReady,
+                      request: MemoryRequest) -> None:
+        memory = phase.memory
         gpas, lengths = request.ranges.as_arrays()
         if len(gpas) and int((gpas + lengths).max()) > memory.size:
             raise GuestMemoryError(f"MEMORY range ends past guest memory "
                                    f"({int((gpas + lengths).max()):#x} > {memory.size:#x})")
-        if not self._memory_preallocated:  # fault big ranges in with one call each
+        if not phase.preallocated:  # fault big ranges in with one call each
             big = lengths >= BULK_POPULATE_BYTES
             for gpa, length in zip(gpas[big].tolist(), lengths[big].tolist(), strict=True):
                 memory.populate(gpa, length)
@@ -331,44 +360,9 @@ class MigrationReceiver:
         finally:
             for view in views:
                 view.release()
-        channel.accept()
-        self.progress.add_bytes(request.payload_bytes)
-
-    def _on_state(self, request: State) -> None:
-        if self._memory is None:
-            raise MigrationError("STATE arrived before any memory")
-        state = MachineState.from_json(request.data)
-        if state.config.memory_bytes != self._memory.size:
-            raise MigrationError("STATE describes a different memory size than CONFIG")
-        memory, self._memory = self._memory, None
-        self._machine = Machine.restore(state, memory, serial_log=self._serial_log,
-                                        resume=False)
-        if self._start is not None and self._start.verify_memory:
-            # Memory is final once STATE arrives (the sender sends it only after every
-            # chunk was acknowledged): hash it while the source hashes its own copy.
-            self._digest = BackgroundDigest(self._machine.memory)
-
-    def _on_complete(self, request: Complete) -> None:
-        machine = self._machine
-        if machine is None:
-            raise MigrationError("COMPLETE arrived before STATE")
-        if self._start is not None and self._start.verify_memory:
-            try:
-                claimed = json.loads(request.data or b"{}")["memory_digest"]
-            except (ValueError, KeyError, TypeError):
-                raise MigrationError("COMPLETE carries no memory digest although START "
-                                     "asked to verify memory") from None
-            if claimed.get("algorithm") != DIGEST_ALGORITHM:
-                raise MigrationError(f"unknown digest algorithm {claimed.get('algorithm')!r}")
-            ours = self._digest.result() if self._digest else memory_digest(machine.memory)
-            if ours != claimed.get("hex"):
-                raise MigrationError("memory verification failed: the destination's memory "
-                                     "digest differs from the source's; not resuming")
-        machine.resume()
-
-    # --- extra connections ----------------------------------------------------------------
 
     def _serve_memory(self, channel: ReceiverChannel) -> None:
+        """A MEMORY connection, until it closes (run on its pool thread)."""
         try:
             while True:
                 event = self._next(channel)
@@ -380,55 +374,30 @@ class MigrationReceiver:
                 if not isinstance(event, MemoryRequest):
                     raise MigrationError(f"unexpected {type(event).__name__} on a memory "
                                          "connection")
-                try:
-                    self._receive_memory(channel, event)
-                except VmigError as exc:
-                    channel.reject(str(exc))
-                    raise
+                self._receive_memory(channel, event)
+        except TransportError as exc:
+            self._abort(f"a memory connection failed: {exc}")
         except BaseException as exc:  # after a hand-over _abort() ignores this
             self._abort(describe(exc))
 
     # --- ending -----------------------------------------------------------------------------
 
     def _abort(self, reason: str) -> None:
-        """Record the first error and wake every thread blocked on a socket."""
+        """Record the first error and wake every thread blocked on a connection."""
         with self._lock:
             if self._closing:
                 return  # already ending: the first reason stands
             self._closing = True
             self._error = reason
-        self._shut_connections()
-        self._main_queue.put(None)
-
-    def _shut_connections(self) -> tuple[list[ReceiverChannel], list[threading.Thread]]:
-        """Wake every thread blocked on a migration socket and stop accepting; return the
-        connections and workers there are."""
-        with self._lock:
-            channels = [*self._extras, *([self._main] if self._main else [])]
-            workers = list(self._workers)
-        for channel in channels:
-            channel.stream.shutdown()
-        self._close_listener()
-        return channels, workers
+        self._pool.shutdown()
 
     def _discard_prealloc(self) -> None:
         prealloc, self._prealloc = self._prealloc, None
         if prealloc is not None:
             prealloc.close()
 
-    def _close_listener(self) -> None:
-        with self._lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-            if self.address.kind == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(self.address.path)
-
-    def _hand_over(self) -> None:
+    def _hand_over(self, machine: Machine) -> None:
         """Report the running VM now; from here on it belongs to the caller."""
-        machine, self._machine = self._machine, None
-        self._reported = True
         self.progress.update(phase=Phase.COMPLETED, bytes_remaining=0)
         try:
             self._on_finished(machine, None)
@@ -436,42 +405,22 @@ class MigrationReceiver:
             log.exception("on_finished callback failed")
 
     def _finish(self) -> None:
-        """Close every connection, join the workers, then report the outcome once."""
+        """Close every connection, join the pool's threads, then report the outcome once."""
         with self._lock:
             self._closing = True
-        channels, workers = self._shut_connections()
-        for worker in workers:
-            worker.join()
-        if self._accept_thread is not None:
-            self._accept_thread.join()
-        for channel in channels:
-            channel.close()
-        # drain connections that were queued but never served
-        while True:
-            try:
-                pending = self._main_queue.get_nowait()
-            except queue.Empty:
-                break
-            if pending is not None:
-                pending.close()
+            phase = self._phase
+            error = self._error
+        self._pool.close()
         self._discard_prealloc()
-        machine, error = self._machine, self._error
-        self._machine = None
-        if self._reported:  # handed over; a late error (the OK not delivered) is only logged
+        if isinstance(phase, Completed):  # handed over; a late error is only logged
             if error is not None:
                 log.warning("after the hand-over: %s", error)
             self._done.set()
             return
-        if self._digest is not None:
-            with contextlib.suppress(Exception):
-                self._digest.result()
-        if machine is not None:  # built from STATE but never completed
-            machine.close()
-        if self._memory is not None:
-            self._memory.close()
-            self._memory = None
+        _discard(phase)
         if error is None:
             error = "the receiver was closed before a migration arrived"
+        self._set_phase(Aborted(error))
         self.progress.update(phase=Phase.FAILED, error=error)
         log.warning("incoming migration failed: %s", error)
         self._done.set()
@@ -480,3 +429,27 @@ class MigrationReceiver:
         except Exception:
             log.exception("on_finished callback failed")
 
+
+def _discard(phase: ReceivePhase) -> None:
+    """Free what a phase holds (memory, a VM built but never run)."""
+    if isinstance(phase, Built):
+        if phase.digest is not None:
+            try:
+                phase.digest.result()
+            except Exception as exc:  # the digest only matters for a completed migration
+                log.debug("digest of discarded memory: %s", exc)
+        phase.machine.close()
+    elif isinstance(phase, FdReceived | MemoryReady):
+        phase.memory.close()
+
+
+#: (phase, request) -> step. The engine-side mirror of vmig.proto.state.TRANSITIONS
+#: (which the protocol core has already enforced on MAIN).
+_STEPS: dict[tuple[type, type], Callable[..., ReceivePhase]] = {
+    (Listening, Start): MigrationReceiver._on_start,
+    (Started, MemoryFd): MigrationReceiver._on_memory_fd,
+    (Started, Config): MigrationReceiver._on_config,
+    (FdReceived, Config): MigrationReceiver._on_config,
+    (MemoryReady, State): MigrationReceiver._on_state,
+    (Built, Complete): MigrationReceiver._on_complete,
+}

@@ -30,7 +30,7 @@ import numpy as np
 from vmig.errors import MigrationError, TransportError, describe
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest
-from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, SendParams
+from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, ResolvedSend, SendParams
 from vmig.migration.policy import Decision, MemoryMigrationStats, decide_with_reason
 from vmig.migration.progress import MigrationProgress, MigrationSummary, Phase
 from vmig.proto import (
@@ -44,10 +44,10 @@ from vmig.proto import (
     State,
 )
 from vmig.ranges import RangeTable
-from vmig.transport.address import Address, connect
+from vmig.transport.address import Address
 from vmig.transport.channel import SenderChannel
-from vmig.transport.pool import SenderPool
-from vmig.transport.stream import Stream
+from vmig.transport.endpoint import dial
+from vmig.transport.sender_pool import SenderPool
 from vmig.units import PAGE_SIZE
 from vmig.vmm.machine import Machine, VmState
 
@@ -59,17 +59,22 @@ OPERATION = "migrating"
 class MigrationSender:
     """Migrates one Machine to one destination; `run()` once."""
 
-    def __init__(self, machine: Machine, params: SendParams,
+    def __init__(self, machine: Machine, params: SendParams | ResolvedSend,
                  progress: MigrationProgress | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.address: Address = params.validate()
+        self.resolved = params if isinstance(params, ResolvedSend) else params.resolve()
+        self.address: Address = self.resolved.address
         self.machine = machine
-        self.params = params
+        self.params = self.resolved.params
         self.clock = clock
         self.progress = progress or MigrationProgress("send")
+        for warning in self.resolved.warnings:
+            log.warning("%s", warning)
+            self.progress.warn(warning)
         self.progress.update(memory_bytes=machine.config.memory_bytes,
                              bytes_remaining=machine.config.memory_bytes)
         self.migration_id = os.urandom(16)
+        self.progress.update(migration_id=self.migration_id.hex())
         self.stats = MemoryMigrationStats(started_at=clock())
         self._pool: SenderPool | None = None
         self._paused_by_us = False
@@ -209,10 +214,10 @@ class MigrationSender:
 
     def _open(self, role: ConnectionRole) -> SenderChannel:
         self._check_cancelled()
-        sock = connect(self.address)
-        stream = Stream(sock, str(self.address))
+        security = self.resolved.security
+        stream = dial(self.address, security)
         try:
-            return SenderChannel(stream, role, self.migration_id)
+            return SenderChannel(stream, role, self.migration_id, token=security.token)
         except BaseException:
             stream.close()
             raise
