@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from vmig.errors import GuestMemoryError
+from vmig.ranges import RangeTable
 from vmig.units import PAGE_SHIFT, PAGE_SIZE, format_size
+from vmig.zeropages import split_zero_pages
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +285,28 @@ class GuestMemory:
         start = gpa - gpa % PAGE_SIZE
         end = gpa + length + (-(gpa + length)) % PAGE_SIZE  # size is whole pages
         return start, end
+
+    # --- contents -----------------------------------------------------------------
+
+    def zero_pages(self, gpa: int, length: int) -> RangeTable:
+        """The pages of [gpa, gpa+length) (whole pages) whose 4096 bytes are all zero.
+
+        Reads the memory (numpy, the GIL released for most of it): a hole of a memfd
+        reads as zeros but gets allocated by the read, so mind `data_extents`.
+        """
+        return self.split_zero_pages(RangeTable.full(length, gpa))[1]
+
+    def split_zero_pages(self, table: RangeTable) -> tuple[RangeTable, RangeTable]:
+        """Split ranges of whole pages into (data ranges, all-zero ranges), both in the
+        table's order (see `vmig.zeropages.split_zero_pages`)."""
+        self._check_open()
+        gpas, lengths = table.as_arrays()
+        if len(gpas):
+            self.check_range(int(gpas.min()), int((gpas + lengths).max()) - int(gpas.min()))
+        try:
+            return split_zero_pages(self._view, table)
+        except ValueError as exc:
+            raise GuestMemoryError(str(exc)) from None
 
     def data_extents(self) -> list[tuple[int, int]]:
         """(gpa, length) of every part of the backing file that holds data.

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vmig.errors", "vmig.units", "vmig.ranges", "vmig.config", "vmig.guest.layout",
      "vmig.guest", ROOT),
     ("vmig.proto", "vmig.migration.policy"),
-    ("vmig.kvm", "vmig.memory", "vmig.uffd", "vmig.guest.build"),
+    ("vmig.kvm", "vmig.memory", "vmig.uffd", "vmig.zeropages", "vmig.guest.build"),
     ("vmig.transport", "vmig.vmm"),
     ("vmig.migration",),
     ("vmig.api",),
@@ -30,6 +30,7 @@ FORBIDDEN = {
     "vmig.proto": ("vmig.kvm", "vmig.vmm", "vmig.memory", "vmig.transport", "vmig.config"),
     "vmig.kvm": ("vmig.memory", "vmig.vmm", "vmig.transport"),
     "vmig.uffd": ("vmig.kvm", "vmig.memory", "vmig.vmm", "vmig.transport"),
+    "vmig.zeropages": ("vmig.kvm", "vmig.memory", "vmig.uffd", "vmig.vmm", "vmig.transport"),
 }
 #: The pure core does no I/O, keeps no threads or clocks of its own, and builds only
 #: on the other pure pieces.
