@@ -5,8 +5,9 @@ GIL inside them):
 
 1. its first u64: any page whose first 8 bytes are not all zero is data. On pages of
    data this decides almost every page after reading one cache line of it;
-2. the pages left (first word zero) are reduced whole, ``max`` over their 512 words
-   in one call per block.
+2. the pages left (first word zero) are reduced whole, a bitwise OR of their 512
+   words in one call per block (numpy's OR reduction is faster on zeros than its
+   ``any``, and about twice as fast as its ``max``, on this machine).
 
 So pages of data cost a strided gather, zero pages a full read at memory speed.
 Blocks are large (64 Ki pages, 256 MiB) to keep the number of numpy calls, that is of
@@ -51,9 +52,14 @@ def _zero_rows(rows: U64Array) -> BoolArray:
     if candidates.size == 0:
         return zero
     if candidates.size > _GATHER_SHARE * len(rows):
-        return rows.max(axis=1) == 0  # most pages need reading whole anyway
-    zero[candidates] = rows.take(candidates, axis=0).max(axis=1) == 0
+        return _or_rows(rows) == 0  # most pages need reading whole anyway
+    zero[candidates] = _or_rows(rows.take(candidates, axis=0)) == 0
     return zero
+
+
+def _or_rows(rows: U64Array) -> U64Array:
+    """The bitwise OR of each row's words: 0 exactly for all-zero rows."""
+    return np.bitwise_or.reduce(rows, axis=1)
 
 
 def _page_words(buffer: Buffer) -> tuple[U64Array, npt.NDArray[np.uint8]]:
@@ -130,7 +136,7 @@ def split_zero_pages(memory: Buffer, table: RangeTable) -> tuple[RangeTable, Ran
             zero = words[pages, 0] == 0
             candidates = pages[zero]
             if candidates.size:
-                zero[zero] = words.take(candidates, axis=0).max(axis=1) == 0
+                zero[zero] = _or_rows(words.take(candidates, axis=0)) == 0
         for out, chosen in ((0, pages[~zero]), (2, pages[zero])):
             g, n = _runs_in_order(chosen)
             parts[out].append(g)
