@@ -15,6 +15,7 @@ from vmig.proto import (
     PROTOCOL_VERSION,
     TRANSITIONS,
     Abandon,
+    Cancel,
     Command,
     Complete,
     Config,
@@ -783,7 +784,7 @@ def test_response_fed_byte_by_byte_and_with_message():
     ("data", "match"),
     [
         (struct.pack("<H6sQ", 0, bytes(6), 0), "invalid status 0"),
-        (struct.pack("<H6sQ", 3, bytes(6), 0), "invalid status 3"),
+        (struct.pack("<H6sQ", 4, bytes(6), 0), "invalid status 4"),
         (struct.pack("<H6sQ", 1, b"\x01" + bytes(5), 0), "padding"),
         (struct.pack("<H6sQ", 2, bytes(6), 4097), "limit"),
     ],
@@ -797,6 +798,11 @@ def test_sender_rejects_malformed_responses(data, match):
     with pytest.raises(RemoteProtocolError, match=match):
         sender.next_event()
     with pytest.raises(LocalProtocolError, match="failed"):
+        sender.send(Config(b"{}"))
+    # Reading failed, writing may not have: ABANDON can still tell the receiver why, once.
+    assert sender.send(Abandon("bye")).startswith(
+        encode_request_header(Command.ABANDON, 3))
+    with pytest.raises(LocalProtocolError, match="ABANDON was already sent"):
         sender.send(Abandon())
 
 
@@ -912,3 +918,42 @@ def test_start_payload_helper_matches_sender():
     sender = SenderConnection()
     data = sender.send(Start(migration_id=MID, connections=2, flags=StartFlags.LOCAL))
     assert data[16:] == encode_start_payload(PROTOCOL_VERSION, StartFlags.LOCAL, MID, 2)
+
+
+# --- a receiver that cancels -------------------------------------------------------------------
+
+
+def test_receiver_cancels_between_requests_and_the_sender_reads_it_unprompted():
+    pair = ConnectionPair()
+    pair.advance((Command.START,))
+    data = pair.receiver.send(Cancel("operator said stop"))
+    assert pair.receiver.state is ReceiverState.ABORTED
+    pair.sender.receive_data(data)
+    response = pair.sender.next_event()
+    assert isinstance(response, Response) and response.cancelled and not response.ok
+    assert response.message == "operator said stop" and response.command is Command.INVALID
+    assert pair.sender.state is ReceiverState.ABORTED
+    with pytest.raises(LocalProtocolError):
+        pair.sender.send(Config(b"{}"))
+    with pytest.raises(LocalProtocolError):
+        pair.receiver.send(Cancel("again"))  # the connection is over
+
+
+def test_a_cancel_answers_whatever_is_outstanding():
+    pair = ConnectionPair()
+    pair.advance((Command.START, Command.CONFIG))
+    pair.request(Memory(TABLE), PAGES)  # answered by the cancel instead of OK
+    pair.sender.receive_data(pair.receiver.send(Cancel("stop")))
+    response = pair.sender.next_event()
+    assert response.cancelled and response.command is Command.MEMORY
+    assert pair.sender.outstanding == ()
+
+
+def test_only_main_cancels_and_an_unprompted_error_is_still_a_protocol_error():
+    pair = ConnectionPair(ConnectionRole.MEMORY)
+    with pytest.raises(LocalProtocolError, match="MAIN"):
+        pair.receiver.send(Cancel("x"))
+    sender = SenderConnection()
+    sender.receive_data(encode_response_header(Status.ERROR, 1) + b"x")
+    with pytest.raises(RemoteProtocolError, match="no request outstanding"):
+        sender.next_event()

@@ -38,7 +38,7 @@ def test_enum_values_are_fixed():
         ("MEMORY_FD", 7),
         ("AUTH", 8),
     ]
-    assert [s.value for s in Status] == [0, 1, 2]
+    assert [s.value for s in Status] == [0, 1, 2, 3]
     assert [r.value for r in ConnectionRole] == [0, 1, 2]
     assert int(wire.StartFlags.LOCAL) == 1 and int(wire.StartFlags.VERIFY_MEMORY) == 2
 

@@ -14,6 +14,7 @@ from vmig.proto.errors import (
 from vmig.proto.events import (
     NEED_DATA,
     Abandon,
+    Cancel,
     Complete,
     Config,
     ConnectionClosed,
@@ -91,6 +92,7 @@ __all__ = [
     "AuthMethod",
     "Authenticated",
     "AuthenticationError",
+    "Cancel",
     "Challenged",
     "Command",
     "Complete",

@@ -23,6 +23,7 @@ from vmig.ranges import RangeTable
 __all__ = [
     "NEED_DATA",
     "Abandon",
+    "Cancel",
     "Complete",
     "Config",
     "ConnectionClosed",
@@ -169,6 +170,17 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """Receiver's unprompted end: the migration is cancelled here, for `message`.
+
+    Allowed at any point on MAIN, with or without a request waiting for its answer;
+    the connection is dead afterwards.
+    """
+
+    message: str
+
+
+@dataclass(frozen=True)
 class Response:
     """A response as the sender reads it; `command` is the request it answers."""
 
@@ -180,6 +192,11 @@ class Response:
     def ok(self) -> bool:
         """True for Status.OK."""
         return self.status is Status.OK
+
+    @property
+    def cancelled(self) -> bool:
+        """True when the receiver cancelled the migration."""
+        return self.status is Status.CANCELLED
 
 
 @dataclass(frozen=True)

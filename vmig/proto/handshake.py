@@ -477,7 +477,7 @@ class SenderHandshake:
         if payload is None:
             return self._short("its answer")
         status, self._status = self._status, None
-        if status is Status.ERROR:
+        if status is not Status.OK:
             self._state = _next(SENDER_STEPS, self._state, _H.REFUSE, "sender")
             return Refused(payload.decode("utf-8", errors="replace"))
         if self._state is _S.AWAIT_REPLY:

@@ -36,6 +36,7 @@ from vmig.proto.errors import LocalProtocolError, RemoteProtocolError
 from vmig.proto.events import (
     NEED_DATA,
     Abandon,
+    Cancel,
     Complete,
     Config,
     ConnectionClosed,
@@ -51,6 +52,7 @@ from vmig.proto.events import (
 )
 from vmig.proto.state import (
     INITIAL_STATES,
+    TERMINAL_STATES,
     TRANSITIONS,
     ReceiverState,
     expected_text,
@@ -242,19 +244,23 @@ class ReceiverConnection:
 
     # -- output ------------------------------------------------------------------------
 
-    def send(self, event: Ok | Error) -> bytes:
+    def send(self, event: Ok | Error | Cancel) -> bytes:
         """Answer the current request; return the response bytes to write.
 
         `Ok()` needs a complete request (for MEMORY: all page bytes received) and
         moves the state on per TRANSITIONS. `Error(message)` moves to ABORTED; it
         is also allowed after next_event() raised RemoteProtocolError, and in the
         middle of a MEMORY payload (the connection is then dead and must be closed).
+        `Cancel(message)` is allowed at any point on MAIN before a final state, request
+        or not: the migration ends (ABORTED) and nothing more is parsed or answered.
         Raises LocalProtocolError when there is nothing to answer.
         """
         if isinstance(event, Ok):
             return self._send_ok()
         if isinstance(event, Error):
             return self._send_error(event.message)
+        if isinstance(event, Cancel):
+            return self._send_cancel(event.message)
         raise LocalProtocolError(f"a receiver cannot send {event!r}")
 
     def _send_ok(self) -> bytes:
@@ -279,6 +285,15 @@ class ReceiverConnection:
         self._state = ReceiverState.ABORTED
         self._finish_request(next_phase)
         return encode_response(Status.ERROR, message)
+
+    def _send_cancel(self, message: str) -> bytes:
+        if self.role is not ConnectionRole.MAIN:
+            raise LocalProtocolError("a migration is cancelled on the MAIN connection")
+        if self._state in TERMINAL_STATES or self._phase is _Phase.DEAD:
+            raise LocalProtocolError(f"cannot cancel in state {self._state.name}")
+        self._state = ReceiverState.ABORTED
+        self._finish_request(_Phase.DEAD)
+        return encode_response(Status.CANCELLED, message)
 
     def _nothing_to_answer(self) -> str:
         if self._phase is _Phase.PAYLOAD:

@@ -97,6 +97,7 @@ class SenderConnection:
         self._buffer = ReceiveBuffer()
         self._header: ResponseHeader | None = None
         self._error: RemoteProtocolError | None = None
+        self._state_before_error = self._state
 
     # -- introspection ---------------------------------------------------------------
 
@@ -138,7 +139,7 @@ class SenderConnection:
         range; nothing is recorded then.
         """
         command = _command_of(event)
-        if self._error is not None:
+        if self._error is not None and command is not Command.ABANDON:
             raise LocalProtocolError(
                 f"cannot send {command.name}: the connection failed ({self._error})"
             )
@@ -146,8 +147,12 @@ class SenderConnection:
             raise LocalProtocolError(f"cannot send {command.name}: ABANDON was already sent")
         if command is Command.ABANDON:
             # ABANDON may queue behind unanswered requests; it is checked against
-            # the state they will leave behind if answered OK.
+            # the state they will leave behind if answered OK. It may also follow a
+            # failure to read: the connection's other direction may still carry it.
             state = self._expected_state()
+            if self._error is not None:  # judged by the state before reading failed
+                state = (self._outstanding[-1].target if self._outstanding
+                         else self._state_before_error)
             target = TRANSITIONS.get((state, command))
             if target is None:
                 raise LocalProtocolError(f"cannot send ABANDON in state {state.name}")
@@ -203,29 +208,37 @@ class SenderConnection:
         try:
             return self._parse()
         except RemoteProtocolError as exc:
+            self._state_before_error = self._state
             self._state = ReceiverState.ABORTED
             self._error = exc
             raise
 
     def _parse(self) -> SenderEvent:
         if self._header is None:
-            if len(self._buffer) and not self._outstanding:
-                raise RemoteProtocolError("receiver sent a response with no request outstanding")
             raw = self._buffer.take(HEADER_SIZE)
             if raw is None:
                 return self._short("a response header")
-            self._header = decode_response_header(raw)
+            header = decode_response_header(raw)
+            if not self._outstanding and header.status is not Status.CANCELLED:
+                raise RemoteProtocolError("receiver sent a response with no request outstanding")
+            self._header = header
         payload = self._buffer.take(self._header.length)
         if payload is None:
             return self._short("a response message")
         status = self._header.status
         self._header = None
+        message = payload.decode("utf-8", errors="replace")
+        if status is Status.CANCELLED:  # the end, whatever was outstanding
+            command = self._outstanding[0].command if self._outstanding else Command.INVALID
+            self._outstanding.clear()
+            self._state = ReceiverState.ABORTED
+            return Response(status, message, command)
         command, target = self._outstanding.popleft()
         if status is Status.ERROR or self._state is ReceiverState.ABORTED:
             self._state = ReceiverState.ABORTED
         else:
             self._state = target
-        return Response(status, payload.decode("utf-8", errors="replace"), command)
+        return Response(status, message, command)
 
     def _short(self, what: str) -> SenderEvent:
         if not self._buffer.eof:

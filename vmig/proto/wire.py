@@ -181,6 +181,9 @@ class Status(IntEnum):
     INVALID = 0
     OK = 1
     ERROR = 2
+    #: The receiver cancelled the migration (an operator asked it to). Like ERROR it
+    #: ends the migration; it may come with no request outstanding, on MAIN only.
+    CANCELLED = 3
 
 
 class ConnectionRole(IntEnum):
@@ -359,7 +362,7 @@ def decode_response_header(data: bytes | bytearray | memoryview) -> ResponseHead
     or a payload longer than MAX_MESSAGE_SIZE.
     """
     status, padding, length = _HEADER.unpack(data)
-    if status not in (Status.OK, Status.ERROR):
+    if status not in (Status.OK, Status.ERROR, Status.CANCELLED):
         raise RemoteProtocolError(f"receiver sent a response with invalid status {status}")
     if padding != NO_HEADERS:
         raise RemoteProtocolError(f"receiver sent a response with non-zero padding {padding!r}")
