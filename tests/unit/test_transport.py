@@ -163,7 +163,8 @@ def _move_16m(server_security: Security, client_security: Security) -> None:
     def views_for(ranges: RangeTable) -> list[memoryview]:
         return [memoryview(source)[gpa:gpa + n] for gpa, n in ranges]
 
-    sent = pool.send_iteration(table.partition(64 * 1024), views_for, acked.append)
+    sent = pool.send_iteration(table.partition(64 * 1024), views_for,
+                               lambda index, chunk: acked.append(chunk.total_bytes))
     for channel in channels:
         channel.close()
     server.close()

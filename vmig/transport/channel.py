@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
+import time
 from collections.abc import Callable, Sequence
 
-from vmig.errors import MigrationError, TransportError
+from vmig.errors import MigrationCancelled, MigrationError, TransportError
 from vmig.proto import (
     NEED_DATA,
     AuthenticationError,
@@ -54,6 +56,10 @@ Admit = Callable[[Hello], "str | None"]
 
 class HandshakeRefused(TransportError):
     """The receiving side refused a connection during its handshake (the peer was told)."""
+
+
+class ChannelInterrupted(TransportError):
+    """`ReceiverChannel.interrupt()` woke a wait for the next request."""
 
 
 class SenderChannel:
@@ -120,15 +126,27 @@ class SenderChannel:
         self.stream.send_with_fds(self.conn.send(event), [fd])
 
     def read_response(self) -> Response:
-        """Block until the oldest outstanding request is answered."""
+        """Block until the oldest outstanding request is answered.
+
+        The peer closing the connection first is a TransportError (the connection is
+        lost), not a protocol error.
+        """
+        closed = False
         while True:
-            event = self.conn.next_event()
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                if closed:
+                    raise TransportError(f"receiving from {self.stream.peer}: {exc}") from None
+                raise
             if isinstance(event, Response):
                 return event
             if isinstance(event, ConnectionClosed):
                 raise TransportError(f"{self.stream.peer} closed the connection")
             wanted = max(self.conn.bytes_wanted(), 1)
-            self.conn.receive_data(self.stream.recv_some(wanted))
+            data = self.stream.recv_some(wanted)
+            closed = not data
+            self.conn.receive_data(data)
 
     def request(self, event: Request, payload: Sequence[memoryview] = ()) -> Response:
         """Write a request and wait for its response; an ERROR answer raises MigrationError."""
@@ -137,6 +155,10 @@ class SenderChannel:
 
     @staticmethod
     def check(response: Response) -> Response:
+        """`response` if it is OK; MigrationCancelled or MigrationError otherwise."""
+        if response.cancelled:
+            raise MigrationCancelled(f"the destination cancelled the migration: "
+                                     f"{response.message}")
         if not response.ok:
             raise MigrationError(f"destination rejected {response.command.name}: "
                                  f"{response.message}")
@@ -205,9 +227,16 @@ class ReceiverChannel:
         self.stream = stream
         self.role = role
         self.migration_id = migration_id
+        #: Its place in the migration: MAIN is 0, MEMORY connections 1, 2, ... as admitted.
+        self.index = 0
         self.conn = ReceiverConnection(role, migration_id=migration_id)
         self._accept_fds = accept_fds and isinstance(stream, PlainStream) and stream.passes_fds
         self.fds: list[int] = []
+        # MAIN can be woken while it waits for the next request (a cancel), without
+        # touching the connection, which then still carries the answer to the source.
+        self._wake: tuple[int, int] | None = None
+        if role is ConnectionRole.MAIN:
+            self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def next_request(self) -> ReceiverEvent:
         """Read until the next complete request (a MemoryRequest leaves its payload unread).
@@ -222,7 +251,40 @@ class ReceiverChannel:
                 continue
             return event
 
+    def interrupt(self) -> None:
+        """Wake `next_request()` (from any thread): it raises ChannelInterrupted."""
+        if self._wake is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake[1], b"!")
+
+    def _wait_readable(self) -> None:
+        """Block until the socket has bytes (or the stream's timeout), unless interrupted."""
+        assert self._wake is not None
+        if self.stream.pending():
+            return  # TLS: decrypted bytes are already buffered
+        poller = select.poll()
+        poller.register(self.stream.sock.fileno(), select.POLLIN)
+        poller.register(self._wake[0], select.POLLIN)
+        timeout = self.stream.sock.gettimeout()
+        ready = dict(poller.poll(None if timeout is None else timeout * 1000))
+        if self._wake[0] in ready:
+            raise ChannelInterrupted(f"waiting for {self.stream.peer}: interrupted")
+        if not ready:
+            raise TransportError(f"receiving from {self.stream.peer}: timed out")
+
+    def drain(self, seconds: float) -> None:
+        """Read and drop what the peer still sends, until it closes or `seconds` pass: the
+        peer then reads our last answer instead of a reset."""
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(TransportError, OSError):
+            while (left := deadline - time.monotonic()) > 0:
+                self.stream.settimeout(left)
+                if not self.stream.recv_some(1 << 20):
+                    return
+
     def _fill(self, wanted: int) -> None:
+        if self._wake is not None:
+            self._wait_readable()
         if self._accept_fds:
             assert isinstance(self.stream, PlainStream)
             data, fds = self.stream.recv_some_with_fds(max(wanted, 1))
@@ -259,4 +321,9 @@ class ReceiverChannel:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+        if self._wake is not None:
+            for fd in self._wake:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake = None
         self.stream.close()

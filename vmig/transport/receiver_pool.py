@@ -73,6 +73,7 @@ class ReceiverPool:
         self._reserved = 0  # MEMORY connections admitted, not yet in _extras
         self._admitting = True
         self._closing = False
+        self._interrupted = False
         self._serial = 0
         #: Connections refused so far (handshake failures included), and the last reason.
         self.refused = 0
@@ -102,8 +103,9 @@ class ReceiverPool:
         """START is accepted: wait up to `timeout` s for `extras` MEMORY connections, then
         admit no more. Returns how many were admitted."""
         with self._changed:
-            self._changed.wait_for(lambda: len(self._extras) >= extras or self._closing,
-                                   timeout)
+            self._changed.wait_for(
+                lambda: len(self._extras) >= extras or self._closing or self._interrupted,
+                timeout)
             self._admitting = False
             return len(self._extras)
 
@@ -111,6 +113,24 @@ class ReceiverPool:
     def extras(self) -> list[ReceiverChannel]:
         with self._lock:
             return list(self._extras)
+
+    def interrupt(self) -> None:
+        """Stop admitting, and wake every thread blocked reading a connection, but leave
+        MAIN able to write (a cancel is answered on it); never blocks."""
+        with self._lock:
+            self._interrupted = True
+            self._admitting = False
+            main, extras = self._main, list(self._extras)
+            self._changed.notify_all()
+        listener = self._listener
+        if listener is not None:
+            listener.close()
+        for channel in extras:
+            channel.stream.shutdown()
+        if main is not None:
+            main.interrupt()
+        else:
+            self._main_queue.put(None)
 
     def shutdown(self) -> None:
         """Stop accepting and wake every thread blocked on a connection; never blocks."""
@@ -214,7 +234,7 @@ class ReceiverPool:
         if channel.role is ConnectionRole.MAIN:
             channel.stream.settimeout(IO_TIMEOUT_S)
             with self._lock:
-                closing = self._closing
+                closing = self._closing or self._interrupted
                 if not closing:
                     self._main = channel
             if closing:
@@ -225,9 +245,10 @@ class ReceiverPool:
         channel.stream.settimeout(None)  # the sender drives; shutdown() wakes it
         with self._lock:
             self._reserved -= 1
-            closing = self._closing
+            closing = self._closing or self._interrupted
             if not closing:
                 self._extras.append(channel)
+                channel.index = len(self._extras)
                 self._changed.notify_all()
         if closing:
             channel.close()
@@ -247,7 +268,7 @@ class ReceiverPool:
     def _admit(self, hello: Hello, claimed: list[bool]) -> str | None:
         """None to take an authenticated connection, or why it is refused."""
         with self._lock:
-            if self._closing:
+            if self._closing or self._interrupted:
                 return "the receiver is closing"
             if hello.role is ConnectionRole.MAIN:
                 if self._migration_id is not None:

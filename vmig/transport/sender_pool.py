@@ -5,87 +5,163 @@ connection's worker takes the next chunk whenever it has room in its pipeline
 (`max_outstanding` unanswered chunks), so a slow connection simply takes fewer
 chunks (the single shared queue Cloud Hypervisor's reviewers asked for, rather
 than per-thread round robin). Every chunk is acknowledged by the receiver; an
-iteration ends when all its chunks are. The first error stops the others from
-taking more work and is raised to the caller; all worker threads are joined
-before `send_iteration` returns either way.
+iteration ends when all its chunks are.
+
+A chunk stays the pool's until it is acknowledged. When a MEMORY connection
+fails (a transport error: reset, closed, timed out), its unacknowledged chunks
+go back to the queue and the other connections carry them; the connection is
+out of the pool from then on, and `on_lost` says which and why. A failure on
+MAIN, an ERROR answer on any connection, or `stop()` ends the iteration: the
+first error is raised, after every worker thread has been joined.
 """
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 from collections.abc import Callable, Sequence
 
-from vmig.errors import TransportError, VmigError
+from vmig.errors import MigrationError, TransportError, VmigError
+from vmig.proto import ConnectionRole
 from vmig.ranges import RangeTable
 from vmig.transport.channel import SenderChannel, ViewsFor
 
-OnAcked = Callable[[int], None]
+#: (connection index, the chunk it carried) once the receiver acknowledged it.
+OnAcked = Callable[[int, RangeTable], None]
+#: (connection index, the channel, why) when a MEMORY connection is lost.
+OnLost = Callable[[int, SenderChannel, str], None]
+
+
+class _Work:
+    """The chunks of one iteration: queued, or taken and not yet acknowledged."""
+
+    def __init__(self, chunks: Sequence[RangeTable]) -> None:
+        self._queue = collections.deque(chunks)
+        self._unacked = len(self._queue)
+        self._changed = threading.Condition()
+        self.stopped = False
+
+    def take(self, *, wait: bool) -> RangeTable | None:
+        """The next chunk; None when the iteration is over (or stopped), or, without
+        `wait`, when nothing is queued right now."""
+        with self._changed:
+            while True:
+                if self.stopped or self._unacked == 0:
+                    return None
+                if self._queue:
+                    return self._queue.popleft()
+                if not wait:
+                    return None
+                self._changed.wait()
+
+    def acked(self) -> None:
+        with self._changed:
+            self._unacked -= 1
+            if self._unacked == 0:
+                self._changed.notify_all()
+
+    def requeue(self, chunks: Sequence[RangeTable]) -> None:
+        """Chunks a lost connection took: back to the front of the queue."""
+        with self._changed:
+            self._queue.extendleft(reversed(chunks))
+            self._changed.notify_all()
+
+    def stop(self) -> None:
+        with self._changed:
+            self.stopped = True
+            self._changed.notify_all()
 
 
 class SenderPool:
     """Drives the channels of one migration (the first is MAIN); the caller owns and
     closes them, since it opens them before the pool exists and may cancel meanwhile."""
 
-    def __init__(self, channels: Sequence[SenderChannel]) -> None:
+    def __init__(self, channels: Sequence[SenderChannel], on_lost: OnLost | None = None) -> None:
         if not channels:
             raise ValueError("a pool needs at least the main channel")
         self.channels = list(channels)
+        self._alive = [True] * len(self.channels)
+        self._on_lost = on_lost
+        self._work: _Work | None = None
 
     @property
     def main(self) -> SenderChannel:
         return self.channels[0]
 
+    @property
+    def alive(self) -> int:
+        """Connections still in use (MAIN included)."""
+        return sum(self._alive)
+
+    def stop(self) -> None:
+        """Make a running `send_iteration` stop taking work (from any thread)."""
+        work = self._work
+        if work is not None:
+            work.stop()
+
     def send_iteration(self, chunks: Sequence[RangeTable], views_for: ViewsFor,
                        on_acked: OnAcked | None = None) -> int:
-        """Send every chunk over whichever connection is free; return the bytes acked."""
-        work: queue.SimpleQueue[RangeTable] = queue.SimpleQueue()
-        for chunk in chunks:
-            work.put(chunk)
-        stop = threading.Event()
+        """Send every chunk over whichever live connection is free; return the bytes acked."""
+        work = self._work = _Work(chunks)
         errors: list[BaseException] = []
         acked = [0] * len(self.channels)
 
         def worker(index: int, channel: SenderChannel) -> None:
+            in_flight: collections.deque[RangeTable] = collections.deque()
             try:
-                acked[index] = _drain(channel, work, stop, views_for, on_acked)
+                acked[index] = _drain(index, channel, work, in_flight, views_for, on_acked)
+            except TransportError as exc:
+                if index == 0 or work.stopped:
+                    errors.append(exc)
+                    work.stop()
+                    return
+                self._alive[index] = False  # a lost MEMORY connection: the others carry on
+                work.requeue(list(in_flight))
+                if self._on_lost is not None:
+                    self._on_lost(index, channel, f"{exc}; its {len(in_flight)} "
+                                  "unacknowledged chunks went to the other connections")
             except BaseException as exc:  # first error wins; the others stop taking work
                 errors.append(exc)
-                stop.set()
+                work.stop()
 
         threads = [threading.Thread(target=worker, args=(i, ch), name=f"migrate-send-{i}")
-                   for i, ch in enumerate(self.channels)]
+                   for i, ch in enumerate(self.channels) if self._alive[i]]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        self._work = None
         if errors:
             first = errors[0]
             if isinstance(first, VmigError):
                 raise first
             raise TransportError(f"memory worker failed: {first!r}") from first
+        if work.stopped:
+            raise MigrationError("the iteration was stopped")
         return sum(acked)
 
 
-def _drain(channel: SenderChannel, work: queue.SimpleQueue[RangeTable], stop: threading.Event,
-           views_for: ViewsFor, on_acked: OnAcked | None) -> int:
-    """One connection's share: keep its pipeline full until the queue is empty."""
-    in_flight: list[int] = []
+def _drain(index: int, channel: SenderChannel, work: _Work,
+           in_flight: collections.deque[RangeTable], views_for: ViewsFor,
+           on_acked: OnAcked | None) -> int:
+    """One connection's share: keep its pipeline full until the iteration is acknowledged."""
     total = 0
     while True:
-        if not stop.is_set() and len(in_flight) < channel.max_outstanding:
-            try:
-                chunk = work.get_nowait()
-            except queue.Empty:
-                chunk = None
+        if len(in_flight) < channel.max_outstanding:
+            chunk = work.take(wait=not in_flight)
             if chunk is not None:
+                in_flight.append(chunk)  # before sending: a failed send requeues it too
                 channel.submit_memory(chunk, views_for)
-                in_flight.append(chunk.total_bytes)
                 continue
         if not in_flight:
             return total
         SenderChannel.check(channel.read_response())
-        done = in_flight.pop(0)
-        total += done
+        done = in_flight.popleft()
+        work.acked()
+        total += done.total_bytes
         if on_acked is not None:
-            on_acked(done)
+            on_acked(index, done)
+
+
+def role_name(channel: SenderChannel) -> str:
+    return "main" if channel.role is ConnectionRole.MAIN else "memory"

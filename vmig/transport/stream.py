@@ -46,6 +46,10 @@ class Stream:
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
 
+    def pending(self) -> int:
+        """Bytes already read off the socket and buffered above it (TLS records)."""
+        return 0
+
     @contextlib.contextmanager
     def errors(self, action: str) -> Iterator[None]:
         """OSError and ssl.SSLError -> TransportError("ACTION PEER: why")."""
@@ -108,6 +112,11 @@ class Stream:
         """
         with contextlib.suppress(OSError):
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
+    def shutdown_read(self) -> None:
+        """Wake a thread blocked reading (it sees end of stream); writing still works."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)
 
     def close(self) -> None:
         self.sock.close()
@@ -183,6 +192,9 @@ class TlsStream(Stream):
     def __init__(self, sock: ssl.SSLSocket, peer: str, timeout: float | None = IO_TIMEOUT_S):
         super().__init__(sock, peer, timeout)
         self._gather = bytearray(TLS_GATHER_BYTES)
+
+    def pending(self) -> int:
+        return self.sock.pending()
 
     def send_all(self, buffers: Sequence[Buffer]) -> None:
         """Write every buffer in order; small ones are gathered into one TLS write."""
