@@ -70,14 +70,15 @@ def spawn_vmm(tmp_path: Path) -> Iterator[SpawnVmm]:
     started: list[VmmProcess] = []
 
     def spawn(*args: str, socket_path: str | None = None,
-              ready_timeout: float = SPAWN_TIMEOUT_S) -> VmmProcess:
+              ready_timeout: float = SPAWN_TIMEOUT_S, prefix: tuple[str, ...] = ()
+              ) -> VmmProcess:
         index = len(started)
         name = "api.sock" if index == 0 else f"api-{index}.sock"
         path = socket_path or str(tmp_path / name)
         stderr_path = str(tmp_path / f"vmm-{index}.stderr")
         try:
             vmm = VmmProcess.start(path, args, stderr_path=stderr_path,
-                                   ready_timeout=ready_timeout)
+                                   ready_timeout=ready_timeout, prefix=prefix)
         except VmmUnreachableError as exc:
             text = Path(stderr_path).read_text(errors="replace") if os.path.exists(
                 stderr_path) else ""

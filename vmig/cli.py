@@ -390,27 +390,37 @@ def send_migration(target: _Remote, url: str, as_json: bool, **params: Any) -> N
 
     Over tcp: pass the destination's token (--token/--token-file) or a TLS
     directory (--tls-dir). On a terminal a progress bar follows the migration;
-    then a summary is printed. If the migration fails the VM keeps running here
-    and the reason is printed (exit status 1).
+    then a summary is printed. Ctrl-C cancels the migration (until its point of
+    no return). If it fails or is cancelled the VM keeps running here and the
+    reason is printed (exit status 1).
     """
     from rich.console import Console
 
-    from vmig.watch import send_with_progress, summary_table
+    from vmig.watch import send_and_watch, summary_table
 
     client = target.client
     request = {"destination_url": url, **_absolute_paths(SEND_PARAMETERS, params)}
-    if as_json or not sys.stdout.isatty():
-        summary = client.send_migration(**request)
-        if as_json:
-            click.echo(json.dumps(summary))
-            return
+    console = None if as_json or not sys.stdout.isatty() else Console()
+    summary = send_and_watch(client, request, console=console)  # Ctrl-C cancels it
+    if as_json:
+        click.echo(json.dumps(summary))
     else:
-        try:
-            summary = send_with_progress(client, request, console=Console())
-        except KeyboardInterrupt:
-            raise CliError("interrupted: the VMM goes on with the migration (see `vmig remote "
-                           "migration-info`)") from None
-    Console().print(summary_table(summary, title=f"migration to {url}"))
+        Console().print(summary_table(summary, title=f"migration to {url}"))
+    if summary.get("status") != "completed":
+        raise CliError(f"{summary.get('error') or 'migration ' + str(summary.get('status'))}; "
+                       "the VM keeps running here")
+
+
+@remote.command("cancel-migration")
+@click.pass_obj
+def cancel_migration(target: _Remote) -> None:
+    """Cancel the migration running on this VMM (either side); print its figures (JSON).
+
+    Before the switch-over's point of no return the source keeps its VM running
+    and the destination discards what it received and can receive again; after
+    it, the cancel is refused and says why.
+    """
+    _print_json(target.client.cancel_migration())
 
 
 @remote.command("migration-info")

@@ -24,7 +24,7 @@ from vmig.api.client import ApiClient
 from vmig.api.process import VmmProcess
 from vmig.errors import ApiError
 from vmig.units import PAGE_SIZE, format_size
-from vmig.watch import format_ms, format_rate, send_with_progress, summary_table
+from vmig.watch import format_ms, format_rate, send_and_watch, summary_table
 
 READY_TIMEOUT_S = 60.0
 SAMPLE_S = 0.25
@@ -152,7 +152,7 @@ def _migrate(source: VmmProcess, destination: VmmProcess, report: DemoReport,
     watch = _SourceWatch(source.socket_path, report)
     try:
         watch.poll()
-        report.summary = send_with_progress(
+        report.summary = send_and_watch(
             source.client, {"destination_url": url, "connections": connections,
                             "downtime_ms": downtime_ms, "verify_memory": True,
                             "token": token},

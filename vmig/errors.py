@@ -63,6 +63,10 @@ class MigrationError(VmigError):
     """A migration failed or was refused; the message names the cause."""
 
 
+class MigrationCancelled(MigrationError):
+    """A migration was cancelled (by an operator on either side, or by its timeout)."""
+
+
 class ApiError(VmigError):
     """An API request failed: `status` is the HTTP status, or None when no answer came."""
 

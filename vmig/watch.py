@@ -1,13 +1,17 @@
 """Watch a live migration from the client side: a progress bar, then a readable summary.
 
-`vm.send-migration` blocks until the migration is over, so `send_with_progress`
-runs it in a thread and draws the bar from `vm.migration-info`, polled on a
-second API connection. Used by `vmig remote send-migration` and `vmig demo`;
+`vm.send-migration` blocks until the migration is over, so `send_and_watch` runs it
+in a thread and draws the bar from `vm.migration-info`, polled on a second API
+connection. The bar counts the bytes still to send: the memory that holds data at
+first, then the pages dirtied meanwhile, so it grows while pre-copy chases a busy
+guest. Ctrl-C cancels the migration through the API (`vm.cancel-migration`) and
+waits for the send to wind down. Used by `vmig remote send-migration` and `vmig demo`;
 it talks to VMMs only through `ApiClient`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -45,70 +49,111 @@ class _Send(threading.Thread):
         self.params = params
         self.summary: dict[str, Any] | None = None
         self.error: BaseException | None = None
+        # Waited on instead of join(): a join that Ctrl-C interrupts can leave the thread
+        # looking finished while it still runs (CPython before 3.13).
+        self.done = threading.Event()
 
     def run(self) -> None:
         try:
             self.summary = self.client.send_migration(**self.params)
         except BaseException as exc:  # handed to the caller's thread
             self.error = exc
+        finally:
+            self.done.set()
 
 
 def progress_detail(info: dict[str, Any]) -> str:
-    """One line of what the sender reports: iteration, bytes, throughput, expected downtime."""
-    parts = [f"iteration {info.get('iteration', 0)}",
-             f"{format_size(info.get('bytes_transferred', 0))} sent",
-             format_rate(info.get("throughput_bytes_per_s"))]
+    """One line: iteration, sent and left, rate, ETA, dirty rate, expected downtime."""
+    parts = [f"iteration {info.get('iterations') or 0}",
+             f"{format_size(info.get('bytes_transferred') or 0)} sent"]
+    remaining = info.get("bytes_remaining")
+    rate = info.get("bandwidth_bytes_per_s") or info.get("throughput_bytes_per_s")
+    if remaining is not None:
+        parts.append(f"{format_size(remaining)} left")
+    parts.append(format_rate(rate))
+    if remaining and rate:
+        parts.append(f"ETA {remaining / rate:.1f} s")
+    if info.get("dirty_rate_bytes_per_s"):
+        parts.append(f"dirtied {format_rate(info['dirty_rate_bytes_per_s'])}")
     expected = info.get("expected_downtime_ms")
-    if expected is not None:
+    if expected is not None and info.get("phase") == "precopy":
         parts.append(f"downtime ~{format_ms(expected)}")
     return " · ".join(parts)
 
 
-def send_with_progress(client: ApiClient, params: dict[str, Any], *, console: Console,
-                       on_poll: Callable[[dict[str, Any] | None], None] | None = None
-                       ) -> dict[str, Any]:
-    """Send the migration `params` describe while drawing its progress; return the summary.
+def send_and_watch(client: ApiClient, params: dict[str, Any], *,
+                   console: Console | None = None,
+                   on_poll: Callable[[dict[str, Any] | None], None] | None = None
+                   ) -> dict[str, Any]:
+    """Send the migration `params` describe; return the summary (status "completed" or
+    "cancelled").
 
-    `client` carries the blocking send; a second client on the same socket
-    polls vm.migration-info. `on_poll(info)` is called on every poll (info is
-    None until this migration shows up). Raises what the send raised (ApiError
-    with the VMM's one-line reason).
+    With a `console` a progress bar is drawn from vm.migration-info (polled on a
+    second API connection); `on_poll(info)` is called on every poll (None until this
+    migration shows up). Ctrl-C cancels the migration through the API and waits for
+    the send's answer. Raises what the send raised (ApiError with the VMM's reason).
     """
     send = _Send(client, params)
-    columns = (TextColumn("[bold]{task.description:<10}"), BarColumn(),
-               TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[detail]}"),
-               TimeElapsedColumn())
-    with ApiClient(client.socket_path, client.timeout) as watcher, \
-            Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("connecting", total=None, detail="")
+    with ApiClient(client.socket_path, client.timeout) as watcher:
         send.start()
-        while send.is_alive():
-            info = _active_info(watcher)
-            if on_poll is not None:
-                on_poll(info)
-            if info is not None:
-                memory = info.get("memory_bytes") or None
-                done = None if memory is None else memory - info.get("bytes_remaining", 0)
-                progress.update(task, description=info.get("phase", "?"), total=memory,
-                                completed=done, detail=progress_detail(info))
-            send.join(POLL_S)
-        if send.summary is not None:
-            progress.update(task, description="completed", total=1, completed=1,
-                            detail=progress_detail({
-                                "iteration": send.summary.get("iterations", 0),
-                                "bytes_transferred": send.summary.get("bytes_sent", 0),
-                                "throughput_bytes_per_s":
-                                    send.summary.get("throughput_bytes_per_s")}))
+        if console is None:
+            _wait(send, watcher, lambda: None, on_poll)
         else:
-            progress.update(task, description="failed")
+            _draw(send, watcher, console, on_poll)
     if send.error is not None:
         raise send.error
     assert send.summary is not None
     return send.summary
 
 
+def _wait(send: _Send, watcher: ApiClient, poll: Callable[[], None],
+          on_poll: Callable[[dict[str, Any] | None], None] | None) -> None:
+    cancelled = False
+    while not send.done.is_set():
+        try:
+            if on_poll is not None:
+                on_poll(_active_info(watcher))
+            poll()
+            send.done.wait(POLL_S)
+        except KeyboardInterrupt:
+            if cancelled:
+                raise
+            cancelled = True
+            # too late to cancel (or already over): the send's answer says how it ended
+            with contextlib.suppress(ApiError):
+                watcher.cancel_migration()
+
+
+def _draw(send: _Send, watcher: ApiClient, console: Console,
+          on_poll: Callable[[dict[str, Any] | None], None] | None) -> None:
+    columns = (TextColumn("[bold]{task.description:<11}"), BarColumn(),
+               TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[detail]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("connecting", total=None, detail="")
+
+        def poll() -> None:
+            info = _active_info(watcher)
+            if info is None:
+                return
+            done = info.get("bytes_transferred") or 0
+            remaining = info.get("bytes_remaining")
+            total = None if remaining is None else done + remaining
+            progress.update(task, description=info.get("phase", "?"), total=total or None,
+                            completed=done, detail=progress_detail(info))
+
+        _wait(send, watcher, poll, on_poll)
+        summary = send.summary
+        if summary is not None:
+            done = summary.get("bytes_transferred") or 0
+            progress.update(task, description=summary.get("status", "?"), total=done or 1,
+                            completed=done or 1, detail=progress_detail(summary))
+        else:
+            progress.update(task, description="failed")
+
+
 def _active_info(watcher: ApiClient) -> dict[str, Any] | None:
-    """The running migration's progress; None before it starts (or if the poll fails)."""
+    """The running migration's figures; None before it starts (or if the poll fails)."""
     try:
         info = watcher.migration_info()
     except ApiError:  # 404 before the first migration; a slow answer is no reason to stop
@@ -122,12 +167,19 @@ def summary_table(summary: dict[str, Any], title: str = "migration") -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("status", str(summary.get("status")))
+    if summary.get("error"):
+        table.add_row("reason", str(summary["error"]))
     table.add_row("connections", str(summary.get("connections")))
+    if summary.get("connections_lost"):
+        table.add_row("connections lost", str(summary["connections_lost"]))
     table.add_row("iterations", str(summary.get("iterations")))
-    table.add_row("memory sent", format_size(summary.get("bytes_sent", 0)))
-    table.add_row("total time", format_ms(summary.get("duration_ms")))
+    table.add_row("memory sent", format_size(summary.get("bytes_transferred") or 0))
+    table.add_row("total time", format_ms(summary.get("elapsed_ms")))
     table.add_row("throughput", format_rate(summary.get("throughput_bytes_per_s")))
-    table.add_row("downtime", format_ms(summary.get("downtime_ms")))
+    if summary.get("paused"):
+        table.add_row("downtime", "none: the VM was paused throughout, and stays paused")
+    else:
+        table.add_row("downtime", format_ms(summary.get("downtime_ms")))
     table.add_row("memory verified", "yes" if summary.get("memory_verified") else "no")
     if summary.get("local"):
         table.add_row("local (memory fd)", "yes")

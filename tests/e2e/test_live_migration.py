@@ -64,10 +64,10 @@ def test_live_migration_of_a_dirtying_guest(spawn_vmm: Spawn, tmp_path: Path, co
     assert summary["memory_verified"] is True and summary["local"] is local
     assert summary["warnings"] == []
     if local:
-        assert summary["bytes_sent"] == 0  # the memory fd was handed over, nothing copied
+        assert summary["bytes_transferred"] == 0  # the memory fd was handed over, nothing copied
     else:
-        assert summary["bytes_sent"] >= 32 << 20 and summary["iterations"] >= 2
-    assert summary["downtime_ms"] <= summary["duration_ms"]
+        assert summary["bytes_transferred"] >= 32 << 20 and summary["iterations"] >= 2
+    assert summary["downtime_ms"] <= summary["elapsed_ms"]
     assert source.client.info()["state"] == "migrated"
 
     after = destination.client.info()
@@ -81,8 +81,10 @@ def test_live_migration_of_a_dirtying_guest(spawn_vmm: Spawn, tmp_path: Path, co
     assert destination.client.check_guest(60)["ok"]
 
     for side, role in ((source, "send"), (destination, "receive")):
-        info = side.client.migration_info()
-        assert (info["active"], info["role"], info["phase"]) == (False, role, "completed")
+        # the receiver stays active until its threads are joined, just after the hand-over
+        info = wait_for(lambda s=side: (i := s.client.migration_info()) and not i["active"]
+                        and i, "the migration to wind down")
+        assert (info["role"], info["phase"], info["status"]) == (role, "completed", "completed")
         assert info["error"] is None
     if local:
         assert not (tmp_path / "migration.sock").exists()
@@ -106,7 +108,7 @@ def test_migration_info_and_vm_info_answer_during_a_migration(spawn_vmm: Spawn) 
     def in_later_iteration() -> dict[str, Any] | None:
         assert send.is_alive(), f"the send ended before it was seen in pre-copy: {send.outcome()}"
         info = migration_info_or_none(source.client)
-        if info and info["active"] and info["phase"] == "precopy" and info["iteration"] >= 1:
+        if info and info["active"] and info["phase"] == "precopy" and info["iterations"] >= 1:
             return info
         return None
 
@@ -315,11 +317,16 @@ def test_stopping_the_source_vmm_interrupts_its_send(spawn_vmm: Spawn, how: str)
     assert source.proc.wait(20) == 0
     assert time.monotonic() - began < 10  # not the 30 s pre-copy timeout
     assert "Traceback" not in source.stderr_text()
-    with pytest.raises(ApiError):
-        send.outcome()
+    try:  # the answer may or may not make it out before the server stops
+        summary = send.outcome()
+    except ApiError:
+        pass
+    else:
+        assert summary["status"] == "cancelled"
+        assert summary["error"] == "migration cancelled: the VMM is shutting down"
     info = wait_for(lambda: (i := destination.client.info())["state"] == "empty" and i,
                     "the destination to give up")
-    assert info["last_error"]
+    assert "cancelled: the VMM is shutting down" in info["last_error"]
 
 
 def test_sigterm_cancels_receiving(spawn_vmm: Spawn) -> None:

@@ -107,6 +107,15 @@ def test_create_with_a_bad_size(spawn_vmm: Any) -> None:
     assert message.startswith("bad memory size 'big'")
 
 
+def test_create_with_an_unusable_serial_log_is_a_client_error(spawn_vmm: Any,
+                                                              tmp_path: Path) -> None:
+    vmm = spawn_vmm()
+    path = tmp_path / "no-such-dir" / "serial.log"
+    message = expect_error(400, vmm.client.create, memory="64M", serial_log=str(path))
+    assert message == f"serial_log: cannot open {path}: No such file or directory"
+    assert vmm.client.info() == {"state": "empty"}
+
+
 def test_restore_of_a_missing_snapshot(spawn_vmm: Any, tmp_path: Path) -> None:
     vmm = spawn_vmm()
     message = expect_error(400, vmm.client.restore, str(tmp_path))

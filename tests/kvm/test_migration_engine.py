@@ -12,11 +12,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from vmig.config import VmConfig
-from vmig.errors import ConfigError, MigrationError
+from vmig.errors import ConfigError, MigrationError, StateError
+from vmig.migration.digest import BackgroundDigest
 from vmig.migration.params import ReceiveParams, SendParams
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
@@ -124,9 +126,9 @@ def test_migrates_dirtying_guest_over_tcp(source, connections):
     assert outcome.done.wait(10)
     receiver.close()
     assert outcome.error is None
-    assert summary.status == "completed" and summary.connections == connections
-    assert summary.memory_verified and summary.iterations >= 1
-    assert summary.bytes_sent >= source.config.working_set_bytes  # holes are skipped
+    assert summary["status"] == "completed" and summary["connections"] == connections
+    assert summary["memory_verified"] and summary["iterations"] >= 1
+    assert summary["bytes_transferred"] >= source.config.working_set_bytes  # holes are skipped
     assert source.state is VmState.MIGRATED
     with outcome.machine as destination:
         assert destination.state is VmState.RUNNING
@@ -147,7 +149,7 @@ def test_local_migration_passes_memory_fd(source, tmp_path):
     summary = MigrationSender(source, _send(url, local=True, verify_memory=True)).run()
     assert outcome.done.wait(10)
     receiver.close()
-    assert summary.local and summary.bytes_sent == 0
+    assert summary["local"] and summary["bytes_transferred"] == 0
     with outcome.machine as destination:
         assert destination.check_guest()["ok"]
     assert not (tmp_path / "mig.sock").exists()
@@ -203,8 +205,8 @@ def test_timeout_with_cancel_keeps_source_running():
     with Machine.boot(config) as machine:
         receiver, outcome, url = _receiver()
         params = _send(url, downtime_ms=0, timeout_s=0.05)
-        with pytest.raises(MigrationError, match="cancel"):
-            MigrationSender(machine, params).run()
+        summary = MigrationSender(machine, params).run()
+        assert summary["status"] == "cancelled" and "timeout strategy cancel" in summary["error"]
         assert outcome.done.wait(10)
         receiver.close()
         assert "abandoned" in outcome.error
@@ -221,7 +223,7 @@ def test_timeout_with_ignore_converges_anyway():
         summary = MigrationSender(machine, params).run()
         assert outcome.done.wait(10)
         receiver.close()
-        assert summary.status == "completed"
+        assert summary["status"] == "completed"
         with outcome.machine as destination:
             assert destination.check_guest()["ok"]
 
@@ -290,12 +292,32 @@ def test_no_extra_connection_accepted_continues_on_one_and_says_so(source):
     summary = MigrationSender(source, _send(url, connections=4)).run()
     assert outcome.done.wait(10)
     receiver.close()
-    assert summary.status == "completed" and summary.connections == 1
-    assert len(summary.warnings) == 1
-    assert "could not open any of 3 extra connections" in summary.warnings[0]
-    assert "continuing on one connection" in summary.warnings[0]
+    assert summary["status"] == "completed" and summary["connections"] == 1
+    assert len(summary["warnings"]) == 1
+    assert "could not open any of 3 extra connections" in summary["warnings"][0]
+    assert "continuing on one connection" in summary["warnings"][0]
     with outcome.machine as destination:
         assert destination.check_guest()["ok"]
+
+
+def _destination_until_complete(listener: socket.socket, at_complete: Callable[[], None]) -> None:
+    """A minimal destination from the real protocol core and channel: it accepts every
+    request, then, at COMPLETE, calls `at_complete()` and leaves without an answer."""
+    sock, _ = listener.accept()
+    channel = receive_handshake(PlainStream(sock, "source"), token=KEY,
+                                admit=lambda hello: None)
+    memory = bytearray()
+    while True:
+        event = channel.next_request()
+        if isinstance(event, Complete):
+            at_complete()
+            channel.close()  # gone without an answer
+            return
+        if isinstance(event, Config):
+            memory = bytearray(json.loads(event.data)["vm"]["memory_bytes"])
+        if isinstance(event, MemoryRequest):
+            channel.receive_payload([memoryview(memory)[g:g + n] for g, n in event.ranges])
+        channel.accept()
 
 
 def test_unanswered_complete_leaves_the_source_paused(source):
@@ -307,23 +329,7 @@ def test_unanswered_complete_leaves_the_source_paused(source):
     listener = socket.create_server(("127.0.0.1", 0))
     url = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
 
-    def vanishing_destination() -> None:
-        sock, _ = listener.accept()
-        channel = receive_handshake(PlainStream(sock, "source"), token=KEY,
-                                    admit=lambda hello: None)
-        memory = bytearray()
-        while True:
-            event = channel.next_request()
-            if isinstance(event, Complete):
-                channel.close()  # gone without an answer
-                return
-            if isinstance(event, Config):
-                memory = bytearray(json.loads(event.data)["vm"]["memory_bytes"])
-            if isinstance(event, MemoryRequest):
-                channel.receive_payload([memoryview(memory)[g:g + n] for g, n in event.ranges])
-            channel.accept()
-
-    peer = threading.Thread(target=vanishing_destination)
+    peer = threading.Thread(target=_destination_until_complete, args=(listener, lambda: None))
     peer.start()
     with pytest.raises(MigrationError, match="source stays paused"):
         MigrationSender(source, _send(url)).run()
@@ -332,3 +338,87 @@ def test_unanswered_complete_leaves_the_source_paused(source):
     assert source.state is VmState.PAUSED and source.busy is None
     source.resume()  # the user decides; here nothing runs the guest, so resume it
     assert source.check_guest()["ok"]
+
+
+# --- the switch-over's failures: exactly one running VM -------------------------------------
+
+
+def test_a_digest_mismatch_is_never_resumed_and_the_source_runs_on(source, monkeypatch):
+    """The destination must refuse to resume memory that differs from the source's."""
+    _, outcome, url = _receiver()
+
+    class LyingDigest(BackgroundDigest):
+        def result(self) -> str:
+            super().result()
+            return "00" * 32
+
+    monkeypatch.setattr("vmig.migration.sender.BackgroundDigest", LyingDigest)  # the source's
+    with pytest.raises(MigrationError, match="memory verification failed"):
+        MigrationSender(source, _send(url, connections=2, verify_memory=True)).run()
+    assert outcome.done.wait(10)
+    assert outcome.machine is None and "memory verification failed" in outcome.error
+    assert source.state is VmState.RUNNING and source.busy is None  # resumed after the pause
+    assert source.check_guest()["ok"]
+
+
+def test_a_failed_switch_over_resumes_the_paused_source(source, monkeypatch):
+    _, outcome, url = _receiver()
+
+    def refuse(*args, **kwargs):
+        raise MigrationError("the destination cannot build the VM")
+
+    monkeypatch.setattr(Machine, "restore", refuse)  # the destination's STATE step fails
+    with pytest.raises(MigrationError, match="rejected STATE: the destination cannot build"):
+        MigrationSender(source, _send(url, connections=2)).run()
+    assert outcome.done.wait(10)
+    assert outcome.machine is None
+    assert source.state is VmState.RUNNING and source.busy is None
+    before = source.guest_counters()["heartbeat"]
+    time.sleep(0.2)
+    assert source.guest_counters()["heartbeat"] > before  # really running again
+    assert source.check_guest()["ok"]
+
+
+def test_cancel_is_refused_once_complete_is_sent(source):
+    """A destination that takes COMPLETE and holds its answer: cancel says why it cannot."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+    got_complete = threading.Event()
+    release = threading.Event()
+
+    def at_complete() -> None:
+        got_complete.set()
+        release.wait(20)
+
+    peer = threading.Thread(target=_destination_until_complete, args=(listener, at_complete))
+    peer.start()
+    sender = MigrationSender(source, _send(url))
+    result: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            sender.run()
+        except MigrationError as exc:
+            result.append(exc)
+
+    run = threading.Thread(target=send)
+    run.start()
+    assert got_complete.wait(20)
+    with pytest.raises(StateError, match="passed its point of no return"):
+        sender.cancel()
+    release.set()
+    run.join(20)
+    peer.join(10)
+    listener.close()
+    assert "source stays paused" in str(result[0])
+    assert source.state is VmState.PAUSED
+    source.resume()  # the operator's call: here nothing runs the guest
+
+
+def test_the_receiver_refuses_a_cancel_after_the_hand_over(source):
+    receiver, outcome, url = _receiver()
+    MigrationSender(source, _send(url)).run()
+    assert outcome.done.wait(10)
+    with pytest.raises(StateError, match="point of no return"):
+        receiver.cancel()
+    outcome.machine.close()

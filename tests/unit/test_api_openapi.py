@@ -13,6 +13,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 
 ROUTES = {
     ("get", "/api/v1/vmm.ping"),
+    ("get", "/api/v1/vmm.resources"),
     ("put", "/api/v1/vmm.shutdown"),
     ("get", "/api/v1/vm.info"),
     ("put", "/api/v1/vm.create"),
@@ -24,6 +25,7 @@ ROUTES = {
     ("put", "/api/v1/vm.check-guest"),
     ("put", "/api/v1/vm.receive-migration"),
     ("put", "/api/v1/vm.send-migration"),
+    ("put", "/api/v1/vm.cancel-migration"),
     ("get", "/api/v1/vm.migration-info"),
 }
 

@@ -3,6 +3,7 @@
 Routes (all under /api/v1)::
 
     GET  vmm.ping          who is there (version, pid)
+    GET  vmm.resources     fds, threads and TCP listeners of the VMM process
     PUT  vmm.shutdown      reply 204, then stop serving; the VM is shut down with the VMM
     GET  vm.info           state and counters; state "empty" when there is no VM
     PUT  vm.create         build and boot a VM               -> VmInfo
@@ -11,6 +12,7 @@ Routes (all under /api/v1)::
     PUT  vm.check-guest    the guest verifies its working set -> CheckResult
     PUT  vm.receive-migration  listen for an incoming migration (empty VMM) -> receiver_url
     PUT  vm.send-migration     live-migrate the VM; blocks until done -> MigrationSummary
+    PUT  vm.cancel-migration   cancel the running migration, on either side -> MigrationInfo
     GET  vm.migration-info     progress of the running (or last) migration -> MigrationInfo
 
 Handlers are plain functions: FastAPI runs them in its thread pool, since VM
@@ -46,12 +48,14 @@ from vmig.api.models import (
     PingResponse,
     ReceiveMigrationRequest,
     ReceiveMigrationResponse,
+    ResourcesResponse,
     RestoreRequest,
     SendMigrationRequest,
     SnapshotRequest,
     VmCreateRequest,
     VmInfo,
 )
+from vmig.api.resources import process_resources
 from vmig.errors import (
     ConfigError,
     GuestMemoryError,
@@ -181,6 +185,11 @@ def _routes(vmm: Vmm) -> APIRouter:
     def vmm_ping() -> PingResponse:
         return PingResponse(version=__version__, pid=os.getpid())
 
+    @router.get("/vmm.resources", tags=["vmm"], response_model=ResourcesResponse,
+                summary="File descriptors, threads and TCP listeners this VMM process holds")
+    def vmm_resources() -> dict[str, Any]:
+        return process_resources()
+
     @router.put("/vmm.shutdown", tags=["vmm"], status_code=204, response_class=Response,
                 summary="Stop the VMM process (after replying); its VM is shut down")
     def vmm_shutdown() -> Response:
@@ -240,6 +249,12 @@ def _routes(vmm: Vmm) -> APIRouter:
                         "runs it (500: failed, the VM keeps running here)")
     def vm_send_migration(body: SendMigrationRequest) -> dict[str, Any]:
         return vmm.send_migration(body.to_params())
+
+    @router.put("/vm.cancel-migration", tags=["migration"], response_model=MigrationInfo,
+                summary="Cancel the running migration, on either side (409 when none runs, or "
+                        "once COMPLETE was sent); answers its figures once it has ended")
+    def vm_cancel_migration() -> dict[str, Any]:
+        return vmm.cancel_migration()
 
     @router.get("/vm.migration-info", tags=["migration"], response_model=MigrationInfo,
                 responses={404: {"model": ErrorBody,

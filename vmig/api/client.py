@@ -38,6 +38,10 @@ class ApiClient:
         """{"version", "pid"} of the VMM."""
         return self._request("GET", "vmm.ping")
 
+    def resources(self) -> dict[str, Any]:
+        """fds, threads and TCP listeners of the VMM process."""
+        return self._request("GET", "vmm.resources")
+
     def shutdown_vmm(self) -> None:
         """Ask the VMM process to shut its VM down and exit."""
         self._request("PUT", "vmm.shutdown")
@@ -101,6 +105,11 @@ class ApiClient:
         precopy = float(timeout_s) if isinstance(timeout_s, int | float) else SEND_TIMEOUT_S
         return self._request("PUT", "vm.send-migration", body,
                              timeout=precopy + self.long_timeout)
+
+    def cancel_migration(self) -> dict[str, Any]:
+        """Cancel the running migration on this side; its figures once it ended (409 when
+        none runs, or when it is past the point of no return)."""
+        return self._request("PUT", "vm.cancel-migration", timeout=self.long_timeout)
 
     def migration_info(self) -> dict[str, Any]:
         """Progress of the running (or last) migration, with "active"; 404 if none ran."""

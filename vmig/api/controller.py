@@ -19,6 +19,7 @@ command.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -26,8 +27,8 @@ from typing import Any
 
 from vmig.config import VmConfig
 from vmig.errors import ConfigError, GuestMemoryError, StateError, TransportError
+from vmig.migration.metrics import MigrationMetrics
 from vmig.migration.params import ReceiveParams, SendParams
-from vmig.migration.progress import MigrationProgress
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
 from vmig.transport.address import dialable
@@ -41,6 +42,7 @@ EMPTY = "empty"  # the `state` vm.info reports when there is no VM
 RECEIVING = "receiving"  # ... and when there is none yet because one is being received
 CLOSE_WAIT_S = 5.0  # how long close() waits for a running command before stopping the VM
 SEND_ABORT_POLL_S = 0.1  # close(): how often a send that is still connecting is interrupted
+CANCEL_WAIT_S = 10.0  # vm.cancel-migration waits this long for the migration to wind down
 
 # A VM in one of these states is over: creating, restoring or receiving replaces it.
 _FINISHED = (VmState.SHUTDOWN, VmState.FAILED, VmState.MIGRATED)
@@ -65,7 +67,7 @@ class Vmm:
         self._send_done.set()
         self._receiver: MigrationReceiver | None = None  # the last receiver started
         self._receiving = False  # _receiver has not reported its outcome yet
-        self._progress: MigrationProgress | None = None  # the running or the last migration
+        self._metrics: MigrationMetrics | None = None  # the running or the last migration
         self._last_error: str | None = None  # why the last incoming migration gave no VM
 
     @staticmethod
@@ -193,7 +195,7 @@ class Vmm:
                     raise ConfigError(f"prealloc: {exc}") from None
                 raise
             with self._mig_lock:
-                self._progress = receiver.progress
+                self._metrics = receiver.metrics
                 self._last_error = None
         url, hosts = dialable(address)
         for warning in resolved.warnings:
@@ -235,37 +237,60 @@ class Vmm:
             if machine.state not in (VmState.RUNNING, VmState.PAUSED):
                 raise StateError(f"cannot send a migration: VM is {machine.state.value}, it "
                                  "must be running or paused")
-            progress = MigrationProgress("send")
-            sender = MigrationSender(machine, resolved, progress)
+            metrics = MigrationMetrics("send")
+            sender = MigrationSender(machine, resolved, metrics)
             with self._mig_lock:
-                self._sender, self._progress = sender, progress
+                self._sender, self._metrics = sender, metrics
                 self._send_done.clear()
         log.info("sending the VM to %s over %d connection(s)", params.destination_url,
                  params.connections)
         try:
-            summary = sender.run()
+            return sender.run()
         finally:
             with self._mig_lock:
                 self._sender = None
                 self._send_done.set()
-        return summary.to_dict()
 
     def migration_info(self) -> dict[str, Any] | None:
-        """The running (or last) migration's progress plus "active"; None if none ever ran."""
+        """The running (or last) migration's figures plus "active"; None if none ever ran."""
         with self._mig_lock:
-            progress = self._progress
-            active = self._sender is not None or self._receiving
-        if progress is None:
+            metrics = self._metrics
+            receiver = self._receiver
+            # A receiver is active until its threads are joined, after the hand-over too.
+            active = self._sender is not None or self._receiving or (
+                receiver is not None and receiver.metrics is metrics and not receiver.finished)
+        if metrics is None:
             return None
-        data = progress.snapshot()
-        data["active"] = active
-        return data
+        return {**metrics.view(), "active": active}
+
+    def cancel_migration(self, reason: str = "cancelled by the operator") -> dict[str, Any]:
+        """Cancel the running migration, on either side; return its figures once it ended.
+
+        Before the switch-over's point of no return the source keeps (or resumes) its VM
+        and the destination discards what it received and is empty again. StateError
+        when no migration runs, or when it is past that point.
+        """
+        with self._mig_lock:
+            sender, receiver = self._sender, self._receiver if self._receiving else None
+            done = self._send_done
+        if sender is not None:
+            sender.cancel(reason)
+            done.wait(CANCEL_WAIT_S)
+        elif receiver is not None:
+            receiver.cancel(reason)
+            receiver.wait(CANCEL_WAIT_S)
+        else:
+            raise StateError("cannot cancel: no migration is running")
+        info = self.migration_info()
+        assert info is not None
+        return info
 
     def _interrupt_send(self) -> None:
         """Make a running send fail fast (it abandons and resumes the VM); never blocks."""
         sender = self._sender  # no lock: this runs from a signal handler too
         if sender is not None:
-            sender.cancel("the VMM is shutting down")
+            with contextlib.suppress(StateError):  # past the point of no return: let it end
+                sender.cancel("the VMM is shutting down")
 
     # --- the process ------------------------------------------------------------------------
 

@@ -337,66 +337,103 @@ SendMigrationRequest = create_model(
     **{p.name: _param_field(p) for p in SEND_PARAMETERS})
 
 
+class ConnectionFigures(BaseModel):
+    """What went over one connection (QEMU's multifd counters)."""
+
+    index: int = Field(description="0 is MAIN; MEMORY connections follow.")
+    role: str = Field(description="`main` or `memory`.")
+    bytes: int = Field(description="Page bytes acknowledged on this connection.")
+    chunks: int = Field(description="MEMORY requests acknowledged on this connection.")
+    lost: str | None = Field(None, description="Why the connection was lost mid-migration.")
+
+
 class MigrationSummary(BaseModel):
-    """What `vm.send-migration` answers once the destination runs the VM."""
+    """A migration's figures: `vm.send-migration`'s answer, and `vm.migration-info`.
+
+    Both are views of the one metrics object of the migration. Rates: throughput is
+    bytes transferred over the whole elapsed time; bandwidth is the send rate the
+    pre-copy policy measures per iteration. Figures a side cannot know are null.
+    """
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
-        {"status": "completed", "connections": 4, "iterations": 3, "bytes_sent": 140509184,
-         "duration_ms": 412.5, "downtime_ms": 38.2, "throughput_bytes_per_s": 340628310,
-         "memory_verified": True, "local": False, "warnings": []},
+        {"role": "send", "status": "completed", "phase": "completed",
+         "migration_id": "5d0b8a2f9c4e4f6e8a1b3c7d2e9f0a11", "peer": "tcp:192.0.2.8:7000",
+         "local": False, "elapsed_ms": 412.5, "setup_ms": 21.7, "downtime_ms": 12.2,
+         "expected_downtime_ms": 9.8, "paused": False, "memory_bytes": 268435456,
+         "data_bytes": 67108864, "bytes_transferred": 140509184, "bytes_remaining": 0,
+         "precopy_bytes": 138412032, "switchover_bytes": 2097152, "normal_pages": 34304,
+         "zero_pages": 0, "pages_per_s": 83161, "iterations": 3,
+         "throughput_bytes_per_s": 340628310, "bandwidth_bytes_per_s": 1350000000,
+         "dirty_rate_bytes_per_s": 81920000, "connections": 4, "connections_lost": 0,
+         "per_connection": [{"index": 0, "role": "main", "bytes": 35127296, "chunks": 3,
+                             "lost": None}],
+         "memory_verified": True, "heartbeat_at_pause": 25842, "receiver_state": None,
+         "warnings": [], "error": None},
     ]})
 
-    status: str = Field(description="`completed`.")
-    connections: int = Field(description="Connections the memory went over.")
-    iterations: int = Field(description="Memory passes sent: the pre-copy iterations plus "
-                            "the final one while paused (0 with `local`).")
-    bytes_sent: int = Field(description="Guest memory bytes sent (0 with `local`).")
-    duration_ms: float = Field(description="From the first connection to the destination's "
-                               "last acknowledgement.")
-    downtime_ms: float = Field(description="How long the VM was paused here before the "
-                               "destination acknowledged COMPLETE.")
-    throughput_bytes_per_s: float = Field(description="`bytes_sent` / `duration_ms`.")
-    memory_verified: bool = Field(False, description="Both sides' memory digests matched.")
+    role: str = Field(description="`send` (this VMM is the source) or `receive`.")
+    status: str = Field(description="As QEMU's query-migrate: `setup`, `active`, "
+                        "`completed`, `cancelled` or `failed`.")
+    phase: str = Field(description="Sender: `connecting`, `precopy`, `switchover` (guest "
+                       "paused), `completing` (COMPLETE sent: no cancel any more); receiver: "
+                       "`listening`, `receiving`; both: `completed`, `cancelled`, `failed`.")
+    migration_id: str | None = Field(None, description="The migration's random id (hex), the "
+                                     "same on both sides; null while listening.")
+    peer: str | None = Field(None, description="The destination's URL (sender) or the "
+                             "source's address (receiver).")
     local: bool = Field(False, description="Memory was handed over by file descriptor.")
+    elapsed_ms: float = Field(description="Since the migration began (receiver: since the "
+                              "source's MAIN connection was admitted); stops at the end.")
+    setup_ms: float | None = Field(None, description="Until the first memory was "
+                                   "acknowledged (connections, handshakes, START, CONFIG).")
+    downtime_ms: float | None = Field(None, description="Sender: from pausing the guest to "
+                                      "the destination's acknowledgement of COMPLETE; null "
+                                      "when the guest was paused throughout, or not reached.")
+    expected_downtime_ms: float | None = Field(None, description="The pause a switch-over "
+                                               "now would take (last pages + fixed costs).")
+    paused: bool = Field(False, description="The VM was paused when the migration began and "
+                         "stays paused at the destination (no guest downtime).")
+    memory_bytes: int = Field(description="Guest RAM being migrated (0 until known).")
+    data_bytes: int | None = Field(None, description="Sender: guest memory that held data "
+                                   "when the migration began (what the first pass sends).")
+    bytes_transferred: int = Field(description="Guest memory bytes acknowledged so far.")
+    bytes_remaining: int | None = Field(None, description="Sender: bytes left in the current "
+                                        "pass (data, then dirty pages).")
+    precopy_bytes: int = Field(0, description="Bytes sent while the guest ran.")
+    switchover_bytes: int = Field(0, description="Bytes sent while it was paused.")
+    normal_pages: int = Field(0, description="Pages transferred with their bytes.")
+    zero_pages: int = Field(0, description="Pages skipped or sent as zero ranges (QEMU's "
+                            "`duplicate`).")
+    pages_per_s: float | None = Field(None, description="normal_pages / elapsed time.")
+    iterations: int | None = Field(None, description="Sender: memory passes sent (pre-copy "
+                                   "iterations plus the final one); null on the receiver.")
+    throughput_bytes_per_s: float | None = Field(None, description="bytes_transferred / "
+                                                 "elapsed time.")
+    bandwidth_bytes_per_s: float | None = Field(None, description="Sender: the send rate "
+                                                "measured per iteration (smoothed).")
+    dirty_rate_bytes_per_s: float | None = Field(None, description="Sender: how fast the "
+                                                 "guest dirties memory.")
+    connections: int = Field(description="Connections the migration opened.")
+    connections_lost: int = Field(0, description="Data connections lost mid-migration (their "
+                                  "chunks went over the others).")
+    per_connection: list[ConnectionFigures] = Field(
+        default_factory=list, description="Bytes and chunks per connection (MAIN first).")
+    memory_verified: bool = Field(False, description="Both sides' memory digests matched.")
     heartbeat_at_pause: int | None = Field(None, description="The guest's heartbeat when the "
                                            "source paused it; the destination goes on from it.")
+    receiver_state: str | None = Field(None, description="Receiver: the protocol state of the "
+                                       "main connection.")
     warnings: list[str] = Field(default_factory=list, description="Things that went less well "
-                                "than asked (e.g. fewer connections).")
+                                "than asked (fewer connections, a lost connection, a downtime "
+                                "over the budget).")
+    error: str | None = Field(None, description="Why it failed or was cancelled.")
 
 
-class MigrationInfo(BaseModel):
-    """Progress of the running migration, or the outcome of the last one."""
+class MigrationInfo(MigrationSummary):
+    """Progress of the running migration, or the final figures of the last one."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
-        {"active": True, "role": "send", "phase": "precopy", "iteration": 2,
-         "elapsed_s": 0.412, "memory_bytes": 268435456, "bytes_transferred": 281018368,
-         "bytes_remaining": 5242880, "dirty_rate_bytes_per_s": 81920000,
-         "throughput_bytes_per_s": 1350000000, "expected_downtime_ms": 3.9, "connections": 4,
-         "receiver_state": None, "error": None, "warnings": []},
-    ]})
-
-    active: bool = Field(description="A migration is running now; false: this is the last "
-                         "one's final state.")
-    role: str = Field(description="`send` (this VMM is the source) or `receive`.")
-    phase: str = Field(description="`connecting`, `precopy`, `downtime` (sender); `listening`, "
-                       "`receiving` (receiver); `completed` or `failed` (both).")
-    iteration: int = Field(description="Pre-copy iterations sent so far.")
-    elapsed_s: float = Field(description="Seconds since the migration started (receiver: "
-                             "since it started listening).")
-    memory_bytes: int = Field(description="Guest RAM being migrated (0 until known).")
-    bytes_transferred: int = Field(description="Guest memory bytes acknowledged so far.")
-    bytes_remaining: int = Field(description="Bytes left in the current pass (dirty pages).")
-    dirty_rate_bytes_per_s: float = Field(description="How fast the guest dirties memory.")
-    throughput_bytes_per_s: float = Field(description="Measured send rate.")
-    expected_downtime_ms: float | None = Field(description="Pause the pages left would need "
-                                               "at the measured rate; null until measured.")
-    connections: int = Field(description="Connections in use.")
-    migration_id: str | None = Field(None, description="The migration's random id (hex), "
-                                     "the same on both sides; null while listening.")
-    receiver_state: str | None = Field(description="Receiver: the protocol state of the main "
-                                       "connection; null on the sender.")
-    error: str | None = Field(description="Why the migration failed (phase `failed`).")
-    warnings: list[str] = Field(description="Things that went less well than asked.")
+    active: bool = Field(description="A migration is running now; false: these are the last "
+                         "one's final figures.")
 
 
 class ErrorBody(BaseModel):
@@ -407,6 +444,23 @@ class ErrorBody(BaseModel):
     ]})
 
     error: str = Field(description="What went wrong, in one line.")
+
+
+class ResourcesResponse(BaseModel):
+    """What the VMM process holds: after a migration ends, nothing of it should be left."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"pid": 4242, "fds": {"total": 21, "tcp": 0, "unix": 3, "other": 18},
+         "threads": {"total": 5, "vcpu": 2, "migrate": 0, "other": 3}, "tcp_listeners": 0},
+    ]})
+
+    pid: int = Field(description="Process id of the VMM.")
+    fds: dict[str, int] = Field(description="Open file descriptors: `total`, and by kind: "
+                                "`tcp` sockets (migration), `unix` sockets (the API), "
+                                "`other` (guest memory, KVM, files).")
+    threads: dict[str, int] = Field(description="Threads: `total`, `vcpu`, `migrate` (a "
+                                    "migration's), `other`.")
+    tcp_listeners: int = Field(description="Listening TCP sockets (a migration receiver's).")
 
 
 class PingResponse(BaseModel):

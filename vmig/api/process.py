@@ -38,14 +38,16 @@ class VmmProcess:
     @classmethod
     def start(cls, socket_path: str, args: Sequence[str] = (), *, stderr_path: str,
               ready_timeout: float = READY_TIMEOUT_S, client_timeout: float = 30.0,
-              env: dict[str, str] | None = None) -> VmmProcess:
+              env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> VmmProcess:
         """Start `python -m vmig vmm --api-socket SOCKET ARGS...` and wait until it answers ping.
 
+        `prefix` runs it through another command (e.g. ``ip netns exec NAME``).
         stderr goes to `stderr_path`. Raises VmmUnreachableError (with the
         child's last stderr line) if it exits first or does not answer in time;
         the child is killed in that case.
         """
-        command = [sys.executable, "-m", "vmig", "vmm", "--api-socket", socket_path, *args]
+        command = [*prefix, sys.executable, "-m", "vmig", "vmm", "--api-socket", socket_path,
+                   *args]
         with open(stderr_path, "wb") as stderr:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=stderr, env=env)

@@ -15,12 +15,16 @@ from enum import Enum
 from vmig.errors import ConfigError
 
 __all__ = [
+    "CANCELLABLE",
     "DEFAULT_SMOOTHING",
+    "SEND_TRANSITIONS",
     "Decision",
     "MemoryMigrationStats",
+    "SendPhase",
     "TimeoutStrategy",
     "decide",
     "decide_with_reason",
+    "next_send_phase",
 ]
 
 #: Weight of the newest sample in the bandwidth and dirty-rate averages. 0.5
@@ -36,6 +40,43 @@ class TimeoutStrategy(Enum):
     CANCEL = "cancel"
     #: Switch over anyway and accept a downtime above the budget.
     IGNORE = "ignore"
+
+
+class SendPhase(Enum):
+    """The sender's phases (one explicit phase instead of flags)."""
+
+    CONNECTING = "connecting"  #: connections, handshake, START, CONFIG
+    PRECOPY = "precopy"  #: copying memory while the guest runs
+    SWITCHOVER = "switchover"  #: guest paused by the migration (if it ran): last pages, STATE
+    COMPLETING = "completing"  #: COMPLETE sent: the point of no return
+    COMPLETED = "completed"  #: the destination acknowledged COMPLETE
+    CANCELLED = "cancelled"  #: cancelled on either side before the point of no return
+    FAILED = "failed"  #: failed; the source runs again (or stays paused if in doubt)
+
+
+#: phase -> the phases it may move to. Cancel and failure are transitions too.
+SEND_TRANSITIONS: dict[SendPhase, frozenset[SendPhase]] = {
+    SendPhase.CONNECTING: frozenset({SendPhase.PRECOPY, SendPhase.SWITCHOVER,
+                                     SendPhase.CANCELLED, SendPhase.FAILED}),
+    SendPhase.PRECOPY: frozenset({SendPhase.SWITCHOVER, SendPhase.CANCELLED,
+                                  SendPhase.FAILED}),
+    SendPhase.SWITCHOVER: frozenset({SendPhase.COMPLETING, SendPhase.CANCELLED,
+                                     SendPhase.FAILED}),
+    SendPhase.COMPLETING: frozenset({SendPhase.COMPLETED, SendPhase.FAILED}),
+    SendPhase.COMPLETED: frozenset(),
+    SendPhase.CANCELLED: frozenset(),
+    SendPhase.FAILED: frozenset(),
+}
+
+#: Phases a cancel may interrupt: before COMPLETE is sent, the source can run again.
+CANCELLABLE = frozenset({SendPhase.CONNECTING, SendPhase.PRECOPY, SendPhase.SWITCHOVER})
+
+
+def next_send_phase(current: SendPhase, wanted: SendPhase) -> SendPhase:
+    """`wanted` if SEND_TRANSITIONS allows it from `current`; ValueError otherwise."""
+    if wanted not in SEND_TRANSITIONS[current]:
+        raise ValueError(f"a sender cannot go from {current.value} to {wanted.value}")
+    return wanted
 
 
 class Decision(Enum):
@@ -70,6 +111,9 @@ class MemoryMigrationStats:
     bandwidth_bytes_per_s: float = 0.0
     #: How fast the guest dirties memory while an iteration is sent.
     dirty_rate_bytes_per_s: float = 0.0
+    #: What the pause costs besides the last pages: STATE and COMPLETE round trips, the
+    #: memory digests when they are verified. Set by the sender from what it measured.
+    switchover_overhead_ms: float = 0.0
     smoothing: float = DEFAULT_SMOOTHING
 
     def __post_init__(self) -> None:
@@ -77,7 +121,7 @@ class MemoryMigrationStats:
             raise ConfigError(f"smoothing must be in (0, 1], not {self.smoothing}")
 
     @property
-    def expected_downtime_ms(self) -> float:
+    def page_transfer_ms(self) -> float:
         """Time to send `remaining_bytes` at the measured bandwidth, in ms.
 
         0.0 when nothing is dirty; infinity while no bandwidth has been measured.
@@ -87,6 +131,11 @@ class MemoryMigrationStats:
         if self.bandwidth_bytes_per_s <= 0.0:
             return math.inf
         return self.remaining_bytes / self.bandwidth_bytes_per_s * 1000.0
+
+    @property
+    def expected_downtime_ms(self) -> float:
+        """The pause a switch-over now would take: the last pages plus the fixed costs."""
+        return self.page_transfer_ms + self.switchover_overhead_ms
 
     def elapsed(self, now: float) -> float:
         """Seconds since `started_at` on the caller's clock."""
@@ -151,6 +200,14 @@ def decide_with_reason(
         return Decision.CONVERGE, (
             f"expected downtime {expected:.1f} ms is within the {downtime_ms:g} ms budget"
         )
+    overhead = stats.switchover_overhead_ms
+    if overhead >= downtime_ms and stats.page_transfer_ms <= downtime_ms:
+        # The fixed costs alone break the budget: waiting longer cannot meet it.
+        return Decision.CONVERGE, (
+            f"the switch-over's fixed cost (~{overhead:.0f} ms) alone exceeds the "
+            f"{downtime_ms:g} ms budget, and the pages left fit in it "
+            f"({stats.page_transfer_ms:.1f} ms)"
+        )
     elapsed = stats.elapsed(now)
     if elapsed >= timeout_s:
         why = f"pre-copy ran {elapsed:.1f} s, reaching the {timeout_s:g} s timeout"
@@ -177,7 +234,10 @@ def decide(
 
     0. no iteration sent yet -> CONTINUE (the first one copies all of memory);
     1. nothing dirty (``remaining_bytes == 0``) -> CONVERGE;
-    2. ``expected_downtime_ms <= downtime_ms`` -> CONVERGE;
+    2. ``expected_downtime_ms <= downtime_ms`` -> CONVERGE (the last pages at the
+       measured bandwidth plus the switch-over's fixed costs);
+    2b. the fixed costs alone exceed the budget and the last pages fit in it ->
+       CONVERGE (waiting cannot meet the budget; the summary reports the overrun);
     3. ``now - started_at >= timeout_s``, or ``iteration >= max_iterations`` when
        given -> ABORT for TimeoutStrategy.CANCEL, CONVERGE for IGNORE;
     4. otherwise -> CONTINUE.

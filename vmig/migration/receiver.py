@@ -21,28 +21,33 @@ thread is joined, and `on_finished(None, reason)` reports why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmig.config import VmConfig
 from vmig.errors import (
     GuestMemoryError,
+    MigrationCancelled,
     MigrationError,
     ProtocolError,
+    StateError,
     TransportError,
     VmigError,
     describe,
 )
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest, memory_digest
+from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import ResolvedReceive
-from vmig.migration.progress import MigrationProgress, Phase
 from vmig.proto import (
     Abandon,
+    Cancel,
     Complete,
     Config,
     ConnectionClosed,
@@ -60,6 +65,11 @@ from vmig.vmm.state import MachineState
 log = logging.getLogger(__name__)
 
 EXTRA_CONNECTIONS_WAIT_S = 10.0
+#: After answering a cancel on MAIN, read (and drop) what the source still sends for this
+#: long, so that it reads the answer rather than a connection reset.
+CANCEL_DRAIN_S = 2.0
+#: A cancel waits this long for a request being received to finish, then cuts MAIN.
+CANCEL_GRACE_S = 2.0
 BULK_POPULATE_BYTES = 256 * 1024  # below this one madvise costs more than the faults it saves
 
 OnFinished = Callable[[Machine | None, str | None], None]
@@ -134,7 +144,7 @@ class MigrationReceiver:
         self.security = params.security
         self._on_finished = on_finished
         self._serial_log = serial_log
-        self.progress = MigrationProgress("receive")
+        self.metrics = MigrationMetrics("receive")
         self._pool = ReceiverPool(params.address, params.security,
                                   max_connections=params.params.max_connections,
                                   serve_memory=self._serve_memory)
@@ -143,6 +153,9 @@ class MigrationReceiver:
         self._prealloc: GuestMemory | None = None
         self._error: str | None = None
         self._closing = False
+        self._cancel_reason: str | None = None
+        self._committing = False  # COMPLETE is being applied: too late to cancel
+        self._grace: threading.Timer | None = None
         self._done = threading.Event()
         self._coordinator: threading.Thread | None = None
 
@@ -191,17 +204,46 @@ class MigrationReceiver:
         elif coordinator is None:
             self._pool.close()
 
+    def cancel(self, reason: str = "cancelled by the operator") -> None:
+        """Stop waiting for, or receiving, the migration (from any thread; never blocks).
+
+        What was received is discarded and the source told (it keeps its VM). Raises
+        StateError once COMPLETE is being applied: the VM is (about to be) running here.
+        """
+        with self._lock:
+            if self._committing or isinstance(self._phase, Completed):
+                raise StateError("cannot cancel: the switch-over passed its point of no "
+                                 "return (COMPLETE arrived; the VM runs here)")
+            if self._closing or self._cancel_reason is not None:
+                return
+            self._cancel_reason = reason
+        self._pool.interrupt()
+        grace = threading.Timer(CANCEL_GRACE_S + CANCEL_DRAIN_S, self._pool.shutdown)
+        grace.daemon = True
+        grace.start()
+        self._grace = grace
+
     # --- the coordinator: MAIN, step by step ---------------------------------------------
 
     def _coordinate(self) -> None:
+        channel = None
         try:
             channel = self._pool.main()
             if channel is not None:
-                self.progress.update(phase=Phase.RECEIVING, connections=1,
-                                     migration_id=channel.migration_id.hex())
+                self.metrics.update(started_at=time.monotonic(), peer=channel.stream.peer,
+                                    migration_id=channel.migration_id.hex())
+                self.metrics.set_phase(Phase.RECEIVING)
+                self.metrics.open_connections(["main"])
                 self._serve_main(channel)
         except BaseException as exc:
-            self._abort(describe(exc))
+            reason = describe(exc)
+            if self._cancel_reason is not None:
+                reason = f"migration cancelled at the destination: {self._cancel_reason}"
+                if channel is not None:  # tell the source, on the one thread that writes MAIN
+                    with contextlib.suppress(Exception):
+                        channel.stream.send_all([channel.conn.send(Cancel(reason))])
+                        channel.drain(CANCEL_DRAIN_S)
+            self._abort(reason)
         finally:
             self._finish()
 
@@ -218,7 +260,7 @@ class MigrationReceiver:
             except VmigError as exc:
                 channel.reject(str(exc))
                 raise
-            self.progress.update(receiver_state=channel.conn.state.value)
+            self.metrics.update(receiver_state=channel.conn.state.value)
             if isinstance(phase, Completed):
                 return
 
@@ -236,6 +278,12 @@ class MigrationReceiver:
             self._set_phase(Aborted(f"the source abandoned the migration: {event.reason}"))
             channel.accept()
             raise MigrationError(f"the source abandoned the migration: {event.reason}")
+        if isinstance(event, Complete):
+            with self._lock:  # from here on a cancel is refused
+                if self._cancel_reason is not None:
+                    raise MigrationCancelled(f"migration cancelled at the destination: "
+                                             f"{self._cancel_reason}")
+                self._committing = True
         handler = _STEPS.get((type(phase), type(event)))
         if handler is None:
             raise MigrationError(f"unexpected {type(event).__name__} while "
@@ -261,7 +309,7 @@ class MigrationReceiver:
         if count != extras:
             raise MigrationError(f"START announced {extras} extra connections, "
                                  f"{count} arrived")
-        self.progress.update(connections=start.connections)
+        self.metrics.open_connections(["main"] + ["memory"] * extras)
         return Started(start)
 
     def _on_memory_fd(self, phase: Started, request: MemoryFd,
@@ -280,8 +328,7 @@ class MigrationReceiver:
             config = VmConfig.from_dict(document["vm"])
         except (ValueError, KeyError, TypeError) as exc:
             raise MigrationError(f"bad CONFIG: {exc}") from None
-        self.progress.update(memory_bytes=config.memory_bytes,
-                             bytes_remaining=config.memory_bytes)
+        self.metrics.update(memory_bytes=config.memory_bytes)
         if isinstance(phase, FdReceived):  # local: memory came by fd
             if phase.memory.size != config.memory_bytes:
                 raise MigrationError(f"memory fd holds {phase.memory.size} bytes, CONFIG says "
@@ -310,10 +357,16 @@ class MigrationReceiver:
 
     def _on_complete(self, phase: Built, request: Complete,
                      channel: ReceiverChannel) -> Completed:
+        try:
+            document = json.loads(request.data or b"{}")
+            run = bool(document.get("run", True))
+        except (ValueError, AttributeError):
+            raise MigrationError("COMPLETE carries a payload that is not a JSON object") \
+                from None
         if phase.start.verify_memory:
             try:
-                claimed = json.loads(request.data or b"{}")["memory_digest"]
-            except (ValueError, KeyError, TypeError):
+                claimed = document["memory_digest"]
+            except (KeyError, TypeError):
                 raise MigrationError("COMPLETE carries no memory digest although START "
                                      "asked to verify memory") from None
             if claimed.get("algorithm") != DIGEST_ALGORITHM:
@@ -322,7 +375,11 @@ class MigrationReceiver:
             if ours != claimed.get("hex"):
                 raise MigrationError("memory verification failed: the destination's memory "
                                      "digest differs from the source's; not resuming")
-        phase.machine.resume()
+            self.metrics.update(memory_verified=True)
+        if run:
+            phase.machine.resume()
+        else:  # the VM was paused at the source: it stays paused here (CompletePaused)
+            self.metrics.update(vm_paused=True)
         return Completed(phase.machine)
 
     # --- memory, on MAIN and on every MEMORY connection ------------------------------------
@@ -340,7 +397,7 @@ class MigrationReceiver:
             channel.reject(str(exc))
             raise
         channel.accept()
-        self.progress.add_bytes(request.payload_bytes)
+        self.metrics.transferred(channel.index, request.payload_bytes)
 
     @staticmethod
     def _write_memory(channel: ReceiverChannel, phase: MemoryReady,
@@ -376,7 +433,14 @@ class MigrationReceiver:
                                          "connection")
                 self._receive_memory(channel, event)
         except TransportError as exc:
-            self._abort(f"a memory connection failed: {exc}")
+            if self._closing or self._cancel_reason is not None:
+                return  # ending anyway: the connection was shut on purpose
+            # A lost data connection: what it half received was never acknowledged, so the
+            # source sends it again on another connection. The migration goes on.
+            message = f"memory connection {channel.index} lost: {exc}"
+            log.warning("%s", message)
+            self.metrics.connection_lost(channel.index, str(exc))
+            self.metrics.warn(message)
         except BaseException as exc:  # after a hand-over _abort() ignores this
             self._abort(describe(exc))
 
@@ -398,7 +462,7 @@ class MigrationReceiver:
 
     def _hand_over(self, machine: Machine) -> None:
         """Report the running VM now; from here on it belongs to the caller."""
-        self.progress.update(phase=Phase.COMPLETED, bytes_remaining=0)
+        self.metrics.finish(Phase.COMPLETED)
         try:
             self._on_finished(machine, None)
         except Exception:
@@ -410,6 +474,8 @@ class MigrationReceiver:
             self._closing = True
             phase = self._phase
             error = self._error
+        if self._grace is not None:
+            self._grace.cancel()
         self._pool.close()
         self._discard_prealloc()
         if isinstance(phase, Completed):  # handed over; a late error is only logged
@@ -419,10 +485,14 @@ class MigrationReceiver:
             return
         _discard(phase)
         if error is None:
-            error = "the receiver was closed before a migration arrived"
+            error = ("the receiver was closed before a migration arrived"
+                     if self._cancel_reason is None else
+                     f"migration cancelled at the destination: {self._cancel_reason}")
         self._set_phase(Aborted(error))
-        self.progress.update(phase=Phase.FAILED, error=error)
-        log.warning("incoming migration failed: %s", error)
+        cancelled = self._cancel_reason is not None
+        self.metrics.finish(Phase.CANCELLED if cancelled else Phase.FAILED, error=error)
+        (log.info if cancelled else log.warning)("incoming migration %s: %s",
+                                                 "cancelled" if cancelled else "failed", error)
         self._done.set()
         try:
             self._on_finished(None, error)

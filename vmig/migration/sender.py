@@ -1,19 +1,23 @@
 """The sending side: pre-copy over many connections, then stop-and-copy and hand-over.
 
-Sequence (docs/protocol.md has the wire view)::
+Sequence (docs/protocol.md has the wire view), one explicit phase at a time
+(`vmig.migration.policy.SendPhase`; `SEND_TRANSITIONS` is the table)::
 
-    connect MAIN (hello) -> connect N-1 MEMORY connections (hello each)
-    START -> [MEMORY_FD, local only] -> CONFIG
-    start dirty logging
-    iteration 0: all memory            } pre-copy, guest running; chunks on the
-    iteration k: pages dirtied meanwhile }  shared queue of SenderPool
-    ... until policy.decide() says CONVERGE (or ABORT on timeout with "cancel")
-    pause guest -> last dirty pages -> STATE -> COMPLETE [digest] -> source MIGRATED
+    CONNECTING  connect MAIN + N-1 MEMORY (handshake each), START, [MEMORY_FD], CONFIG
+    PRECOPY     iteration 0: memory that holds data; iteration k: pages dirtied
+                meanwhile; chunks on SenderPool's shared queue; until policy.decide()
+    SWITCHOVER  pause the guest (if it ran) -> last dirty pages -> STATE
+    COMPLETING  COMPLETE [digest, run|stay paused] sent: the point of no return
+    COMPLETED   the destination acknowledged: the source is MIGRATED
 
-Any failure before COMPLETE is sent leaves the source VM as it was (resumed if
-we paused it), sends ABANDON when it still can, and closes every connection;
-the error names the cause. If COMPLETE was sent but not answered, the
-destination may already run the guest, so the source stays paused.
+A cancel (from any thread) is allowed until COMPLETE is sent, and so is any
+failure's recovery: ABANDON where the MAIN connection still carries it, every
+connection closed, the guest resumed if the migration paused it. A cancelled
+migration returns a summary whose status is "cancelled"; a failed one raises
+MigrationError. The one exception to "the source runs again": COMPLETE sent but
+its answer never came: the destination may already run the guest, so the source
+stays paused and the error says so. Losing a MEMORY connection is survived (its
+chunks go to the others); losing MAIN fails the migration.
 """
 
 from __future__ import annotations
@@ -22,17 +26,28 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+import blake3
 import numpy as np
 
-from vmig.errors import MigrationError, TransportError, describe
+from vmig.errors import MigrationCancelled as Cancelled
+from vmig.errors import MigrationError, StateError, TransportError, describe
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest
+from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, ResolvedSend, SendParams
-from vmig.migration.policy import Decision, MemoryMigrationStats, decide_with_reason
-from vmig.migration.progress import MigrationProgress, MigrationSummary, Phase
+from vmig.migration.policy import (
+    CANCELLABLE,
+    Decision,
+    MemoryMigrationStats,
+    SendPhase,
+    decide_with_reason,
+    next_send_phase,
+)
 from vmig.proto import (
     Abandon,
     Complete,
@@ -47,135 +62,185 @@ from vmig.ranges import RangeTable
 from vmig.transport.address import Address
 from vmig.transport.channel import SenderChannel
 from vmig.transport.endpoint import dial
-from vmig.transport.sender_pool import SenderPool
-from vmig.units import PAGE_SIZE
+from vmig.transport.sender_pool import SenderPool, role_name
+from vmig.units import PAGE_SIZE, MiB
 from vmig.vmm.machine import Machine, VmState
 
 log = logging.getLogger(__name__)
 
 OPERATION = "migrating"
+#: A cancel lets the MAIN connection finish what it writes, so that ABANDON can tell the
+#: destination why; after this long the connection is cut anyway.
+CANCEL_GRACE_S = 2.0
+_PHASE_METRICS = {SendPhase.CONNECTING: Phase.CONNECTING, SendPhase.PRECOPY: Phase.PRECOPY,
+                  SendPhase.SWITCHOVER: Phase.SWITCHOVER, SendPhase.COMPLETING: Phase.COMPLETING,
+                  SendPhase.COMPLETED: Phase.COMPLETED, SendPhase.CANCELLED: Phase.CANCELLED,
+                  SendPhase.FAILED: Phase.FAILED}
 
 
 class MigrationSender:
     """Migrates one Machine to one destination; `run()` once."""
 
     def __init__(self, machine: Machine, params: SendParams | ResolvedSend,
-                 progress: MigrationProgress | None = None,
+                 metrics: MigrationMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.resolved = params if isinstance(params, ResolvedSend) else params.resolve()
         self.address: Address = self.resolved.address
         self.machine = machine
         self.params = self.resolved.params
         self.clock = clock
-        self.progress = progress or MigrationProgress("send")
+        self.metrics = metrics or MigrationMetrics("send")
+        self.migration_id = os.urandom(16)
+        self.metrics.update(migration_id=self.migration_id.hex(), peer=str(self.address),
+                            memory_bytes=machine.config.memory_bytes, local=self.params.local)
         for warning in self.resolved.warnings:
             log.warning("%s", warning)
-            self.progress.warn(warning)
-        self.progress.update(memory_bytes=machine.config.memory_bytes,
-                             bytes_remaining=machine.config.memory_bytes)
-        self.migration_id = os.urandom(16)
-        self.progress.update(migration_id=self.migration_id.hex())
+            self.metrics.warn(warning)
         self.stats = MemoryMigrationStats(started_at=clock())
+        self._lock = threading.Lock()
+        self._phase = SendPhase.CONNECTING
+        self._cancel_reason: str | None = None
+        self._grace: threading.Timer | None = None
+        self._was_running = False
         self._pool: SenderPool | None = None
-        self._paused_by_us = False
-        self._downtime_started = 0.0
-        self._heartbeat_at_pause: int | None = None
-        self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
-        self._cancelled: str | None = None
-        self._complete_sent = False
         self._channels: list[SenderChannel] = []
+        self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
 
-    def cancel(self, reason: str = "cancelled") -> None:
-        """Make a running `run()` fail fast (from any thread; never blocks).
-
-        Every connection is shut down, so blocked sends and receives return at
-        once; `run()` then abandons, resumes the VM if it paused it, and raises.
-        """
-        self._cancelled = reason
-        for channel in list(self._channels):
-            channel.stream.shutdown()
-
-    def _check_cancelled(self) -> None:
-        if self._cancelled is not None:
-            raise MigrationError(f"migration cancelled: {self._cancelled}")
+    @property
+    def phase(self) -> SendPhase:
+        return self._phase
 
     @property
     def memory(self) -> GuestMemory:
         return self.machine.memory
 
+    def _enter(self, phase: SendPhase) -> None:
+        with self._lock:
+            self._phase = next_send_phase(self._phase, phase)
+        self.metrics.set_phase(_PHASE_METRICS[phase])
+
+    # --- cancel --------------------------------------------------------------------------
+
+    def cancel(self, reason: str = "cancelled by the operator") -> None:
+        """Stop the migration (from any thread; never blocks); the source runs on.
+
+        Raises StateError once COMPLETE is sent: the destination may already run the
+        VM. The data connections are cut at once; MAIN gets CANCEL_GRACE_S to take the
+        answer it waits for, so that ABANDON can then tell the destination why.
+        """
+        with self._lock:
+            if self._phase not in CANCELLABLE:
+                raise StateError(self._refusal())
+            if self._cancel_reason is None:
+                self._cancel_reason = reason
+        self._interrupt()
+
+    def _refusal(self) -> str:
+        if self._phase is SendPhase.COMPLETING:
+            return ("cannot cancel: the switch-over passed its point of no return (COMPLETE "
+                    "was sent; the destination may already run the VM)")
+        return f"cannot cancel: the migration is already {self._phase.value}"
+
+    def _interrupt(self) -> None:
+        pool = self._pool
+        if pool is not None:
+            pool.stop()
+        channels = list(self._channels)
+        for channel in channels[1:]:
+            channel.stream.shutdown()
+        if channels and self._grace is None:  # MAIN: its answer, then ABANDON; or cut it
+            self._grace = threading.Timer(CANCEL_GRACE_S, channels[0].stream.shutdown)
+            self._grace.daemon = True
+            self._grace.start()
+
+    def _check_cancelled(self) -> None:
+        if self._cancel_reason is not None:
+            raise Cancelled(f"migration cancelled: {self._cancel_reason}")
+
     # --- the whole migration -------------------------------------------------------------
 
-    def run(self) -> MigrationSummary:
-        """Migrate; return the summary or raise MigrationError (see the module docstring)."""
+    def run(self) -> dict[str, Any]:
+        """Migrate; return the summary (also when cancelled) or raise MigrationError."""
         self.machine.begin(OPERATION)
+        self._was_running = self.machine.state is VmState.RUNNING
+        self.metrics.update(vm_paused=not self._was_running,
+                            data_bytes=sum(n for _, n in self.memory.data_extents()))
         try:
-            summary = self._migrate()
-        except BaseException as exc:
-            reason = describe(exc)
-            if self._cancelled is not None:
-                reason = f"migration cancelled: {self._cancelled}"
-            if self._complete_sent and not isinstance(exc, MigrationError):
-                # COMPLETE went out but its answer did not come back: the destination may
-                # be running the guest. Resuming here could leave two copies running.
-                reason += ("; COMPLETE was sent but not answered, so the destination may be "
-                           "running the VM: the source stays paused (resume it only if the "
-                           "destination does not run it)")
-                self._paused_by_us = False
-            self._recover(reason)
-            self.progress.update(phase=Phase.FAILED, error=reason)
-            if isinstance(exc, MigrationError):
-                raise
-            raise MigrationError(f"migration failed: {reason}") from exc
+            try:
+                self._migrate()
+            except BaseException as exc:
+                outcome = self._fail(exc)
+                if outcome is SendPhase.FAILED:
+                    if isinstance(exc, MigrationError):
+                        raise MigrationError(self.metrics.error or describe(exc)) from None
+                    raise MigrationError(f"migration failed: {self.metrics.error}") from exc
+                return self.metrics.view()
         finally:
+            if self._grace is not None:
+                self._grace.cancel()
             self.machine.end(OPERATION)
-        self.progress.update(phase=Phase.COMPLETED)
-        return summary
+        return self.metrics.view()
 
-    def _migrate(self) -> MigrationSummary:
-        started = self.clock()
-        self._pool = SenderPool(self._open_connections())
+    def _migrate(self) -> None:
+        self._pool = SenderPool(self._open_connections(), on_lost=self._lost)
         main = self._pool.main
         flags = StartFlags.NONE
         if self.params.local:
             flags |= StartFlags.LOCAL
         if self.params.verify_memory:
             flags |= StartFlags.VERIFY_MEMORY
-        connections = len(self._pool.channels)
-        main.request(Start(migration_id=self.migration_id, connections=connections, flags=flags))
+        main.request(Start(migration_id=self.migration_id,
+                           connections=len(self._pool.channels), flags=flags))
         if self.params.local:
             main.submit_with_fd(MemoryFd(GuestMemory.SLOT, 0, self.memory.size), self.memory.fd)
             SenderChannel.check(main.read_response())
         config = {"vm": self.machine.config.to_dict(), "tsc_khz": self.machine.tsc_khz}
+        began = self.clock()
         main.request(Config(json.dumps(config).encode()))
+        self.stats.switchover_overhead_ms = self._switchover_overhead_ms(self.clock() - began)
+        self._check_cancelled()
 
         if self.params.local:  # the destination maps this memory: nothing to track or copy
             self._stop_and_copy(main)
         else:
             self.machine.start_dirty_log()
             try:
+                self._enter(SendPhase.PRECOPY)
                 self._precopy()
                 self._stop_and_copy(main)
             finally:
                 self.machine.stop_dirty_log()
-        downtime_ms = (self.clock() - self._downtime_started) * 1000
-        duration = self.clock() - started
-        sent = self.stats.bytes_sent_total
-        summary = MigrationSummary(
-            status="completed",
-            connections=connections,
-            iterations=self.stats.iteration,
-            bytes_sent=sent,
-            duration_ms=duration * 1000,
-            downtime_ms=downtime_ms,
-            throughput_bytes_per_s=sent / duration if duration > 0 else 0.0,
-            memory_verified=self.params.verify_memory,
-            heartbeat_at_pause=self._heartbeat_at_pause,
-            local=self.params.local,
-            warnings=list(self.progress.warnings),
-        )
+        self._enter(SendPhase.COMPLETED)
+        self.metrics.end_downtime()
+        self._budget_check()
+        self.metrics.finish(Phase.COMPLETED)
         self.machine.mark_migrated()
         self._close()
-        return summary
+
+    def _switchover_overhead_ms(self, round_trip_s: float) -> float:
+        """What the pause costs besides the last pages: STATE and COMPLETE (a round trip
+        each, measured on CONFIG) and, with verify_memory, the digests (timed here on
+        16 MiB, scaled to the memory that holds data; both sides hash at once)."""
+        overhead = 2 * round_trip_s * 1000
+        if self.params.verify_memory:
+            sample = bytes(16 * MiB)
+            began = time.perf_counter()
+            blake3.blake3(sample, max_threads=blake3.blake3.AUTO).digest()
+            rate = len(sample) / max(time.perf_counter() - began, 1e-6)
+            data = self.metrics.data_bytes or self.memory.size
+            overhead += data / rate * 1000
+            if overhead > self.params.downtime_ms:
+                message = (f"verify_memory adds about {overhead:.0f} ms to the pause, more "
+                           f"than the {self.params.downtime_ms} ms budget")
+                log.warning("%s", message)
+                self.metrics.warn(message)
+        return overhead
+
+    def _budget_check(self) -> None:
+        downtime = self.metrics.downtime_ms
+        if downtime is not None and downtime > self.params.downtime_ms:
+            self.metrics.warn(f"downtime {downtime:.1f} ms exceeded the {self.params.downtime_ms}"
+                              " ms budget")
 
     # --- connections ---------------------------------------------------------------------
 
@@ -185,31 +250,23 @@ class MigrationSender:
         channels.append(self._open(ConnectionRole.MAIN))
         wanted = self.params.connections - 1
         failures: list[str] = []
-        try:
-            for _ in range(wanted):
-                try:
-                    channels.append(self._open(ConnectionRole.MEMORY))
-                except (TransportError, MigrationError) as exc:
-                    failures.append(str(exc))
-        except BaseException:
-            for channel in channels:
-                channel.close()
-            raise
+        for _ in range(wanted):
+            try:
+                channels.append(self._open(ConnectionRole.MEMORY))
+            except (TransportError, MigrationError) as exc:
+                if isinstance(exc, Cancelled):
+                    raise
+                failures.append(str(exc))
         opened = len(channels) - 1
         if wanted and opened == 0:
             message = (f"could not open any of {wanted} extra connections ({failures[0]}); "
                        "continuing on one connection")
             log.warning(message)
-            self.progress.warn(message)
+            self.metrics.warn(message)
         elif opened < wanted:
-            reason = (f"destination accepted only {opened} of {wanted} extra connections: "
-                      f"{failures[0]}")
-            with contextlib.suppress(Exception):  # tell the destination why we leave
-                channels[0].submit(Abandon(reason))
-            for channel in channels:
-                channel.close()
-            raise MigrationError(reason)
-        self.progress.update(connections=len(channels))
+            raise MigrationError(f"destination accepted only {opened} of {wanted} extra "
+                                 f"connections: {failures[0]}")
+        self.metrics.open_connections([role_name(c) for c in channels])
         return channels
 
     def _open(self, role: ConnectionRole) -> SenderChannel:
@@ -222,6 +279,12 @@ class MigrationSender:
             stream.close()
             raise
 
+    def _lost(self, index: int, channel: SenderChannel, reason: str) -> None:
+        message = f"connection {index} ({channel.role.name}) lost: {reason}"
+        log.warning("%s", message)
+        self.metrics.connection_lost(index, reason)
+        self.metrics.warn(message)
+
     # --- pre-copy ------------------------------------------------------------------------
 
     def _send(self, ranges: RangeTable) -> int:
@@ -229,26 +292,29 @@ class MigrationSender:
         assert self._pool is not None
         self._check_cancelled()
         began = self.clock()
-        connections = len(self._pool.channels)
+        connections = self._pool.alive
         fair_share = ranges.total_bytes // (2 * connections) // PAGE_SIZE * PAGE_SIZE
         chunk = min(self.params.chunk_bytes, max(fair_share, MIN_CHUNK_BYTES))
         chunks = ranges.partition(chunk)
-        sent = self._pool.send_iteration(chunks, self.memory.views, self.progress.add_bytes)
+        try:
+            sent = self._pool.send_iteration(
+                chunks, self.memory.views,
+                lambda index, done: self.metrics.transferred(index, done.total_bytes))
+        except TransportError as exc:
+            raise TransportError(f"the MAIN connection failed: {exc}") from None
         seconds = self.clock() - began
         self.stats.record_iteration(sent, seconds)
-        self.progress.update(iteration=self.stats.iteration,
-                             throughput_bytes_per_s=self.stats.bandwidth_bytes_per_s)
+        self.metrics.update(iterations=self.stats.iteration,
+                            bandwidth_bytes_per_s=self.stats.bandwidth_bytes_per_s)
         return sent
 
-
     def _precopy(self) -> None:
-        self.progress.update(phase=Phase.PRECOPY)
         # The destination starts from zeroed memory: the first pass copies only the
         # parts of the backing file that hold data (never-touched pages are holes).
         ranges = RangeTable(self.memory.data_extents())
         last_collect = self.clock()
         while True:
-            self.progress.update(bytes_remaining=ranges.total_bytes)
+            self.metrics.update(bytes_remaining=ranges.total_bytes)
             self._send(ranges)
             dirty = self.machine.collect_dirty()
             ranges = RangeTable.from_bitmap(dirty, 0, PAGE_SIZE)
@@ -258,35 +324,31 @@ class MigrationSender:
             decision, why = decide_with_reason(
                 self.stats, self.params.downtime_ms, self.params.timeout_s,
                 self.params.timeout_strategy, now, MAX_ITERATIONS)
-            self.progress.update(
-                bytes_remaining=ranges.total_bytes,
-                dirty_rate_bytes_per_s=self.stats.dirty_rate_bytes_per_s,
-                expected_downtime_ms=self.stats.expected_downtime_ms,
-            )
+            self.metrics.update(bytes_remaining=ranges.total_bytes,
+                                dirty_rate_bytes_per_s=self.stats.dirty_rate_bytes_per_s,
+                                expected_downtime_ms=self.stats.expected_downtime_ms)
             log.info("iteration %d: %s -> %s", self.stats.iteration, why, decision.value)
             if decision is Decision.CONVERGE:
                 self._unsent_dirty = dirty
                 return
             if decision is Decision.ABORT:
-                raise MigrationError(f"migration cancelled: {why}")
+                raise Cancelled(f"migration cancelled: {why}")
 
     # --- stop and copy -------------------------------------------------------------------
 
     def _stop_and_copy(self, main: SenderChannel) -> None:
-        self.progress.update(phase=Phase.DOWNTIME)
-        self._downtime_started = self.clock()
-        if self.machine.state is VmState.RUNNING:
+        self._enter(SendPhase.SWITCHOVER)
+        if self._was_running:
             self.machine.pause_for(OPERATION)
-            self._paused_by_us = True
         if not self.params.local:
             dirty = self.machine.collect_dirty()
             if self._unsent_dirty is not None:
                 dirty |= self._unsent_dirty
             final = RangeTable.from_bitmap(dirty, 0, PAGE_SIZE)
-            self.progress.update(bytes_remaining=final.total_bytes)
+            self.metrics.update(bytes_remaining=final.total_bytes)
             self._send(final)
         state = self.machine.save_state()
-        self._heartbeat_at_pause = self.machine.guest_counters()["heartbeat"]
+        self.metrics.update(heartbeat_at_pause=self.machine.guest_counters()["heartbeat"])
         digest: BackgroundDigest | None = None
         if self.params.verify_memory:  # hash while STATE travels and the destination hashes
             digest = BackgroundDigest(self.memory)
@@ -294,33 +356,52 @@ class MigrationSender:
             main.request(State(state.to_json().encode()))
         finally:
             value = digest.result() if digest is not None else None
-        complete: dict[str, object] = {}
+        complete: dict[str, object] = {"run": self._was_running}
         if value is not None:
             complete["memory_digest"] = {"algorithm": DIGEST_ALGORITHM, "hex": value}
-        self._check_cancelled()
+        with self._lock:  # a cancel either comes before this point, or is refused
+            self._check_cancelled()
+            self._phase = next_send_phase(self._phase, SendPhase.COMPLETING)
+        self.metrics.set_phase(Phase.COMPLETING)
         main.submit(Complete(json.dumps(complete).encode()))
-        self._complete_sent = True  # from here the destination may already run the guest
         SenderChannel.check(main.read_response())
-        self.progress.update(bytes_remaining=0)
+        self.metrics.update(memory_verified=self.params.verify_memory)
 
     # --- failure -------------------------------------------------------------------------
 
-    def _recover(self, reason: str) -> None:
-        """Leave exactly one running VM: ours. Best effort ABANDON, close everything."""
+    def _fail(self, exc: BaseException) -> SendPhase:
+        """Leave exactly one running VM, say why; return CANCELLED or FAILED."""
+        phase = self._phase
+        reason = describe(exc)
+        cancelled = self._cancel_reason is not None or isinstance(exc, Cancelled)
+        if self._cancel_reason is not None:
+            reason = f"migration cancelled: {self._cancel_reason}"
+        in_doubt = phase is SendPhase.COMPLETING and not isinstance(exc, MigrationError)
+        if in_doubt:
+            # COMPLETE went out but its answer did not come back: the destination may be
+            # running the guest. Resuming here could leave two copies running.
+            reason += ("; COMPLETE was sent but not answered, so the destination may be "
+                       "running the VM: the source stays paused (resume it only if the "
+                       "destination does not run it)")
+            cancelled = False
+        outcome = SendPhase.CANCELLED if cancelled else SendPhase.FAILED
+        with self._lock:
+            self._phase = outcome
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 self._pool.main.submit(Abandon(reason))
         self._close()
         with contextlib.suppress(Exception):
             self.machine.stop_dirty_log()
-        if self._paused_by_us and self.machine.state is VmState.PAUSED:
+        if not in_doubt and self._was_running and self.machine.state is VmState.PAUSED:
             self.machine.resume_for(OPERATION)
-        self._paused_by_us = False
+        (log.info if cancelled else log.warning)("outgoing migration %s: %s", outcome.value,
+                                                 reason)
+        self.metrics.finish(_PHASE_METRICS[outcome], error=reason)
+        return outcome
 
     def _close(self) -> None:
         for channel in self._channels:
             channel.close()
         self._channels = []
         self._pool = None
-
-

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from vmig.config import DirtyOrder, VmConfig, Workload
-from vmig.errors import GuestError, KvmError, SnapshotError, StateError, VmigError
+from vmig.errors import ConfigError, GuestError, KvmError, SnapshotError, StateError, VmigError
 from vmig.guest import layout
 from vmig.guest.build import guest_image
 from vmig.kvm import Kvm, Vcpu, Vm
@@ -549,8 +549,8 @@ def _open_serial_log(path: str | None) -> BinaryIO | None:
         return None
     try:
         return open(path, "ab")
-    except OSError as exc:
-        raise VmigError(f"cannot open serial log {path}: {exc.strerror}") from None
+    except OSError as exc:  # the caller's path: a 4xx, not the VMM's failure
+        raise ConfigError(f"serial_log: cannot open {path}: {exc.strerror}") from None
 
 
 def _write_file_atomic(path: Path, data: bytes | memoryview) -> None:

@@ -1,0 +1,249 @@
+"""One metrics object per migration; the summary and `vm.migration-info` are views of it.
+
+`MigrationMetrics` is what the sender or the receiver updates as it works and
+what the API reads meanwhile (thread-safe). `view()` renders it: `vm.migration-info`
+is the view (plus "active"), a send's summary is the view at the end, and the
+Prometheus metrics and events (vmig.api) read the same object, so no figure is
+copied by hand from one to another. Each rate is defined once, here:
+
+- ``throughput_bytes_per_s``: bytes transferred / elapsed time, over the whole migration;
+- ``bandwidth_bytes_per_s``: the send rate the pre-copy policy measures per iteration;
+- ``dirty_rate_bytes_per_s``: how fast the guest dirties memory (sender only);
+- ``pages_per_s``: pages transferred / elapsed time.
+
+The clock stops when the migration ends, so a finished migration reads the same
+every time. Figures one side cannot know are absent (None), not zero.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vmig.units import PAGE_SIZE
+
+__all__ = ["ConnectionMetrics", "MigrationMetrics", "Phase", "Status"]
+
+
+class Phase(enum.StrEnum):
+    """Where a migration is, on either side."""
+
+    LISTENING = "listening"  #: receiver: waiting for an authenticated source
+    CONNECTING = "connecting"  #: sender: connections, handshake, START, CONFIG
+    PRECOPY = "precopy"  #: sender: copying memory while the guest runs
+    RECEIVING = "receiving"  #: receiver: taking memory and state
+    SWITCHOVER = "switchover"  #: sender: guest paused; last pages and state (cancellable)
+    COMPLETING = "completing"  #: sender: COMPLETE sent, the point of no return
+    COMPLETED = "completed"  #: the destination runs (or holds, paused) the VM
+    CANCELLED = "cancelled"  #: cancelled on either side; the source keeps the VM
+    FAILED = "failed"  #: ended without handing over; see `error`
+
+    @property
+    def final(self) -> bool:
+        return self in (Phase.COMPLETED, Phase.CANCELLED, Phase.FAILED)
+
+
+class Status(enum.StrEnum):
+    """The coarse status, as QEMU's query-migrate names it."""
+
+    SETUP = "setup"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+_STATUS = {
+    Phase.LISTENING: Status.SETUP, Phase.CONNECTING: Status.SETUP,
+    Phase.PRECOPY: Status.ACTIVE, Phase.RECEIVING: Status.ACTIVE,
+    Phase.SWITCHOVER: Status.ACTIVE, Phase.COMPLETING: Status.ACTIVE,
+    Phase.COMPLETED: Status.COMPLETED, Phase.CANCELLED: Status.CANCELLED,
+    Phase.FAILED: Status.FAILED,
+}
+
+
+@dataclass
+class ConnectionMetrics:
+    """What went over one connection (QEMU's multifd counters)."""
+
+    index: int
+    role: str
+    bytes: int = 0
+    chunks: int = 0
+    #: Why the connection was lost mid-migration, if it was.
+    lost: str | None = None
+
+
+class MigrationMetrics:
+    """Counters of one migration, updated by its threads and read by the API."""
+
+    def __init__(self, role: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.role = role  # "send" or "receive"
+        self.phase = Phase.LISTENING if role == "receive" else Phase.CONNECTING
+        self.started_at = clock()
+        self.ended_at: float | None = None
+        self.migration_id: str | None = None
+        self.peer: str | None = None  # the destination (sender) or the source (receiver)
+        self.local = False
+        self.memory_bytes = 0
+        #: Memory that holds data when the migration starts: what the first pass sends.
+        self.data_bytes: int | None = None
+        self.bytes_transferred = 0
+        self.precopy_bytes = 0
+        self.switchover_bytes = 0
+        self.bytes_remaining: int | None = None
+        self.normal_pages = 0
+        self.zero_pages = 0
+        self.iterations: int | None = 0 if role == "send" else None
+        self.bandwidth_bytes_per_s: float | None = None
+        self.dirty_rate_bytes_per_s: float | None = None
+        self.expected_downtime_ms: float | None = None
+        self.setup_ms: float | None = None
+        self.paused_at: float | None = None
+        self.downtime_ms: float | None = None
+        #: The VM was paused when the migration began and stays paused at the destination.
+        self.vm_paused = False
+        self.memory_verified = False
+        self.heartbeat_at_pause: int | None = None
+        self.receiver_state: str | None = None
+        self.connections: list[ConnectionMetrics] = []
+        self.warnings: list[str] = []
+        self.error: str | None = None
+
+    # --- updates (any thread) ------------------------------------------------------------
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            for name, value in fields.items():
+                if not hasattr(self, name):
+                    raise AttributeError(f"MigrationMetrics has no {name!r}")
+                setattr(self, name, value)
+
+    def set_phase(self, phase: Phase) -> None:
+        with self._lock:
+            if self.phase.final:
+                return  # the first ending stands
+            self.phase = phase
+            now = self._clock()
+            if phase is Phase.SWITCHOVER and self.paused_at is None:
+                self.paused_at = now
+            if phase.final:
+                self.ended_at = now
+
+    def open_connections(self, roles: list[str]) -> None:
+        with self._lock:
+            self.connections = [ConnectionMetrics(i, role) for i, role in enumerate(roles)]
+
+    def transferred(self, index: int, nbytes: int, pages: int | None = None) -> None:
+        """A chunk of `nbytes` went over connection `index` and was acknowledged."""
+        with self._lock:
+            if self.setup_ms is None:
+                self.setup_ms = (self._clock() - self.started_at) * 1000
+            self.bytes_transferred += nbytes
+            if self.paused_at is None:
+                self.precopy_bytes += nbytes
+            else:
+                self.switchover_bytes += nbytes
+            self.normal_pages += nbytes // PAGE_SIZE if pages is None else pages
+            if self.bytes_remaining is not None:
+                self.bytes_remaining = max(self.bytes_remaining - nbytes, 0)
+            while len(self.connections) <= index:
+                self.connections.append(ConnectionMetrics(len(self.connections), "memory"))
+            connection = self.connections[index]
+            connection.bytes += nbytes
+            connection.chunks += 1
+
+    def connection_lost(self, index: int, reason: str) -> None:
+        with self._lock:
+            if index < len(self.connections):
+                self.connections[index].lost = reason
+
+    def warn(self, message: str) -> None:
+        with self._lock:
+            if message not in self.warnings:
+                self.warnings.append(message)
+
+    def finish(self, phase: Phase, error: str | None = None) -> None:
+        """End the migration: the clock stops; the first ending stands."""
+        with self._lock:
+            if self.phase.final:
+                return
+            self.phase = phase
+            self.ended_at = self._clock()
+            if error is not None:
+                self.error = error
+            if phase is Phase.COMPLETED:
+                self.bytes_remaining = 0
+
+    def end_downtime(self) -> None:
+        """The destination acknowledged COMPLETE: the guest's pause ends (if it ran)."""
+        with self._lock:
+            if self.paused_at is not None and not self.vm_paused:
+                self.downtime_ms = (self._clock() - self.paused_at) * 1000
+
+    # --- views ------------------------------------------------------------------------------
+
+    @property
+    def connections_lost(self) -> int:
+        return sum(1 for c in self.connections if c.lost is not None)
+
+    def elapsed_s(self) -> float:
+        end = self.ended_at if self.ended_at is not None else self._clock()
+        return max(end - self.started_at, 0.0)
+
+    def view(self) -> dict[str, Any]:
+        """Every figure, JSON-able: vm.migration-info and the send's summary."""
+        with self._lock:
+            elapsed = self.elapsed_s()
+            pages = self.normal_pages
+            return {
+                "role": self.role,
+                "status": _STATUS[self.phase].value,
+                "phase": self.phase.value,
+                "migration_id": self.migration_id,
+                "peer": self.peer,
+                "local": self.local,
+                "elapsed_ms": round(elapsed * 1000, 1),
+                "setup_ms": _round(self.setup_ms),
+                "downtime_ms": _round(self.downtime_ms),
+                "expected_downtime_ms": _round(self.expected_downtime_ms),
+                "paused": self.vm_paused,
+                "memory_bytes": self.memory_bytes,
+                "data_bytes": self.data_bytes,
+                "bytes_transferred": self.bytes_transferred,
+                "bytes_remaining": self.bytes_remaining,
+                "precopy_bytes": self.precopy_bytes,
+                "switchover_bytes": self.switchover_bytes,
+                "normal_pages": pages,
+                "zero_pages": self.zero_pages,
+                "pages_per_s": round(pages / elapsed) if elapsed > 0 else None,
+                "iterations": self.iterations,
+                "throughput_bytes_per_s": (round(self.bytes_transferred / elapsed)
+                                           if elapsed > 0 else None),
+                "bandwidth_bytes_per_s": _round(self.bandwidth_bytes_per_s, 0),
+                "dirty_rate_bytes_per_s": _round(self.dirty_rate_bytes_per_s, 0),
+                "connections": len(self.connections),
+                "connections_lost": self.connections_lost,
+                "per_connection": [
+                    {"index": c.index, "role": c.role, "bytes": c.bytes, "chunks": c.chunks,
+                     "lost": c.lost} for c in self.connections],
+                "memory_verified": self.memory_verified,
+                "heartbeat_at_pause": self.heartbeat_at_pause,
+                "receiver_state": self.receiver_state,
+                "warnings": list(self.warnings),
+                "error": self.error,
+            }
+
+
+def _round(value: float | None, digits: int = 1) -> float | None:
+    """`value` rounded, or None when unknown or not finite (JSON has no infinity)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, digits) if digits else float(round(value))
