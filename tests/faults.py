@@ -1,0 +1,290 @@
+"""Seeded fault injection for live migrations between real VMMs, and the checks after each.
+
+A `Fault` is one thing that goes wrong during a migration: a connection cut after
+some bytes (through `CutProxy`), SIGKILL or SIGSTOP (for a while) of either VMM at
+some moment, or nothing (a control run). `plan(seed, runs)` draws a reproducible
+list of them. `Harness.run(fault)` migrates the VM between two VMMs with that fault
+injected, waits for both sides to settle, then checks what must hold after every
+fault:
+
+- never two running VMs; exactly one when the VMM holding the only copy was not
+  killed (the one exception: COMPLETE sent and unanswered leaves the source paused,
+  and says so; the harness then resumes it, as an operator would);
+- the guest's self-check passes where it runs;
+- every surviving VMM holds no migration thread, TCP socket or listener any more,
+  and no more other fds than it held before in the same state;
+- a clean migration afterwards succeeds.
+
+Used by tests/e2e/test_faults.py (a small seeded set) and benchmarks/faults.py (the
+50-run script whose result is in docs/faults.md).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from faultproxy import CutProxy
+
+from vmig.api.process import VmmProcess
+from vmig.errors import ApiError
+from vmig.transport.address import parse_url
+
+SETTLE_S = 30.0
+#: The guest faults are injected into: big enough that a migration takes a few tenths of a
+#: second, so that most faults land in the middle of one.
+FAULT_GUEST = ("--memory", "256M", "--cpus", "2", "--workload", "dirty", "--working-set",
+               "96M", "--dirty-rate", "20000")
+KINDS = ("none", "cut", "kill-source", "kill-destination", "stop-source", "stop-destination")
+WEIGHTS = (1, 4, 1, 1.5, 1, 1.5)
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    connections: int
+    cut_index: int = 0
+    cut_after: int = 0
+    delay_s: float = 0.0  # kill/stop this long after the send began
+    stop_s: float = 0.0  # how long a SIGSTOP lasts
+
+    def describe(self) -> str:
+        if self.kind == "cut":
+            return (f"cut connection {self.cut_index} of {self.connections} after "
+                    f"{self.cut_after} bytes")
+        if self.kind.startswith("kill"):
+            return f"SIGKILL the {self.kind[5:]} at {self.delay_s:.2f} s ({self.connections} conn)"
+        if self.kind.startswith("stop"):
+            return (f"SIGSTOP the {self.kind[5:]} at {self.delay_s:.2f} s for {self.stop_s:.1f} s"
+                    f" ({self.connections} conn)")
+        return f"no fault ({self.connections} conn)"
+
+
+def plan(seed: int, runs: int) -> list[Fault]:
+    """`runs` faults drawn from `seed` (the same seed gives the same faults)."""
+    rng = random.Random(seed)
+    faults = []
+    for _ in range(runs):
+        kind = rng.choices(KINDS, WEIGHTS)[0]
+        connections = rng.choice((1, 2, 4))
+        delay = math.exp(rng.uniform(math.log(0.01), math.log(0.8)))
+        if kind == "cut":
+            index = rng.randrange(connections)
+            after = int(math.exp(rng.uniform(math.log(64), math.log(48 << 20))))
+            faults.append(Fault(kind, connections, cut_index=index, cut_after=after))
+        elif kind.startswith("stop"):
+            faults.append(Fault(kind, connections, delay_s=delay,
+                                stop_s=rng.uniform(0.3, 2.5)))
+        else:
+            faults.append(Fault(kind, connections, delay_s=delay))
+    return faults
+
+
+@dataclass
+class Result:
+    fault: Fault
+    outcome: str  # "completed", "cancelled", "failed", "in doubt", "source killed", ...
+    reason: str = ""
+    vm_at: str = ""  # "source", "destination" or "lost"
+    seconds: float = 0.0
+    checks: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        why = f": {self.reason}" if self.reason else ""
+        return (f"{self.fault.describe():<52} -> {self.outcome}, VM at {self.vm_at}"
+                f" ({self.seconds:.1f} s){why}")
+
+
+class Harness:
+    """Two VMMs; the VM lives in one of them and moves (or not) with every run."""
+
+    def __init__(self, spawn: Callable[[tuple[str, ...]], VmmProcess],
+                 kill: Callable[[VmmProcess], None], guest: tuple[str, ...]) -> None:
+        self._spawn = spawn
+        self._kill = kill
+        self.guest = guest
+        self.source: VmmProcess = spawn(guest)
+        self.destination: VmmProcess = spawn(())
+        self._baselines: dict[tuple[int, str], int] = {}  # (pid, state) -> other fds
+
+    # --- one run -----------------------------------------------------------------------
+
+    def run(self, fault: Fault) -> Result:
+        began = time.monotonic()
+        self._ready()
+        source, destination = self.source, self.destination
+        for vmm in (source, destination):
+            self._check_resources(vmm)
+        reply = destination.client.receive_migration("tcp:127.0.0.1:0")
+        url, token = reply["receiver_url"], reply["token"]
+        proxy = None
+        if fault.kind == "cut":
+            address = parse_url(url)
+            proxy = CutProxy((address.host, address.port), cut_index=fault.cut_index,
+                             cut_after=fault.cut_after)
+            url = proxy.url
+        result = Result(fault, outcome="?")
+        box: dict[str, Any] = {}
+
+        def send() -> None:
+            try:
+                box["summary"] = source.client.send_migration(
+                    destination_url=url, token=token, connections=fault.connections,
+                    verify_memory=True, downtime_ms=100, timeout_s=20)
+            except ApiError as exc:
+                box["error"] = exc
+
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        killed = self._inject(fault, source, destination)
+        thread.join(120)
+        if proxy is not None:
+            proxy.close()
+        assert not thread.is_alive(), f"{fault.describe()}: the send did not return"
+        self._settle(source, destination, killed)
+        self._judge(result, box, killed)
+        self._recover_and_check(result, killed)
+        result.seconds = time.monotonic() - began
+        return result
+
+    def _inject(self, fault: Fault, source: VmmProcess,
+                destination: VmmProcess) -> VmmProcess | None:
+        if fault.kind in ("none", "cut"):
+            return None
+        victim = source if fault.kind.endswith("source") else destination
+        time.sleep(fault.delay_s)
+        if fault.kind.startswith("kill"):
+            self._kill(victim)
+            return victim
+        victim.signal(signal.SIGSTOP)
+        time.sleep(fault.stop_s)
+        victim.signal(signal.SIGCONT)
+        return None
+
+    def _settle(self, source: VmmProcess, destination: VmmProcess,
+                killed: VmmProcess | None) -> None:
+        """Wait until no side is still migrating."""
+        deadline = time.monotonic() + SETTLE_S
+        for vmm in (source, destination):
+            if vmm is killed:
+                continue
+            while True:
+                info = vmm.client.info()
+                active = _active(vmm)
+                if info["state"] != "receiving" and not active:
+                    break
+                assert time.monotonic() < deadline, f"{vmm.socket_path} did not settle: {info}"
+                time.sleep(0.05)
+
+    def _judge(self, result: Result, box: dict[str, Any], killed: VmmProcess | None) -> None:
+        source, destination = self.source, self.destination
+        states = {}
+        for name, vmm in (("source", source), ("destination", destination)):
+            states[name] = None if vmm is killed else vmm.client.info()["state"]
+        running = [name for name, state in states.items() if state == "running"]
+        assert len(running) <= 1, f"two running VMs: {states}"
+        summary, error = box.get("summary"), box.get("error")
+        if summary is not None:
+            result.outcome = summary["status"]
+            result.reason = summary.get("error") or ""
+        elif error is not None:
+            result.outcome = "failed"
+            result.reason = str(error)
+        if killed is source:
+            result.outcome = "source killed"
+            result.vm_at = "destination" if running == ["destination"] else "lost"
+            return
+        if killed is destination and states["source"] == "migrated":
+            result.outcome = "destination killed after the hand-over"
+            result.vm_at = "lost"  # it ran there, and died with it
+            return
+        if states["source"] == "paused" and "source stays paused" in result.reason:
+            assert states["destination"] != "running", states
+            result.outcome = "in doubt"
+            source.client.resume()  # the operator's call, once the destination is known idle
+            running = ["source"]
+        assert len(running) == 1, f"{result.fault.describe()}: no running VM: {states}"
+        result.vm_at = running[0]
+        if result.outcome == "completed":
+            assert result.vm_at == "destination" and states["source"] == "migrated", states
+        else:
+            assert result.vm_at == "source", states
+        result.checks.append("one running VM")
+
+    def _recover_and_check(self, result: Result, killed: VmmProcess | None) -> None:
+        """Self-check where the VM runs, leak checks, then a clean migration; the VM's
+        holder becomes the next run's source."""
+        holder = {"source": self.source, "destination": self.destination}.get(result.vm_at)
+        if holder is not None:
+            assert holder.client.check_guest(60)["ok"], "the guest's self-check failed"
+            result.checks.append("self-check")
+        for vmm in (self.source, self.destination):
+            if vmm is not killed:
+                self._check_resources(vmm)
+        result.checks.append("no leaks")
+        if killed is not None:  # a fresh VMM in place of the dead one
+            if killed is self.source:
+                self.source = self._spawn(() if holder is not None else self.guest)
+            else:
+                self.destination = self._spawn(())
+        if result.vm_at == "destination":
+            self.source, self.destination = self.destination, self.source
+        elif result.vm_at == "lost":
+            pass  # the new source carries a new VM
+        self._ready()
+        reply = self.destination.client.receive_migration("tcp:127.0.0.1:0")
+        summary = self.source.client.send_migration(
+            destination_url=reply["receiver_url"], token=reply["token"], connections=2,
+            verify_memory=True)
+        assert summary["status"] == "completed", summary
+        assert self.destination.client.check_guest(60)["ok"]
+        self._settle(self.source, self.destination, None)
+        self.source, self.destination = self.destination, self.source
+        result.checks.append("clean migration afterwards")
+
+    def _ready(self) -> None:
+        """The source holds a running VM and the destination none."""
+        if self.source.client.info()["state"] in ("migrated", "shutdown", "empty"):
+            self.source.client.create(**_vm_fields(self.guest))
+        state = self.destination.client.info()["state"]
+        assert state in ("empty", "migrated", "shutdown"), state
+
+    def _check_resources(self, vmm: VmmProcess) -> None:
+        """Nothing of a migration is left, and no more fds than before in this state."""
+        state = vmm.client.info()["state"]
+        held = vmm.client.resources()
+        where = f"{vmm.socket_path} ({state})"
+        assert held["threads"]["migrate"] == 0, f"{where}: migration threads left: {held}"
+        assert held["tcp_listeners"] == 0, f"{where}: a listener was left: {held}"
+        assert held["fds"]["tcp"] == 0, f"{where}: TCP sockets left: {held}"
+        kind = "vm" if state in ("running", "paused") else "no vm"
+        key = (vmm.proc.pid, kind)
+        other = held["fds"]["other"]
+        baseline = self._baselines.setdefault(key, other)
+        assert other <= baseline, f"{where}: {other} fds, {baseline} before: a leak ({held})"
+
+    def close(self) -> None:
+        for vmm in (self.source, self.destination):
+            vmm.stop()
+
+
+def _active(vmm: VmmProcess) -> bool:
+    try:
+        return bool(vmm.client.migration_info().get("active"))
+    except ApiError:
+        return False
+
+
+def _vm_fields(guest: tuple[str, ...]) -> dict[str, Any]:
+    """`vmig vmm` guest flags -> vm.create fields."""
+    fields: dict[str, Any] = {}
+    for flag, value in zip(guest[::2], guest[1::2], strict=True):
+        name = flag.removeprefix("--").replace("-", "_")
+        fields[name] = int(value) if name in ("cpus", "dirty_rate") else value
+    return fields
