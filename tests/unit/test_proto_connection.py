@@ -26,6 +26,7 @@ from vmig.proto import (
     LocalProtocolError,
     Memory,
     MemoryFd,
+    MemoryFlags,
     MemoryRequest,
     Ok,
     PayloadData,
@@ -484,7 +485,7 @@ def _memory_bytes(pairs, page_bytes=None, count=None, reserved=0, length=None):
         (_established, _start_bytes(version=1), "version 1"),
         (_established, _start_bytes(version=3), "version 3"),
         (_established, _start_bytes(version=0), "version 0"),
-        (_established, _start_bytes(flags=4), "unknown flags"),
+        (_established, _start_bytes(flags=8), "unknown flags"),
         (_established, _start_bytes(reserved=1), "reserved"),
         (_established, _start_bytes(connections=0), "0 connections"),
         (_established, _start_bytes(connections=129), "129 connections"),
@@ -527,7 +528,10 @@ def _memory_bytes(pairs, page_bytes=None, count=None, reserved=0, length=None):
         ),
         (_configured, encode_request_header(Command.STATE, 16 * MiB + 1), "limit"),
         (_configured, encode_request_header(Command.ABANDON, 4 * KiB + 1), "limit"),
-        (_configured, _memory_bytes([(0, 4096)], reserved=1), "reserved"),
+        (_configured, _memory_bytes([(0, 4096)], reserved=4), "unknown flags"),
+        (_configured, _memory_bytes([(0, 4096)], reserved=3), "both ZERO and ZSTD"),
+        (_configured, _memory_bytes([(0, 4096)], reserved=1), "ZERO MEMORY with 4096"),
+        (_configured, _memory_bytes([(0, 4096)], reserved=2), "START did not set COMPRESS"),
         (_configured, _memory_bytes([], count=MAX_RANGES_PER_REQUEST + 1), "ranges"),
         (_configured, _memory_bytes([(0, 4096)], length=15), "fewer than"),
         (
@@ -957,3 +961,29 @@ def test_only_main_cancels_and_an_unprompted_error_is_still_a_protocol_error():
     sender.receive_data(encode_response_header(Status.ERROR, 1) + b"x")
     with pytest.raises(RemoteProtocolError, match="no request outstanding"):
         sender.next_event()
+
+
+# --- zero ranges and compressed frames -------------------------------------------------------
+
+
+def test_a_zero_range_carries_no_page_bytes():
+    pair = ConnectionPair()
+    pair.advance((Command.START, Command.CONFIG))
+    events = pair.request(Memory(TABLE, MemoryFlags.ZERO))
+    assert events == [MemoryRequest(TABLE, 0, MemoryFlags.ZERO), EndOfPayload()]
+    assert pair.respond().ok
+
+
+def test_a_compressed_frame_needs_compress_in_start_and_is_handed_over_as_bytes():
+    pair = ConnectionPair()
+    start = Start(migration_id=MID, connections=1, flags=StartFlags.COMPRESS)
+    _, response = pair.exchange(start)
+    assert response.ok and pair.receiver.start.compress
+    pair.advance((Command.CONFIG,))
+    frame = b"z" * 10  # the core does not look inside
+    events = pair.request(Memory(TABLE, MemoryFlags.ZSTD, len(frame)), frame)
+    assert events[0] == MemoryRequest(TABLE, 10, MemoryFlags.ZSTD)
+    assert isinstance(events[-1], EndOfPayload)
+    assert pair.respond().ok
+    with pytest.raises(LocalProtocolError, match="0-byte compressed"):
+        pair.sender.send(Memory(TABLE, MemoryFlags.ZSTD, 0))

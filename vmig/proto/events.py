@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal, TypeAlias
 
-from vmig.proto.wire import PROTOCOL_VERSION, Command, StartFlags, Status
+from vmig.proto.wire import PROTOCOL_VERSION, Command, MemoryFlags, StartFlags, Status
 from vmig.ranges import RangeTable
 
 __all__ = [
@@ -78,6 +78,11 @@ class Start:
         """COMPLETE carries a memory digest the receiver should check."""
         return bool(self.flags & StartFlags.VERIFY_MEMORY)
 
+    @property
+    def compress(self) -> bool:
+        """MEMORY requests may carry zstd frames."""
+        return bool(self.flags & StartFlags.COMPRESS)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -101,22 +106,38 @@ class MemoryFd:
 
 @dataclass(frozen=True)
 class Memory:
-    """MEMORY, sender side: announce `ranges`; the caller then sends their page bytes."""
+    """MEMORY, sender side: announce `ranges`; the caller then sends their page bytes.
+
+    With `MemoryFlags.ZERO` no bytes follow (the ranges are zero now); with
+    `MemoryFlags.ZSTD` the caller sends `compressed_bytes` bytes: one zstd frame
+    of the ranges' bytes (START must have set COMPRESS).
+    """
 
     ranges: RangeTable
+    flags: MemoryFlags = MemoryFlags.NONE
+    compressed_bytes: int = 0
 
     @property
     def payload_bytes(self) -> int:
-        """Page bytes the caller must send after the header and table."""
+        """Bytes the caller must send after the header and table."""
+        if self.flags & MemoryFlags.ZERO:
+            return 0
+        if self.flags & MemoryFlags.ZSTD:
+            return self.compressed_bytes
         return self.ranges.total_bytes
 
 
 @dataclass(frozen=True)
 class MemoryRequest:
-    """MEMORY, receiver side: `payload_bytes` page bytes for `ranges` follow, in order."""
+    """MEMORY, receiver side: `payload_bytes` bytes for `ranges` follow.
+
+    Plain: the page bytes of the ranges, in order. ZERO: nothing (the ranges now
+    read as zeros). ZSTD: one zstd frame that decompresses to the page bytes.
+    """
 
     ranges: RangeTable
     payload_bytes: int
+    flags: MemoryFlags = MemoryFlags.NONE
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ from vmig.proto.wire import (
     START_PAYLOAD_SIZE,
     Command,
     ConnectionRole,
+    MemoryFlags,
     Status,
     check_version,
     decode_memory_fd_headers,
@@ -314,7 +315,7 @@ class ReceiverConnection:
     def _body_size(request: _Request) -> int:
         """Bytes read in phase BODY (whole payload) or TABLE (the range table)."""
         if request.command is Command.MEMORY:
-            return RANGE_ENTRY_SIZE * decode_memory_headers(request.headers)
+            return RANGE_ENTRY_SIZE * decode_memory_headers(request.headers)[0]
         return request.length
 
     def _parse(self) -> ReceiverEvent:
@@ -334,9 +335,11 @@ class ReceiverConnection:
             if self._phase is _Phase.TABLE:
                 self._payload_total = request.length - size
                 self._payload_done = 0
-                ranges = decode_range_table(body, self._payload_total)
+                flags = decode_memory_headers(request.headers)[1]
+                plain = flags is MemoryFlags.NONE
+                ranges = decode_range_table(body, self._payload_total if plain else None)
                 self._phase = _Phase.PAYLOAD
-                self._event = MemoryRequest(ranges, self._payload_total)
+                self._event = MemoryRequest(ranges, self._payload_total, flags)
             else:
                 self._phase = _Phase.RESPOND
                 self._event = self._parse_body(request, body)
@@ -415,9 +418,8 @@ class ReceiverConnection:
                 f"sender sent {name} with a {length}-byte payload; the limit is {limit}"
             )
 
-    @staticmethod
-    def _check_memory_header(request: _Request) -> None:
-        count = decode_memory_headers(request.headers)
+    def _check_memory_header(self, request: _Request) -> None:
+        count, flags = decode_memory_headers(request.headers)
         if count > MAX_RANGES_PER_REQUEST:
             raise RemoteProtocolError(
                 f"sender sent MEMORY with {count} ranges; the limit is {MAX_RANGES_PER_REQUEST}"
@@ -433,6 +435,18 @@ class ReceiverConnection:
                 f"sender sent MEMORY with {request.length - table} page bytes; "
                 f"the limit is {MAX_MEMORY_PAYLOAD}"
             )
+        if flags & MemoryFlags.ZERO and request.length != table:
+            raise RemoteProtocolError(
+                f"sender sent a ZERO MEMORY with {request.length - table} page bytes; it "
+                "carries none"
+            )
+        if flags & MemoryFlags.ZSTD:
+            if request.length == table:
+                raise RemoteProtocolError("sender sent a ZSTD MEMORY with an empty frame")
+            start = self._start
+            if self.role is ConnectionRole.MAIN and (start is None or not start.compress):
+                raise RemoteProtocolError("sender sent a ZSTD MEMORY but START did not set "
+                                          "COMPRESS")
 
     def _parse_body(self, request: _Request, body: bytes) -> ReceiverEvent:
         command = request.command

@@ -36,8 +36,10 @@ from vmig.proto.state import (
 from vmig.proto.wire import (
     BLOB_LIMITS,
     HEADER_SIZE,
+    MAX_MEMORY_PAYLOAD,
     Command,
     ConnectionRole,
+    MemoryFlags,
     ResponseHeader,
     Status,
     decode_response_header,
@@ -281,9 +283,12 @@ def _encode_request(event: Request) -> bytes:
         problem = range_table_problem(event.ranges)
         if problem:
             raise LocalProtocolError(f"cannot send MEMORY: {problem}")
+        if event.flags & MemoryFlags.ZSTD and not 0 < event.compressed_bytes <= MAX_MEMORY_PAYLOAD:
+            raise LocalProtocolError(
+                f"cannot send a {event.compressed_bytes}-byte compressed MEMORY payload")
         table = event.ranges.encode()
-        headers = encode_memory_headers(len(event.ranges))
-        length = len(table) + event.ranges.total_bytes
+        headers = encode_memory_headers(len(event.ranges), event.flags)
+        length = len(table) + event.payload_bytes
         return encode_request_header(Command.MEMORY, length, headers) + table
     if isinstance(event, MemoryFd):
         payload = encode_memory_fd_payload(event.gpa, event.size)

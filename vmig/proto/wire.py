@@ -38,13 +38,16 @@ Response (16-byte header, then ``length`` payload bytes)::
 
 Commands and their payloads::
 
-    START=1      payload: u32 version, u32 flags (bit0 LOCAL, bit1 VERIFY_MEMORY),
+    START=1      payload: u32 version, u32 flags (bit0 LOCAL, bit1 VERIFY_MEMORY,
+                 bit2 COMPRESS),
                  16-byte migration id, u32 connections, u32 reserved zero (32 bytes)
     CONFIG=2     payload: UTF-8 JSON object, opaque here (<= 1 MiB)
     STATE=3      payload: UTF-8 JSON, opaque here (<= 16 MiB)
-    MEMORY=4     headers: u32 range count, u16 reserved zero;
+    MEMORY=4     headers: u32 range count, u16 flags (bit0 ZERO, bit1 ZSTD);
                  payload: count x (u64 gpa, u64 length), then the page bytes of
                  those ranges in table order; length == 16*count + sum(lengths);
+                 ZERO: no page bytes (the ranges are zeros now); ZSTD: one zstd
+                 frame of the page bytes instead (START set COMPRESS);
                  every gpa and length 4 KiB aligned, lengths > 0
     COMPLETE=5   payload: empty or UTF-8 JSON (e.g. {"memory_digest": ...}; <= 1 MiB)
     ABANDON=6    payload: empty or a UTF-8 reason (<= 4 KiB)
@@ -122,6 +125,7 @@ __all__ = [
     "Command",
     "ConnectionRole",
     "Hello",
+    "MemoryFlags",
     "RequestHeader",
     "ResponseHeader",
     "StartFlags",
@@ -213,9 +217,24 @@ class StartFlags(IntFlag):
     LOCAL = 1
     #: COMPLETE carries a digest of guest memory for the receiver to check.
     VERIFY_MEMORY = 2
+    #: MEMORY requests may carry their page bytes as a zstd frame (MemoryFlags.ZSTD).
+    COMPRESS = 4
 
 
-_KNOWN_FLAGS = int(StartFlags.LOCAL | StartFlags.VERIFY_MEMORY)
+_KNOWN_FLAGS = int(StartFlags.LOCAL | StartFlags.VERIFY_MEMORY | StartFlags.COMPRESS)
+
+
+class MemoryFlags(IntFlag):
+    """Bits of a MEMORY request's u16 of command headers; unknown bits are rejected."""
+
+    NONE = 0
+    #: The ranges now read as zeros: no page bytes follow (the receiver discards them).
+    ZERO = 1
+    #: The page bytes follow as one zstd frame (START set COMPRESS).
+    ZSTD = 2
+
+
+_KNOWN_MEMORY_FLAGS = int(MemoryFlags.ZERO | MemoryFlags.ZSTD)
 
 # -- sizes and limits --------------------------------------------------------------
 
@@ -230,7 +249,7 @@ MIGRATION_ID_SIZE = 16
 _START = struct.Struct("<II16sII")
 #: START payload: version, flags, migration id, connections, reserved.
 START_PAYLOAD_SIZE = _START.size
-_MEMORY_HEADERS = struct.Struct("<IH")  # range count, reserved
+_MEMORY_HEADERS = struct.Struct("<IH")  # range count, flags
 _MEMORY_FD_HEADERS = struct.Struct("<IH")  # slot, reserved
 _MEMORY_FD_PAYLOAD = struct.Struct("<QQ")  # gpa, size
 #: MEMORY_FD payload: u64 gpa, u64 size.
@@ -408,17 +427,19 @@ def decode_start_payload(data: bytes | bytearray | memoryview) -> StartPayload:
     return StartPayload(version, StartFlags(flags), migration_id, connections)
 
 
-def encode_memory_headers(count: int) -> bytes:
-    """MEMORY command headers: u32 range count, u16 reserved zero."""
-    return _pack(_MEMORY_HEADERS, "MEMORY headers", count, 0)
+def encode_memory_headers(count: int, flags: MemoryFlags = MemoryFlags.NONE) -> bytes:
+    """MEMORY command headers: u32 range count, u16 flags."""
+    return _pack(_MEMORY_HEADERS, "MEMORY headers", count, int(flags))
 
 
-def decode_memory_headers(headers: bytes) -> int:
-    """The range count of MEMORY command headers; reserved bytes must be zero."""
-    count, reserved = _MEMORY_HEADERS.unpack(headers)
-    if reserved:
-        raise RemoteProtocolError(f"sender sent MEMORY with reserved header bits {reserved:#x}")
-    return int(count)
+def decode_memory_headers(headers: bytes) -> tuple[int, MemoryFlags]:
+    """The range count and flags of MEMORY command headers; unknown flags are refused."""
+    count, flags = _MEMORY_HEADERS.unpack(headers)
+    if flags & ~_KNOWN_MEMORY_FLAGS:
+        raise RemoteProtocolError(f"sender sent MEMORY with unknown flags {flags:#x}")
+    if flags == _KNOWN_MEMORY_FLAGS:
+        raise RemoteProtocolError("sender sent MEMORY flagged both ZERO and ZSTD")
+    return int(count), MemoryFlags(flags)
 
 
 def encode_memory_fd_headers(slot: int) -> bytes:
@@ -487,11 +508,14 @@ def _aligned_problem(gpas: np.ndarray, lengths: np.ndarray) -> str | None:
     return None
 
 
-def decode_range_table(data: bytes | bytearray | memoryview, payload_bytes: int) -> RangeTable:
+def decode_range_table(data: bytes | bytearray | memoryview,
+                       payload_bytes: int | None) -> RangeTable:
     """Parse and check a MEMORY range table against the page bytes the header announced.
 
     Raises RemoteProtocolError if a range is empty, unaligned or wraps around
-    2**64, or the lengths do not add up to `payload_bytes`.
+    2**64, or the lengths do not add up to `payload_bytes` (not checked when None:
+    ZERO and ZSTD requests carry no page bytes, or fewer; then the total must stay
+    within MAX_MEMORY_PAYLOAD).
     """
     if len(data) % RANGE_ENTRY_SIZE:
         raise RemoteProtocolError(f"sender sent a {len(data)}-byte range table")
@@ -512,7 +536,13 @@ def decode_range_table(data: bytes | bytearray | memoryview, payload_bytes: int)
     problem = _aligned_problem(gpas, lengths)
     if problem:
         raise RemoteProtocolError(f"sender sent MEMORY with {problem}")
-    if table.total_bytes != payload_bytes:
+    if payload_bytes is None:
+        if table.total_bytes > MAX_MEMORY_PAYLOAD:
+            raise RemoteProtocolError(
+                f"sender sent MEMORY whose ranges hold {table.total_bytes} bytes; the limit is "
+                f"{MAX_MEMORY_PAYLOAD}"
+            )
+    elif table.total_bytes != payload_bytes:
         raise RemoteProtocolError(
             f"sender sent MEMORY whose ranges hold {table.total_bytes} bytes but whose header "
             f"announces {payload_bytes} page bytes"
