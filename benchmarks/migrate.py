@@ -62,9 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", default="1,2,4,8",
                         help="comma-separated connection counts (default: 1,2,4,8)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per connection count")
-    parser.add_argument("--prefill", choices=("random", "none"), default="none",
+    parser.add_argument("--prefill", choices=("random", "zero75", "none"), default="none",
                         help="random: back the source RAM with a /dev/shm file full of random "
-                             "bytes (no holes, no zero pages)")
+                             "bytes (no holes, no zero pages); zero75: the same, but 3 of every "
+                             "4 pages written as zeros (data, not holes)")
+    parser.add_argument("--compress", default=None,
+                        help="send-migration --compress (zstd or zstd:LEVEL)")
+    parser.add_argument("--tls", action="store_true",
+                        help="mutual TLS (certificates made with openssl) instead of a token")
     parser.add_argument("--downtime-ms", type=int, default=300)
     parser.add_argument("--verify-memory", action="store_true",
                         help="compare memory digests on both sides (adds to the downtime)")
@@ -113,15 +118,43 @@ def machine_info() -> dict[str, Any]:
             "vmig": __version__, "commit": commit, "kvm": os.path.exists("/dev/kvm")}
 
 
-def fill_random(path: Path, size: int) -> None:
-    """Write `size` random bytes to `path` (a fresh generator per file: no page repeats)."""
+def fill_random(path: Path, size: int, zero_fraction: float = 0.0) -> None:
+    """Write `size` random bytes to `path` (a fresh generator per file: no page repeats);
+    with `zero_fraction` 0.75, three pages of every four are zeros instead."""
     rng = np.random.default_rng()
     with open(path, "wb") as out:
         left = size
         while left:
             chunk = min(left, FILL_CHUNK)
-            out.write(rng.bytes(chunk))
+            data = np.frombuffer(bytearray(rng.bytes(chunk)), dtype=np.uint8).reshape(-1, 4096)
+            if zero_fraction:
+                keep = max(1, round(1 / (1 - zero_fraction)))
+                data[np.arange(len(data)) % keep != 0] = 0
+            out.write(data.tobytes())
             left -= chunk
+
+
+def make_tls(root: Path) -> Path:
+    """A CA, a destination (server) and a source (client) directory, made by openssl."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for name in ("ca", "dst", "src"):
+        (root / "tls" / name).mkdir(parents=True)
+    tls = root / "tls"
+
+    def openssl(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], check=True, capture_output=True)
+
+    openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=bench CA",
+            "-keyout", f"{tls}/ca/ca-key.pem", "-out", f"{tls}/ca/ca-cert.pem")
+    for side, role, san in (("dst", "server", ["-addext", "subjectAltName=IP:127.0.0.1"]),
+                            ("src", "client", [])):
+        openssl("req", "-new", *ec, "-subj", f"/CN={side}", *san,
+                "-keyout", f"{tls}/{side}/{role}-key.pem", "-out", f"{tls}/{side}/r.csr")
+        openssl("x509", "-req", "-in", f"{tls}/{side}/r.csr", "-CA", f"{tls}/ca/ca-cert.pem",
+                "-CAkey", f"{tls}/ca/ca-key.pem", "-CAcreateserial", "-copy_extensions",
+                "copy", "-days", "2", "-out", f"{tls}/{side}/{role}-cert.pem")
+        subprocess.run(["cp", f"{tls}/ca/ca-cert.pem", f"{tls}/{side}/"], check=True)
+    return tls
 
 
 # --- one run ----------------------------------------------------------------------------------
@@ -129,7 +162,7 @@ def fill_random(path: Path, size: int) -> None:
 
 def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str, Any]:
     """Fresh VMMs, one migration, everything measured; the VMMs are stopped on every way out."""
-    memory_file = SHM / f"vmig-bench-{os.getpid()}-{index}.ram" if args.prefill == "random" \
+    memory_file = SHM / f"vmig-bench-{os.getpid()}-{index}.ram" if args.prefill != "none" \
         else None
     with tempfile.TemporaryDirectory(prefix="vmig-bench-") as tmp:
         source_args = ["--memory", args.memory, "--cpus", str(args.cpus),
@@ -141,7 +174,8 @@ def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str,
         destination = source = None
         try:
             if memory_file is not None:
-                fill_random(memory_file, args.memory_bytes)
+                fill_random(memory_file, args.memory_bytes,
+                            0.75 if args.prefill == "zero75" else 0.0)
                 source_args += ["--memory-file", str(memory_file)]
             destination = VmmProcess.start(f"{tmp}/dst.sock", stderr_path=f"{tmp}/dst.err",
                                            ready_timeout=READY_TIMEOUT_S)
@@ -150,15 +184,19 @@ def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str,
                                       ready_timeout=READY_TIMEOUT_S)
             if args.workload == "dirty":
                 time.sleep(SETTLE_S)
-            url = destination.client.receive_migration(
+            tls = make_tls(Path(tmp)) if args.tls else None
+            reply = destination.client.receive_migration(
                 "tcp:127.0.0.1:0", prealloc=args.memory if args.dst_prealloc else None,
-            )["receiver_url"]
+                tls_dir=None if tls is None else str(tls / "dst"))
+            url = reply["receiver_url"]
+            auth = ({"tls_dir": str(tls / "src")} if tls is not None
+                    else {"token": reply["token"]})
             before = {"source": cpu_seconds(source.proc.pid),
                       "destination": cpu_seconds(destination.proc.pid)}
             began = time.monotonic()
             summary = source.client.send_migration(
                 destination_url=url, connections=connections, downtime_ms=args.downtime_ms,
-                verify_memory=args.verify_memory)
+                verify_memory=args.verify_memory, compress=args.compress, **auth)
             wall_s = time.monotonic() - began
             after = {"source": cpu_seconds(source.proc.pid),
                      "destination": cpu_seconds(destination.proc.pid)}
@@ -174,12 +212,14 @@ def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str,
     return {
         "connections": summary["connections"],
         "requested_connections": connections,
-        "total_ms": summary["duration_ms"],
+        "total_ms": summary["elapsed_ms"],
         "wall_ms": round(wall_s * 1000, 1),
         "throughput_bytes_per_s": summary["throughput_bytes_per_s"],
         "downtime_ms": summary["downtime_ms"],
         "iterations": summary["iterations"],
-        "bytes_sent": summary["bytes_sent"],
+        "bytes_sent": summary["bytes_transferred"],
+        "wire_bytes": summary["wire_bytes"],
+        "zero_pages": summary["zero_pages"],
         "memory_verified": summary["memory_verified"],
         "warnings": summary["warnings"],
         "cpu_s": {side: round(after[side] - before[side], 3) for side in after},

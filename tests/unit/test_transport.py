@@ -29,7 +29,7 @@ from vmig.transport.channel import ReceiverChannel, SenderChannel
 from vmig.transport.endpoint import dial
 from vmig.transport.receiver_pool import ReceiverPool
 from vmig.transport.security import Security, TlsSide, load_tls
-from vmig.transport.sender_pool import SenderPool
+from vmig.transport.sender_pool import SenderPool, plain_memory
 from vmig.transport.stream import PlainStream
 
 PAGE = 4096
@@ -163,7 +163,7 @@ def _move_16m(server_security: Security, client_security: Security) -> None:
     def views_for(ranges: RangeTable) -> list[memoryview]:
         return [memoryview(source)[gpa:gpa + n] for gpa, n in ranges]
 
-    sent = pool.send_iteration(table.partition(64 * 1024), views_for,
+    sent = pool.send_iteration(table.partition(64 * 1024), plain_memory(views_for),
                                lambda index, chunk: acked.append(chunk.total_bytes))
     for channel in channels:
         channel.close()
@@ -196,7 +196,7 @@ def test_pool_raises_the_receivers_error_and_joins_its_threads():
     with pytest.raises((MigrationError, TransportError)):
         SenderPool(channels).send_iteration(
             RangeTable.full(size).partition(65536),
-            lambda r: [memoryview(source)[g:g + n] for g, n in r])
+            plain_memory(lambda r: [memoryview(source)[g:g + n] for g, n in r]))
     assert not [t for t in threading.enumerate() if t.name.startswith("migrate-send")]
     for channel in channels:
         channel.close()

@@ -362,7 +362,7 @@ class MigrationSummary(BaseModel):
          "expected_downtime_ms": 9.8, "paused": False, "memory_bytes": 268435456,
          "data_bytes": 67108864, "bytes_transferred": 140509184, "bytes_remaining": 0,
          "precopy_bytes": 138412032, "switchover_bytes": 2097152, "normal_pages": 34304,
-         "zero_pages": 0, "pages_per_s": 83161, "iterations": 3,
+         "zero_pages": 0, "wire_bytes": 140509184, "pages_per_s": 83161, "iterations": 3,
          "throughput_bytes_per_s": 340628310, "bandwidth_bytes_per_s": 1350000000,
          "dirty_rate_bytes_per_s": 81920000, "connections": 4, "connections_lost": 0,
          "per_connection": [{"index": 0, "role": "main", "bytes": 35127296, "chunks": 3,
@@ -404,6 +404,8 @@ class MigrationSummary(BaseModel):
     normal_pages: int = Field(0, description="Pages transferred with their bytes.")
     zero_pages: int = Field(0, description="Pages skipped or sent as zero ranges (QEMU's "
                             "`duplicate`).")
+    wire_bytes: int = Field(0, description="Page bytes on the wire: as `bytes_transferred`, "
+                            "but compressed chunks count as compressed.")
     pages_per_s: float | None = Field(None, description="normal_pages / elapsed time.")
     iterations: int | None = Field(None, description="Sender: memory passes sent (pre-copy "
                                    "iterations plus the final one); null on the receiver.")

@@ -101,6 +101,8 @@ class MigrationMetrics:
         self.bytes_remaining: int | None = None
         self.normal_pages = 0
         self.zero_pages = 0
+        #: Page payload bytes on the wire (compressed ones as compressed).
+        self.wire_bytes = 0
         self.iterations: int | None = 0 if role == "send" else None
         self.bandwidth_bytes_per_s: float | None = None
         self.dirty_rate_bytes_per_s: float | None = None
@@ -141,19 +143,25 @@ class MigrationMetrics:
         with self._lock:
             self.connections = [ConnectionMetrics(i, role) for i, role in enumerate(roles)]
 
-    def transferred(self, index: int, nbytes: int, pages: int | None = None) -> None:
-        """A chunk of `nbytes` went over connection `index` and was acknowledged."""
+    def transferred(self, index: int, nbytes: int, *, covered: int | None = None,
+                    zero_pages: int = 0, wire: int | None = None) -> None:
+        """A chunk went over connection `index` and was acknowledged: `nbytes` page bytes
+        sent (`wire` of them on the wire, if compressed), `zero_pages` skipped or sent as
+        zero ranges, `covered` bytes of guest memory done in all (default `nbytes`)."""
         with self._lock:
             if self.setup_ms is None:
                 self.setup_ms = (self._clock() - self.started_at) * 1000
             self.bytes_transferred += nbytes
+            self.wire_bytes += nbytes if wire is None else wire
             if self.paused_at is None:
                 self.precopy_bytes += nbytes
             else:
                 self.switchover_bytes += nbytes
-            self.normal_pages += nbytes // PAGE_SIZE if pages is None else pages
+            self.normal_pages += nbytes // PAGE_SIZE
+            self.zero_pages += zero_pages
+            done = nbytes if covered is None else covered
             if self.bytes_remaining is not None:
-                self.bytes_remaining = max(self.bytes_remaining - nbytes, 0)
+                self.bytes_remaining = max(self.bytes_remaining - done, 0)
             while len(self.connections) <= index:
                 self.connections.append(ConnectionMetrics(len(self.connections), "memory"))
             connection = self.connections[index]
@@ -223,6 +231,7 @@ class MigrationMetrics:
                 "switchover_bytes": self.switchover_bytes,
                 "normal_pages": pages,
                 "zero_pages": self.zero_pages,
+                "wire_bytes": self.wire_bytes,
                 "pages_per_s": round(pages / elapsed) if elapsed > 0 else None,
                 "iterations": self.iterations,
                 "throughput_bytes_per_s": (round(self.bytes_transferred / elapsed)

@@ -43,6 +43,8 @@ MAX_TIMEOUT_S = 86_400.0  # one day of pre-copy
 DEFAULT_CHUNK_BYTES = 16 * MiB
 MIN_CHUNK_BYTES = 1 * MiB
 MAX_ITERATIONS = 1000  # a safety net far beyond what a converging migration needs
+# zstd level 1: the fastest; higher levels shrink memory pages little more for much more CPU.
+DEFAULT_ZSTD_LEVEL = 1
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ SEND_PARAMETERS: tuple[Param, ...] = (
           "longer pause.", choices=tuple(s.value for s in TimeoutStrategy)),
     Param("verify_memory", "bool", False, "Compare a BLAKE3 digest of all guest memory on "
           "both sides before the destination resumes the VM."),
+    Param("compress", "str", None, "Compress each chunk with zstd on the sender's connection "
+          "threads, for slow links: zstd, or zstd:LEVEL (1-19, default 1). A chunk that does "
+          "not shrink goes as it is.", metavar="zstd[:LEVEL]"),
     Param("tls_dir", "path", None, _TLS_HELP.format(side="client") + " The destination's "
           "certificate must name the host of the URL.", metavar="DIR"),
     Param("token", "str", None, "The destination's token (tcp: without TLS): both sides "
@@ -178,10 +183,19 @@ class SendParams:
     timeout_s: float = DEFAULT_TIMEOUT_S
     timeout_strategy: TimeoutStrategy = TimeoutStrategy.CANCEL
     verify_memory: bool = False
+    compress: str | None = None
     tls_dir: str | None = None
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    @property
+    def compress_level(self) -> int | None:
+        """The zstd level asked for, or None without compression (validate() checks it)."""
+        if self.compress is None:
+            return None
+        _, _, level = self.compress.partition(":")
+        return int(level) if level else DEFAULT_ZSTD_LEVEL
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_strategy, TimeoutStrategy):
@@ -211,6 +225,13 @@ class SendParams:
         if self.local and address.kind != "unix":
             raise ConfigError("local: needs a unix: destination_url (memory fds are passed "
                               "over a UNIX socket)")
+        if self.compress is not None:
+            name, sep, level = self.compress.partition(":")
+            if name != "zstd" or (sep and not (level.isdigit() and 1 <= int(level) <= 19)):
+                raise ConfigError(f"compress: expected zstd or zstd:LEVEL with a level from 1 "
+                                  f"to 19, got {self.compress!r}")
+            if self.local:
+                raise ConfigError("compress: not with local (memory is shared, not copied)")
         if self.chunk_bytes < PAGE_SIZE or self.chunk_bytes % PAGE_SIZE:
             raise ConfigError(f"chunk_bytes: must be a positive multiple of {PAGE_SIZE}, "
                               f"got {self.chunk_bytes}")

@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import zstandard
+
 from vmig.config import VmConfig
 from vmig.errors import (
     GuestMemoryError,
@@ -52,6 +54,7 @@ from vmig.proto import (
     Config,
     ConnectionClosed,
     MemoryFd,
+    MemoryFlags,
     MemoryRequest,
     Start,
     State,
@@ -59,6 +62,7 @@ from vmig.proto import (
 from vmig.transport.address import Address
 from vmig.transport.channel import ReceiverChannel
 from vmig.transport.receiver_pool import ReceiverPool
+from vmig.units import PAGE_SIZE
 from vmig.vmm.machine import Machine
 from vmig.vmm.state import MachineState
 
@@ -397,26 +401,67 @@ class MigrationReceiver:
             channel.reject(str(exc))
             raise
         channel.accept()
-        self.metrics.transferred(channel.index, request.payload_bytes)
+        pages = request.ranges.total_bytes
+        if request.flags & MemoryFlags.ZERO:
+            self.metrics.transferred(channel.index, 0, covered=pages,
+                                     zero_pages=pages // PAGE_SIZE)
+        else:
+            self.metrics.transferred(channel.index, pages, wire=request.payload_bytes)
 
-    @staticmethod
-    def _write_memory(channel: ReceiverChannel, phase: MemoryReady,
+    def _write_memory(self, channel: ReceiverChannel, phase: MemoryReady,
                       request: MemoryRequest) -> None:
         memory = phase.memory
         gpas, lengths = request.ranges.as_arrays()
         if len(gpas) and int((gpas + lengths).max()) > memory.size:
             raise GuestMemoryError(f"MEMORY range ends past guest memory "
                                    f"({int((gpas + lengths).max()):#x} > {memory.size:#x})")
+        if request.flags & MemoryFlags.ZERO:  # the pages became zero at the source
+            channel.receive_payload([])
+            for gpa, length in request.ranges:
+                memory.discard(gpa, length)
+            return
+        if request.flags & MemoryFlags.ZSTD and not phase.start.compress:
+            raise MigrationError("a compressed MEMORY arrived although START did not set "
+                                 "COMPRESS")
         if not phase.preallocated:  # fault big ranges in with one call each
             big = lengths >= BULK_POPULATE_BYTES
             for gpa, length in zip(gpas[big].tolist(), lengths[big].tolist(), strict=True):
                 memory.populate(gpa, length)
         views = memory.views(request.ranges)
         try:
-            channel.receive_payload(views)
+            if request.flags & MemoryFlags.ZSTD:
+                self._decompress(channel, request, views)
+            else:
+                channel.receive_payload(views)
         finally:
             for view in views:
                 view.release()
+
+    def _decompress(self, channel: ReceiverChannel, request: MemoryRequest,
+                    views: list[memoryview]) -> None:
+        """Read a zstd frame, then decompress it straight into guest memory (`views`)."""
+        frame = channel.scratch(request.payload_bytes)
+        compressed = memoryview(frame)[:request.payload_bytes]
+        channel.receive_payload([compressed])
+        # `compressed` is not released explicitly: the reader holds it. scratch() makes a
+        # new buffer when it needs a bigger one, so this one is never resized under it.
+        reader = _decompressor().stream_reader(compressed)
+        try:
+            for view in views:
+                done = 0
+                while done < len(view):
+                    with view[done:] as rest:
+                        got = reader.readinto(rest)
+                    if not got:
+                        raise MigrationError("a compressed MEMORY frame ended early")
+                    done += got
+            if reader.read(1):
+                raise MigrationError("a compressed MEMORY frame holds more than its ranges")
+        except zstandard.ZstdError as exc:
+            raise MigrationError(f"a compressed MEMORY frame is corrupt: {exc}") from None
+        finally:
+            reader.close()
+
 
     def _serve_memory(self, channel: ReceiverChannel) -> None:
         """A MEMORY connection, until it closes (run on its pool thread)."""
@@ -498,6 +543,17 @@ class MigrationReceiver:
             self._on_finished(None, error)
         except Exception:
             log.exception("on_finished callback failed")
+
+
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (one per connection thread: they are not shared)."""
+    decompressor = getattr(_local, "zstd", None)
+    if decompressor is None:
+        decompressor = _local.zstd = zstandard.ZstdDecompressor()
+    return decompressor
 
 
 def _discard(phase: ReceivePhase) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import blake3
 import numpy as np
+import zstandard
 
 from vmig.errors import MigrationCancelled as Cancelled
 from vmig.errors import MigrationError, StateError, TransportError, describe
@@ -53,7 +54,9 @@ from vmig.proto import (
     Complete,
     Config,
     ConnectionRole,
+    Memory,
     MemoryFd,
+    MemoryFlags,
     Start,
     StartFlags,
     State,
@@ -105,6 +108,12 @@ class MigrationSender:
         self._pool: SenderPool | None = None
         self._channels: list[SenderChannel] = []
         self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
+        # The first pass skips zero pages (the destination starts zeroed); later passes
+        # send pages that became zero as ZERO ranges.
+        self._first_pass = True
+        self._compressors: dict[int, zstandard.ZstdCompressor] = {}  # per channel (thread)
+        # id(chunk) -> (page bytes sent, zero pages, [bytes on the wire]) until acknowledged
+        self._accounts: dict[int, tuple[int, int, list[int]]] = {}
 
     @property
     def phase(self) -> SendPhase:
@@ -189,6 +198,8 @@ class MigrationSender:
             flags |= StartFlags.LOCAL
         if self.params.verify_memory:
             flags |= StartFlags.VERIFY_MEMORY
+        if self.params.compress_level is not None:
+            flags |= StartFlags.COMPRESS
         main.request(Start(migration_id=self.migration_id,
                            connections=len(self._pool.channels), flags=flags))
         if self.params.local:
@@ -297,20 +308,66 @@ class MigrationSender:
         chunk = min(self.params.chunk_bytes, max(fair_share, MIN_CHUNK_BYTES))
         chunks = ranges.partition(chunk)
         try:
-            sent = self._pool.send_iteration(
-                chunks, self.memory.views,
-                lambda index, done: self.metrics.transferred(index, done.total_bytes))
+            sent = self._pool.send_iteration(chunks, self._prepare, self._acked)
         except TransportError as exc:
             raise TransportError(f"the MAIN connection failed: {exc}") from None
         seconds = self.clock() - began
         self.stats.record_iteration(sent, seconds)
         self.metrics.update(iterations=self.stats.iteration,
                             bandwidth_bytes_per_s=self.stats.bandwidth_bytes_per_s)
+        self._first_pass = False
         return sent
+
+    def _prepare(self, chunk: RangeTable) -> list[Callable[[SenderChannel], None]]:
+        """The requests that carry `chunk` (on its connection's thread): its data pages,
+        and its zero pages as a ZERO range (skipped in the first pass, as the destination
+        starts zeroed)."""
+        data, zero = self.memory.split_zero_pages(chunk)
+        wire = [0]
+        writers: list[Callable[[SenderChannel], None]] = []
+        if len(zero) and not self._first_pass:
+            writers.append(lambda channel: channel.submit(Memory(zero, MemoryFlags.ZERO)))
+        if len(data):
+            def write_data(channel: SenderChannel) -> None:
+                wire[0] = self._submit_data(channel, data)
+            writers.append(write_data)
+        self._accounts[id(chunk)] = (data.total_bytes, zero.total_bytes // PAGE_SIZE, wire)
+        return writers
+
+    def _submit_data(self, channel: SenderChannel, data: RangeTable) -> int:
+        """One MEMORY request with `data`'s pages, zstd-compressed when asked for and when
+        it shrinks them; returns the bytes it put on the wire."""
+        level = self.params.compress_level
+        if level is None:
+            channel.submit_memory(data, self.memory.views)
+            return data.total_bytes
+        compressor = self._compressors.get(id(channel))
+        if compressor is None:
+            compressor = self._compressors[id(channel)] = zstandard.ZstdCompressor(level=level)
+        views = self.memory.views(data)
+        try:
+            stream = compressor.compressobj(size=data.total_bytes)
+            frame = [stream.compress(view) for view in views]  # the GIL is released meanwhile
+            frame.append(stream.flush())
+            size = sum(len(part) for part in frame)
+            if size >= data.total_bytes:  # did not shrink: as it is
+                channel.submit(Memory(data), views)
+                return data.total_bytes
+            channel.submit(Memory(data, MemoryFlags.ZSTD, size), frame)
+            return size
+        finally:
+            for view in views:
+                view.release()
+
+    def _acked(self, index: int, chunk: RangeTable) -> None:
+        sent, zero, wire = self._accounts.pop(id(chunk), (chunk.total_bytes, 0, [None]))
+        self.metrics.transferred(index, sent, covered=chunk.total_bytes, zero_pages=zero,
+                                 wire=wire[0])
 
     def _precopy(self) -> None:
         # The destination starts from zeroed memory: the first pass copies only the
-        # parts of the backing file that hold data (never-touched pages are holes).
+        # parts of the backing file that hold data (never-touched pages are holes), and
+        # of those only the pages that are not all zeros (`_submit`).
         ranges = RangeTable(self.memory.data_extents())
         last_collect = self.clock()
         while True:

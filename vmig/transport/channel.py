@@ -232,6 +232,7 @@ class ReceiverChannel:
         self.conn = ReceiverConnection(role, migration_id=migration_id)
         self._accept_fds = accept_fds and isinstance(stream, PlainStream) and stream.passes_fds
         self.fds: list[int] = []
+        self._scratch = bytearray()
         # MAIN can be woken while it waits for the next request (a cancel), without
         # touching the connection, which then still carries the answer to the source.
         self._wake: tuple[int, int] | None = None
@@ -302,6 +303,12 @@ class ReceiverChannel:
             raise MigrationError("page bytes arrived through the protocol buffer")
         if not isinstance(event, EndOfPayload):
             raise MigrationError(f"expected the end of the memory payload, got {event!r}")
+
+    def scratch(self, size: int) -> bytearray:
+        """A buffer of at least `size` bytes, kept for this connection (compressed frames)."""
+        if len(self._scratch) < size:
+            self._scratch = bytearray(size)
+        return self._scratch
 
     def accept(self) -> None:
         self.stream.send_all([self.conn.send(Ok())])

@@ -28,6 +28,11 @@ from vmig.transport.channel import SenderChannel, ViewsFor
 
 #: (connection index, the chunk it carried) once the receiver acknowledged it.
 OnAcked = Callable[[int, RangeTable], None]
+#: Writes one request on a channel.
+Writer = Callable[[SenderChannel], None]
+#: The requests that carry a chunk, as writers (none: nothing to send, e.g. a chunk of
+#: zero pages in a first pass). Called on the connection's thread that took the chunk.
+Prepare = Callable[[RangeTable], list[Writer]]
 #: (connection index, the channel, why) when a MEMORY connection is lost.
 OnLost = Callable[[int, SenderChannel, str], None]
 
@@ -99,24 +104,28 @@ class SenderPool:
         if work is not None:
             work.stop()
 
-    def send_iteration(self, chunks: Sequence[RangeTable], views_for: ViewsFor,
+    def send_iteration(self, chunks: Sequence[RangeTable], prepare: Prepare,
                        on_acked: OnAcked | None = None) -> int:
-        """Send every chunk over whichever live connection is free; return the bytes acked."""
+        """Send every chunk over whichever live connection is free; return the bytes acked.
+
+        `prepare(chunk)` gives the requests that carry a chunk (`plain_memory(views_for)`:
+        one plain MEMORY request each); they are written as the pipeline has room.
+        """
         work = self._work = _Work(chunks)
         errors: list[BaseException] = []
         acked = [0] * len(self.channels)
 
         def worker(index: int, channel: SenderChannel) -> None:
-            in_flight: collections.deque[RangeTable] = collections.deque()
+            in_flight: collections.deque[_Taken] = collections.deque()
             try:
-                acked[index] = _drain(index, channel, work, in_flight, views_for, on_acked)
+                acked[index] = _drain(index, channel, work, in_flight, prepare, on_acked)
             except TransportError as exc:
                 if index == 0 or work.stopped:
                     errors.append(exc)
                     work.stop()
                     return
                 self._alive[index] = False  # a lost MEMORY connection: the others carry on
-                work.requeue(list(in_flight))
+                work.requeue([taken.chunk for taken in in_flight])
                 if self._on_lost is not None:
                     self._on_lost(index, channel, f"{exc}; its {len(in_flight)} "
                                   "unacknowledged chunks went to the other connections")
@@ -141,26 +150,71 @@ class SenderPool:
         return sum(acked)
 
 
+class _Taken:
+    """A chunk a connection took: its requests still to write, and answers still due."""
+
+    __slots__ = ("chunk", "due", "todo")
+
+    def __init__(self, chunk: RangeTable, writers: list[Writer]) -> None:
+        self.chunk = chunk
+        self.todo = collections.deque(writers)
+        self.due = 0
+
+    @property
+    def done(self) -> bool:
+        return not self.todo and not self.due
+
+
 def _drain(index: int, channel: SenderChannel, work: _Work,
-           in_flight: collections.deque[RangeTable], views_for: ViewsFor,
+           in_flight: collections.deque[_Taken], prepare: Prepare,
            on_acked: OnAcked | None) -> int:
-    """One connection's share: keep its pipeline full until the iteration is acknowledged."""
+    """One connection's share: keep its pipeline full until the iteration is acknowledged.
+
+    Requests are written in order, as the pipeline (`max_outstanding` unanswered) has
+    room, so the answers come back in that order too; a chunk is acknowledged once
+    all of its requests are. `in_flight` holds what this connection took and has not
+    had acknowledged (a failed connection's caller puts it back on the queue).
+    """
     total = 0
+    due = 0
     while True:
-        if len(in_flight) < channel.max_outstanding:
+        for taken in in_flight:  # write what waits, oldest first
+            while taken.todo and due < channel.max_outstanding:
+                taken.todo.popleft()(channel)
+                taken.due += 1
+                due += 1
+        if due < channel.max_outstanding and not (in_flight and in_flight[-1].todo):
             chunk = work.take(wait=not in_flight)
             if chunk is not None:
-                in_flight.append(chunk)  # before sending: a failed send requeues it too
-                channel.submit_memory(chunk, views_for)
+                in_flight.append(_Taken(chunk, prepare(chunk)))
+                total += _acknowledge(index, in_flight, work, on_acked)
                 continue
         if not in_flight:
             return total
         SenderChannel.check(channel.read_response())
-        done = in_flight.popleft()
+        due -= 1
+        next(taken for taken in in_flight if taken.due).due -= 1
+        total += _acknowledge(index, in_flight, work, on_acked)
+
+
+def _acknowledge(index: int, in_flight: collections.deque[_Taken], work: _Work,
+                 on_acked: OnAcked | None) -> int:
+    """Pop the chunks at the front that are fully acknowledged; return their bytes."""
+    total = 0
+    while in_flight and in_flight[0].done:
+        chunk = in_flight.popleft().chunk
         work.acked()
-        total += done.total_bytes
+        total += chunk.total_bytes
         if on_acked is not None:
-            on_acked(index, done)
+            on_acked(index, chunk)
+    return total
+
+
+def plain_memory(views_for: ViewsFor) -> Prepare:
+    """Each chunk as one MEMORY request of the views `views_for` gives."""
+    def prepare(chunk: RangeTable) -> list[Writer]:
+        return [lambda channel: channel.submit_memory(chunk, views_for)]
+    return prepare
 
 
 def role_name(channel: SenderChannel) -> str:
