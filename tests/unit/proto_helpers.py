@@ -15,6 +15,7 @@ from vmig.proto import (
     Memory,
     MemoryFd,
     Ok,
+    Postcopy,
     ReceiverConnection,
     Response,
     SenderConnection,
@@ -37,13 +38,13 @@ TABLE = RangeTable([(0, PAGE_SIZE), (4 * PAGE_SIZE, 2 * PAGE_SIZE)])
 PAGES = bytes(i % 251 for i in range(TABLE.total_bytes))
 
 # Events after which the receiver must answer before reading on.
-COMPLETE_EVENTS = (Start, Config, MemoryFd, State, Complete, Abandon, EndOfPayload)
+COMPLETE_EVENTS = (Start, Config, MemoryFd, State, Postcopy, Complete, Abandon, EndOfPayload)
 
 
 def default_request(command: Command) -> tuple[object, bytes]:
     """A well-formed request event for `command` and the page bytes it needs."""
     if command is Command.START:
-        flags = StartFlags.LOCAL | StartFlags.VERIFY_MEMORY
+        flags = StartFlags.LOCAL | StartFlags.VERIFY_MEMORY | StartFlags.POSTCOPY
         return Start(migration_id=MID, connections=2, flags=flags), b""
     if command is Command.MEMORY_FD:
         return MemoryFd(slot=0, gpa=0, size=1 * MiB), b""
@@ -57,6 +58,8 @@ def default_request(command: Command) -> tuple[object, bytes]:
         return Complete(b'{"memory_digest": "00"}'), b""
     if command is Command.ABANDON:
         return Abandon("test"), b""
+    if command is Command.POSTCOPY:
+        return Postcopy(TABLE), b""
     raise AssertionError(command)
 
 
@@ -64,8 +67,13 @@ def raw_request(command: int) -> bytes:
     """The full bytes of a well-formed request for any command value (even invalid ones),
     built with the wire encoders directly so no sender-side check gets in the way."""
     if command == Command.START:
-        payload = encode_start_payload(PROTOCOL_VERSION, StartFlags.LOCAL, MID, 2)
+        flags = StartFlags.LOCAL | StartFlags.POSTCOPY
+        payload = encode_start_payload(PROTOCOL_VERSION, flags, MID, 2)
         return encode_request_header(command, len(payload)) + payload
+    if command == Command.POSTCOPY:
+        table = TABLE.encode()
+        return encode_request_header(command, len(table), encode_memory_headers(len(TABLE))) \
+            + table
     if command == Command.MEMORY_FD:
         payload = encode_memory_fd_payload(0, 1 * MiB)
         return encode_request_header(command, 16, encode_memory_fd_headers(0)) + payload

@@ -485,7 +485,7 @@ def _memory_bytes(pairs, page_bytes=None, count=None, reserved=0, length=None):
         (_established, _start_bytes(version=1), "version 1"),
         (_established, _start_bytes(version=3), "version 3"),
         (_established, _start_bytes(version=0), "version 0"),
-        (_established, _start_bytes(flags=8), "unknown flags"),
+        (_established, _start_bytes(flags=16), "unknown flags"),
         (_established, _start_bytes(reserved=1), "reserved"),
         (_established, _start_bytes(connections=0), "0 connections"),
         (_established, _start_bytes(connections=129), "129 connections"),
@@ -675,7 +675,7 @@ def test_sender_memory_returns_header_and_table_only():
         (Start(migration_id=MID, connections=0), "connections"),
         (Start(migration_id=MID, connections=129), "connections"),
         (Start(migration_id=b"short"), "16 bytes"),
-        (Start(migration_id=MID, flags=StartFlags(8)), "flags"),
+        (Start(migration_id=MID, flags=StartFlags(16)), "flags"),
         (Start(migration_id=MID, version=1 << 32), "cannot encode"),
     ],
 )

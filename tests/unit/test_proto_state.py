@@ -67,10 +67,11 @@ def _invalid_cases(*, raw: bool = True):
 
     With `raw`, also the values no event type can produce (INVALID, unknown).
     """
-    # AUTH belongs to the handshake, before any of these states (test_proto_handshake.py);
+    # AUTH belongs to the handshake, before any of these states (test_proto_handshake.py),
+    # FAULT to the FAULT connection (test_proto_fault.py);
     # after it, it is refused like any other command out of place.
     commands = [*Command, UNKNOWN_COMMAND] if raw else [
-        c for c in Command if c not in (Command.INVALID, Command.AUTH)]
+        c for c in Command if c not in (Command.INVALID, Command.AUTH, Command.FAULT)]
     cases = []
     for role, state, path in _reachable():
         for command in commands:

@@ -37,9 +37,11 @@ def test_enum_values_are_fixed():
         ("ABANDON", 6),
         ("MEMORY_FD", 7),
         ("AUTH", 8),
+        ("FAULT", 9),
+        ("POSTCOPY", 10),
     ]
     assert [s.value for s in Status] == [0, 1, 2, 3]
-    assert [r.value for r in ConnectionRole] == [0, 1, 2]
+    assert [r.value for r in ConnectionRole] == [0, 1, 2, 3]
     assert int(wire.StartFlags.LOCAL) == 1 and int(wire.StartFlags.VERIFY_MEMORY) == 2
 
 
@@ -124,7 +126,7 @@ def _hello(magic=b"VMIGCONN", role=1, version=2, reserved=0, mid=MID):
         (_hello(magic=b"VMIGCONX"), "bad magic"),
         (_hello(magic=b"GET / HT"), "bad magic"),
         (_hello(role=0), "invalid role 0"),
-        (_hello(role=3), "invalid role 3"),
+        (_hello(role=4), "invalid role 4"),
         (_hello(reserved=1), "reserved"),
         (_hello(version=1), "version 1"),
         (_hello(version=3), "version 3"),

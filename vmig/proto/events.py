@@ -35,6 +35,7 @@ __all__ = [
     "NeedData",
     "Ok",
     "PayloadData",
+    "Postcopy",
     "ReceiverEvent",
     "Request",
     "Response",
@@ -82,6 +83,11 @@ class Start:
     def compress(self) -> bool:
         """MEMORY requests may carry zstd frames."""
         return bool(self.flags & StartFlags.COMPRESS)
+
+    @property
+    def postcopy(self) -> bool:
+        """The sender may switch to post-copy; a FAULT connection comes with START."""
+        return bool(self.flags & StartFlags.POSTCOPY)
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,17 @@ class EndOfPayload:
 
 
 @dataclass(frozen=True)
+class Postcopy:
+    """POSTCOPY: switch to post-copy; `ranges` are the pages the destination still lacks.
+
+    The destination resumes the guest at once and gets those pages on demand (the
+    FAULT connection) and in the background (MEMORY), until COMPLETE.
+    """
+
+    ranges: RangeTable
+
+
+@dataclass(frozen=True)
 class State:
     """STATE: vCPU and device state as UTF-8 JSON, opaque to the protocol."""
 
@@ -226,7 +243,8 @@ class ConnectionClosed:
 
 
 #: Requests as `SenderConnection.send()` takes them.
-Request: TypeAlias = Start | Config | MemoryFd | Memory | State | Complete | Abandon
+Request: TypeAlias = (Start | Config | MemoryFd | Memory | State | Postcopy | Complete
+                      | Abandon)
 #: What `ReceiverConnection.next_event()` returns.
 ReceiverEvent: TypeAlias = (
     Start
@@ -236,6 +254,7 @@ ReceiverEvent: TypeAlias = (
     | PayloadData
     | EndOfPayload
     | State
+    | Postcopy
     | Complete
     | Abandon
     | ConnectionClosed

@@ -46,6 +46,7 @@ from vmig.proto.events import (
     MemoryRequest,
     Ok,
     PayloadData,
+    Postcopy,
     ReceiverEvent,
     Start,
     State,
@@ -390,6 +391,14 @@ class ReceiverConnection:
         request = _Request(command, length, target, headers)
         if command is Command.MEMORY:
             self._check_memory_header(request)
+        elif command is Command.POSTCOPY:
+            count, flags = decode_memory_headers(headers)
+            if flags or count > MAX_RANGES_PER_REQUEST:
+                raise RemoteProtocolError(
+                    f"sender sent POSTCOPY with {count} ranges and flags {int(flags):#x}")
+            if self._start is None or not self._start.postcopy:
+                raise RemoteProtocolError("sender sent POSTCOPY but START did not set POSTCOPY")
+            self._check_length(request, exact=RANGE_ENTRY_SIZE * count)
         elif command is Command.MEMORY_FD:
             decode_memory_fd_headers(headers)
             if self._start is None or not self._start.local:
@@ -461,6 +470,8 @@ class ReceiverConnection:
             return State(body)
         if command is Command.COMPLETE:
             return Complete(body)
+        if command is Command.POSTCOPY:
+            return Postcopy(decode_range_table(body, None, total_limit=None))
         return Abandon(body.decode("utf-8", errors="replace"))
 
     def _parse_start(self, body: bytes) -> Start:

@@ -20,6 +20,7 @@ from vmig.proto.events import (
     ConnectionClosed,
     Memory,
     MemoryFd,
+    Postcopy,
     Request,
     Response,
     SenderEvent,
@@ -174,6 +175,9 @@ class SenderConnection:
                 )
             if command is Command.MEMORY_FD and (self._start is None or not self._start.local):
                 raise LocalProtocolError("cannot send MEMORY_FD: START did not set LOCAL")
+            if command is Command.POSTCOPY and (self._start is None
+                                                or not self._start.postcopy):
+                raise LocalProtocolError("cannot send POSTCOPY: START did not set POSTCOPY")
         data = _encode_request(event)
         self._outstanding.append(_Outstanding(command, target))
         if isinstance(event, Start):
@@ -267,6 +271,7 @@ _REQUEST_COMMANDS: tuple[tuple[type, Command], ...] = (
     (MemoryFd, Command.MEMORY_FD),
     (Memory, Command.MEMORY),
     (State, Command.STATE),
+    (Postcopy, Command.POSTCOPY),
     (Complete, Command.COMPLETE),
     (Abandon, Command.ABANDON),
 )
@@ -290,6 +295,13 @@ def _encode_request(event: Request) -> bytes:
         headers = encode_memory_headers(len(event.ranges), event.flags)
         length = len(table) + event.payload_bytes
         return encode_request_header(Command.MEMORY, length, headers) + table
+    if isinstance(event, Postcopy):
+        problem = range_table_problem(event.ranges, payload_limit=None)
+        if problem:
+            raise LocalProtocolError(f"cannot send POSTCOPY: {problem}")
+        table = event.ranges.encode()
+        return encode_request_header(Command.POSTCOPY, len(table),
+                                     encode_memory_headers(len(event.ranges))) + table
     if isinstance(event, MemoryFd):
         payload = encode_memory_fd_payload(event.gpa, event.size)
         headers = encode_memory_fd_headers(event.slot)

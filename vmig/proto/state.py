@@ -41,8 +41,10 @@ class ReceiverState(Enum):
     MEMORY_FDS_RECEIVED = "memory_fds_received"
     #: CONFIG applied, the VM is built; MEMORY requests until STATE.
     CONFIGURED = "configured"
-    #: STATE applied (vCPUs and devices restored); waiting for COMPLETE.
+    #: STATE applied (vCPUs and devices restored); waiting for COMPLETE (or POSTCOPY).
     STATE_RECEIVED = "state_received"
+    #: POSTCOPY accepted: the guest runs here while its last pages come; until COMPLETE.
+    POSTCOPY_ACTIVE = "postcopy_active"
     #: COMPLETE accepted: the VM runs on the receiver. Final.
     COMPLETED = "completed"
     #: Abandoned by the sender or failed on either side. Final.
@@ -73,6 +75,9 @@ TRANSITIONS: dict[tuple[ReceiverState, Command], ReceiverState] = {
     (_S.CONFIGURED, _C.MEMORY): _S.CONFIGURED,
     (_S.CONFIGURED, _C.STATE): _S.STATE_RECEIVED,
     (_S.STATE_RECEIVED, _C.COMPLETE): _S.COMPLETED,
+    (_S.STATE_RECEIVED, _C.POSTCOPY): _S.POSTCOPY_ACTIVE,
+    (_S.POSTCOPY_ACTIVE, _C.MEMORY): _S.POSTCOPY_ACTIVE,
+    (_S.POSTCOPY_ACTIVE, _C.COMPLETE): _S.COMPLETED,
     (_S.STREAMING, _C.MEMORY): _S.STREAMING,
     # ABANDON is accepted in every state that is not final.
     **{(state, _C.ABANDON): _S.ABORTED for state in _S if state not in TERMINAL_STATES},

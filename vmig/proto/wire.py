@@ -177,6 +177,10 @@ class Command(IntEnum):
     MEMORY_FD = 7
     #: Handshake only: the sender's token proof (see vmig.proto.handshake).
     AUTH = 8
+    #: FAULT connection only, from the receiver: the pages a faulting guest needs now.
+    FAULT = 9
+    #: Switch to post-copy: the destination runs the guest while these pages come.
+    POSTCOPY = 10
 
 
 class Status(IntEnum):
@@ -198,6 +202,8 @@ class ConnectionRole(IntEnum):
     MAIN = 1
     #: An extra data connection: MEMORY requests only (pipelined), or ABANDON.
     MEMORY = 2
+    #: Post-copy's page-fault connection: the receiver asks for pages, the sender answers.
+    FAULT = 3
 
 
 class AuthMethod(IntEnum):
@@ -219,9 +225,12 @@ class StartFlags(IntFlag):
     VERIFY_MEMORY = 2
     #: MEMORY requests may carry their page bytes as a zstd frame (MemoryFlags.ZSTD).
     COMPRESS = 4
+    #: The sender may switch to post-copy (POSTCOPY); a FAULT connection comes with START.
+    POSTCOPY = 8
 
 
-_KNOWN_FLAGS = int(StartFlags.LOCAL | StartFlags.VERIFY_MEMORY | StartFlags.COMPRESS)
+_KNOWN_FLAGS = int(StartFlags.LOCAL | StartFlags.VERIFY_MEMORY | StartFlags.COMPRESS
+                   | StartFlags.POSTCOPY)
 
 
 class MemoryFlags(IntFlag):
@@ -486,12 +495,13 @@ def decode_memory_fd_payload(data: bytes | bytearray | memoryview) -> tuple[int,
     return gpa, size
 
 
-def range_table_problem(table: RangeTable) -> str | None:
-    """Why `table` cannot go in a MEMORY request, or None if it can."""
+def range_table_problem(table: RangeTable,
+                        payload_limit: int | None = MAX_MEMORY_PAYLOAD) -> str | None:
+    """Why `table` cannot go in a MEMORY (or POSTCOPY: no payload limit) request, or None."""
     if len(table) > MAX_RANGES_PER_REQUEST:
         return f"{len(table)} ranges exceed the limit of {MAX_RANGES_PER_REQUEST}"
-    if table.total_bytes > MAX_MEMORY_PAYLOAD:
-        return f"{table.total_bytes} page bytes exceed the limit of {MAX_MEMORY_PAYLOAD}"
+    if payload_limit is not None and table.total_bytes > payload_limit:
+        return f"{table.total_bytes} page bytes exceed the limit of {payload_limit}"
     gpas, lengths = table.as_arrays()
     return _aligned_problem(gpas, lengths)
 
@@ -509,7 +519,8 @@ def _aligned_problem(gpas: np.ndarray, lengths: np.ndarray) -> str | None:
 
 
 def decode_range_table(data: bytes | bytearray | memoryview,
-                       payload_bytes: int | None) -> RangeTable:
+                       payload_bytes: int | None, *,
+                       total_limit: int | None = MAX_MEMORY_PAYLOAD) -> RangeTable:
     """Parse and check a MEMORY range table against the page bytes the header announced.
 
     Raises RemoteProtocolError if a range is empty, unaligned or wraps around
@@ -537,10 +548,10 @@ def decode_range_table(data: bytes | bytearray | memoryview,
     if problem:
         raise RemoteProtocolError(f"sender sent MEMORY with {problem}")
     if payload_bytes is None:
-        if table.total_bytes > MAX_MEMORY_PAYLOAD:
+        if total_limit is not None and table.total_bytes > total_limit:
             raise RemoteProtocolError(
                 f"sender sent MEMORY whose ranges hold {table.total_bytes} bytes; the limit is "
-                f"{MAX_MEMORY_PAYLOAD}"
+                f"{total_limit}"
             )
     elif table.total_bytes != payload_bytes:
         raise RemoteProtocolError(
@@ -552,12 +563,14 @@ def decode_range_table(data: bytes | bytearray | memoryview,
 
 # -- hello --------------------------------------------------------------------------
 
+_ROLES = (ConnectionRole.MAIN, ConnectionRole.MEMORY, ConnectionRole.FAULT)
+
 
 def encode_hello(
     role: ConnectionRole, migration_id: bytes, version: int = PROTOCOL_VERSION
 ) -> bytes:
     """The 32-byte preamble the sender writes first on every connection."""
-    if role not in (ConnectionRole.MAIN, ConnectionRole.MEMORY):
+    if role not in _ROLES:
         raise LocalProtocolError(f"cannot send a hello with role {role!r}")
     if len(migration_id) != MIGRATION_ID_SIZE:
         raise LocalProtocolError(f"migration id must be {MIGRATION_ID_SIZE} bytes")
@@ -575,7 +588,7 @@ def parse_hello(data: bytes | bytearray | memoryview) -> Hello:
     magic, role, version, reserved, migration_id = _HELLO.unpack(data)
     if magic != HELLO_MAGIC:
         raise RemoteProtocolError(f"peer sent a hello with bad magic {magic!r}")
-    if role not in (ConnectionRole.MAIN, ConnectionRole.MEMORY):
+    if role not in _ROLES:
         raise RemoteProtocolError(f"peer sent a hello with invalid role {role}")
     if reserved:
         raise RemoteProtocolError(f"peer sent a hello with reserved field {reserved:#x}")
