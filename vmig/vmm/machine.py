@@ -17,25 +17,26 @@ import contextlib
 import dataclasses
 import enum
 import logging
-import os
-import struct
 import threading
 import time
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from vmig.config import DirtyOrder, VmConfig, Workload
+from vmig.config import VmConfig, Workload
 from vmig.errors import ConfigError, GuestError, KvmError, SnapshotError, StateError, VmigError
 from vmig.guest import layout
 from vmig.guest.build import guest_image
 from vmig.kvm import Kvm, Vcpu, Vm
 from vmig.kvm.vcpu import SAVED_MSRS
 from vmig.memory import GuestMemory
-from vmig.units import GiB
+from vmig.ranges import RangeTable
+from vmig.units import PAGE_SIZE
+from vmig.vmm.boot import enter_real_mode, write_boot_memory
 from vmig.vmm.devices import SERIAL_PORTS, STATUS_PORTS, IoBus, Serial8250, StatusPort
-from vmig.vmm.state import MachineState, VcpuState, struct_to_dict
+from vmig.vmm.snapshot import read_snapshot, write_snapshot
+from vmig.vmm.state import MachineState, load_vcpu_state, read_vcpu_state
+from vmig.vmm.throttle import Throttle
 from vmig.vmm.vcpu_thread import (
     HLT_WAIT_S,
     IDLE_HLT_WAIT_S,
@@ -48,8 +49,6 @@ __all__ = ["Machine", "VmState", "install_kick_handler"]
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_STATE_FILE = "state.json"
-SNAPSHOT_MEMORY_FILE = "memory.bin"
 CHECK_POLL_S = 0.02
 BOOT_TIMEOUT_S = 30.0
 
@@ -90,6 +89,7 @@ class Machine:
         self.bus.register(*SERIAL_PORTS, self.serial)
         self.bus.register(*STATUS_PORTS, StatusPort(self._guest_event))
         self.handles: list[VcpuHandle] = []
+        self.throttle = Throttle(lambda: self.handles)
         idle = config.workload is Workload.IDLE
         hlt_wait = IDLE_HLT_WAIT_S if idle else HLT_WAIT_S
         try:
@@ -110,9 +110,9 @@ class Machine:
         machine = cls._assemble(config, memory, restore=None)
         try:
             with machine._lock:
-                _write_boot_memory(memory, config, image, machine.tsc_khz)
+                write_boot_memory(memory, config, image, machine.tsc_khz)
                 for vcpu in machine.vcpus:
-                    _enter_real_mode(vcpu, layout.entry_gpa(vcpu.vcpu_id))
+                    enter_real_mode(vcpu, layout.entry_gpa(vcpu.vcpu_id))
                 machine._resume_vcpus()
             machine.wait_booted()
         except BaseException:
@@ -144,42 +144,7 @@ class Machine:
     def restore_snapshot(cls, directory: str, *, serial_log: str | None = None,
                          memory_file: str | None = None, resume: bool = True) -> Machine:
         """Start a VM from a snapshot directory written by `snapshot()`."""
-        folder = Path(directory)
-        state_path, memory_path = folder / SNAPSHOT_STATE_FILE, folder / SNAPSHOT_MEMORY_FILE
-        try:
-            state = MachineState.from_json(state_path.read_bytes())
-        except FileNotFoundError:
-            raise SnapshotError(f"{folder} is not a vmig snapshot: {state_path.name} "
-                                "is missing") from None
-        except OSError as exc:
-            raise SnapshotError(f"cannot read {state_path}: {exc.strerror}") from None
-        size = state.config.memory_bytes
-        try:
-            actual = memory_path.stat().st_size
-        except OSError:
-            raise SnapshotError(f"snapshot {folder} has no {memory_path.name}") from None
-        if actual != size:
-            raise SnapshotError(f"snapshot memory {memory_path} holds {actual} bytes, "
-                                f"the VM state says {size}")
-        memory = GuestMemory.create(size, memory_file)
-        try:
-            view = memory.view(0, size)
-            try:
-                with open(memory_path, "rb") as source:
-                    done = 0
-                    while done < size:
-                        n = source.readinto(view[done:])
-                        if not n:
-                            raise SnapshotError(f"{memory_path} ended early")
-                        done += n
-            finally:
-                view.release()
-        except OSError as exc:
-            memory.close()
-            raise SnapshotError(f"cannot read {memory_path}: {exc.strerror}") from None
-        except BaseException:
-            memory.close()
-            raise
+        state, memory = read_snapshot(directory, memory_file)
         return cls.restore(state, memory, serial_log=serial_log, resume=resume)
 
     @classmethod
@@ -204,7 +169,7 @@ class Machine:
             if restore is not None:
                 msr_names = set(kvm.msr_index_list())
                 for vcpu, saved in zip(vcpus, restore.vcpus, strict=True):
-                    _load_vcpu_state(vcpu, saved, msr_names)
+                    load_vcpu_state(vcpu, saved, msr_names)
             serial_log = _open_serial_log(config.serial_log)
             if serial_log is not None:
                 stack.callback(serial_log.close)
@@ -301,6 +266,7 @@ class Machine:
 
     def _release(self) -> None:
         errors: list[str] = []
+        self.throttle.close()
         for handle in self.handles:
             try:
                 handle.stop()
@@ -412,6 +378,7 @@ class Machine:
                       for h in self.handles],
         }
         data["busy"] = self.busy
+        data["throttle_percent"] = self.throttle.percent
         with self._memory_lock:
             if self.memory.is_open:
                 data.update(self.guest_counters())
@@ -429,7 +396,7 @@ class Machine:
             for handle in self.handles:
                 if handle.state is not VcpuRunState.PAUSED:
                     raise StateError(f"vCPU {handle.vcpu.vcpu_id} is {handle.state.value}")
-                vcpus.append(_read_vcpu_state(handle.vcpu, wanted))
+                vcpus.append(read_vcpu_state(handle.vcpu, wanted))
             return MachineState(
                 config=self.config,
                 tsc_khz=self.tsc_khz,
@@ -443,16 +410,15 @@ class Machine:
         with self._lock:
             self._require_idle("snapshot")
             self._require(VmState.PAUSED, "snapshot")
-            state = self.save_state()
-            folder = Path(directory)
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                _write_file_atomic(folder / SNAPSHOT_MEMORY_FILE,
-                                   self.memory.view(0, self.memory.size))
-                _write_file_atomic(folder / SNAPSHOT_STATE_FILE, state.to_json().encode())
-            except OSError as exc:
-                raise SnapshotError(f"cannot write snapshot to {folder}: "
-                                    f"{exc.strerror or exc}") from None
+            write_snapshot(directory, self.save_state(), self.memory)
+
+    def vmm_pages(self) -> RangeTable:
+        """The guest pages the VMM itself reads or writes (the config and status pages).
+
+        Post-copy sends these before the destination resumes: its VMM reads them holding
+        the GIL, and a fault there could never be served.
+        """
+        return RangeTable([(layout.CONFIG_GPA, PAGE_SIZE), (layout.STATUS_GPA, PAGE_SIZE)])
 
     # --- dirty tracking for migration -------------------------------------------------------
 
@@ -474,76 +440,6 @@ class Machine:
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _write_boot_memory(memory: GuestMemory, config: VmConfig, image: bytes, tsc_khz: int) -> None:
-    """Page tables, config page and guest code, written before the first KVM_RUN."""
-    gibs = (config.memory_bytes + GiB - 1) // GiB
-    q = struct.Struct("<Q")
-    memory.write(layout.PML4_GPA, q.pack(layout.PDPT_GPA | 0x3))  # present | writable
-    pdpt = b"".join(q.pack((layout.PD_GPA + i * 4096) | 0x3) for i in range(gibs))
-    memory.write(layout.PDPT_GPA, pdpt)
-    large = 0x83  # present | writable | page size (2 MiB)
-    directory = np.arange(gibs * 512, dtype=np.uint64) * np.uint64(layout.LARGE_PAGE)
-    memory.write(layout.PD_GPA, (directory | np.uint64(large)).tobytes())
-    fields = {
-        layout.CFG_MAGIC: layout.CONFIG_MAGIC,
-        layout.CFG_NCPUS: config.cpus,
-        layout.CFG_WORKLOAD: (layout.WORKLOAD_DIRTY if config.workload is Workload.DIRTY
-                              else layout.WORKLOAD_IDLE),
-        layout.CFG_ORDER: (layout.ORDER_RANDOM if config.order is DirtyOrder.RANDOM
-                           else layout.ORDER_SEQUENTIAL),
-        layout.CFG_DIRTY_RATE: config.dirty_rate,
-        layout.CFG_TSC_KHZ: tsc_khz,
-        layout.CFG_TABLE_GPA: layout.TABLE_GPA,
-        layout.CFG_WS_GPA: config.working_set_gpa,
-        layout.CFG_WS_PAGES: config.working_set_pages,
-        layout.CFG_CHECK_REQUEST: 0,
-        layout.CFG_SEED: config.seed,
-    }
-    for offset, value in fields.items():
-        memory.write_u64(layout.CONFIG_GPA + offset, value)
-    if len(image) > layout.CODE_LIMIT - layout.ENTRY_BASE:
-        raise GuestError(f"guest image is {len(image)} bytes, too big for its code area")
-    memory.write(layout.ENTRY_BASE, image)
-
-
-def _enter_real_mode(vcpu: Vcpu, entry: int) -> None:
-    """Point a fresh vCPU at `entry` in 16-bit real mode (CS base 0); the guest does the rest."""
-    sregs = vcpu.get_sregs()
-    sregs.cs.base = 0
-    sregs.cs.selector = 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip = entry
-    regs.rflags = 0x2  # bit 1 is reserved and always set
-    vcpu.set_regs(regs)
-
-
-def _read_vcpu_state(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
-    try:
-        events: dict[str, Any] | None = struct_to_dict(vcpu.get_vcpu_events())
-    except KvmError:
-        events = None
-    return VcpuState(
-        vcpu_id=vcpu.vcpu_id,
-        regs=struct_to_dict(vcpu.get_regs()),
-        sregs=struct_to_dict(vcpu.get_sregs()),
-        fpu=struct_to_dict(vcpu.get_fpu()),
-        msrs=vcpu.get_msrs(msr_indices),
-        events=events,
-    )
-
-
-def _load_vcpu_state(vcpu: Vcpu, state: VcpuState, known_msrs: set[int]) -> None:
-    vcpu.set_sregs(state.kvm_sregs())
-    vcpu.set_regs(state.kvm_regs())
-    vcpu.set_fpu(state.kvm_fpu())
-    events = state.kvm_vcpu_events()
-    if events is not None:
-        vcpu.set_vcpu_events(events)
-    msrs = {index: value for index, value in state.msrs.items() if index in known_msrs}
-    vcpu.set_msrs(msrs)
-
-
 def _open_serial_log(path: str | None) -> BinaryIO | None:
     if path is None:
         return None
@@ -552,18 +448,4 @@ def _open_serial_log(path: str | None) -> BinaryIO | None:
     except OSError as exc:  # the caller's path: a 4xx, not the VMM's failure
         raise ConfigError(f"serial_log: cannot open {path}: {exc.strerror}") from None
 
-
-def _write_file_atomic(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if isinstance(data, memoryview):
-            data.release()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmig.config import VmConfig
-from vmig.errors import SnapshotError
+from vmig.errors import KvmError, SnapshotError
+from vmig.kvm import Vcpu
 from vmig.kvm import bindings as b
 
 STATE_FORMAT = "vmig-vm-state"
@@ -180,3 +181,29 @@ class MachineState:
         for vcpu in state.vcpus:  # fail now, not halfway through a restore
             vcpu.kvm_regs(), vcpu.kvm_sregs(), vcpu.kvm_fpu(), vcpu.kvm_vcpu_events()
         return state
+
+
+def read_vcpu_state(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
+    try:
+        events: dict[str, Any] | None = struct_to_dict(vcpu.get_vcpu_events())
+    except KvmError:
+        events = None
+    return VcpuState(
+        vcpu_id=vcpu.vcpu_id,
+        regs=struct_to_dict(vcpu.get_regs()),
+        sregs=struct_to_dict(vcpu.get_sregs()),
+        fpu=struct_to_dict(vcpu.get_fpu()),
+        msrs=vcpu.get_msrs(msr_indices),
+        events=events,
+    )
+
+
+def load_vcpu_state(vcpu: Vcpu, state: VcpuState, known_msrs: set[int]) -> None:
+    vcpu.set_sregs(state.kvm_sregs())
+    vcpu.set_regs(state.kvm_regs())
+    vcpu.set_fpu(state.kvm_fpu())
+    events = state.kvm_vcpu_events()
+    if events is not None:
+        vcpu.set_vcpu_events(events)
+    msrs = {index: value for index, value in state.msrs.items() if index in known_msrs}
+    vcpu.set_msrs(msrs)

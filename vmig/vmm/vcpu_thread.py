@@ -76,6 +76,7 @@ class VcpuHandle:
         self._desired = VcpuRunState.PAUSED
         self._actual = VcpuRunState.PAUSED
         self._wake = threading.Event()
+        self._nap = 0.0  # seconds to stay out of KVM_RUN at the next exit (throttling)
         self.error: str | None = None
         self.exits = 0
         self._thread = threading.Thread(target=self._loop, name=f"vcpu{vcpu.vcpu_id}",
@@ -121,6 +122,15 @@ class VcpuHandle:
         if self._thread.is_alive():
             raise GuestError(f"vCPU thread {self._thread.name} did not stop within {timeout} s")
 
+    def nap(self, seconds: float) -> None:
+        """Keep the vCPU out of KVM_RUN for `seconds` (a throttle's share of its time);
+        a pause or a stop cuts the nap short."""
+        with self._cond:
+            if self._desired is not VcpuRunState.RUNNING:
+                return
+            self._nap = seconds
+        self._kick()
+
     def _kick(self) -> None:
         self._wake.set()
         if self.vcpu.run_struct is not None:
@@ -150,6 +160,11 @@ class VcpuHandle:
                         continue
                     if desired is VcpuRunState.STOPPED:
                         break
+                    if self._nap > 0:  # throttled: sit this share of the time out
+                        nap, self._nap = self._nap, 0.0
+                        self._cond.wait_for(
+                            lambda: self._desired is not VcpuRunState.RUNNING, nap)
+                        continue
                     self._actual = VcpuRunState.RUNNING
                 self._run_once()
         except Exception as exc:  # the guest or the VMM failed: record it, stop this vCPU
