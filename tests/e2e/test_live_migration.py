@@ -151,7 +151,8 @@ BAD_SENDS = [
     ({"local": True}, "local: needs a unix: destination_url"),
     ({"destination_url": "http://example.com"}, "destination_url: bad migration URL"),
     ({"destination_url": "tcp:127.0.0.1"}, "destination_url: bad migration URL"),
-    ({"timeout_strategy": "later"}, "timeout_strategy: input should be 'cancel' or 'ignore'"),
+    ({"timeout_strategy": "later"},
+     "timeout_strategy: input should be 'cancel', 'ignore' or 'postcopy'"),
     ({"downtime_ms": -1}, "downtime_ms: input should be greater than or equal to 0"),
     ({"timeout_s": 0}, "timeout_s: input should be greater than 0"),
 ]

@@ -78,7 +78,7 @@ def test_migration_requests_show_defaults_and_bounds() -> None:
             send["connections"]["maximum"]) == (1, 1, 128)
     assert send["downtime_ms"]["default"] == 300 and send["downtime_ms"]["minimum"] == 0
     assert send["timeout_s"]["default"] == 3600 and send["timeout_s"]["exclusiveMinimum"] == 0
-    assert send["timeout_strategy"]["enum"] == ["cancel", "ignore"]
+    assert send["timeout_strategy"]["enum"] == ["cancel", "ignore", "postcopy"]
     assert send["local"]["default"] is False and send["verify_memory"]["default"] is False
     assert schemas["SendMigrationRequest"]["required"] == ["destination_url"]
     receive = schemas["ReceiveMigrationRequest"]["properties"]

@@ -29,7 +29,7 @@ def stats_after_first_copy(remaining: int, bandwidth: float = 100 * MiB) -> Memo
 
 def test_enum_values():
     assert TimeoutStrategy("cancel") is CANCEL and TimeoutStrategy("ignore") is IGNORE
-    assert {d.name for d in Decision} == {"CONTINUE", "CONVERGE", "ABORT"}
+    assert {d.name for d in Decision} == {"CONTINUE", "CONVERGE", "POSTCOPY", "ABORT"}
 
 
 def test_record_iteration_and_bandwidth_smoothing():

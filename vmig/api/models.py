@@ -166,6 +166,8 @@ class VmInfo(BaseModel):
     pages_written: int | None = Field(None, description="Working-set pages written by the guest, "
                                       "summed over vCPUs.")
     vcpus: list[VcpuInfo] | None = Field(None, description="Per-vCPU thread state.")
+    throttle_percent: int | None = Field(None, description="Share of the time the vCPUs are "
+                                         "kept from running (a migration's auto-converge).")
     busy: str | None = Field(None, description="A long operation that holds the VM (e.g. "
                              "`migrating`); pause, resume, snapshot and shutdown are refused "
                              "meanwhile.")
@@ -415,6 +417,10 @@ class MigrationSummary(BaseModel):
                                                 "measured per iteration (smoothed).")
     dirty_rate_bytes_per_s: float | None = Field(None, description="Sender: how fast the "
                                                  "guest dirties memory.")
+    max_bandwidth_bytes_per_s: int | None = Field(None, description="Sender: the bandwidth "
+                                                  "cap; null for none.")
+    throttle_percent: int | None = Field(None, description="Sender: how much auto-converge "
+                                         "slows the guest's vCPUs now (0: not at all).")
     connections: int = Field(description="Connections the migration opened.")
     connections_lost: int = Field(0, description="Data connections lost mid-migration (their "
                                   "chunks went over the others).")

@@ -37,6 +37,7 @@ class Phase(enum.StrEnum):
     CONNECTING = "connecting"  #: sender: connections, handshake, START, CONFIG
     PRECOPY = "precopy"  #: sender: copying memory while the guest runs
     RECEIVING = "receiving"  #: receiver: taking memory and state
+    POSTCOPY = "postcopy"  #: the destination runs the guest; its last pages follow
     SWITCHOVER = "switchover"  #: sender: guest paused; last pages and state (cancellable)
     COMPLETING = "completing"  #: sender: COMPLETE sent, the point of no return
     COMPLETED = "completed"  #: the destination runs (or holds, paused) the VM
@@ -53,6 +54,7 @@ class Status(enum.StrEnum):
 
     SETUP = "setup"
     ACTIVE = "active"
+    POSTCOPY_ACTIVE = "postcopy-active"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
@@ -62,6 +64,7 @@ _STATUS = {
     Phase.LISTENING: Status.SETUP, Phase.CONNECTING: Status.SETUP,
     Phase.PRECOPY: Status.ACTIVE, Phase.RECEIVING: Status.ACTIVE,
     Phase.SWITCHOVER: Status.ACTIVE, Phase.COMPLETING: Status.ACTIVE,
+    Phase.POSTCOPY: Status.POSTCOPY_ACTIVE,
     Phase.COMPLETED: Status.COMPLETED, Phase.CANCELLED: Status.CANCELLED,
     Phase.FAILED: Status.FAILED,
 }
@@ -115,6 +118,14 @@ class MigrationMetrics:
         self.memory_verified = False
         self.heartbeat_at_pause: int | None = None
         self.receiver_state: str | None = None
+        self.max_bandwidth_bytes_per_s: int | None = None
+        #: Post-copy: pages owed at the switch, still missing, faults answered, latency.
+        self.postcopy_pages: int | None = None
+        self.postcopy_pages_left: int | None = None
+        self.faults_served = 0
+        self.fault_latency_p50_ms: float | None = None
+        self.fault_latency_p99_ms: float | None = None
+        self.throttle_percent: int | None = 0 if role == "send" else None
         self.connections: list[ConnectionMetrics] = []
         self.warnings: list[str] = []
         self.error: str | None = None
@@ -238,6 +249,13 @@ class MigrationMetrics:
                                            if elapsed > 0 else None),
                 "bandwidth_bytes_per_s": _round(self.bandwidth_bytes_per_s, 0),
                 "dirty_rate_bytes_per_s": _round(self.dirty_rate_bytes_per_s, 0),
+                "max_bandwidth_bytes_per_s": self.max_bandwidth_bytes_per_s,
+                "throttle_percent": self.throttle_percent,
+                "postcopy": None if self.postcopy_pages is None else {
+                    "pages": self.postcopy_pages, "pages_left": self.postcopy_pages_left,
+                    "faults_served": self.faults_served,
+                    "fault_latency_p50_ms": self.fault_latency_p50_ms,
+                    "fault_latency_p99_ms": self.fault_latency_p99_ms},
                 "connections": len(self.connections),
                 "connections_lost": self.connections_lost,
                 "per_connection": [

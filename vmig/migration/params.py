@@ -43,6 +43,8 @@ MAX_TIMEOUT_S = 86_400.0  # one day of pre-copy
 DEFAULT_CHUNK_BYTES = 16 * MiB
 MIN_CHUNK_BYTES = 1 * MiB
 MAX_ITERATIONS = 1000  # a safety net far beyond what a converging migration needs
+#: Pre-copy iterations before post-copy takes over (each sends what the last one left).
+DEFAULT_POSTCOPY_AFTER = 5
 # zstd level 1: the fastest; higher levels shrink memory pages little more for much more CPU.
 DEFAULT_ZSTD_LEVEL = 1
 
@@ -116,6 +118,19 @@ SEND_PARAMETERS: tuple[Param, ...] = (
           "longer pause.", choices=tuple(s.value for s in TimeoutStrategy)),
     Param("verify_memory", "bool", False, "Compare a BLAKE3 digest of all guest memory on "
           "both sides before the destination resumes the VM."),
+    Param("max_bandwidth", "size", None, "Cap on the bytes per second all connections send "
+          "together, e.g. 50M (K, M, G suffixes; 0 or absent: no cap). It holds for the "
+          "post-copy push too.", metavar="RATE"),
+    Param("auto_converge", "bool", False, "When the guest dirties memory faster than it can "
+          "be sent for two iterations in a row, throttle its vCPUs: 20%, then 10% more each "
+          "time, up to 99%. The destination runs it unthrottled."),
+    Param("postcopy", "bool", False, "Allow post-copy: when pre-copy has not converged after "
+          "postcopy_after_iterations (or at the timeout, with timeout_strategy postcopy), the "
+          "destination runs the guest at once and takes its last pages on demand and in the "
+          "background, over all connections."),
+    Param("postcopy_after_iterations", "int", DEFAULT_POSTCOPY_AFTER, "With postcopy: "
+          "pre-copy iterations before switching to post-copy.", 1, MAX_ITERATIONS,
+          metavar="N"),
     Param("compress", "str", None, "Compress each chunk with zstd on the sender's connection "
           "threads, for slow links: zstd, or zstd:LEVEL (1-19, default 1). A chunk that does "
           "not shrink goes as it is.", metavar="zstd[:LEVEL]"),
@@ -183,11 +198,22 @@ class SendParams:
     timeout_s: float = DEFAULT_TIMEOUT_S
     timeout_strategy: TimeoutStrategy = TimeoutStrategy.CANCEL
     verify_memory: bool = False
+    max_bandwidth: str | None = None
+    auto_converge: bool = False
+    postcopy: bool = False
+    postcopy_after_iterations: int = DEFAULT_POSTCOPY_AFTER
     compress: str | None = None
     tls_dir: str | None = None
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    @property
+    def max_bandwidth_bytes(self) -> int | None:
+        """The cap in bytes per second, or None for none (validate() checks the text)."""
+        if self.max_bandwidth is None:
+            return None
+        return parse_size(self.max_bandwidth, "max_bandwidth") or None
 
     @property
     def compress_level(self) -> int | None:
@@ -225,6 +251,11 @@ class SendParams:
         if self.local and address.kind != "unix":
             raise ConfigError("local: needs a unix: destination_url (memory fds are passed "
                               "over a UNIX socket)")
+        if self.max_bandwidth is not None:
+            try:
+                parse_size(self.max_bandwidth, "max_bandwidth")
+            except ConfigError as exc:
+                raise ConfigError(f"max_bandwidth: {exc}") from None
         if self.compress is not None:
             name, sep, level = self.compress.partition(":")
             if name != "zstd" or (sep and not (level.isdigit() and 1 <= int(level) <= 19)):
@@ -232,6 +263,10 @@ class SendParams:
                                   f"to 19, got {self.compress!r}")
             if self.local:
                 raise ConfigError("compress: not with local (memory is shared, not copied)")
+        if self.timeout_strategy is TimeoutStrategy.POSTCOPY and not self.postcopy:
+            raise ConfigError("timeout_strategy: postcopy needs postcopy to be allowed")
+        if self.postcopy and self.local:
+            raise ConfigError("postcopy: not with local (memory is shared, not copied)")
         if self.chunk_bytes < PAGE_SIZE or self.chunk_bytes % PAGE_SIZE:
             raise ConfigError(f"chunk_bytes: must be a positive multiple of {PAGE_SIZE}, "
                               f"got {self.chunk_bytes}")

@@ -25,6 +25,7 @@ __all__ = [
     "decide",
     "decide_with_reason",
     "next_send_phase",
+    "next_throttle",
 ]
 
 #: Weight of the newest sample in the bandwidth and dirty-rate averages. 0.5
@@ -40,6 +41,8 @@ class TimeoutStrategy(Enum):
     CANCEL = "cancel"
     #: Switch over anyway and accept a downtime above the budget.
     IGNORE = "ignore"
+    #: Switch to post-copy (the migration must allow it).
+    POSTCOPY = "postcopy"
 
 
 class SendPhase(Enum):
@@ -48,6 +51,7 @@ class SendPhase(Enum):
     CONNECTING = "connecting"  #: connections, handshake, START, CONFIG
     PRECOPY = "precopy"  #: copying memory while the guest runs
     SWITCHOVER = "switchover"  #: guest paused by the migration (if it ran): last pages, STATE
+    POSTCOPY = "postcopy"  #: the destination runs the guest; its last pages follow
     COMPLETING = "completing"  #: COMPLETE sent: the point of no return
     COMPLETED = "completed"  #: the destination acknowledged COMPLETE
     CANCELLED = "cancelled"  #: cancelled on either side before the point of no return
@@ -60,8 +64,9 @@ SEND_TRANSITIONS: dict[SendPhase, frozenset[SendPhase]] = {
                                      SendPhase.CANCELLED, SendPhase.FAILED}),
     SendPhase.PRECOPY: frozenset({SendPhase.SWITCHOVER, SendPhase.CANCELLED,
                                   SendPhase.FAILED}),
-    SendPhase.SWITCHOVER: frozenset({SendPhase.COMPLETING, SendPhase.CANCELLED,
-                                     SendPhase.FAILED}),
+    SendPhase.SWITCHOVER: frozenset({SendPhase.COMPLETING, SendPhase.POSTCOPY,
+                                     SendPhase.CANCELLED, SendPhase.FAILED}),
+    SendPhase.POSTCOPY: frozenset({SendPhase.COMPLETING, SendPhase.FAILED}),
     SendPhase.COMPLETING: frozenset({SendPhase.COMPLETED, SendPhase.FAILED}),
     SendPhase.COMPLETED: frozenset(),
     SendPhase.CANCELLED: frozenset(),
@@ -79,6 +84,36 @@ def next_send_phase(current: SendPhase, wanted: SendPhase) -> SendPhase:
     return wanted
 
 
+#: Auto-converge (QEMU's defaults): the first step, each step after it, the most.
+THROTTLE_INITIAL_PERCENT = 20
+THROTTLE_STEP_PERCENT = 10
+THROTTLE_MAX_PERCENT = 99
+#: Iterations in a row in which the guest dirtied more than this share of what was sent
+#: (QEMU's test: more than half) before the throttle steps up.
+THROTTLE_AFTER_ITERATIONS = 2
+THROTTLE_DIRTY_SHARE = 0.5
+
+
+def next_throttle(current: int, streak: int, dirty_rate: float, bandwidth: float
+                  ) -> tuple[int, int]:
+    """Auto-converge after an iteration: the new throttle percent and streak.
+
+    The streak counts iterations in a row in which the guest dirtied memory faster than
+    half the measured send rate (as QEMU: pre-copy then cannot catch up, and a small
+    working set caps the dirty rate it can show); once it reaches
+    THROTTLE_AFTER_ITERATIONS the throttle steps up (to 20%, then by 10 up to 99%) and
+    the streak starts again. A slower guest resets it; the throttle stays where it is.
+    """
+    if bandwidth <= 0 or dirty_rate <= THROTTLE_DIRTY_SHARE * bandwidth:
+        return current, 0
+    streak += 1
+    if streak < THROTTLE_AFTER_ITERATIONS:
+        return current, streak
+    if current == 0:
+        return THROTTLE_INITIAL_PERCENT, 0
+    return min(current + THROTTLE_STEP_PERCENT, THROTTLE_MAX_PERCENT), 0
+
+
 class Decision(Enum):
     """The pre-copy loop's next step."""
 
@@ -88,6 +123,8 @@ class Decision(Enum):
     CONVERGE = "converge"
     #: Stop and abandon the migration.
     ABORT = "abort"
+    #: Pause, send the state, and let the destination run while the rest follows.
+    POSTCOPY = "postcopy"
 
 
 @dataclass
@@ -183,6 +220,7 @@ def decide_with_reason(
     strategy: TimeoutStrategy,
     now: float,
     max_iterations: int | None = None,
+    postcopy_after: int | None = None,
 ) -> tuple[Decision, str]:
     """`decide`, plus one line saying which exit condition fired (for logs and progress)."""
     if downtime_ms < 0 or timeout_s <= 0:
@@ -209,6 +247,10 @@ def decide_with_reason(
             f"({stats.page_transfer_ms:.1f} ms)"
         )
     elapsed = stats.elapsed(now)
+    if postcopy_after is not None and stats.iteration >= postcopy_after and elapsed < timeout_s:
+        return Decision.POSTCOPY, (
+            f"pre-copy did not converge in {stats.iteration} iterations (expected downtime "
+            f"{expected:.1f} ms over the {downtime_ms:g} ms budget): switching to post-copy")
     if elapsed >= timeout_s:
         why = f"pre-copy ran {elapsed:.1f} s, reaching the {timeout_s:g} s timeout"
     elif max_iterations is not None and stats.iteration >= max_iterations:
@@ -219,6 +261,8 @@ def decide_with_reason(
         )
     if strategy is TimeoutStrategy.CANCEL:
         return Decision.ABORT, f"{why}; timeout strategy cancel"
+    if strategy is TimeoutStrategy.POSTCOPY:
+        return Decision.POSTCOPY, f"{why}; timeout strategy postcopy"
     return Decision.CONVERGE, f"{why}; timeout strategy ignore (downtime ~{expected:.0f} ms)"
 
 
@@ -229,6 +273,7 @@ def decide(
     strategy: TimeoutStrategy,
     now: float,
     max_iterations: int | None = None,
+    postcopy_after: int | None = None,
 ) -> Decision:
     """Whether pre-copy goes on, switches over, or gives up. Checked in this order:
 
@@ -238,11 +283,14 @@ def decide(
        measured bandwidth plus the switch-over's fixed costs);
     2b. the fixed costs alone exceed the budget and the last pages fit in it ->
        CONVERGE (waiting cannot meet the budget; the summary reports the overrun);
+    2c. with `postcopy_after`, ``iteration >= postcopy_after`` -> POSTCOPY;
     3. ``now - started_at >= timeout_s``, or ``iteration >= max_iterations`` when
-       given -> ABORT for TimeoutStrategy.CANCEL, CONVERGE for IGNORE;
+       given -> ABORT for TimeoutStrategy.CANCEL, CONVERGE for IGNORE, POSTCOPY for
+       POSTCOPY;
     4. otherwise -> CONTINUE.
 
     `now` is on the clock `stats.started_at` came from. Raises ConfigError for
     a negative downtime budget, a non-positive timeout or max_iterations < 1.
     """
-    return decide_with_reason(stats, downtime_ms, timeout_s, strategy, now, max_iterations)[0]
+    return decide_with_reason(stats, downtime_ms, timeout_s, strategy, now, max_iterations,
+                              postcopy_after)[0]

@@ -1,22 +1,18 @@
 """The receiving side: one incoming migration as a step function over one context.
 
 Like Cloud Hypervisor's receiver (`vm_receive_migration_step`), the migration is
-a current *phase* and a step per request: ``step(phase, request) -> next phase``,
-after which the request is answered OK (any error answers ERROR and aborts). Each
-phase is a small frozen dataclass holding exactly what exists at that point, so
-no handler has to ask whether memory or a VM exists yet::
-
-    Listening --START--> Started --MEMORY_FD--> FdReceived --CONFIG--> MemoryReady
-                            \\--------------------CONFIG----------------/
-    MemoryReady --MEMORY--> MemoryReady --STATE--> Built --COMPLETE--> Completed
-    any phase but Completed --ABANDON, error, cancel--> Aborted
+a current *phase* (vmig.migration.receive_phases: what exists at that point) and a
+step per request: ``step(phase, request) -> next phase``, after which the request
+is answered OK (any error answers ERROR and aborts). `_STEPS` is the table.
 
 Connections are the `ReceiverPool`'s (vmig.transport): it accepts, authenticates
 and admits them. The coordinator thread (``migrate-recv``) serves MAIN and steps;
-every MEMORY connection's thread calls `_serve_memory` with requests straight into
-guest memory. On any failure the pool is shut down (every blocked thread wakes),
-what was received is discarded (guest memory, the VM built at STATE), every
-thread is joined, and `on_finished(None, reason)` reports why.
+every MEMORY connection's thread calls `_serve_memory`, whose pages go straight
+into guest memory (vmig.migration.memory_writer). Post-copy's page faults are the
+`PostcopyService`'s (vmig.migration.postcopy). On any failure the pool is shut
+down (every blocked thread wakes), what was received is discarded (guest memory,
+the VM built at STATE), every thread is joined, and `on_finished(None, reason)`
+reports why.
 """
 
 from __future__ import annotations
@@ -28,13 +24,9 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-
-import zstandard
 
 from vmig.config import VmConfig
 from vmig.errors import (
-    GuestMemoryError,
     MigrationCancelled,
     MigrationError,
     ProtocolError,
@@ -45,8 +37,22 @@ from vmig.errors import (
 )
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest, memory_digest
+from vmig.migration.memory_writer import install_memory, write_memory
 from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import ResolvedReceive
+from vmig.migration.postcopy import PostcopyService, check_userfaultfd
+from vmig.migration.receive_phases import (
+    Aborted,
+    Built,
+    Completed,
+    FdReceived,
+    Listening,
+    MemoryReady,
+    PostcopyActive,
+    ReceivePhase,
+    Started,
+    discard,
+)
 from vmig.proto import (
     Abandon,
     Cancel,
@@ -56,6 +62,7 @@ from vmig.proto import (
     MemoryFd,
     MemoryFlags,
     MemoryRequest,
+    Postcopy,
     Start,
     State,
 )
@@ -74,68 +81,8 @@ EXTRA_CONNECTIONS_WAIT_S = 10.0
 CANCEL_DRAIN_S = 2.0
 #: A cancel waits this long for a request being received to finish, then cuts MAIN.
 CANCEL_GRACE_S = 2.0
-BULK_POPULATE_BYTES = 256 * 1024  # below this one madvise costs more than the faults it saves
 
 OnFinished = Callable[[Machine | None, str | None], None]
-
-
-# --- phases: what exists at each point of an incoming migration --------------------------
-
-
-@dataclass(frozen=True)
-class Listening:
-    """Waiting for an authenticated source to send START."""
-
-
-@dataclass(frozen=True)
-class Started:
-    """START accepted; every connection it announced is here; admission is closed."""
-
-    start: Start
-
-
-@dataclass(frozen=True)
-class FdReceived:
-    """Local mode: the guest memory came by file descriptor."""
-
-    start: Start
-    memory: GuestMemory
-
-
-@dataclass(frozen=True)
-class MemoryReady:
-    """CONFIG applied: guest memory exists and MEMORY requests fill it."""
-
-    start: Start
-    config: VmConfig
-    memory: GuestMemory
-    preallocated: bool
-
-
-@dataclass(frozen=True)
-class Built:
-    """STATE applied: the VM exists, paused, on the received memory."""
-
-    start: Start
-    machine: Machine
-    digest: BackgroundDigest | None
-
-
-@dataclass(frozen=True)
-class Completed:
-    """COMPLETE accepted: the VM runs here and belongs to the caller."""
-
-    machine: Machine
-
-
-@dataclass(frozen=True)
-class Aborted:
-    """Abandoned, refused or failed; nothing is kept."""
-
-    reason: str
-
-
-ReceivePhase = Listening | Started | FdReceived | MemoryReady | Built | Completed | Aborted
 
 
 class MigrationReceiver:
@@ -159,6 +106,7 @@ class MigrationReceiver:
         self._closing = False
         self._cancel_reason: str | None = None
         self._committing = False  # COMPLETE is being applied: too late to cancel
+        self._fault_channel: ReceiverChannel | None = None  # post-copy's
         self._grace: threading.Timer | None = None
         self._done = threading.Event()
         self._coordinator: threading.Thread | None = None
@@ -218,6 +166,9 @@ class MigrationReceiver:
             if self._committing or isinstance(self._phase, Completed):
                 raise StateError("cannot cancel: the switch-over passed its point of no "
                                  "return (COMPLETE arrived; the VM runs here)")
+            if isinstance(self._phase, PostcopyActive):
+                raise StateError("cannot cancel: post-copy is under way (the guest runs here "
+                                 "and its memory is split between both hosts)")
             if self._closing or self._cancel_reason is not None:
                 return
             self._cancel_reason = reason
@@ -314,6 +265,13 @@ class MigrationReceiver:
             raise MigrationError(f"START announced {extras} extra connections, "
                                  f"{count} arrived")
         self.metrics.open_connections(["main"] + ["memory"] * extras)
+        if start.postcopy:
+            problem = check_userfaultfd()
+            if problem is not None:
+                raise MigrationError(f"this destination cannot run post-copy: {problem}")
+            self._fault_channel = self._pool.fault_channel(EXTRA_CONNECTIONS_WAIT_S)
+            if self._fault_channel is None:
+                raise MigrationError("START allows post-copy, but no FAULT connection arrived")
         return Started(start)
 
     def _on_memory_fd(self, phase: Started, request: MemoryFd,
@@ -353,11 +311,47 @@ class MigrationReceiver:
         machine = Machine.restore(state, phase.memory, serial_log=self._serial_log,
                                   resume=False)
         digest = None
-        if phase.start.verify_memory:
+        if phase.start.verify_memory and not phase.start.postcopy:
             # Memory is final once STATE arrives (the sender sends it only after every
-            # chunk was acknowledged): hash it while the source hashes its own copy.
+            # chunk was acknowledged): hash it while the source hashes its own copy. (With
+            # post-copy allowed, POSTCOPY may come instead: then nothing is hashed.)
             digest = BackgroundDigest(machine.memory)
         return Built(phase.start, machine, digest)
+
+    def _on_postcopy(self, phase: Built, request: Postcopy,
+                     channel: ReceiverChannel) -> PostcopyActive:
+        """Switch to post-copy: punch the owed pages out, catch their faults, resume."""
+        assert self._fault_channel is not None  # _on_start made sure
+        service = PostcopyService(phase.machine.memory, request.ranges, self._fault_channel,
+                                  on_failure=self._abort)
+        try:
+            service.start()
+            phase.machine.resume()
+        except BaseException:
+            service.close()
+            raise
+        self.metrics.update(postcopy_pages=service.owed_pages,
+                            postcopy_pages_left=service.owed_pages)
+        self.metrics.set_phase(Phase.POSTCOPY)
+        log.info("post-copy: the guest runs here; %d pages to come", service.owed_pages)
+        return PostcopyActive(phase.start, phase.machine, service)
+
+    def _on_postcopy_complete(self, phase: PostcopyActive, request: Complete,
+                              channel: ReceiverChannel) -> Completed:
+        """Every owed page is here: stop catching faults; the VM is ours."""
+        service = phase.service
+        self._postcopy_figures(service)
+        if service.pages_left:
+            raise MigrationError(f"COMPLETE came with {service.pages_left} pages still "
+                                 "missing")
+        service.close()
+        return Completed(phase.machine)
+
+    def _postcopy_figures(self, service: PostcopyService) -> None:
+        p50, p99 = service.latency_ms()
+        self.metrics.update(postcopy_pages_left=service.pages_left,
+                            faults_served=service.faults, fault_latency_p50_ms=p50,
+                            fault_latency_p99_ms=p99)
 
     def _on_complete(self, phase: Built, request: Complete,
                      channel: ReceiverChannel) -> Completed:
@@ -390,13 +384,25 @@ class MigrationReceiver:
 
     def _receive_memory(self, channel: ReceiverChannel, request: MemoryRequest) -> None:
         phase = self._phase
+        if isinstance(phase, PostcopyActive):
+            try:
+                install_memory(channel, phase.service, request)
+            except VmigError as exc:
+                channel.reject(str(exc))
+                raise
+            channel.accept()
+            self.metrics.transferred(channel.index, request.ranges.total_bytes,
+                                     wire=request.payload_bytes)
+            self.metrics.update(postcopy_pages_left=phase.service.pages_left)
+            return
         if not isinstance(phase, MemoryReady):
             error = MigrationError(f"MEMORY arrived while {type(phase).__name__}; it is "
                                    "allowed between CONFIG and STATE")
             channel.reject(str(error))
             raise error
         try:
-            self._write_memory(channel, phase, request)
+            write_memory(channel, phase.memory, request, preallocated=phase.preallocated,
+                         compress=phase.start.compress)
         except VmigError as exc:
             channel.reject(str(exc))
             raise
@@ -407,61 +413,6 @@ class MigrationReceiver:
                                      zero_pages=pages // PAGE_SIZE)
         else:
             self.metrics.transferred(channel.index, pages, wire=request.payload_bytes)
-
-    def _write_memory(self, channel: ReceiverChannel, phase: MemoryReady,
-                      request: MemoryRequest) -> None:
-        memory = phase.memory
-        gpas, lengths = request.ranges.as_arrays()
-        if len(gpas) and int((gpas + lengths).max()) > memory.size:
-            raise GuestMemoryError(f"MEMORY range ends past guest memory "
-                                   f"({int((gpas + lengths).max()):#x} > {memory.size:#x})")
-        if request.flags & MemoryFlags.ZERO:  # the pages became zero at the source
-            channel.receive_payload([])
-            for gpa, length in request.ranges:
-                memory.discard(gpa, length)
-            return
-        if request.flags & MemoryFlags.ZSTD and not phase.start.compress:
-            raise MigrationError("a compressed MEMORY arrived although START did not set "
-                                 "COMPRESS")
-        if not phase.preallocated:  # fault big ranges in with one call each
-            big = lengths >= BULK_POPULATE_BYTES
-            for gpa, length in zip(gpas[big].tolist(), lengths[big].tolist(), strict=True):
-                memory.populate(gpa, length)
-        views = memory.views(request.ranges)
-        try:
-            if request.flags & MemoryFlags.ZSTD:
-                self._decompress(channel, request, views)
-            else:
-                channel.receive_payload(views)
-        finally:
-            for view in views:
-                view.release()
-
-    def _decompress(self, channel: ReceiverChannel, request: MemoryRequest,
-                    views: list[memoryview]) -> None:
-        """Read a zstd frame, then decompress it straight into guest memory (`views`)."""
-        frame = channel.scratch(request.payload_bytes)
-        compressed = memoryview(frame)[:request.payload_bytes]
-        channel.receive_payload([compressed])
-        # `compressed` is not released explicitly: the reader holds it. scratch() makes a
-        # new buffer when it needs a bigger one, so this one is never resized under it.
-        reader = _decompressor().stream_reader(compressed)
-        try:
-            for view in views:
-                done = 0
-                while done < len(view):
-                    with view[done:] as rest:
-                        got = reader.readinto(rest)
-                    if not got:
-                        raise MigrationError("a compressed MEMORY frame ended early")
-                    done += got
-            if reader.read(1):
-                raise MigrationError("a compressed MEMORY frame holds more than its ranges")
-        except zstandard.ZstdError as exc:
-            raise MigrationError(f"a compressed MEMORY frame is corrupt: {exc}") from None
-        finally:
-            reader.close()
-
 
     def _serve_memory(self, channel: ReceiverChannel) -> None:
         """A MEMORY connection, until it closes (run on its pool thread)."""
@@ -528,7 +479,7 @@ class MigrationReceiver:
                 log.warning("after the hand-over: %s", error)
             self._done.set()
             return
-        _discard(phase)
+        discard(phase)
         if error is None:
             error = ("the receiver was closed before a migration arrived"
                      if self._cancel_reason is None else
@@ -545,30 +496,6 @@ class MigrationReceiver:
             log.exception("on_finished callback failed")
 
 
-_local = threading.local()
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    """This thread's decompressor (one per connection thread: they are not shared)."""
-    decompressor = getattr(_local, "zstd", None)
-    if decompressor is None:
-        decompressor = _local.zstd = zstandard.ZstdDecompressor()
-    return decompressor
-
-
-def _discard(phase: ReceivePhase) -> None:
-    """Free what a phase holds (memory, a VM built but never run)."""
-    if isinstance(phase, Built):
-        if phase.digest is not None:
-            try:
-                phase.digest.result()
-            except Exception as exc:  # the digest only matters for a completed migration
-                log.debug("digest of discarded memory: %s", exc)
-        phase.machine.close()
-    elif isinstance(phase, FdReceived | MemoryReady):
-        phase.memory.close()
-
-
 #: (phase, request) -> step. The engine-side mirror of vmig.proto.state.TRANSITIONS
 #: (which the protocol core has already enforced on MAIN).
 _STEPS: dict[tuple[type, type], Callable[..., ReceivePhase]] = {
@@ -578,4 +505,6 @@ _STEPS: dict[tuple[type, type], Callable[..., ReceivePhase]] = {
     (FdReceived, Config): MigrationReceiver._on_config,
     (MemoryReady, State): MigrationReceiver._on_state,
     (Built, Complete): MigrationReceiver._on_complete,
+    (Built, Postcopy): MigrationReceiver._on_postcopy,
+    (PostcopyActive, Complete): MigrationReceiver._on_postcopy_complete,
 }

@@ -48,7 +48,9 @@ from vmig.migration.policy import (
     SendPhase,
     decide_with_reason,
     next_send_phase,
+    next_throttle,
 )
+from vmig.migration.postcopy import PRIORITY_WINDOW_BYTES, serve_faults, split_owed
 from vmig.proto import (
     Abandon,
     Complete,
@@ -57,6 +59,7 @@ from vmig.proto import (
     Memory,
     MemoryFd,
     MemoryFlags,
+    Postcopy,
     Start,
     StartFlags,
     State,
@@ -65,6 +68,7 @@ from vmig.ranges import RangeTable
 from vmig.transport.address import Address
 from vmig.transport.channel import SenderChannel
 from vmig.transport.endpoint import dial
+from vmig.transport.ratelimit import TokenBucket
 from vmig.transport.sender_pool import SenderPool, role_name
 from vmig.units import PAGE_SIZE, MiB
 from vmig.vmm.machine import Machine, VmState
@@ -76,7 +80,8 @@ OPERATION = "migrating"
 #: destination why; after this long the connection is cut anyway.
 CANCEL_GRACE_S = 2.0
 _PHASE_METRICS = {SendPhase.CONNECTING: Phase.CONNECTING, SendPhase.PRECOPY: Phase.PRECOPY,
-                  SendPhase.SWITCHOVER: Phase.SWITCHOVER, SendPhase.COMPLETING: Phase.COMPLETING,
+                  SendPhase.SWITCHOVER: Phase.SWITCHOVER, SendPhase.POSTCOPY: Phase.POSTCOPY,
+                  SendPhase.COMPLETING: Phase.COMPLETING,
                   SendPhase.COMPLETED: Phase.COMPLETED, SendPhase.CANCELLED: Phase.CANCELLED,
                   SendPhase.FAILED: Phase.FAILED}
 
@@ -104,6 +109,11 @@ class MigrationSender:
         self._phase = SendPhase.CONNECTING
         self._cancel_reason: str | None = None
         self._grace: threading.Timer | None = None
+        self._limiter: TokenBucket | None = None
+        self._throttle_streak = 0
+        self._fault_channel: SenderChannel | None = None  # post-copy's
+        self._fault_server: threading.Thread | None = None
+        self._fault_stopping = threading.Event()
         self._was_running = False
         self._pool: SenderPool | None = None
         self._channels: list[SenderChannel] = []
@@ -154,6 +164,8 @@ class MigrationSender:
         pool = self._pool
         if pool is not None:
             pool.stop()
+        if self._limiter is not None:
+            self._limiter.stop()
         channels = list(self._channels)
         for channel in channels[1:]:
             channel.stream.shutdown()
@@ -193,6 +205,12 @@ class MigrationSender:
     def _migrate(self) -> None:
         self._pool = SenderPool(self._open_connections(), on_lost=self._lost)
         main = self._pool.main
+        cap = self.params.max_bandwidth_bytes
+        if cap is not None:
+            self._limiter = TokenBucket(cap)
+            for channel in self._pool.channels:
+                channel.limiter = self._limiter
+            self.metrics.update(max_bandwidth_bytes_per_s=cap)
         flags = StartFlags.NONE
         if self.params.local:
             flags |= StartFlags.LOCAL
@@ -200,6 +218,8 @@ class MigrationSender:
             flags |= StartFlags.VERIFY_MEMORY
         if self.params.compress_level is not None:
             flags |= StartFlags.COMPRESS
+        if self.params.postcopy:
+            flags |= StartFlags.POSTCOPY
         main.request(Start(migration_id=self.migration_id,
                            connections=len(self._pool.channels), flags=flags))
         if self.params.local:
@@ -217,8 +237,10 @@ class MigrationSender:
             self.machine.start_dirty_log()
             try:
                 self._enter(SendPhase.PRECOPY)
-                self._precopy()
-                self._stop_and_copy(main)
+                if self._precopy() is Decision.POSTCOPY and self._was_running:
+                    self._postcopy(main)
+                else:
+                    self._stop_and_copy(main)
             finally:
                 self.machine.stop_dirty_log()
         self._enter(SendPhase.COMPLETED)
@@ -268,6 +290,8 @@ class MigrationSender:
                 if isinstance(exc, Cancelled):
                     raise
                 failures.append(str(exc))
+        if self.params.postcopy:  # post-copy's page requests come on a connection of their own
+            self._fault_channel = self._open(ConnectionRole.FAULT)
         opened = len(channels) - 1
         if wanted and opened == 0:
             message = (f"could not open any of {wanted} extra connections ({failures[0]}); "
@@ -298,14 +322,14 @@ class MigrationSender:
 
     # --- pre-copy ------------------------------------------------------------------------
 
-    def _send(self, ranges: RangeTable) -> int:
+    def _send(self, ranges: RangeTable, chunk_bytes: int | None = None) -> int:
         """Send one iteration's ranges over the pool; record bandwidth."""
         assert self._pool is not None
         self._check_cancelled()
         began = self.clock()
         connections = self._pool.alive
         fair_share = ranges.total_bytes // (2 * connections) // PAGE_SIZE * PAGE_SIZE
-        chunk = min(self.params.chunk_bytes, max(fair_share, MIN_CHUNK_BYTES))
+        chunk = chunk_bytes or min(self.params.chunk_bytes, max(fair_share, MIN_CHUNK_BYTES))
         chunks = ranges.partition(chunk)
         try:
             sent = self._pool.send_iteration(chunks, self._prepare, self._acked)
@@ -363,8 +387,13 @@ class MigrationSender:
         sent, zero, wire = self._accounts.pop(id(chunk), (chunk.total_bytes, 0, [None]))
         self.metrics.transferred(index, sent, covered=chunk.total_bytes, zero_pages=zero,
                                  wire=wire[0])
+        if self._phase is SendPhase.POSTCOPY:
+            left = self.metrics.postcopy_pages_left or 0
+            self.metrics.update(postcopy_pages_left=max(left - chunk.total_bytes // PAGE_SIZE,
+                                                        0))
 
-    def _precopy(self) -> None:
+    def _precopy(self) -> Decision:
+        """Iterate until the policy says CONVERGE (returned), POSTCOPY (returned) or ABORT."""
         # The destination starts from zeroed memory: the first pass copies only the
         # parts of the backing file that hold data (never-touched pages are holes), and
         # of those only the pages that are not all zeros (`_submit`).
@@ -380,16 +409,30 @@ class MigrationSender:
             last_collect = now
             decision, why = decide_with_reason(
                 self.stats, self.params.downtime_ms, self.params.timeout_s,
-                self.params.timeout_strategy, now, MAX_ITERATIONS)
+                self.params.timeout_strategy, now, MAX_ITERATIONS,
+                self.params.postcopy_after_iterations if self.params.postcopy else None)
             self.metrics.update(bytes_remaining=ranges.total_bytes,
                                 dirty_rate_bytes_per_s=self.stats.dirty_rate_bytes_per_s,
                                 expected_downtime_ms=self.stats.expected_downtime_ms)
             log.info("iteration %d: %s -> %s", self.stats.iteration, why, decision.value)
-            if decision is Decision.CONVERGE:
+            if decision is Decision.CONTINUE and self.params.auto_converge:
+                self._auto_converge()
+            if decision in (Decision.CONVERGE, Decision.POSTCOPY):
                 self._unsent_dirty = dirty
-                return
+                return decision
             if decision is Decision.ABORT:
                 raise Cancelled(f"migration cancelled: {why}")
+
+    def _auto_converge(self) -> None:
+        """Step the vCPU throttle up while the guest dirties faster than we send."""
+        current = self.machine.throttle.percent
+        percent, self._throttle_streak = next_throttle(
+            current, self._throttle_streak, self.stats.dirty_rate_bytes_per_s,
+            self.stats.bandwidth_bytes_per_s)
+        if percent != current:
+            log.info("auto-converge: throttling the vCPUs to %d%%", percent)
+            self.machine.throttle.set(percent)
+            self.metrics.update(throttle_percent=percent)
 
     # --- stop and copy -------------------------------------------------------------------
 
@@ -424,6 +467,60 @@ class MigrationSender:
         SenderChannel.check(main.read_response())
         self.metrics.update(memory_verified=self.params.verify_memory)
 
+    # --- post-copy -----------------------------------------------------------------------
+
+    def _postcopy(self, main: SenderChannel) -> None:
+        """Pause, send the state and the list of owed pages; the destination resumes the
+        guest at once. Then push every owed page over all data connections (near recent
+        faults first) while the fault server answers the pages the guest asks for."""
+        self._enter(SendPhase.SWITCHOVER)
+        if self._was_running:
+            self.machine.pause_for(OPERATION)
+        dirty = self.machine.collect_dirty()
+        if self._unsent_dirty is not None:
+            dirty |= self._unsent_dirty
+        now, later = split_owed(dirty, self.memory.size, self.machine.vmm_pages())
+        if len(now):
+            self._send(now)
+        state = self.machine.save_state()
+        self.metrics.update(heartbeat_at_pause=self.machine.guest_counters()["heartbeat"])
+        main.request(State(state.to_json().encode()))
+        if self.params.verify_memory:
+            message = ("memory verification is skipped: after a switch to post-copy the guest "
+                       "runs at the destination before all its memory is there")
+            log.warning("%s", message)
+            self.metrics.warn(message)
+        with self._lock:  # from here the destination runs the guest: no cancel, no resume
+            self._check_cancelled()
+            self._phase = next_send_phase(self._phase, SendPhase.POSTCOPY)
+        self.metrics.set_phase(Phase.POSTCOPY)
+        self.metrics.update(postcopy_pages=later.total_bytes // PAGE_SIZE,
+                            postcopy_pages_left=later.total_bytes // PAGE_SIZE)
+        main.request(Postcopy(later))
+        self.metrics.end_downtime()  # the guest runs again, at the destination
+        self._start_fault_server()
+        self._send(later, chunk_bytes=MIN_CHUNK_BYTES)  # small chunks follow faults closely
+        with self._lock:
+            self._phase = next_send_phase(self._phase, SendPhase.COMPLETING)
+        self.metrics.set_phase(Phase.COMPLETING)
+        main.submit(Complete(json.dumps({"run": self._was_running}).encode()))
+        SenderChannel.check(main.read_response())
+        self.metrics.update(postcopy_pages_left=0)
+
+    def _start_fault_server(self) -> None:
+        channel = self._fault_channel
+        assert channel is not None and self._pool is not None
+        pool = self._pool
+
+        def served(ranges: RangeTable) -> None:
+            self.metrics.update(faults_served=self.metrics.faults_served + len(ranges))
+            pool.prioritize(ranges[0].gpa, PRIORITY_WINDOW_BYTES)
+
+        self._fault_server = threading.Thread(
+            target=serve_faults, args=(channel, self.memory, served, self._fault_stopping),
+            name="migrate-fault-srv", daemon=True)
+        self._fault_server.start()
+
     # --- failure -------------------------------------------------------------------------
 
     def _fail(self, exc: BaseException) -> SendPhase:
@@ -434,7 +531,15 @@ class MigrationSender:
         if self._cancel_reason is not None:
             reason = f"migration cancelled: {self._cancel_reason}"
         in_doubt = phase is SendPhase.COMPLETING and not isinstance(exc, MigrationError)
-        if in_doubt:
+        if self.metrics.postcopy_pages is not None and phase in (SendPhase.POSTCOPY,
+                                                                 SendPhase.COMPLETING):
+            # The guest ran at the destination, which now lacks pages: neither side has
+            # the whole VM. Resuming here would roll the guest back: the operator decides.
+            reason = (f"post-copy failed: {reason}; the guest ran at the destination, which "
+                      "stops it; the source keeps the VM paused as it was at the switch-over "
+                      "(resuming it rolls the guest back to that moment)")
+            in_doubt, cancelled = True, False
+        elif in_doubt:
             # COMPLETE went out but its answer did not come back: the destination may be
             # running the guest. Resuming here could leave two copies running.
             reason += ("; COMPLETE was sent but not answered, so the destination may be "
@@ -450,6 +555,8 @@ class MigrationSender:
         self._close()
         with contextlib.suppress(Exception):
             self.machine.stop_dirty_log()
+        self.machine.throttle.set(0)  # the source runs at full speed again
+        self.metrics.update(throttle_percent=0)
         if not in_doubt and self._was_running and self.machine.state is VmState.PAUSED:
             self.machine.resume_for(OPERATION)
         (log.info if cancelled else log.warning)("outgoing migration %s: %s", outcome.value,
@@ -458,7 +565,15 @@ class MigrationSender:
         return outcome
 
     def _close(self) -> None:
+        self._fault_stopping.set()
         for channel in self._channels:
             channel.close()
         self._channels = []
         self._pool = None
+        if self._fault_channel is not None:
+            self._fault_channel.stream.shutdown()
+            if self._fault_server is not None:
+                self._fault_server.join(10)
+            self._fault_channel.close()
+            self._fault_channel = None
+

@@ -47,7 +47,8 @@ from vmig.proto import (
 )
 from vmig.proto.wire import NONCE_SIZE
 from vmig.ranges import RangeTable
-from vmig.transport.stream import PlainStream, Stream
+from vmig.transport.ratelimit import RateLimitStopped, TokenBucket
+from vmig.transport.stream import Buffer, PlainStream, Stream
 
 ViewsFor = Callable[[RangeTable], list[memoryview]]
 #: Admission: None to take the connection, or the reason it is refused.
@@ -69,7 +70,12 @@ class SenderChannel:
                  token: bytes | None = None, max_outstanding: int | None = None) -> None:
         self.stream = stream
         self.role = role
-        self.conn = SenderConnection(role, max_outstanding=max_outstanding)
+        # A FAULT connection carries no requests after its handshake (vmig.proto.fault).
+        self.conn = SenderConnection(
+            ConnectionRole.MEMORY if role is ConnectionRole.FAULT else role,
+            max_outstanding=max_outstanding)
+        #: The migration's bandwidth cap, shared by all its channels (None: no cap).
+        self.limiter: TokenBucket | None = None
         self.method = self._handshake(migration_id, token)
 
     def _handshake(self, migration_id: bytes, token: bytes | None) -> AuthMethod:
@@ -106,9 +112,16 @@ class SenderChannel:
     def max_outstanding(self) -> int:
         return self.conn.max_outstanding
 
-    def submit(self, event: Request, payload: Sequence[memoryview] = ()) -> None:
-        """Write one request (and, for Memory, its page bytes) without waiting."""
-        self.stream.send_all([self.conn.send(event), *payload])
+    def submit(self, event: Request, payload: Sequence[Buffer] = ()) -> None:
+        """Write one request (and, for Memory, its page bytes) without waiting for its
+        answer (but for the bandwidth cap)."""
+        header = self.conn.send(event)
+        if self.limiter is not None:
+            try:
+                self.limiter.take(len(header) + sum(len(part) for part in payload))
+            except RateLimitStopped:
+                raise TransportError("stopped while waiting for the bandwidth cap") from None
+        self.stream.send_all([header, *payload])
 
     def submit_memory(self, ranges: RangeTable, views_for: ViewsFor) -> None:
         """Write a Memory request whose page bytes come from `views_for(ranges)`."""
@@ -229,7 +242,10 @@ class ReceiverChannel:
         self.migration_id = migration_id
         #: Its place in the migration: MAIN is 0, MEMORY connections 1, 2, ... as admitted.
         self.index = 0
-        self.conn = ReceiverConnection(role, migration_id=migration_id)
+        # A FAULT connection carries no requests after its handshake (vmig.proto.fault).
+        self.conn = ReceiverConnection(
+            ConnectionRole.MEMORY if role is ConnectionRole.FAULT else role,
+            migration_id=migration_id)
         self._accept_fds = accept_fds and isinstance(stream, PlainStream) and stream.passes_fds
         self.fds: list[int] = []
         self._scratch = bytearray()

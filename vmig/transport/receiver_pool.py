@@ -71,6 +71,8 @@ class ReceiverPool:
         self._migration_id: bytes | None = None
         self._extras: list[ReceiverChannel] = []
         self._reserved = 0  # MEMORY connections admitted, not yet in _extras
+        self._fault: ReceiverChannel | None = None  # post-copy's FAULT connection
+        self._fault_claimed = False
         self._admitting = True
         self._closing = False
         self._interrupted = False
@@ -109,6 +111,13 @@ class ReceiverPool:
             self._admitting = False
             return len(self._extras)
 
+    def fault_channel(self, timeout: float) -> ReceiverChannel | None:
+        """Post-copy's FAULT connection, waiting up to `timeout` s for it to be admitted."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._fault is not None or self._closing
+                                   or self._interrupted, timeout)
+            return self._fault
+
     @property
     def extras(self) -> list[ReceiverChannel]:
         with self._lock:
@@ -121,6 +130,8 @@ class ReceiverPool:
             self._interrupted = True
             self._admitting = False
             main, extras = self._main, list(self._extras)
+            if self._fault is not None:
+                extras.append(self._fault)
             self._changed.notify_all()
         listener = self._listener
         if listener is not None:
@@ -137,7 +148,8 @@ class ReceiverPool:
         with self._lock:
             self._closing = True
             self._admitting = False
-            channels = [*self._extras, *([self._main] if self._main else [])]
+            channels = [*self._extras, *([self._main] if self._main else []),
+                        *([self._fault] if self._fault else [])]
             self._changed.notify_all()
         for channel in channels:
             channel.stream.shutdown()
@@ -161,8 +173,9 @@ class ReceiverPool:
             for thread in threads:
                 thread.join()
         with self._lock:
-            channels = [*self._extras, *([self._main] if self._main else [])]
-            self._extras, self._main = [], None
+            channels = [*self._extras, *([self._main] if self._main else []),
+                        *([self._fault] if self._fault else [])]
+            self._extras, self._main, self._fault = [], None, None
         for channel in channels:
             channel.close()
         while True:  # a MAIN handed over but never taken
@@ -206,7 +219,7 @@ class ReceiverPool:
     def _handle(self, sock: socket.socket, peer: str, serial: int) -> None:
         """One connection: secure it, run its handshake, admit it, then serve it."""
         deadline = time.monotonic() + self._handshake_timeout
-        claimed: list[bool] = []
+        claimed: list[str] = []
         stream: Stream | None = None
         try:
             assert self._listener is not None
@@ -243,6 +256,15 @@ class ReceiverPool:
             self._main_queue.put(channel)
             return
         channel.stream.settimeout(None)  # the sender drives; shutdown() wakes it
+        if channel.role is ConnectionRole.FAULT:  # post-copy's: the migration drives it
+            with self._lock:
+                closing = self._closing or self._interrupted
+                if not closing:
+                    self._fault = channel
+                    self._changed.notify_all()
+            if closing:
+                channel.close()
+            return
         with self._lock:
             self._reserved -= 1
             closing = self._closing or self._interrupted
@@ -265,7 +287,7 @@ class ReceiverPool:
                     self._changed.notify_all()
             channel.close()
 
-    def _admit(self, hello: Hello, claimed: list[bool]) -> str | None:
+    def _admit(self, hello: Hello, claimed: list[str]) -> str | None:
         """None to take an authenticated connection, or why it is refused."""
         with self._lock:
             if self._closing or self._interrupted:
@@ -274,28 +296,36 @@ class ReceiverPool:
                 if self._migration_id is not None:
                     return "a migration is already in progress"
                 self._migration_id = hello.migration_id
-                claimed.append(True)
+                claimed.append("main")
                 return None
-            if hello.role is not ConnectionRole.MEMORY:
+            if hello.role not in (ConnectionRole.MEMORY, ConnectionRole.FAULT):
                 return f"this receiver takes no {hello.role.name} connection"
             if self._migration_id is None or hello.migration_id != self._migration_id:
                 return "no migration with this id is in progress"
             if not self._admitting:
                 return "the migration has started: no more connections are admitted"
+            if hello.role is ConnectionRole.FAULT:
+                if self._fault_claimed:
+                    return "a migration has one FAULT connection"
+                self._fault_claimed = True
+                claimed.append("fault")
+                return None
             if len(self._extras) + self._reserved + 1 >= self._max_connections:
                 return f"this receiver takes at most {self._max_connections} connections"
             self._reserved += 1
-            claimed.append(False)
+            claimed.append("memory")
             return None
 
-    def _unclaim(self, claimed: list[bool]) -> None:
+    def _unclaim(self, claimed: list[str]) -> None:
         """An admitted connection never got its answer: undo its admission (a MAIN's claim
         on the migration, so that another source may try)."""
         with self._lock:
-            for main in claimed:
-                if main and self._main is None:
+            for what in claimed:
+                if what == "main" and self._main is None:
                     self._migration_id = None
-                elif not main:
+                elif what == "fault":
+                    self._fault_claimed = False
+                elif what == "memory":
                     self._reserved -= 1
                     self._changed.notify_all()
         claimed.clear()

@@ -76,6 +76,18 @@ class _Work:
             self.stopped = True
             self._changed.notify_all()
 
+    def prioritize(self, gpa: int, window: int) -> None:
+        """Move queued chunks within `window` bytes of `gpa` to the front (post-copy:
+        pages near a fault are likely wanted next)."""
+        with self._changed:
+            near, far = [], []
+            for chunk in self._queue:
+                first = chunk[0].gpa
+                last = chunk[len(chunk) - 1].end
+                (near if first - window <= gpa < last + window else far).append(chunk)
+            if near:
+                self._queue = collections.deque(near + far)
+
 
 class SenderPool:
     """Drives the channels of one migration (the first is MAIN); the caller owns and
@@ -103,6 +115,12 @@ class SenderPool:
         work = self._work
         if work is not None:
             work.stop()
+
+    def prioritize(self, gpa: int, window: int) -> None:
+        """Send the queued chunks near `gpa` next (from any thread; see `_Work`)."""
+        work = self._work
+        if work is not None:
+            work.prioritize(gpa, window)
 
     def send_iteration(self, chunks: Sequence[RangeTable], prepare: Prepare,
                        on_acked: OnAcked | None = None) -> int:

@@ -1,0 +1,122 @@
+"""Where a received MEMORY request's pages go: straight into guest memory.
+
+`write_memory` is pre-copy's path (MAIN and every MEMORY connection, between CONFIG
+and STATE): plain pages are read with `recv_into` into views of guest memory, a
+zstd frame is read once and decompressed into those views, ZERO ranges are
+discarded (holes read as zeros). `install_memory` is post-copy's: the pages may be
+missing and registered with userfaultfd, so they go in through UFFDIO_COPY
+(`PostcopyService.install`) rather than through the mapping.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import zstandard
+
+from vmig.errors import GuestMemoryError, MigrationError
+from vmig.memory import GuestMemory
+from vmig.migration.postcopy import PostcopyService
+from vmig.proto import MemoryFlags, MemoryRequest
+from vmig.ranges import RangeTable
+from vmig.transport.channel import ReceiverChannel
+
+__all__ = ["BULK_POPULATE_BYTES", "install_memory", "write_memory"]
+
+BULK_POPULATE_BYTES = 256 * 1024  # below this one madvise costs more than the faults it saves
+
+
+def _check_bounds(ranges: RangeTable, memory: GuestMemory) -> None:
+    gpas, lengths = ranges.as_arrays()
+    if len(gpas) and int((gpas + lengths).max()) > memory.size:
+        raise GuestMemoryError(f"MEMORY range ends past guest memory "
+                               f"({int((gpas + lengths).max()):#x} > {memory.size:#x})")
+
+
+def write_memory(channel: ReceiverChannel, memory: GuestMemory, request: MemoryRequest, *,
+                 preallocated: bool, compress: bool) -> None:
+    """Read one MEMORY request's payload into `memory` (pre-copy)."""
+    _check_bounds(request.ranges, memory)
+    if request.flags & MemoryFlags.ZERO:  # the pages became zero at the source
+        channel.receive_payload([])
+        for gpa, length in request.ranges:
+            memory.discard(gpa, length)
+        return
+    if request.flags & MemoryFlags.ZSTD and not compress:
+        raise MigrationError("a compressed MEMORY arrived although START did not set COMPRESS")
+    if not preallocated:  # fault big ranges in with one call each
+        gpas, lengths = request.ranges.as_arrays()
+        big = lengths >= BULK_POPULATE_BYTES
+        for gpa, length in zip(gpas[big].tolist(), lengths[big].tolist(), strict=True):
+            memory.populate(gpa, length)
+    views = memory.views(request.ranges)
+    try:
+        if request.flags & MemoryFlags.ZSTD:
+            _decompress(channel, request, views)
+        else:
+            channel.receive_payload(views)
+    finally:
+        for view in views:
+            view.release()
+
+
+def install_memory(channel: ReceiverChannel, service: PostcopyService,
+                   request: MemoryRequest) -> None:
+    """Post-copy's background push: through UFFDIO_COPY (the pages may be missing and
+    registered: writing them through the mapping would fault on ourselves)."""
+    _check_bounds(request.ranges, service.memory)
+    if request.flags & MemoryFlags.ZERO:
+        channel.receive_payload([])
+        for gpa, length in request.ranges:
+            service.zero(gpa, length)
+        return
+    if request.flags & MemoryFlags.ZSTD:
+        raise MigrationError("compressed MEMORY during post-copy is not supported")
+    buffer = channel.scratch(request.payload_bytes)
+    view = memoryview(buffer)[:request.payload_bytes]
+    try:
+        channel.receive_payload([view])
+        offset = 0
+        for gpa, length in request.ranges:
+            with view[offset:offset + length] as pages:
+                service.install(gpa, pages)
+            offset += length
+    finally:
+        view.release()
+
+
+def _decompress(channel: ReceiverChannel, request: MemoryRequest,
+                views: list[memoryview]) -> None:
+    """Read a zstd frame, then decompress it straight into guest memory (`views`)."""
+    frame = channel.scratch(request.payload_bytes)
+    compressed = memoryview(frame)[:request.payload_bytes]
+    channel.receive_payload([compressed])
+    # `compressed` is not released explicitly: the reader holds it. scratch() makes a
+    # new buffer when it needs a bigger one, so this one is never resized under it.
+    reader = _decompressor().stream_reader(compressed)
+    try:
+        for view in views:
+            done = 0
+            while done < len(view):
+                with view[done:] as rest:
+                    got = reader.readinto(rest)
+                if not got:
+                    raise MigrationError("a compressed MEMORY frame ended early")
+                done += got
+        if reader.read(1):
+            raise MigrationError("a compressed MEMORY frame holds more than its ranges")
+    except zstandard.ZstdError as exc:
+        raise MigrationError(f"a compressed MEMORY frame is corrupt: {exc}") from None
+    finally:
+        reader.close()
+
+
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (one per connection thread: they are not shared)."""
+    decompressor = getattr(_local, "zstd", None)
+    if decompressor is None:
+        decompressor = _local.zstd = zstandard.ZstdDecompressor()
+    return decompressor

@@ -1,0 +1,288 @@
+"""Post-copy: the destination runs the guest while its last pages arrive.
+
+Receiver side, `PostcopyService`: the pages the source still owes are punched out of
+guest memory and the whole mapping is registered with userfaultfd (missing mode),
+so a vCPU that touches one of them blocks in the kernel. The ``migrate-fault``
+thread reads those faults: an owed page is asked for on the FAULT connection (one
+page, at once), any other missing page never held data and is filled with zeros
+locally. The ``migrate-fault-rx`` thread reads the answers and installs them with
+UFFDIO_COPY, which wakes the vCPU. Pages pushed in the background (MEMORY on the
+data connections) are installed the same way (`install`); whichever copy comes
+first wins, the other finds the page present (EEXIST) and is dropped.
+
+Sender side, `serve_faults`: the ``migrate-fault-srv`` thread answers each page
+request from the paused source's memory and asks the push to send the chunks near
+it next.
+
+Neither side holds the whole VM while this runs: the destination has the newest
+vCPU state and the pages that arrived, the source the rest. If the migration
+fails now, the destination stops its VM (it cannot run without the pages) and the
+source keeps its VM paused, exactly as it was at the switch-over; resuming it
+rolls the guest back to that moment (docs/protocol.md, "Post-copy").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from vmig.errors import MigrationError, TransportError, VmigError, describe
+from vmig.memory import GuestMemory
+from vmig.proto import NEED_DATA, ConnectionClosed, EndOfPayload
+from vmig.proto.fault import FaultRequester, FaultServer, PageRequest, Pages
+from vmig.ranges import RangeTable
+from vmig.transport.channel import ReceiverChannel, SenderChannel
+from vmig.uffd import Userfaultfd
+from vmig.units import PAGE_SHIFT, PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+FAULT_POLL_S = 0.05  # how often the fault thread looks at its stop flag
+#: The push sends the queued chunks this close to a fault first.
+PRIORITY_WINDOW_BYTES = 4 << 20
+
+OnServed = Callable[[RangeTable], None]
+
+
+def check_userfaultfd() -> str | None:
+    """None if this host can run post-copy, or why not."""
+    try:
+        Userfaultfd().close()
+    except VmigError as exc:
+        return f"userfaultfd is not available here: {exc}"
+    return None
+
+
+class PostcopyService:
+    """The destination's side of post-copy for one guest memory (see the module doc)."""
+
+    def __init__(self, memory: GuestMemory, owed: RangeTable, channel: ReceiverChannel,
+                 on_failure: Callable[[str], None]) -> None:
+        self.memory = memory
+        self._channel = channel
+        self._on_failure = on_failure
+        pages = memory.size >> PAGE_SHIFT
+        self._owed = np.zeros(pages, dtype=bool)
+        for gpa, length in owed:
+            self._owed[gpa >> PAGE_SHIFT:(gpa + length) >> PAGE_SHIFT] = True
+        self.owed_pages = int(self._owed.sum())
+        self._present = np.zeros(pages, dtype=bool)
+        self._requested = np.zeros(pages, dtype=bool)
+        self._lock = threading.Lock()
+        self._left = self.owed_pages
+        self._latencies: list[float] = []
+        self._asked_at: dict[int, float] = {}
+        self._requester = FaultRequester()
+        self._stopping = threading.Event()
+        self._uffd: Userfaultfd | None = None
+        self._threads: list[threading.Thread] = []
+        self.faults = 0
+        self.local_zero_pages = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Punch the owed pages out, register the mapping, start the threads (the VM is
+        resumed by the caller after this)."""
+        for gpa, length in self._owed_ranges():
+            self.memory.discard(gpa, length)
+        self._uffd = Userfaultfd()
+        self._uffd.register(self.memory.host_addr, self.memory.size)
+        for name, target in (("migrate-fault", self._serve_faults),
+                             ("migrate-fault-rx", self._read_pages)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _owed_ranges(self) -> RangeTable:
+        pages = self._owed
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], pages.view(np.int8), [0]))))
+        starts, ends = edges[0::2], edges[1::2]
+        return RangeTable.from_arrays((starts << PAGE_SHIFT).astype(np.uint64),
+                                      ((ends - starts) << PAGE_SHIFT).astype(np.uint64))
+
+    def close(self) -> None:
+        """Stop the threads and let go of userfaultfd (a vCPU still waiting for a page is
+        released: call this only when the guest no longer needs the pages, or is being
+        stopped anyway). Idempotent."""
+        self._stopping.set()
+        self._channel.stream.shutdown()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(10)
+        uffd, self._uffd = self._uffd, None
+        if uffd is not None:
+            with contextlib.suppress(VmigError):
+                uffd.unregister(self.memory.host_addr, self.memory.size)
+            uffd.close()
+
+    # --- figures -------------------------------------------------------------------------
+
+    @property
+    def pages_left(self) -> int:
+        return self._left
+
+    def latency_ms(self) -> tuple[float | None, float | None]:
+        """p50 and p99 of the fault round trips so far (asked -> installed), in ms."""
+        with self._lock:
+            samples = list(self._latencies)
+        if not samples:
+            return None, None
+        if len(samples) == 1:
+            return samples[0], samples[0]
+        cuts = statistics.quantiles(samples, n=100, method="inclusive")
+        return round(cuts[49], 3), round(cuts[98], 3)
+
+    # --- installing pages ----------------------------------------------------------------
+
+    def install(self, gpa: int, data: memoryview) -> None:
+        """Put pages that arrived (push or fault answer) in place with UFFDIO_COPY; pages
+        already there are left alone."""
+        uffd = self._uffd
+        if uffd is None:
+            raise MigrationError("post-copy has ended")
+        address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        uffd.copy(self.memory.host_addr + gpa, address, len(data))
+        self._mark(gpa, len(data))
+
+    def zero(self, gpa: int, length: int) -> None:
+        """Pages that are all zeros now (a ZERO range pushed by the source)."""
+        uffd = self._uffd
+        if uffd is None:
+            raise MigrationError("post-copy has ended")
+        uffd.zeropage(self.memory.host_addr + gpa, length)
+        self._mark(gpa, length)
+
+    def _mark(self, gpa: int, length: int) -> None:
+        first, last = gpa >> PAGE_SHIFT, (gpa + length) >> PAGE_SHIFT
+        now = time.monotonic()
+        with self._lock:
+            fresh = self._owed[first:last] & ~self._present[first:last]
+            self._left -= int(fresh.sum())
+            self._present[first:last] = True
+            for page in range(first, last):
+                asked = self._asked_at.pop(page, None)
+                if asked is not None:
+                    self._latencies.append((now - asked) * 1000)
+
+    # --- the threads -------------------------------------------------------------------------
+
+    def _serve_faults(self) -> None:
+        """migrate-fault: a missing page touched -> ask for it, or fill it with zeros."""
+        uffd = self._uffd
+        assert uffd is not None
+        try:
+            while not self._stopping.is_set():
+                if not uffd.wait(FAULT_POLL_S):
+                    continue
+                for address in uffd.read_faults():
+                    self._fault(uffd, address - self.memory.host_addr)
+        except BaseException as exc:
+            if not self._stopping.is_set():
+                self._on_failure(f"post-copy fault service failed: {describe(exc)}")
+
+    def _fault(self, uffd: Userfaultfd, gpa: int) -> None:
+        page = gpa >> PAGE_SHIFT
+        if not 0 <= page < len(self._owed):
+            return
+        self.faults += 1
+        with self._lock:
+            owed, present, asked = self._owed[page], self._present[page], self._requested[page]
+            if owed and not present and not asked:
+                self._requested[page] = True
+                self._asked_at[page] = time.monotonic()
+        if present:
+            uffd.wake(gpa & ~(PAGE_SIZE - 1), PAGE_SIZE)  # installed meanwhile
+        elif not owed:  # never held data here or at the source: zeros
+            uffd.zeropage(self.memory.host_addr + (page << PAGE_SHIFT), PAGE_SIZE)
+            self.local_zero_pages += 1
+        elif not asked:
+            request = self._requester.request(RangeTable([(page << PAGE_SHIFT, PAGE_SIZE)]))
+            self._channel.stream.send_all([request])
+
+    def _read_pages(self) -> None:
+        """migrate-fault-rx: the source's answers, installed as they come."""
+        requester, stream = self._requester, self._channel.stream
+        buffer = bytearray(PAGE_SIZE * 16)
+        try:
+            while not self._stopping.is_set():
+                event = requester.next_event()
+                if event is NEED_DATA:
+                    requester.receive_data(stream.recv_some(max(requester.bytes_wanted(), 1)))
+                    continue
+                if isinstance(event, ConnectionClosed):
+                    if not self._stopping.is_set():
+                        raise TransportError("the source closed the FAULT connection")
+                    return
+                if isinstance(event, Pages):
+                    if len(buffer) < event.payload_bytes:
+                        buffer = bytearray(event.payload_bytes)
+                    view = memoryview(buffer)[:event.payload_bytes]
+                    stream.recv_into_exact(view)
+                    requester.payload_received(event.payload_bytes)
+                    offset = 0
+                    for gpa, length in event.ranges:
+                        self.install(gpa, view[offset:offset + length])
+                        offset += length
+                    continue
+                assert isinstance(event, EndOfPayload)
+        except BaseException as exc:
+            if not self._stopping.is_set():
+                self._on_failure(f"post-copy failed: the FAULT connection was lost "
+                                 f"({describe(exc)})")
+
+
+def serve_faults(channel: SenderChannel, memory: GuestMemory, on_served: OnServed,
+                 stopping: threading.Event) -> None:
+    """migrate-fault-srv (source): answer each page request from `memory` until the
+    receiver closes the connection or `stopping` is set."""
+    server = FaultServer()
+    stream = channel.stream
+    try:
+        while True:
+            event = server.next_event()
+            if event is NEED_DATA:
+                server.receive_data(stream.recv_some(max(server.bytes_wanted(), 1)))
+                continue
+            if isinstance(event, ConnectionClosed):
+                return
+            assert isinstance(event, PageRequest)
+            views = memory.views(event.ranges)
+            try:
+                stream.send_all([server.answer(event.ranges), *views])
+            finally:
+                for view in views:
+                    view.release()
+            on_served(event.ranges)
+    except (VmigError, OSError) as exc:
+        if not stopping.is_set():
+            log.warning("post-copy: the FAULT connection failed: %s", describe(exc))
+
+
+def split_owed(dirty: np.ndarray, memory_size: int,
+               vmm_pages: Iterable[tuple[int, int]]) -> tuple[RangeTable, RangeTable]:
+    """The sender's pages still owed at the switch to post-copy (`dirty`, a bitmap of u64
+    words), split in two: those the destination's VMM itself reads (sent before STATE,
+    so that restoring never faults) and the rest (listed in POSTCOPY, pushed after)."""
+    pages = memory_size // PAGE_SIZE
+    owed = np.unpackbits(dirty.view(np.uint8), bitorder="little")[:pages].astype(bool)
+    eager = np.zeros(pages, dtype=bool)
+    for gpa, length in vmm_pages:
+        eager[gpa // PAGE_SIZE:(gpa + length) // PAGE_SIZE] = True
+    return (RangeTable.from_bitmap(_words(owed & eager), 0, PAGE_SIZE),
+            RangeTable.from_bitmap(_words(owed & ~eager), 0, PAGE_SIZE))
+
+
+def _words(pages: np.ndarray) -> np.ndarray:
+    """A bool-per-page array as the u64 bitmap words `RangeTable.from_bitmap` takes."""
+    bits = np.packbits(pages, bitorder="little")
+    padded = np.zeros((len(bits) + 7) // 8 * 8, dtype=np.uint8)
+    padded[:len(bits)] = bits
+    return padded.view(np.uint64)
