@@ -49,6 +49,15 @@ def test_record_iteration_and_bandwidth_smoothing():
         stats.record_iteration(-1, 1.0)
 
 
+def test_a_tiny_latency_bound_iteration_does_not_drag_the_bandwidth_down():
+    """1 GiB in 0.5 s, then 64 KiB in one 1 ms round trip: still about 2 GiB/s, not the
+    average of 2 GiB/s and 64 MiB/s."""
+    stats = MemoryMigrationStats()
+    stats.record_iteration(1024 * MiB, 0.5)
+    stats.record_iteration(64 * 1024, 0.001)
+    assert stats.bandwidth_bytes_per_s == pytest.approx(2048 * MiB, rel=0.01)
+
+
 def test_record_dirty_and_dirty_rate():
     stats = MemoryMigrationStats(smoothing=1.0)
     stats.record_dirty(10 * MiB, 2.0)

@@ -202,9 +202,10 @@ class MigrationMetrics:
                 self.bytes_remaining = 0
 
     def end_downtime(self) -> None:
-        """The destination acknowledged COMPLETE: the guest's pause ends (if it ran)."""
+        """The guest runs again, at the destination: COMPLETE (or POSTCOPY) was
+        acknowledged. The pause ends once; a later call changes nothing."""
         with self._lock:
-            if self.paused_at is not None and not self.vm_paused:
+            if self.paused_at is not None and not self.vm_paused and self.downtime_ms is None:
                 self.downtime_ms = (self._clock() - self.paused_at) * 1000
 
     # --- views ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ durations from whatever clock they use, so tests run on synthetic numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from vmig.errors import ConfigError
@@ -152,6 +152,8 @@ class MemoryMigrationStats:
     #: memory digests when they are verified. Set by the sender from what it measured.
     switchover_overhead_ms: float = 0.0
     smoothing: float = DEFAULT_SMOOTHING
+    _bytes_avg: float = field(default=0.0, repr=False)
+    _seconds_avg: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.smoothing <= 1.0:
@@ -191,7 +193,12 @@ class MemoryMigrationStats:
         self.last_iteration_bytes = nbytes
         self.last_iteration_seconds = seconds
         if nbytes > 0 and seconds > 0:
-            self.bandwidth_bytes_per_s = self._smooth(self.bandwidth_bytes_per_s, nbytes / seconds)
+            # Smooth bytes and seconds apart, then divide: each iteration weighs as much
+            # as the time it took. A tiny iteration (a few pages, one round trip) is bound
+            # by latency, not bandwidth; as a rate of its own it would halve the estimate.
+            self._bytes_avg = self._smooth(self._bytes_avg, float(nbytes))
+            self._seconds_avg = self._smooth(self._seconds_avg, seconds)
+            self.bandwidth_bytes_per_s = self._bytes_avg / self._seconds_avg
 
     def record_dirty(self, remaining_bytes: int, seconds_since_last: float) -> None:
         """Set the bytes dirtied since the last collection, `seconds_since_last` ago.
