@@ -4,9 +4,11 @@ For every run it starts a fresh destination VMM (empty) and a fresh source VMM
 with a guest, migrates the guest, and records the sender's summary (total
 time, throughput, downtime, iterations, bytes), the wall time of the request,
 the CPU time (user + sys, from /proc/PID/stat) each VMM process spent during
-the migration and in all, and whether the guest's self-check passed at the
+the migration and in all, the source's peak RSS beyond guest memory (RssAnon +
+RssFile, sampled every 10 ms), and whether the guest's self-check passed at the
 destination. Runs are interleaved (1, 2, 4, 8, 1, 2, ...) so that drift on a
-shared machine spreads over every configuration.
+shared machine spreads over every configuration, and before each one twice the guest
+size is touched and freed, so that neither VMM allocates host-cold RAM.
 
 With ``--prefill random`` the source's RAM is a file on /dev/shm filled with
 random bytes *before* the VMM starts, so no page is a hole or zero (as in the
@@ -30,11 +32,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from compare_qemu import touch_and_free
 
 from vmig import __version__
 from vmig.api.process import VmmProcess
@@ -101,6 +105,44 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def memory_status(pid: int) -> dict[str, int]:
+    """RssAnon, RssFile and RssShmem of process `pid`, in bytes (/proc/PID/status)."""
+    figures = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssFile", "RssShmem"):
+                figures[name] = int(value.split()[0]) * 1024
+    return figures
+
+
+class RssPeak:
+    """The highest RSS beyond guest memory (RssAnon + RssFile; guest memory is a shared
+    memfd or file, counted in RssShmem) of a process, sampled every 10 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.baseline = self._beyond_guest()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _beyond_guest(self) -> int:
+        figures = memory_status(self.pid)
+        return figures["RssAnon"] + figures["RssFile"]
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            with contextlib.suppress(OSError, KeyError):
+                self.peak = max(self.peak, self._beyond_guest())
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return {"before": self.baseline, "peak": self.peak}
+
+
 def machine_info() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
@@ -164,6 +206,7 @@ def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str,
     """Fresh VMMs, one migration, everything measured; the VMMs are stopped on every way out."""
     memory_file = SHM / f"vmig-bench-{os.getpid()}-{index}.ram" if args.prefill != "none" \
         else None
+    touch_and_free(2 * args.memory_bytes)  # neither VMM gets host-cold RAM
     with tempfile.TemporaryDirectory(prefix="vmig-bench-") as tmp:
         source_args = ["--memory", args.memory, "--cpus", str(args.cpus),
                        "--workload", args.workload]
@@ -193,11 +236,13 @@ def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str,
                     else {"token": reply["token"]})
             before = {"source": cpu_seconds(source.proc.pid),
                       "destination": cpu_seconds(destination.proc.pid)}
+            rss = RssPeak(source.proc.pid)
             began = time.monotonic()
             summary = source.client.send_migration(
                 destination_url=url, connections=connections, downtime_ms=args.downtime_ms,
                 verify_memory=args.verify_memory, compress=args.compress, **auth)
             wall_s = time.monotonic() - began
+            source_rss = rss.stop()
             after = {"source": cpu_seconds(source.proc.pid),
                      "destination": cpu_seconds(destination.proc.pid)}
             check = None if args.no_check else destination.client.check_guest(120)
@@ -222,6 +267,7 @@ def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str,
         "zero_pages": summary["zero_pages"],
         "memory_verified": summary["memory_verified"],
         "warnings": summary["warnings"],
+        "source_rss_beyond_guest": source_rss,
         "cpu_s": {side: round(after[side] - before[side], 3) for side in after},
         "cpu_total_s": {side: round(value, 3) for side, value in after.items()},
         "destination_state": state,
@@ -248,6 +294,8 @@ def medians(runs: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any
             "throughput_bytes_per_s": median("throughput_bytes_per_s"),
             "downtime_ms": median("downtime_ms"), "iterations": median("iterations"),
             "bytes_sent": median("bytes_sent"),
+            "source_rss_beyond_guest_peak": max(run["source_rss_beyond_guest"]["peak"]
+                                                for run in mine),
             "source_cpu_s": median("cpu_s", "source"),
             "destination_cpu_s": median("cpu_s", "destination"),
             "all_checks_ok": all(run["check_ok"] is not False for run in mine),
@@ -257,14 +305,15 @@ def medians(runs: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (f"{'conns':>5} {'runs':>4} {'total ms':>9} {'GB/s':>6} {'downtime ms':>11} "
-              f"{'iters':>5} {'sent':>9} {'src cpu s':>9} {'dst cpu s':>9}  check")
+              f"{'iters':>5} {'sent':>9} {'src cpu s':>9} {'dst cpu s':>9} {'src rss+':>9}  check")
     print(header)
     print("-" * len(header))
     for row in rows:
         print(f"{row['connections']:>5} {row['runs']:>4} {row['total_ms']:>9.0f} "
               f"{row['throughput_bytes_per_s'] / 1e9:>6.2f} {row['downtime_ms']:>11.1f} "
               f"{row['iterations']:>5.0f} {format_size(row['bytes_sent']):>9} "
-              f"{row['source_cpu_s']:>9.2f} {row['destination_cpu_s']:>9.2f}  "
+              f"{row['source_cpu_s']:>9.2f} {row['destination_cpu_s']:>9.2f} "
+              f"{format_size(row['source_rss_beyond_guest_peak']):>9}  "
               f"{'ok' if row['all_checks_ok'] else 'FAILED'}")
 
 

@@ -125,3 +125,12 @@ def test_closed_memory_refuses():
     for call in (mem.populate, mem.allocate, lambda: mem.discard(0, PAGE_SIZE)):
         with pytest.raises(GuestMemoryError, match="closed"):
             call()
+
+
+def test_data_extents_of_full_memory_is_one_extent_and_a_late_hole_is_found(memory):
+    """Fully allocated memory answers from its allocated size; one hole anywhere, even
+    in the last page, still shows."""
+    memory.write(0, b"\x01" * memory.size)
+    assert memory.data_extents() == [(0, memory.size)]
+    memory.discard(memory.size - PAGE_SIZE, PAGE_SIZE)
+    assert memory.data_extents() == [(0, memory.size - PAGE_SIZE)]
