@@ -20,10 +20,12 @@ import click
 
 from vmig import __version__
 from vmig.api.client import ApiClient
-from vmig.api.process import READY_LINE
+from vmig.api.process import READY_MESSAGE
 from vmig.config import VmConfig
 from vmig.errors import SnapshotError, VmigError, one_line
 from vmig.guest.layout import MAX_CPUS
+from vmig.logs import FORMATS, open_log_file
+from vmig.logs import configure as configure_logging
 from vmig.migration.params import (
     RECEIVE_PARAMETERS,
     SEND_PARAMETERS,
@@ -112,11 +114,20 @@ def cli() -> None:
 @click.option("--restore", "restore_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Start from the snapshot in DIR instead of booting (excludes --memory).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="warning", show_default=True,
-              help="Server log level (stderr).")
+              help="Log level (stderr, or --log-file).")
+@click.option("--log-file", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Append the log to this file instead of stderr (the ready line goes to "
+                   "stderr too).")
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="text: 'TIMESTAMP LEVEL LOGGER: MESSAGE'; json: one object per line.")
+@click.option("--event-monitor", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Append every event (VM lifecycle, migration steps) to this file, one JSON "
+                   "object per line; GET /api/v1/vmm.events streams the same.")
 def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | None,
         working_set: str | None, dirty_rate: int | None, order: str | None,
         memory_file: str | None, serial_log: str | None, restore_dir: str | None,
-        log_level: str) -> None:
+        log_level: str, log_file: str | None, log_format: str,
+        event_monitor: str | None) -> None:
     """Run a VMM in the foreground and serve its API on --api-socket.
 
     With --memory it boots a VM first, with --restore it restores one, with
@@ -151,21 +162,41 @@ def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | N
     elif memory is None and memory_file:
         raise click.UsageError("--memory-file needs --memory or --restore")
 
+    # The log file stays open until the process exits: records come until the very end.
+    log_stream = None if log_file is None else open_log_file(_abspath(log_file) or log_file)
+    ready_log = _configure_logging(log_level, log_format, log_stream)
     _run_vmm(api_socket, config, restore_dir, memory_file=memory_file, serial_log=serial_log,
-             log_level=log_level)
+             log_level=log_level, ready_log=ready_log, event_monitor=_abspath(event_monitor))
+
+
+def _configure_logging(level: str, fmt: str, stream: IO[str] | None) -> logging.Logger:
+    """One log format for vmig and uvicorn (vmig.logs); return the logger of the ready line,
+    which is always shown, and always on stderr (VmmProcess and scripts wait for it)."""
+    handler = configure_logging(level, fmt, stream)
+    ready_log = logging.getLogger(__name__)
+    ready_log.setLevel(logging.INFO)
+    if stream is not None:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(handler.formatter)
+        ready_log.addHandler(console)
+    return ready_log
 
 
 def _run_vmm(api_socket: str, config: VmConfig | None, restore_dir: str | None, *,
-             memory_file: str | None, serial_log: str | None, log_level: str) -> None:
+             memory_file: str | None, serial_log: str | None, log_level: str,
+             ready_log: logging.Logger, event_monitor: str | None) -> None:
     """Bind the socket, build the VM (if asked), serve; unwind everything on the way out."""
     from vmig.api.controller import Vmm
+    from vmig.api.events import EventBus, EventFile
     from vmig.api.server import ApiServer
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="vmig vmm: %(levelname)s: %(name)s: %(message)s")
+    events = EventBus()
+    if event_monitor is not None:
+        events.add_listener(EventFile(event_monitor))
+    events.publish("vmm", "starting", {"pid": os.getpid(), "version": __version__})
     # Until the server installs its own handlers, SIGTERM unwinds like Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    vmm = Vmm(serial_log=serial_log)
+    vmm = Vmm(serial_log=serial_log, events=events)
     vmm.prepare_process()
     server = ApiServer.bind(api_socket)  # "in use" is found before a VM is built
     try:
@@ -179,7 +210,9 @@ def _run_vmm(api_socket: str, config: VmConfig | None, restore_dir: str | None, 
         raise
 
     def ready() -> None:
-        click.echo(READY_LINE.format(socket_path=api_socket, pid=os.getpid()), err=True)
+        ready_log.info(READY_MESSAGE.format(socket_path=api_socket, pid=os.getpid()),
+                       extra={"api_socket": api_socket, "pid": os.getpid()})
+        events.publish("vmm", "ready", {"api_socket": api_socket, "pid": os.getpid()})
 
     server.serve(vmm, log_level=log_level, on_ready=ready)
 

@@ -23,8 +23,8 @@ from rich.table import Table
 from vmig.api.client import ApiClient
 from vmig.api.process import VmmProcess
 from vmig.errors import ApiError
-from vmig.units import PAGE_SIZE, format_size
-from vmig.watch import format_ms, format_rate, send_and_watch, summary_table
+from vmig.units import PAGE_SIZE, format_rate, format_size
+from vmig.watch import format_ms, send_and_watch, summary_table
 
 READY_TIMEOUT_S = 60.0
 SAMPLE_S = 0.25

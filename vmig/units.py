@@ -41,6 +41,15 @@ def format_size(nbytes: int | float) -> str:
     return f"{int(nbytes)} B"
 
 
+def format_rate(bytes_per_s: float | None) -> str:
+    """Decimal units, as network rates and the QEMU baselines are given: '2.41 GB/s'."""
+    if not bytes_per_s:
+        return "-"
+    if bytes_per_s >= 1e9:
+        return f"{bytes_per_s / 1e9:.2f} GB/s"
+    return f"{bytes_per_s / 1e6:.0f} MB/s"
+
+
 def align_up(value: int, alignment: int) -> int:
     """Round `value` up to a multiple of `alignment` (a power of two)."""
     return (value + alignment - 1) & ~(alignment - 1)

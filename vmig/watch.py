@@ -22,18 +22,9 @@ from rich.table import Table
 
 from vmig.api.client import ApiClient
 from vmig.errors import ApiError
-from vmig.units import format_size
+from vmig.units import format_rate, format_size
 
 POLL_S = 0.1  # progress refresh: often enough to see iterations, cheap for the VMM
-
-
-def format_rate(bytes_per_s: float | None) -> str:
-    """Decimal units, as network rates and the QEMU baselines are given: '2.41 GB/s'."""
-    if not bytes_per_s:
-        return "-"
-    if bytes_per_s >= 1e9:
-        return f"{bytes_per_s / 1e9:.2f} GB/s"
-    return f"{bytes_per_s / 1e6:.0f} MB/s"
 
 
 def format_ms(ms: float | None) -> str:

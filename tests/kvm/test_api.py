@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +241,10 @@ def test_signal_exits_cleanly(spawn_vmm: Any, signum: int) -> None:
 def test_ready_line(spawn_vmm: Any) -> None:
     vmm = spawn_vmm()
     wait_for(lambda: "serving API" in vmm.stderr_text(), "the ready line")
-    assert vmm.stderr_text().splitlines()[-1] == (
-        f"vmig vmm: serving API on {vmm.socket_path} (pid {vmm.proc.pid})")
+    line = vmm.stderr_text().splitlines()[-1]
+    stamp, rest = line.split(" ", 1)
+    assert datetime.fromisoformat(stamp).tzinfo is not None, line
+    assert rest == f"INFO vmig.cli: serving API on {vmm.socket_path} (pid {vmm.proc.pid})"
 
 
 def test_sigterm_while_booting_unwinds(tmp_path: Path) -> None:

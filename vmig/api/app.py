@@ -4,6 +4,7 @@ Routes (all under /api/v1)::
 
     GET  vmm.ping          who is there (version, pid)
     GET  vmm.resources     fds, threads and TCP listeners of the VMM process
+    GET  vmm.events        the VMM's events from now on, as server-sent events (vmig.api.events)
     PUT  vmm.shutdown      reply 204, then stop serving; the VM is shut down with the VMM
     GET  vm.info           state and counters; state "empty" when there is no VM
     PUT  vm.create         build and boot a VM               -> VmInfo
@@ -15,6 +16,8 @@ Routes (all under /api/v1)::
     PUT  vm.cancel-migration   cancel the running migration, on either side -> MigrationInfo
     GET  vm.migration-info     progress of the running (or last) migration -> MigrationInfo
 
+and, outside /api/v1, ``GET /metrics``: Prometheus' text format (vmig.api.prometheus).
+
 Handlers are plain functions: FastAPI runs them in its thread pool, since VM
 operations block (a send blocks for the whole migration; vm.info and
 vm.migration-info are answered from other threads meanwhile). Errors map to
@@ -24,21 +27,25 @@ wrong lifecycle state 409, anything else 500 (a failed migration, for one).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from prometheus_client.exposition import choose_encoder
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from vmig import __version__
+from vmig.api import prometheus
 from vmig.api.controller import Vmm
+from vmig.api.events import EventStream
 from vmig.api.models import (
     CheckGuestRequest,
     CheckResult,
@@ -70,6 +77,10 @@ from vmig.errors import (
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+METRICS_PATH = "/metrics"
+#: An event stream says something this often, so that a client gone away is noticed (the
+#: write fails) and proxies keep the connection open.
+KEEPALIVE_S = 15.0
 NO_MIGRATION = "no migration has run in this VMM"
 TITLE = "vmig VMM API"
 DESCRIPTION = (
@@ -178,8 +189,59 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, on_http_error)
 
 
+class EventStreamResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+async def _server_sent_events(stream: EventStream) -> AsyncIterator[str]:
+    """`stream`'s events as server-sent events, until the bus ends it or the client goes
+    (starlette then cancels this generator); either way the stream is unsubscribed."""
+    try:
+        yield ": vmig events\n\n"  # at once: the client knows it is subscribed
+        while True:
+            try:
+                event = await asyncio.wait_for(stream.get(), KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if event is None:
+                return
+            if stream.dropped:
+                yield f": {stream.dropped} events dropped: this client fell behind\n\n"
+                stream.dropped = 0
+            yield event.to_sse()
+    finally:
+        stream.close()
+
+
+def _metrics_route(vmm: Vmm) -> APIRouter:
+    router = APIRouter(route_class=_GuardedRoute, responses={500: _ERRORS[500]})
+    registry = prometheus.registry(vmm)
+
+    @router.get(METRICS_PATH, tags=["vmm"], response_class=Response,
+                responses={200: {"content": {"text/plain": {}},
+                                 "description": "Prometheus' text format"}},
+                summary="The VMM's figures for Prometheus: the VM, its guest, the running or "
+                        "last migration, per connection")
+    def metrics(request: Request) -> Response:
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(registry), media_type=content_type)
+
+    return router
+
+
 def _routes(vmm: Vmm) -> APIRouter:
     router = APIRouter(prefix=API_PREFIX, route_class=_GuardedRoute, responses=_ERRORS)
+
+    @router.get("/vmm.events", tags=["vmm"], response_class=Response,  # errors stay JSON
+                responses={200: {"content": {"text/event-stream": {}},
+                                 "description": "One server-sent event per VMM event"}},
+                summary="The VMM's events from now on (VM lifecycle, migration steps), as "
+                        "server-sent events; each `data:` is one JSON event")
+    async def vmm_events() -> EventStreamResponse:
+        stream = vmm.events.stream(asyncio.get_running_loop())  # subscribed before answering
+        return EventStreamResponse(_server_sent_events(stream),
+                                   headers={"Cache-Control": "no-cache"})
 
     @router.get("/vmm.ping", tags=["vmm"], summary="Who is serving this socket")
     def vmm_ping() -> PingResponse:
@@ -275,6 +337,7 @@ def create_app(vmm: Vmm) -> FastAPI:
                   openapi_url=f"{API_PREFIX}/openapi.json", docs_url=None, redoc_url=None,
                   generate_unique_id_function=lambda route: route.name)
     app.include_router(_routes(vmm))
+    app.include_router(_metrics_route(vmm))
     _install_error_handlers(app)
 
     def openapi() -> dict[str, Any]:

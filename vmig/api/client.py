@@ -8,6 +8,9 @@ server's own `error` for an error status, or "cannot reach VMM at PATH: ..."
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,6 +18,7 @@ import httpx
 from vmig.errors import ApiError, VmmUnreachableError, one_line
 
 API_PREFIX = "/api/v1"
+METRICS_URL = "http://localhost/metrics"  # outside API_PREFIX
 DEFAULT_TIMEOUT_S = 30.0
 LONG_TIMEOUT_S = 600.0  # create/restore/snapshot move the whole guest memory
 SEND_TIMEOUT_S = 3600.0  # the VMM's default pre-copy timeout (vm.send-migration's timeout_s)
@@ -115,10 +119,46 @@ class ApiClient:
         """Progress of the running (or last) migration, with "active"; 404 if none ran."""
         return self._request("GET", "vm.migration-info")
 
+    def metrics(self) -> str:
+        """GET /metrics: the VMM's figures in Prometheus' text format."""
+        return self._send("GET", METRICS_URL).text
+
+    @contextlib.contextmanager
+    def events(self) -> Iterator[Iterator[dict[str, Any]]]:
+        """Follow vmm.events: `with client.events() as events: for event in events: ...`.
+
+        Subscribed once the `with` is entered (the VMM answered): every event from then
+        on comes, as the dict the event monitor writes, until the VMM stops or the `with`
+        is left (which closes the stream). Blocks between events; no read timeout.
+        """
+        try:
+            with self._http.stream("GET", "vmm.events",
+                                   timeout=httpx.Timeout(self.timeout, read=None)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ApiError(response.status_code, _error_message(response))
+                yield _server_sent_events(response)
+        except httpx.TransportError as exc:
+            raise VmmUnreachableError(
+                f"cannot reach VMM at {self.socket_path}: {_reason(exc)}") from None
+
     # --- plumbing ---------------------------------------------------------------------------
 
     def _request(self, method: str, endpoint: str, body: dict[str, Any] | None = None, *,
                  timeout: float | None = None) -> Any:
+        response = self._send(method, endpoint, body, timeout=timeout)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(response.status_code,
+                           f"VMM at {self.socket_path} sent a reply that is not JSON") from None
+
+    def _send(self, method: str, endpoint: str, body: dict[str, Any] | None = None, *,
+              timeout: float | None = None) -> httpx.Response:
+        """The answer to one request (`endpoint` relative to /api/v1, or a whole URL);
+        VmmUnreachableError when nothing answers, ApiError for an error status."""
         try:
             response = self._http.request(method, endpoint, json=body,
                                           timeout=timeout or self.timeout)
@@ -131,13 +171,7 @@ class ApiClient:
                 f"cannot reach VMM at {self.socket_path}: {_reason(exc)}") from None
         if response.status_code >= 400:
             raise ApiError(response.status_code, _error_message(response))
-        if response.status_code == 204 or not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise ApiError(response.status_code,
-                           f"VMM at {self.socket_path} sent a reply that is not JSON") from None
+        return response
 
     def close(self) -> None:
         self._http.close()
@@ -149,7 +183,18 @@ class ApiClient:
         self.close()
 
 
-def _reason(exc: httpx.TransportError) -> str:
+def _server_sent_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The `data:` of each server-sent event, decoded (comments and ids are skipped)."""
+    data: list[str] = []
+    for line in response.iter_lines():
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            yield json.loads("\n".join(data))
+            data = []
+
+
+def _reason(exc: httpx.HTTPError) -> str:
     """The OS-level reason behind an httpx transport error, e.g. 'No such file or directory'."""
     cause: BaseException | None = exc
     while cause is not None:

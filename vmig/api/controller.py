@@ -15,6 +15,10 @@ migration); a receive only starts a listener, whose thread later installs the
 received Machine. The migration bookkeeping has its own small lock, never held
 while anything blocks, so the receiver's callback can never deadlock with a
 command.
+
+Every change of the VM and every migration step is published on `events`
+(`vmig.api.events`): the VM's from here, a migration's by subscribing to its
+`MigrationMetrics`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import threading
 import time
 from typing import Any
 
+from vmig.api.events import EventBus
 from vmig.config import VmConfig
 from vmig.errors import ConfigError, GuestMemoryError, StateError, TransportError
 from vmig.migration.metrics import MigrationMetrics
@@ -55,10 +60,11 @@ class Vmm:
     writes its serial output there.
     """
 
-    def __init__(self, serial_log: str | None = None) -> None:
+    def __init__(self, serial_log: str | None = None, events: EventBus | None = None) -> None:
         self._lock = threading.Lock()
         self.machine: Machine | None = None
         self.serial_log = serial_log
+        self.events = events or EventBus()
         self.exit_requested = threading.Event()
         # Migration bookkeeping, guarded by _mig_lock (short critical sections only).
         self._mig_lock = threading.Lock()
@@ -82,7 +88,9 @@ class Vmm:
         with self._lock:
             self._make_room("create a VM")
             self.machine = Machine.boot(config)
-            return self.machine.info()
+            info = self.machine.info()
+        self._vm_event("booted", info)
+        return info
 
     def restore(self, directory: str, *, resume: bool = True, serial_log: str | None = None,
                 memory_file: str | None = None) -> dict[str, Any]:
@@ -91,7 +99,9 @@ class Vmm:
             self._make_room("restore a VM")
             self.machine = Machine.restore_snapshot(directory, serial_log=serial_log,
                                                     memory_file=memory_file, resume=resume)
-            return self.machine.info()
+            info = self.machine.info()
+        self._vm_event("restored", {**info, "directory": directory})
+        return info
 
     def _make_room(self, action: str) -> None:
         """Refuse while a live VM exists or one is being received; drop a finished VM."""
@@ -132,10 +142,12 @@ class Vmm:
     def pause(self) -> None:
         with self._lock:
             self._require("pause").pause()
+        self._vm_event("paused")
 
     def resume(self) -> None:
         with self._lock:
             self._require("resume").resume()
+        self._vm_event("resumed")
 
     def shutdown(self) -> None:
         """Stop the VM (it stays visible in vm.info as `shutdown`); idempotent."""
@@ -143,11 +155,21 @@ class Vmm:
             machine = self._require("shut down")
             if machine.busy is not None:  # the Machine would stop under the sender's feet
                 raise StateError(f"cannot shut down: VM is {machine.busy}")
+            live = machine.state not in _FINISHED
             machine.shutdown()
+        if live:
+            self._vm_event("shutdown")
 
     def snapshot(self, directory: str) -> None:
         with self._lock:
             self._require("snapshot").snapshot(directory)
+        self._vm_event("snapshot", {"directory": directory})
+
+    def _vm_event(self, event: str, properties: dict[str, Any] | None = None) -> None:
+        self.events.publish("vm", event, properties)
+
+    def _migration_event(self, event: str, properties: dict[str, Any]) -> None:
+        self.events.publish("migration", event, properties)
 
     def check_guest(self, timeout: float = 60.0) -> dict[str, Any]:
         with self._lock:
@@ -182,6 +204,7 @@ class Vmm:
             if previous is not None:
                 previous.close()  # finished already (not _receiving): this only joins threads
             receiver = MigrationReceiver(resolved, self._on_received, serial_log=self.serial_log)
+            receiver.metrics.subscribe(self._migration_event)
             with self._mig_lock:  # before start(): its callback may come at any time after
                 self._receiver, self._receiving = receiver, True
             try:
@@ -201,9 +224,12 @@ class Vmm:
         for warning in resolved.warnings:
             log.warning("%s", warning)
         log.info("listening for a migration on %s (%s)", address, resolved.security.describe())
-        return {"receiver_url": str(url), "token": resolved.generated_token,
-                "security": resolved.security.describe(), "listening_on": hosts,
-                "warnings": list(resolved.warnings)}
+        reply = {"receiver_url": str(url), "token": resolved.generated_token,
+                 "security": resolved.security.describe(), "listening_on": hosts,
+                 "warnings": list(resolved.warnings)}
+        listening = {key: value for key, value in reply.items() if key != "token"}
+        self._migration_event("listening", {**receiver.metrics.view(), **listening})
+        return reply
 
     def _on_received(self, machine: Machine | None, error: str | None) -> None:
         """The receiver's outcome (on its thread): install the VM, or remember why not."""
@@ -216,6 +242,7 @@ class Vmm:
                 self._last_error = error or "the incoming migration ended without a VM"
         if machine is not None:
             log.info("incoming migration completed: the VM runs here")
+            self._vm_event("received", machine.info())
 
     def send_migration(self, params: SendParams) -> dict[str, Any]:
         """Migrate the VM as `params` say; block until done and return the summary.
@@ -238,18 +265,23 @@ class Vmm:
                 raise StateError(f"cannot send a migration: VM is {machine.state.value}, it "
                                  "must be running or paused")
             metrics = MigrationMetrics("send")
+            metrics.subscribe(self._migration_event)
             sender = MigrationSender(machine, resolved, metrics)
             with self._mig_lock:
                 self._sender, self._metrics = sender, metrics
                 self._send_done.clear()
         log.info("sending the VM to %s over %d connection(s)", params.destination_url,
                  params.connections)
+        self._migration_event("started", metrics.view())
         try:
-            return sender.run()
+            summary = sender.run()
         finally:
             with self._mig_lock:
                 self._sender = None
                 self._send_done.set()
+        if machine.state is VmState.MIGRATED:
+            self._vm_event("migrated", {"destination": summary.get("peer")})
+        return summary
 
     def migration_info(self) -> dict[str, Any] | None:
         """The running (or last) migration's figures plus "active"; None if none ever ran."""
@@ -300,7 +332,10 @@ class Vmm:
         A send still running is interrupted now, so that the server's graceful
         shutdown does not wait for it; it ends with an error and the VM resumed.
         """
+        if not self.exit_requested.is_set():
+            self.events.publish("vmm", "shutdown")
         self.exit_requested.set()
+        self.events.end_streams()  # the server's graceful shutdown waits for open responses
         self._interrupt_send()
 
     def close(self) -> None:
@@ -326,10 +361,14 @@ class Vmm:
             with self._mig_lock:
                 machine, self.machine = self.machine, None
             if machine is not None:
+                live = machine.state not in _FINISHED
                 try:
                     machine.close()
                 except Exception as exc:  # the process is going away: log, do not raise
                     log.error("shutting the VM down: %s", exc)
+                if live:
+                    self._vm_event("shutdown")
         finally:
             if acquired:
                 self._lock.release()
+            self.events.close()

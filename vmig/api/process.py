@@ -19,9 +19,10 @@ from vmig.errors import ApiError, VmmUnreachableError
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
-# `vmig vmm` prints READY_LINE on stderr once its API serves; the mark is what we look for.
-READY_LINE = "vmig vmm: serving API on {socket_path} (pid {pid})"
-READY_MARK = "vmig vmm: serving API on "
+# `vmig vmm` logs READY_MESSAGE on stderr once its API serves (always, whatever the log
+# level or --log-file, in the log's format); the mark is what we look for.
+READY_MESSAGE = "serving API on {socket_path} (pid {pid})"
+READY_MARK = "serving API on "
 POLL_S = 0.05
 
 

@@ -10,12 +10,14 @@ Stopping: SIGTERM, SIGINT (uvicorn's own handlers) or `vmm.shutdown` (the Vmm's
 `exit_requested` event, polled on uvicorn's tick) make the server finish the
 requests in flight and return; then the VM is shut down and the socket file
 removed, and `serve()` returns normally.
+
+Logging: uvicorn gets no configuration of its own; its records go to the root
+logger's handler, in the VMM's one format (`vmig.logs`, set up by `vmig vmm`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import signal
@@ -23,10 +25,8 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
-from typing import Any
 
 import uvicorn
-import uvicorn.config
 
 from vmig.api.app import create_app
 from vmig.api.controller import Vmm
@@ -72,13 +72,6 @@ class _UvicornServer(uvicorn.Server):
         elif self.should_exit:  # SIGTERM/SIGINT through uvicorn's own handlers
             self._vmm.request_exit()  # a running send is interrupted, not waited for
         return await super().on_tick(counter)
-
-
-def _log_config() -> dict[str, Any]:
-    """uvicorn's logging, with the access log on stderr too: stdout is not the VMM's to use."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-    return config
 
 
 @contextlib.contextmanager
@@ -135,7 +128,9 @@ class ApiServer:
         with _exit_signals_handled(vmm):
             try:
                 config = uvicorn.Config(
-                    create_app(vmm), log_level=log_level, log_config=_log_config(), lifespan="off",
+                    # no logging set-up of uvicorn's own: its loggers propagate to the root
+                    # logger, so they share vmig's handler and format (vmig.logs)
+                    create_app(vmm), log_level=log_level, log_config=None, lifespan="off",
                     access_log=log_level in ("debug", "info"), server_header=False,
                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                 )

@@ -13,11 +13,18 @@ copied by hand from one to another. Each rate is defined once, here:
 
 The clock stops when the migration ends, so a finished migration reads the same
 every time. Figures one side cannot know are absent (None), not zero.
+
+Observers (`subscribe`) hear of what happens, with the view at that moment: the
+receiver's "started" (a source connected), each pre-copy "iteration" (QMP's
+MIGRATION_PASS, with that pass's figures under "last_iteration"), "switchover",
+"postcopy", and the ending, "completed", "cancelled" or "failed", announced once by
+`finish()`, when the side has its last figures (the downtime, say).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import threading
 import time
@@ -27,7 +34,12 @@ from typing import Any
 
 from vmig.units import PAGE_SIZE
 
-__all__ = ["ConnectionMetrics", "MigrationMetrics", "Phase", "Status"]
+__all__ = ["ConnectionMetrics", "MigrationMetrics", "Observer", "Phase", "Status"]
+
+log = logging.getLogger(__name__)
+
+#: Hears (event, properties): the view, plus the event's own figures.
+Observer = Callable[[str, dict[str, Any]], None]
 
 
 class Phase(enum.StrEnum):
@@ -68,6 +80,9 @@ _STATUS = {
     Phase.COMPLETED: Status.COMPLETED, Phase.CANCELLED: Status.CANCELLED,
     Phase.FAILED: Status.FAILED,
 }
+#: The phases observers hear of as they begin (the final ones come from `finish`).
+_PHASE_EVENTS = {Phase.RECEIVING: "started", Phase.SWITCHOVER: "switchover",
+                 Phase.POSTCOPY: "postcopy"}
 
 
 @dataclass
@@ -129,6 +144,30 @@ class MigrationMetrics:
         self.connections: list[ConnectionMetrics] = []
         self.warnings: list[str] = []
         self.error: str | None = None
+        #: The last pre-copy pass (`iteration_done`), None before the first.
+        self.last_iteration: dict[str, Any] | None = None
+        self._observers: list[Observer] = []
+        self._announced_end = False
+
+    # --- observers -----------------------------------------------------------------------
+
+    def subscribe(self, observer: Observer) -> None:
+        """Call `observer(event, properties)` on every event from now on (on the thread that
+        caused it, never under this object's lock). An observer that raises is logged."""
+        with self._lock:
+            self._observers.append(observer)
+
+    def _notify(self, event: str, **extra: Any) -> None:
+        with self._lock:
+            observers = list(self._observers)
+        if not observers:
+            return
+        properties = {**self.view(), **extra}
+        for observer in observers:
+            try:
+                observer(event, properties)
+            except Exception:
+                log.exception("migration event observer failed on %r", event)
 
     # --- updates (any thread) ------------------------------------------------------------
 
@@ -149,6 +188,27 @@ class MigrationMetrics:
                 self.paused_at = now
             if phase.final:
                 self.ended_at = now
+        event = _PHASE_EVENTS.get(phase)
+        if event is not None:
+            self._notify(event)
+
+    def iteration_done(self, iteration: int, nbytes: int, seconds: float,
+                       decision: str | None = None, reason: str | None = None
+                       ) -> dict[str, Any]:
+        """A pre-copy pass sent `nbytes` in `seconds` and the policy decided; tell the
+        observers ("iteration"). Returns the pass's figures (also the log line's extras)."""
+        with self._lock:
+            figures = {
+                "iteration": iteration, "bytes": nbytes, "seconds": round(seconds, 3),
+                "rate_bytes_per_s": round(nbytes / seconds) if seconds > 0 else None,
+                "dirty_rate_bytes_per_s": _round(self.dirty_rate_bytes_per_s, 0),
+                "bytes_remaining": self.bytes_remaining,
+                "elapsed_s": round(self.elapsed_s(), 3),
+                "decision": decision, "reason": reason,
+            }
+            self.last_iteration = figures
+        self._notify("iteration", last_iteration=figures)
+        return figures
 
     def open_connections(self, roles: list[str]) -> None:
         with self._lock:
@@ -190,16 +250,21 @@ class MigrationMetrics:
                 self.warnings.append(message)
 
     def finish(self, phase: Phase, error: str | None = None) -> None:
-        """End the migration: the clock stops; the first ending stands."""
+        """End the migration: the clock stops; the first ending stands (`set_phase` may
+        have ended it already). The observers hear of the ending once, here."""
         with self._lock:
-            if self.phase.final:
+            if self._announced_end:
                 return
-            self.phase = phase
-            self.ended_at = self._clock()
-            if error is not None:
-                self.error = error
-            if phase is Phase.COMPLETED:
-                self.bytes_remaining = 0
+            self._announced_end = True
+            if not self.phase.final:
+                self.phase = phase
+                self.ended_at = self._clock()
+                if error is not None:
+                    self.error = error
+                if phase is Phase.COMPLETED:
+                    self.bytes_remaining = 0
+            event = self.phase.value
+        self._notify(event)
 
     def end_downtime(self) -> None:
         """The guest runs again, at the destination: COMPLETE (or POSTCOPY) was

@@ -70,7 +70,7 @@ from vmig.transport.channel import SenderChannel
 from vmig.transport.endpoint import dial
 from vmig.transport.ratelimit import TokenBucket
 from vmig.transport.sender_pool import SenderPool, role_name
-from vmig.units import PAGE_SIZE, MiB
+from vmig.units import PAGE_SIZE, MiB, format_rate, format_size
 from vmig.vmm.machine import Machine, VmState
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,15 @@ class MigrationSender:
             self.metrics.update(bytes_remaining=ranges.total_bytes,
                                 dirty_rate_bytes_per_s=self.stats.dirty_rate_bytes_per_s,
                                 expected_downtime_ms=self.stats.expected_downtime_ms)
-            log.info("iteration %d: %s -> %s", self.stats.iteration, why, decision.value)
+            done = self.metrics.iteration_done(
+                self.stats.iteration, self.stats.last_iteration_bytes,
+                self.stats.last_iteration_seconds, decision.value, why)
+            log.info("iteration %d: %s in %.2f s (%s), guest dirtied %s, %s left, %.1f s elapsed: "
+                     "%s -> %s", done["iteration"], format_size(done["bytes"]), done["seconds"],
+                     format_rate(done["rate_bytes_per_s"]),
+                     format_rate(done["dirty_rate_bytes_per_s"]),
+                     format_size(done["bytes_remaining"] or 0), done["elapsed_s"], why,
+                     decision.value, extra=done)
             if decision is Decision.CONTINUE and self.params.auto_converge:
                 self._auto_converge()
             if decision in (Decision.CONVERGE, Decision.POSTCOPY):

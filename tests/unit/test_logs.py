@@ -1,0 +1,65 @@
+"""The VMM's log format (vmig.logs): ISO-8601 timestamps, text or JSON lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from vmig.errors import ConfigError
+from vmig.logs import configure, open_log_file
+
+
+@pytest.fixture
+def restored_root() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_text_lines_start_with_an_iso_timestamp(restored_root: None) -> None:
+    out = io.StringIO()
+    configure("info", "text", out)
+    logging.getLogger("vmig.test").info("iteration %d: %s", 2, "ok")
+    logging.getLogger("vmig.other").warning("%s %d", "second", 2)
+    logging.getLogger("vmig.test").debug("below the level")
+    first, second = out.getvalue().splitlines()
+    stamp, rest = first.split(" ", 1)
+    assert datetime.fromisoformat(stamp).utcoffset().total_seconds() == 0
+    assert len(stamp) == len("2026-11-30T06:04:08.123+00:00")
+    assert rest == "INFO vmig.test: iteration 2: ok"
+    assert second.split(" ", 1)[1] == "WARNING vmig.other: second 2"
+
+
+def test_json_lines_parse_and_carry_extras_and_tracebacks(restored_root: None) -> None:
+    out = io.StringIO()
+    configure("info", "json", out)
+    log = logging.getLogger("vmig.migration.sender")
+    log.info("iteration %d", 3, extra={"bytes": 4096, "rate_bytes_per_s": 1e6})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("it failed")
+    first, second = (json.loads(line) for line in out.getvalue().splitlines()
+                     if line.startswith("{"))
+    assert first.keys() == {"timestamp", "level", "logger", "message", "bytes",
+                            "rate_bytes_per_s"}
+    assert (first["level"], first["logger"], first["message"]) == (
+        "INFO", "vmig.migration.sender", "iteration 3")
+    assert first["bytes"] == 4096 and datetime.fromisoformat(first["timestamp"])
+    assert "ValueError: boom" in second["exception"] and second["level"] == "ERROR"
+
+
+def test_an_unusable_log_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"cannot open log file {tmp_path}: Is a directory"):
+        open_log_file(str(tmp_path))
