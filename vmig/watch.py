@@ -17,12 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vmig.api.client import ApiClient
 from vmig.errors import ApiError
-from vmig.units import format_rate, format_size
+from vmig.units import PAGE_SIZE, format_rate, format_size
 
 POLL_S = 0.1  # progress refresh: often enough to see iterations, cheap for the VMM
 
@@ -53,17 +53,44 @@ class _Send(threading.Thread):
             self.done.set()
 
 
+def progress_position(info: dict[str, Any]) -> tuple[int, int | None]:
+    """(done, total) bytes for the bar, from vm.migration-info or a summary.
+
+    Done is the guest memory dealt with so far: pages sent plus zero pages found (the
+    first pass skips those). Total is that plus what is still to send: the memory that
+    holds data before the first pass, then each pass's dirty pages, so the total grows
+    while pre-copy chases a busy guest. Never-written memory counts for nothing: a
+    256 MiB guest holding 64 MiB starts at 0% and is half done at 32 MiB. None while
+    nothing is known yet.
+    """
+    done = (info.get("bytes_transferred") or 0) + (info.get("zero_pages") or 0) * PAGE_SIZE
+    remaining = info.get("bytes_remaining")
+    if remaining is None:
+        remaining = info.get("data_bytes")  # before pre-copy: the first pass is all to do
+    if remaining is None:
+        return done, None
+    return done, done + remaining
+
+
+def format_eta(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
 def progress_detail(info: dict[str, Any]) -> str:
-    """One line: iteration, sent and left, rate, ETA, dirty rate, expected downtime."""
+    """One line: iteration, sent, left, rate, ETA, dirty rate, expected downtime."""
     parts = [f"iteration {info.get('iterations') or 0}",
              f"{format_size(info.get('bytes_transferred') or 0)} sent"]
-    remaining = info.get("bytes_remaining")
+    done, total = progress_position(info)
+    remaining = None if total is None else total - done
     rate = info.get("bandwidth_bytes_per_s") or info.get("throughput_bytes_per_s")
     if remaining is not None:
         parts.append(f"{format_size(remaining)} left")
     parts.append(format_rate(rate))
     if remaining and rate:
-        parts.append(f"ETA {remaining / rate:.1f} s")
+        parts.append(f"ETA {format_eta(remaining / rate)}")
     if info.get("dirty_rate_bytes_per_s"):
         parts.append(f"dirtied {format_rate(info['dirty_rate_bytes_per_s'])}")
     expected = info.get("expected_downtime_ms")
@@ -115,30 +142,36 @@ def _wait(send: _Send, watcher: ApiClient, poll: Callable[[], None],
                 watcher.cancel_migration()
 
 
+def progress_bar(console: Console) -> Progress:
+    """The bar `send_and_watch` draws: phase, bar, percent, `progress_detail`, time."""
+    return Progress(TextColumn("[bold]{task.description:<11}"), BarColumn(),
+                    TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[detail]}"),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def show_progress(progress: Progress, task: TaskID, info: dict[str, Any]) -> None:
+    """Move the bar to what `info` (vm.migration-info, or the summary at the end) says."""
+    done, total = progress_position(info)
+    if info.get("phase") == "completed":
+        total = done = max(done, 1)
+    progress.update(task, description=info.get("phase", "?"), total=total or None,
+                    completed=done, detail=progress_detail(info))
+
+
 def _draw(send: _Send, watcher: ApiClient, console: Console,
           on_poll: Callable[[dict[str, Any] | None], None] | None) -> None:
-    columns = (TextColumn("[bold]{task.description:<11}"), BarColumn(),
-               TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[detail]}"),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("connecting", total=None, detail="")
 
         def poll() -> None:
             info = _active_info(watcher)
-            if info is None:
-                return
-            done = info.get("bytes_transferred") or 0
-            remaining = info.get("bytes_remaining")
-            total = None if remaining is None else done + remaining
-            progress.update(task, description=info.get("phase", "?"), total=total or None,
-                            completed=done, detail=progress_detail(info))
+            if info is not None:
+                show_progress(progress, task, info)
 
         _wait(send, watcher, poll, on_poll)
-        summary = send.summary
-        if summary is not None:
-            done = summary.get("bytes_transferred") or 0
-            progress.update(task, description=summary.get("status", "?"), total=done or 1,
-                            completed=done or 1, detail=progress_detail(summary))
+        if send.summary is not None:
+            show_progress(progress, task, send.summary)
+            progress.update(task, description=send.summary.get("status", "?"))
         else:
             progress.update(task, description="failed")
 
