@@ -3,6 +3,8 @@
 Every error a user can cause (a bad size, a socket in use, no /dev/kvm, a
 request in the wrong state) is printed as one line, ``vmig: error: ...``, with
 exit status 1; click's usage errors keep click's format and exit status 2.
+With ``--json`` every command but `vmm` (whose output is its log: ``--log-format
+json``) prints exactly one JSON object, on one line, on stdout.
 Heavy modules (the VMM, uvicorn) are imported only by the commands that need them.
 """
 
@@ -13,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
@@ -22,7 +25,7 @@ from vmig import __version__
 from vmig.api.client import ApiClient
 from vmig.api.process import READY_MESSAGE
 from vmig.config import VmConfig
-from vmig.errors import SnapshotError, VmigError, one_line
+from vmig.errors import SnapshotError, VmigError, VmmUnreachableError, one_line
 from vmig.guest.layout import MAX_CPUS
 from vmig.logs import FORMATS, open_log_file
 from vmig.logs import configure as configure_logging
@@ -36,6 +39,7 @@ from vmig.migration.params import (
 F = TypeVar("F", bound=Callable[..., Any])
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+WAIT_POLL_S = 0.1  # `remote wait`: how often an absent VMM is asked again
 
 
 class CliError(click.ClickException):
@@ -67,8 +71,15 @@ def _location(text: str) -> str:
     return text if "://" in text else os.path.abspath(os.path.expanduser(text))
 
 
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
+def _print_json(data: Any, one_line: bool = False) -> None:
+    """`data` as JSON: indented for people, or (--json) one object on one line."""
+    click.echo(json.dumps(data) if one_line else json.dumps(data, indent=2))
+
+
+def json_option(help_text: str = "Print the answer as one JSON object on one line."
+                ) -> Callable[[F], F]:
+    """The --json flag every command has (parameter `as_json`)."""
+    return click.option("--json", "as_json", is_flag=True, help=help_text)
 
 
 def vm_options(command: F) -> F:
@@ -237,6 +248,23 @@ class _Remote:
             self._client = self._ctx.with_resource(ApiClient(self._api_socket, self._timeout))
         return self._client
 
+    def wait(self, seconds: float) -> dict[str, Any]:
+        """Ping until the VMM answers (its ping); VmmUnreachableError after `seconds`."""
+        client = self.client
+        deadline = time.monotonic() + seconds
+        unreachable = f"cannot reach VMM at {client.socket_path}: "
+        while True:
+            try:  # a VMM still booting has bound its socket but answers only once it serves
+                return client.ping(timeout=max(deadline - time.monotonic(), WAIT_POLL_S))
+            except VmmUnreachableError as exc:
+                reason = str(exc).removeprefix(unreachable) if str(exc).startswith(
+                    unreachable) else "no answer"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise VmmUnreachableError(f"VMM at {client.socket_path} did not answer "
+                                              f"within {seconds:g} s: {reason}") from None
+                time.sleep(min(WAIT_POLL_S, left))
+
 
 @cli.group(cls=_Group)
 @click.option("--api-socket", type=click.Path(dir_okay=False), metavar="PATH",
@@ -250,63 +278,102 @@ def remote(ctx: click.Context, api_socket: str | None, timeout: float) -> None:
 
 
 @remote.command()
+@click.option("--timeout", "wait_s", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds to wait for the VMM to answer.")
+@json_option("Print the VMM's answer (version, pid) as one JSON object.")
 @click.pass_obj
-def ping(target: _Remote) -> None:
-    """Print the VMM's version and pid (JSON)."""
-    _print_json(target.client.ping())
+def wait(target: _Remote, wait_s: float, as_json: bool) -> None:
+    """Wait until the VMM answers on --api-socket (it is ready); exit 1 after --timeout.
+
+    A VMM started in the background needs a moment (a guest to boot, the socket
+    to appear): run this before the first request. Prints nothing unless --json.
+    """
+    reply = target.wait(wait_s)
+    if as_json:
+        _print_json(reply, one_line=True)
 
 
 @remote.command()
+@json_option()
 @click.pass_obj
-def info(target: _Remote) -> None:
+def ping(target: _Remote, as_json: bool) -> None:
+    """Print the VMM's version and pid (JSON)."""
+    _print_json(target.client.ping(), as_json)
+
+
+@remote.command()
+@json_option()
+@click.pass_obj
+def info(target: _Remote, as_json: bool) -> None:
     """Print the VM's state and counters (JSON)."""
-    _print_json(target.client.info())
+    _print_json(target.client.info(), as_json)
 
 
 @remote.command()
 @vm_options
+@json_option()
 @click.pass_obj
-def create(target: _Remote, memory_file: str | None, serial_log: str | None,
+def create(target: _Remote, memory_file: str | None, serial_log: str | None, as_json: bool,
            **fields: Any) -> None:
     """Build and boot a VM in an empty VMM; print its info (JSON)."""
     _print_json(target.client.create(memory_file=_abspath(memory_file),
-                                     serial_log=_abspath(serial_log), **fields))
+                                     serial_log=_abspath(serial_log), **fields), as_json)
+
+
+_VM_AFTER = "Print the VM's info afterwards as one JSON object (otherwise nothing)."
 
 
 @remote.command()
+@json_option(_VM_AFTER)
 @click.pass_obj
-def pause(target: _Remote) -> None:
+def pause(target: _Remote, as_json: bool) -> None:
     """Pause the running VM."""
     target.client.pause()
+    if as_json:
+        _print_json(target.client.info(), one_line=True)
 
 
 @remote.command()
+@json_option(_VM_AFTER)
 @click.pass_obj
-def resume(target: _Remote) -> None:
+def resume(target: _Remote, as_json: bool) -> None:
     """Resume the paused VM."""
     target.client.resume()
+    if as_json:
+        _print_json(target.client.info(), one_line=True)
 
 
 @remote.command()
+@json_option(_VM_AFTER)
 @click.pass_obj
-def shutdown(target: _Remote) -> None:
+def shutdown(target: _Remote, as_json: bool) -> None:
     """Shut the VM down (the VMM keeps running, empty of a live VM)."""
     target.client.shutdown()
+    if as_json:
+        _print_json(target.client.info(), one_line=True)
 
 
 @remote.command("shutdown-vmm")
+@json_option('Print {"api_socket": ..., "stopping": true} (otherwise nothing).')
 @click.pass_obj
-def shutdown_vmm(target: _Remote) -> None:
-    """Stop the VMM process; its VM is shut down with it."""
+def shutdown_vmm(target: _Remote, as_json: bool) -> None:
+    """Stop the VMM process; its VM is shut down with it and the socket removed."""
     target.client.shutdown_vmm()
+    if as_json:
+        _print_json({"api_socket": target.client.socket_path, "stopping": True},
+                    one_line=True)
 
 
 @remote.command()
 @click.argument("destination", metavar="DIR")
+@json_option('Print {"destination": DIR} once written (otherwise nothing).')
 @click.pass_obj
-def snapshot(target: _Remote, destination: str) -> None:
+def snapshot(target: _Remote, destination: str, as_json: bool) -> None:
     """Write the paused VM's state and memory to DIR (a path or file:///DIR)."""
-    target.client.snapshot(_location(destination))
+    location = _location(destination)
+    target.client.snapshot(location)
+    if as_json:
+        _print_json({"destination": location}, one_line=True)
 
 
 @remote.command()
@@ -316,23 +383,25 @@ def snapshot(target: _Remote, destination: str) -> None:
               help="Back the restored RAM with this file.")
 @click.option("--serial-log", type=click.Path(dir_okay=False), metavar="PATH",
               help="Append the guest's serial output to this file.")
+@json_option()
 @click.pass_obj
 def restore(target: _Remote, source: str, paused: bool, memory_file: str | None,
-            serial_log: str | None) -> None:
+            serial_log: str | None, as_json: bool) -> None:
     """Start a VM from the snapshot in DIR (a path or file:///DIR); print its info (JSON)."""
     _print_json(target.client.restore(_location(source), resume=not paused,
                                       memory_file=_abspath(memory_file),
-                                      serial_log=_abspath(serial_log)))
+                                      serial_log=_abspath(serial_log)), as_json)
 
 
 @remote.command("check-guest")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
               show_default=True, help="Seconds the guest gets to check its pages.")
+@json_option()
 @click.pass_obj
-def check_guest(target: _Remote, timeout: float) -> None:
+def check_guest(target: _Remote, timeout: float, as_json: bool) -> None:
     """Have the guest verify its working set; print the result (JSON); exit 1 if not ok."""
     result = target.client.check_guest(timeout)
-    _print_json(result)
+    _print_json(result, as_json)
     if not result.get("ok"):
         sys.exit(1)
 
@@ -385,7 +454,7 @@ def _absolute_paths(table: tuple[Param, ...], values: dict[str, Any]) -> dict[st
 @remote.command("receive-migration")
 @click.argument("url")
 @parameter_options(RECEIVE_PARAMETERS)
-@click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
+@json_option()
 @click.pass_obj
 def receive_migration(target: _Remote, url: str, as_json: bool, **params: Any) -> None:
     """Have an empty VMM listen for one incoming migration on URL; print where to send it.
@@ -415,8 +484,7 @@ def receive_migration(target: _Remote, url: str, as_json: bool, **params: Any) -
 @remote.command("send-migration")
 @click.argument("url")
 @parameter_options(SEND_PARAMETERS)
-@click.option("--json", "as_json", is_flag=True,
-              help="Print only the summary, as one JSON object.")
+@json_option("Print only the summary, as one JSON object on one line (no progress bar).")
 @click.pass_obj
 def send_migration(target: _Remote, url: str, as_json: bool, **params: Any) -> None:
     """Live-migrate the VM to the VMM receiving at URL (tcp:HOST:PORT or unix:PATH).
@@ -445,22 +513,24 @@ def send_migration(target: _Remote, url: str, as_json: bool, **params: Any) -> N
 
 
 @remote.command("cancel-migration")
+@json_option()
 @click.pass_obj
-def cancel_migration(target: _Remote) -> None:
+def cancel_migration(target: _Remote, as_json: bool) -> None:
     """Cancel the migration running on this VMM (either side); print its figures (JSON).
 
     Before the switch-over's point of no return the source keeps its VM running
     and the destination discards what it received and can receive again; after
     it, the cancel is refused and says why.
     """
-    _print_json(target.client.cancel_migration())
+    _print_json(target.client.cancel_migration(), as_json)
 
 
 @remote.command("migration-info")
+@json_option()
 @click.pass_obj
-def migration_info(target: _Remote) -> None:
+def migration_info(target: _Remote, as_json: bool) -> None:
     """Print the progress of the running (or last) migration (JSON)."""
-    _print_json(target.client.migration_info())
+    _print_json(target.client.migration_info(), as_json)
 
 
 # --- vmig demo --------------------------------------------------------------------------------
@@ -480,8 +550,9 @@ def migration_info(target: _Remote) -> None:
               metavar="MS", help="Pause budget for the switch-over.")
 @click.option("--seconds", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="How long to let the guest work before migrating it.")
+@json_option("Print only what the demo saw and its verdict, as one JSON object.")
 def demo(memory: str, cpus: int, working_set: str, dirty_rate: int, connections: int,
-         downtime_ms: int, seconds: float) -> None:
+         downtime_ms: int, seconds: float, as_json: bool) -> None:
     """Live-migrate a guest that keeps dirtying its memory between two VMMs, and check it.
 
     Starts an empty destination VMM and a source VMM with a dirtying guest,
@@ -489,10 +560,16 @@ def demo(memory: str, cpus: int, working_set: str, dirty_rate: int, connections:
     verification, then checks that the guest goes on at the destination.
     Exit status 1 if anything is wrong. Needs no arguments.
     """
+    from rich.console import Console
+
     from vmig.demo import run_demo
 
-    if not run_demo(memory=memory, cpus=cpus, working_set=working_set, dirty_rate=dirty_rate,
-                    connections=connections, downtime_ms=downtime_ms, seconds=seconds):
+    report = run_demo(memory=memory, cpus=cpus, working_set=working_set, dirty_rate=dirty_rate,
+                      connections=connections, downtime_ms=downtime_ms, seconds=seconds,
+                      console=Console(quiet=True) if as_json else None)
+    if as_json:
+        _print_json(report.to_dict(), one_line=True)
+    if not report.ok:
         sys.exit(1)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -62,6 +62,11 @@ class DemoReport:
                 and self.heartbeat_continued and self.source_state == "migrated"
                 and self.destination_state == "running" and bool(self.check.get("ok")))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the demo saw, and its verdict (`vmig demo --json`)."""
+        return {"ok": self.ok, "heartbeat_continued": self.heartbeat_continued,
+                **asdict(self)}
+
 
 class _SourceWatch:
     """Remembers the source guest's last heartbeat while it still runs here."""
@@ -82,8 +87,9 @@ class _SourceWatch:
 
 def run_demo(*, memory: str = "256M", cpus: int = 2, working_set: str = "64M",
              dirty_rate: int = 20_000, connections: int = 4, downtime_ms: int = 300,
-             seconds: float = 2.0, console: Console | None = None) -> bool:
-    """Run the demo; return True if the guest made it across. API errors raise VmigError."""
+             seconds: float = 2.0, console: Console | None = None) -> DemoReport:
+    """Run the demo; return what it saw (`ok` if the guest made it across). API errors
+    raise VmigError."""
     console = console or Console()
     report = DemoReport()
     with tempfile.TemporaryDirectory(prefix="vmig-demo-") as tmp:
@@ -117,7 +123,7 @@ def run_demo(*, memory: str = "256M", cpus: int = 2, working_set: str = "64M",
                 source.stop()
             destination.stop()
     console.print(_verdict(report))
-    return report.ok
+    return report
 
 
 def _watch_guest(source: VmmProcess, seconds: float, report: DemoReport,

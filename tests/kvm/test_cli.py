@@ -153,6 +153,28 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [], "the demo left files behind"
 
 
+def test_demo_json_prints_only_its_report(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "vmig", "demo", "--seconds", "0",
+                             "--memory", "128M", "--working-set", "16M", "--json"],
+                            capture_output=True, text=True, timeout=120, env=env,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("\n") == 1 and result.stderr == ""
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["heartbeat_continued"] is True
+    assert report["summary"]["status"] == "completed" and report["check"]["ok"] is True
+
+
+def test_restore_from_a_missing_directory_says_so(spawn_vmm: Any, tmp_path: Path) -> None:
+    vmm = spawn_vmm()
+    missing = tmp_path / "no-snapshot"
+    assert_one_line_error(remote(vmm, "restore", str(missing)),
+                          f"snapshot directory {missing} does not exist")
+    assert_one_line_error(remote(vmm, "restore", str(tmp_path)), "is not a vmig snapshot: "
+                                                                 "state.json is missing")
+
+
 def test_page_overwritten_in_the_memory_file_fails_check_guest(spawn_vmm: Any,
                                                                tmp_path: Path) -> None:
     """The self-check can fail: a page changed behind the guest's back is caught.

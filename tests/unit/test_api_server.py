@@ -310,6 +310,55 @@ def test_cli_check_guest_exits_1_when_the_guest_is_not_ok(served: Served) -> Non
     assert result.stderr == ""
 
 
+def test_cli_json_is_one_object_on_one_line(served: Served) -> None:
+    served.machine()
+    runner = CliRunner()
+
+    def answer(*args: str) -> dict[str, Any]:
+        result = runner.invoke(cli, ["remote", "--api-socket", served.path, *args, "--json"])
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout.count("\n") == 1, result.stdout  # one line
+        return json.loads(result.stdout)
+
+    assert answer("wait") == {"version": __version__, "pid": os.getpid()}
+    assert answer("info")["state"] == "running"
+    assert answer("pause")["state"] == "paused"  # the VM after the command
+    assert answer("snapshot", "/tmp/snap-json") == {"destination": "/tmp/snap-json"}
+    assert answer("resume")["state"] == "running"
+    assert answer("shutdown")["state"] == "shutdown"
+    assert answer("shutdown-vmm") == {"api_socket": served.path, "stopping": True}
+    served.thread.join(15)
+    # the VMM is gone: `wait` gives up after its timeout, with one line
+    result = runner.invoke(cli, ["remote", "--api-socket", served.path, "wait",
+                                 "--timeout", "0.3"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (f"vmig: error: VMM at {served.path} did not answer within 0.3 s: "
+                             "No such file or directory\n")
+
+
+def test_cli_wait_returns_once_a_late_vmm_answers(tmp_path: Path) -> None:
+    path = str(tmp_path / "late.sock")
+    vmm = Vmm()
+    stopped = threading.Event()
+
+    def serve_later() -> None:
+        time.sleep(0.5)  # the socket does not exist yet; then it is bound and served
+        ApiServer.bind(path).serve(vmm)
+        stopped.set()
+
+    thread = threading.Thread(target=serve_later, daemon=True)
+    thread.start()
+    try:
+        began = time.monotonic()
+        result = CliRunner().invoke(cli, ["remote", "--api-socket", path, "wait", "--timeout",
+                                          "20"])
+        assert result.exit_code == 0 and result.stdout == "", result.stderr
+        assert 0.4 < time.monotonic() - began < 10
+    finally:
+        vmm.request_exit()
+        assert stopped.wait(15)
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -79,9 +80,9 @@ def test_version_and_help() -> None:
     assert code == 0 and "vmig, version" in stdout
     code, stdout, _ = run("remote", "--help")
     assert code == 0
-    for command in ("ping", "info", "pause", "resume", "shutdown", "shutdown-vmm", "snapshot",
-                    "restore", "create", "check-guest", "receive-migration",
-                    "send-migration", "migration-info"):
+    for command in ("wait", "ping", "info", "pause", "resume", "shutdown", "shutdown-vmm",
+                    "snapshot", "restore", "create", "check-guest", "receive-migration",
+                    "send-migration", "cancel-migration", "migration-info"):
         assert command in stdout
 
 
@@ -90,3 +91,33 @@ def test_remote_needs_an_api_socket_but_not_for_help() -> None:
     assert code == 2 and "Missing option '--api-socket'" in stderr
     code, stdout, _ = run("remote", "restore", "--help")
     assert code == 0 and "--paused" in stdout
+
+
+def _commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
+    found = []
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found += _commands(command, f"{prefix}{name} ")
+        else:
+            found.append((prefix + name, command))
+    return found
+
+
+def test_every_command_has_json_output() -> None:
+    commands = dict(_commands(cli))
+    assert {"remote wait", "remote info", "remote pause", "demo"} <= commands.keys()
+    # `vmig vmm` prints nothing but its log, which --log-format json makes JSON lines
+    del commands["vmm"]
+    for name, command in commands.items():
+        flags = {opt for param in command.params for opt in getattr(param, "opts", ())}
+        assert "--json" in flags, f"vmig {name} has no --json"
+    vmm_options = {opt for param in cli.commands["vmm"].params for opt in param.opts}
+    assert "--log-format" in vmm_options
+
+
+def test_wait_for_a_vmm_that_never_comes(tmp_path: Path) -> None:
+    path = tmp_path / "none.sock"
+    code, stdout, stderr = run("remote", "--api-socket", str(path), "wait", "--timeout", "0.2")
+    assert code == 1 and stdout == ""
+    assert_one_line_error(stderr, f"VMM at {path} did not answer within 0.2 s: No such file "
+                                  "or directory")

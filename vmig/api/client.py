@@ -38,9 +38,9 @@ class ApiClient:
 
     # --- the endpoints -------------------------------------------------------------------
 
-    def ping(self) -> dict[str, Any]:
-        """{"version", "pid"} of the VMM."""
-        return self._request("GET", "vmm.ping")
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        """{"version", "pid"} of the VMM (`timeout`: seconds, instead of the client's)."""
+        return self._request("GET", "vmm.ping", timeout=timeout)
 
     def resources(self) -> dict[str, Any]:
         """fds, threads and TCP listeners of the VMM process."""

@@ -25,6 +25,9 @@ def read_snapshot(directory: str, memory_file: str | None = None
     """The saved state and a new GuestMemory (a memfd, or `memory_file`) holding the
     saved memory; SnapshotError names what is missing or wrong."""
     folder = Path(directory)
+    if not folder.is_dir():  # say what is wrong with the directory, not with a file in it
+        raise SnapshotError(f"snapshot directory {folder} does not exist" if not folder.exists()
+                            else f"snapshot directory {folder} is not a directory")
     state_path, memory_path = folder / SNAPSHOT_STATE_FILE, folder / SNAPSHOT_MEMORY_FILE
     try:
         state = MachineState.from_json(state_path.read_bytes())
