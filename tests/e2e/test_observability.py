@@ -240,6 +240,7 @@ def test_metrics_are_the_live_figures(migrated: Migrated) -> None:
     # what a receiver cannot know is absent, not 0
     assert sample(samples, "vmig_migration_iterations_total", side="receive") is None
     assert sample(samples, "vmig_migration_dirty_rate_bytes_per_second", side="receive") is None
+    assert sample(samples, "vmig_migration_precopy_bytes_total", side="receive") is None
 
 
 def test_migration_info_is_the_same_twice_after_the_end(migrated: Migrated) -> None:
@@ -250,7 +251,9 @@ def test_migration_info_is_the_same_twice_after_the_end(migrated: Migrated) -> N
     received = migrated.destination.client.migration_info()
     # receiver-side figures are real or absent
     assert received["iterations"] is None and received["dirty_rate_bytes_per_s"] is None
-    assert received["bandwidth_bytes_per_s"] is None
+    assert received["bandwidth_bytes_per_s"] is None and received["downtime_ms"] is None
+    assert received["precopy_bytes"] is None and received["switchover_bytes"] is None
+    assert received["data_bytes"] is None and received["expected_downtime_ms"] is None
     assert received["bytes_transferred"] == migrated.summary["bytes_transferred"]
     assert received["throughput_bytes_per_s"] > 0 and received["elapsed_ms"] > 0
     assert sum(c["bytes"] for c in received["per_connection"]) == received["bytes_transferred"]

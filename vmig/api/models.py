@@ -401,8 +401,10 @@ class MigrationSummary(BaseModel):
     bytes_transferred: int = Field(description="Guest memory bytes acknowledged so far.")
     bytes_remaining: int | None = Field(None, description="Sender: bytes left in the current "
                                         "pass (data, then dirty pages).")
-    precopy_bytes: int = Field(0, description="Bytes sent while the guest ran.")
-    switchover_bytes: int = Field(0, description="Bytes sent while it was paused.")
+    precopy_bytes: int | None = Field(None, description="Sender: bytes sent while the guest "
+                                      "ran (a receiver does not know when it paused).")
+    switchover_bytes: int | None = Field(None, description="Sender: bytes sent while it was "
+                                         "paused.")
     normal_pages: int = Field(0, description="Pages transferred with their bytes.")
     zero_pages: int = Field(0, description="Pages skipped or sent as zero ranges (QEMU's "
                             "`duplicate`).")

@@ -304,8 +304,9 @@ class MigrationMetrics:
                 "data_bytes": self.data_bytes,
                 "bytes_transferred": self.bytes_transferred,
                 "bytes_remaining": self.bytes_remaining,
-                "precopy_bytes": self.precopy_bytes,
-                "switchover_bytes": self.switchover_bytes,
+                # only the sender knows when the guest paused
+                "precopy_bytes": self.precopy_bytes if self.role == "send" else None,
+                "switchover_bytes": self.switchover_bytes if self.role == "send" else None,
                 "normal_pages": pages,
                 "zero_pages": self.zero_pages,
                 "wire_bytes": self.wire_bytes,
