@@ -531,6 +531,26 @@ class RangeTable:
         keep = (offsets >= _U64(start)) & (offsets < _U64(stop))
         return RangeTable._make(gpas[keep], lengths[keep])
 
+    def coarsened(self, max_ranges: int) -> RangeTable:
+        """At most `max_ranges` ranges covering these, by closing the smallest gaps.
+
+        The table must be sorted and without overlaps (as `from_bitmap` and data extents
+        are). The result covers every byte of this table and the closed gaps between.
+        """
+        if max_ranges < 1:
+            raise ValueError(f"max_ranges must be at least 1, not {max_ranges}")
+        count = len(self)
+        if count <= max_ranges:
+            return self
+        gaps = self._gpas[1:] - (self._gpas[:-1] + self._lengths[:-1])
+        kept = np.ones(count - 1, dtype=bool)  # gaps that stay open
+        kept[np.argpartition(gaps, count - max_ranges - 1)[:count - max_ranges]] = False
+        open_gaps = np.flatnonzero(kept)
+        first = np.concatenate(([0], open_gaps + 1))
+        last = np.concatenate((open_gaps, [count - 1]))
+        gpas = self._gpas[first]
+        return RangeTable._make(gpas, self._gpas[last] + self._lengths[last] - gpas)
+
     def _split_at(self, cuts: U64Array) -> tuple[U64Array, U64Array, U64Array]:
         """Split ranges at stream offsets `cuts`; return the pieces and their stream offsets."""
         ends = np.cumsum(self._lengths, dtype=_U64)

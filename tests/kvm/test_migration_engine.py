@@ -17,7 +17,8 @@ from collections.abc import Callable
 import pytest
 
 from vmig.config import VmConfig
-from vmig.errors import ConfigError, MigrationError, StateError
+from vmig.errors import ConfigError, GuestMemoryError, MigrationError, StateError
+from vmig.memory import GuestMemory
 from vmig.migration.digest import BackgroundDigest
 from vmig.migration.params import ReceiveParams, SendParams
 from vmig.migration.receiver import MigrationReceiver
@@ -467,3 +468,77 @@ def test_zero_pages_are_skipped_and_pages_that_become_zero_are_sent_as_zero_rang
     with outcome.machine as destination:
         assert destination.memory.read(top + (2 << 20), 4096) == bytes(4096)
         assert destination.check_guest()["ok"]
+
+
+def _config_then_memory(source: Machine, extents: object) -> tuple[Response, Outcome]:
+    """Send START and CONFIG with `extents` as data_extents on a raw MAIN connection."""
+    receiver, outcome, url = _receiver()
+    sock = _raw_main(url)
+    conn = SenderConnection()
+
+    def request(data: bytes) -> Response:
+        sock.sendall(data)
+        while (event := conn.next_event()) is NEED_DATA:
+            conn.receive_data(sock.recv(max(conn.bytes_wanted(), 1)))
+        return event
+
+    try:
+        assert request(conn.send(Start(migration_id=bytes(16)))).ok
+        document = {"vm": source.config.to_dict(), "data_extents": extents}
+        return request(conn.send(Config(json.dumps(document).encode()))), outcome
+    finally:
+        sock.close()
+        assert outcome.done.wait(10)
+        receiver.close()
+
+
+@pytest.mark.parametrize(("extents", "words"), [
+    ("all", "not a list"),
+    ([[0, 4096, 1]], "data_extents"),
+    ([[1, 4096]], "not 4096-byte aligned"),
+    ([[0, 1 << 40]], "past guest memory"),
+])
+def test_a_bad_data_extents_hint_is_refused(source, extents, words):
+    response, outcome = _config_then_memory(source, extents)
+    assert not response.ok and "bad CONFIG" in response.message and words in response.message
+    assert outcome.machine is None
+
+
+def test_a_fresh_destination_allocates_the_data_ahead_of_it(source, monkeypatch):
+    """From CONFIG on, the extents the source says hold data are allocated by
+    migrate-alloc (and only those); the migration completes as before."""
+    allocated: list[tuple[int, int]] = []
+    real = GuestMemory.allocate
+
+    def record(self: GuestMemory, gpa: int = 0, length: int | None = None) -> None:
+        allocated.append((gpa, length))
+        real(self, gpa, length)
+
+    monkeypatch.setattr(GuestMemory, "allocate", record)
+    extents = source.memory.data_extents()
+    receiver, outcome, url = _receiver()
+    summary = MigrationSender(source, _send(url, connections=2)).run()
+    assert summary["status"] == "completed"
+    assert outcome.done.wait(10)
+    receiver.close()
+    with outcome.machine as destination:
+        assert destination.check_guest()["ok"]
+    assert allocated and sum(n for _, n in allocated) <= sum(n for _, n in extents)
+    assert all(any(g <= gpa and gpa + n <= g + length for g, length in extents)
+               for gpa, n in allocated)
+
+
+def test_a_destination_that_cannot_allocate_fails_and_the_source_runs_on(source,
+                                                                          monkeypatch):
+    def no_memory(self: GuestMemory, gpa: int = 0, length: int | None = None) -> None:
+        raise GuestMemoryError("cannot allocate guest memory: No space left on device")
+
+    monkeypatch.setattr(GuestMemory, "allocate", no_memory)
+    receiver, outcome, url = _receiver()
+    with pytest.raises(MigrationError):
+        MigrationSender(source, _send(url, connections=2)).run()
+    assert outcome.done.wait(10)
+    receiver.close()
+    assert outcome.machine is None
+    assert "cannot hold the guest's memory" in outcome.error
+    assert source.state is VmState.RUNNING

@@ -349,3 +349,14 @@ def test_sparse_4gib_bitmap_keeps_every_page():
     table = RangeTable.from_bitmap(bitmap_of(pages, npages))
     assert table.total_bytes == 50_000 * PAGE_SIZE
     assert table == RangeTable.from_pages(pages)
+
+
+def test_coarsened_closes_the_smallest_gaps_and_covers_everything():
+    table = RangeTable([(0, 4096), (8192, 4096), (10 * 4096, 4096), (11 * 4096 + 4096 * 100, 4096)])
+    assert table.coarsened(4) is table
+    assert list(table.coarsened(3)) == [(0, 3 * 4096), (10 * 4096, 4096),
+                                        (111 * 4096, 4096)]
+    assert list(table.coarsened(2)) == [(0, 11 * 4096), (111 * 4096, 4096)]
+    assert list(table.coarsened(1)) == [(0, 112 * 4096)]
+    with pytest.raises(ValueError):
+        table.coarsened(0)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from vmig.config import VmConfig
 from vmig.memory import GuestMemory
 from vmig.migration.digest import BackgroundDigest
+from vmig.migration.memory_writer import AllocateAhead
 from vmig.migration.postcopy import PostcopyService
 from vmig.proto import Start
 from vmig.vmm.machine import Machine
@@ -57,7 +58,9 @@ class MemoryReady:
     start: Start
     config: VmConfig
     memory: GuestMemory
-    preallocated: bool
+    #: Allocating the data's memory ahead of it (a fresh destination); None when the
+    #: memory was preallocated or shared.
+    allocator: AllocateAhead | None = None
 
 
 @dataclass(frozen=True)
@@ -109,5 +112,9 @@ def discard(phase: ReceivePhase) -> None:
             except Exception as exc:  # the digest only matters for a completed migration
                 log.debug("digest of discarded memory: %s", exc)
         phase.machine.close()
-    elif isinstance(phase, FdReceived | MemoryReady):
+    elif isinstance(phase, MemoryReady):
+        if phase.allocator is not None:
+            phase.allocator.close()
+        phase.memory.close()
+    elif isinstance(phase, FdReceived):
         phase.memory.close()

@@ -37,7 +37,12 @@ from vmig.errors import (
 )
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest, memory_digest
-from vmig.migration.memory_writer import install_memory, write_memory
+from vmig.migration.memory_writer import (
+    MAX_CONFIG_EXTENTS,
+    AllocateAhead,
+    install_memory,
+    write_memory,
+)
 from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import ResolvedReceive
 from vmig.migration.postcopy import PostcopyService, check_userfaultfd
@@ -66,6 +71,8 @@ from vmig.proto import (
     Start,
     State,
 )
+from vmig.proto.wire import range_table_problem
+from vmig.ranges import RangeTable
 from vmig.transport.address import Address
 from vmig.transport.channel import ReceiverChannel
 from vmig.transport.receiver_pool import ReceiverPool
@@ -295,16 +302,21 @@ class MigrationReceiver:
             if phase.memory.size != config.memory_bytes:
                 raise MigrationError(f"memory fd holds {phase.memory.size} bytes, CONFIG says "
                                      f"{config.memory_bytes}")
-            return MemoryReady(phase.start, config, phase.memory, preallocated=True)
+            return MemoryReady(phase.start, config, phase.memory)
         prealloc, self._prealloc = self._prealloc, None
         if prealloc is not None and prealloc.size == config.memory_bytes:
-            return MemoryReady(phase.start, config, prealloc, preallocated=True)
+            return MemoryReady(phase.start, config, prealloc)
         if prealloc is not None:
             prealloc.close()
-        return MemoryReady(phase.start, config, GuestMemory.create(config.memory_bytes),
-                           preallocated=False)
+        extents = _data_extents(document, config.memory_bytes)
+        memory = GuestMemory.create(config.memory_bytes)
+        allocator = AllocateAhead(memory, extents, on_failure=self._abort).start() \
+            if extents else None
+        return MemoryReady(phase.start, config, memory, allocator)
 
     def _on_state(self, phase: MemoryReady, request: State, channel: ReceiverChannel) -> Built:
+        if phase.allocator is not None:  # every page is here: what it has not done is not needed
+            phase.allocator.close()
         state = MachineState.from_json(request.data)
         if state.config.memory_bytes != phase.memory.size:
             raise MigrationError("STATE describes a different memory size than CONFIG")
@@ -401,8 +413,7 @@ class MigrationReceiver:
             channel.reject(str(error))
             raise error
         try:
-            write_memory(channel, phase.memory, request, preallocated=phase.preallocated,
-                         compress=phase.start.compress)
+            write_memory(channel, phase.memory, request, compress=phase.start.compress)
         except VmigError as exc:
             channel.reject(str(exc))
             raise
@@ -508,3 +519,25 @@ _STEPS: dict[tuple[type, type], Callable[..., ReceivePhase]] = {
     (Built, Postcopy): MigrationReceiver._on_postcopy,
     (PostcopyActive, Complete): MigrationReceiver._on_postcopy_complete,
 }
+
+
+def _data_extents(document: dict[str, object], memory_bytes: int) -> list[tuple[int, int]]:
+    """CONFIG's ``data_extents``: the parts of guest memory that hold data at the source,
+    as [gpa, length] pairs in order ([] when absent). Only a hint for allocating ahead,
+    but checked as strictly as a range table."""
+    raw = document.get("data_extents", [])
+    if not isinstance(raw, list) or len(raw) > MAX_CONFIG_EXTENTS:
+        raise MigrationError("bad CONFIG: data_extents is not a list of at most "
+                             f"{MAX_CONFIG_EXTENTS} [gpa, length] pairs")
+    try:
+        table = RangeTable([(int(gpa), int(length)) for gpa, length in raw])
+    except (TypeError, ValueError) as exc:
+        raise MigrationError(f"bad CONFIG: data_extents: {exc}") from None
+    problem = range_table_problem(table, payload_limit=None)
+    if problem is None and len(table):
+        gpas, lengths = table.as_arrays()
+        if int((gpas + lengths).max()) > memory_bytes:
+            problem = "a range ends past guest memory"
+    if problem is not None:
+        raise MigrationError(f"bad CONFIG: data_extents: {problem}")
+    return list(table)

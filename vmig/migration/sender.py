@@ -39,6 +39,7 @@ from vmig.errors import MigrationCancelled as Cancelled
 from vmig.errors import MigrationError, StateError, TransportError, describe
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest
+from vmig.migration.memory_writer import MAX_CONFIG_EXTENTS
 from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, ResolvedSend, SendParams
 from vmig.migration.policy import (
@@ -118,6 +119,7 @@ class MigrationSender:
         self._pool: SenderPool | None = None
         self._channels: list[SenderChannel] = []
         self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
+        self._extents: list[tuple[int, int]] = []  # where memory holds data (set by run)
         # The first pass skips zero pages (the destination starts zeroed); later passes
         # send pages that became zero as ZERO ranges.
         self._first_pass = True
@@ -184,8 +186,9 @@ class MigrationSender:
         """Migrate; return the summary (also when cancelled) or raise MigrationError."""
         self.machine.begin(OPERATION)
         self._was_running = self.machine.state is VmState.RUNNING
+        self._extents = self.memory.data_extents()  # once: SEEK_HOLE walks every page
         self.metrics.update(vm_paused=not self._was_running,
-                            data_bytes=sum(n for _, n in self.memory.data_extents()))
+                            data_bytes=sum(n for _, n in self._extents))
         try:
             try:
                 self._migrate()
@@ -225,7 +228,10 @@ class MigrationSender:
         if self.params.local:
             main.submit_with_fd(MemoryFd(GuestMemory.SLOT, 0, self.memory.size), self.memory.fd)
             SenderChannel.check(main.read_response())
-        config = {"vm": self.machine.config.to_dict(), "tsc_khz": self.machine.tsc_khz}
+        config = {"vm": self.machine.config.to_dict(), "tsc_khz": self.machine.tsc_khz,
+                  # where the data is: a fresh destination allocates it ahead of the pages
+                  "data_extents": [[gpa, length] for gpa, length in
+                                   RangeTable(self._extents).coarsened(MAX_CONFIG_EXTENTS)]}
         began = self.clock()
         main.request(Config(json.dumps(config).encode()))
         self.stats.switchover_overhead_ms = self._switchover_overhead_ms(self.clock() - began)
@@ -397,7 +403,7 @@ class MigrationSender:
         # The destination starts from zeroed memory: the first pass copies only the
         # parts of the backing file that hold data (never-touched pages are holes), and
         # of those only the pages that are not all zeros (`_submit`).
-        ranges = RangeTable(self.memory.data_extents())
+        ranges = RangeTable(self._extents)
         last_collect = self.clock()
         while True:
             self.metrics.update(bytes_remaining=ranges.total_bytes)
