@@ -265,10 +265,9 @@ def test_receiver_rejects_protocol_violations_and_cleans_up(payload, words):
     assert _fds() == fds_before
 
 
-def test_receiver_refuses_memory_outside_guest(source):
-    """A MEMORY range past the end of guest memory is refused, never written."""
-    receiver, outcome, url = _receiver()
-    sock = _raw_main(url)
+def _requester(sock: socket.socket) -> tuple[SenderConnection, Callable[[bytes], Response]]:
+    """A protocol core for a raw MAIN connection, and a call that sends a request's bytes
+    and reads its response."""
     conn = SenderConnection()
 
     def request(data: bytes) -> Response:
@@ -276,6 +275,15 @@ def test_receiver_refuses_memory_outside_guest(source):
         while (event := conn.next_event()) is NEED_DATA:
             conn.receive_data(sock.recv(max(conn.bytes_wanted(), 1)))
         return event
+
+    return conn, request
+
+
+def test_receiver_refuses_memory_outside_guest(source):
+    """A MEMORY range past the end of guest memory is refused, never written."""
+    receiver, outcome, url = _receiver()
+    sock = _raw_main(url)
+    conn, request = _requester(sock)
 
     assert request(conn.send(Start(migration_id=bytes(16)))).ok
     assert request(conn.send(Config(json.dumps({"vm": source.config.to_dict()}).encode()))).ok
@@ -474,13 +482,7 @@ def _config_then_memory(source: Machine, extents: object) -> tuple[Response, Out
     """Send START and CONFIG with `extents` as data_extents on a raw MAIN connection."""
     receiver, outcome, url = _receiver()
     sock = _raw_main(url)
-    conn = SenderConnection()
-
-    def request(data: bytes) -> Response:
-        sock.sendall(data)
-        while (event := conn.next_event()) is NEED_DATA:
-            conn.receive_data(sock.recv(max(conn.bytes_wanted(), 1)))
-        return event
+    conn, request = _requester(sock)
 
     try:
         assert request(conn.send(Start(migration_id=bytes(16)))).ok
