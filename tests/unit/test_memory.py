@@ -12,6 +12,7 @@ from gil_check import spinner_pause_during
 import vmig.memory as memory_module
 from vmig.errors import GuestMemoryError
 from vmig.memory import MADV_POPULATE_WRITE, GuestMemory
+from vmig.ranges import RangeTable
 from vmig.units import PAGE_SIZE, MiB
 
 GIL_TEST_BYTES = 256 * MiB  # a populate of this size takes 50-600 ms here
@@ -134,3 +135,14 @@ def test_data_extents_of_full_memory_is_one_extent_and_a_late_hole_is_found(memo
     assert memory.data_extents() == [(0, memory.size)]
     memory.discard(memory.size - PAGE_SIZE, PAGE_SIZE)
     assert memory.data_extents() == [(0, memory.size - PAGE_SIZE)]
+
+
+def test_views_of_a_range_table_are_checked_against_the_memory(memory):
+    table = RangeTable([(0, PAGE_SIZE), (memory.size - PAGE_SIZE, 2 * PAGE_SIZE)])
+    with pytest.raises(GuestMemoryError, match="outside guest memory"):
+        memory.views(table)
+    views = memory.views(RangeTable([(PAGE_SIZE, PAGE_SIZE), (memory.size - PAGE_SIZE,
+                                                              PAGE_SIZE)]))
+    assert [len(v) for v in views] == [PAGE_SIZE, PAGE_SIZE]
+    for view in views:
+        view.release()
