@@ -8,6 +8,7 @@ them, a skip would only hide a broken test.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -107,3 +108,18 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsDirs:
 def other_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsDirs:
     """The same layout from another CA, which the `tls` directories do not trust."""
     return make_tls_dirs(tmp_path_factory.mktemp("tls"), "other")
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """For a test that sets up logging (vmig.logs.configure, `vmig vmm` in-process): the
+    root logger's handlers and level, and vmig.cli's level, as they were before."""
+    root, ready = logging.getLogger(), logging.getLogger("vmig.cli")
+    handlers, level, ready_level = list(root.handlers), root.level, ready.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    ready.setLevel(ready_level)

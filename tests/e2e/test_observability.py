@@ -126,15 +126,23 @@ def test_event_stream_follows_the_vmm_and_lets_go_of_its_clients(spawn_vmm: Spaw
     vmm = spawn_vmm("--memory", "64M", "--working-set", "8M", "--event-monitor",
                     str(tmp_path / "events"))
     got: list[dict[str, Any]] = []
+    snapshot = tmp_path / "snapshot"
     with vmm.client.events() as events:  # subscribed from here
         assert "vmig_event_streams 1.0" in vmm.client.metrics()
         vmm.client.pause()
+        vmm.client.snapshot(str(snapshot))
         vmm.client.resume()
+        vmm.client.shutdown()
+        vmm.client.restore(str(snapshot))
         for event in events:
             got.append(event)
-            if event["event"] == "resumed":
+            if event["event"] == "restored":
                 break
-    assert [(e["source"], e["event"]) for e in got] == [("vm", "paused"), ("vm", "resumed")]
+    assert [(e["source"], e["event"]) for e in got] == [
+        ("vm", "paused"), ("vm", "snapshot"), ("vm", "resumed"), ("vm", "shutdown"),
+        ("vm", "restored")]
+    assert got[1]["properties"] == {"directory": str(snapshot)}
+    assert got[-1]["properties"]["state"] == "running"
     # the client left: its stream is gone (no queue, no task left behind)
     wait_for(lambda: "vmig_event_streams 0.0" in vmm.client.metrics(), "the stream to close")
 

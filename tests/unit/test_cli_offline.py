@@ -121,3 +121,16 @@ def test_wait_for_a_vmm_that_never_comes(tmp_path: Path) -> None:
     assert code == 1 and stdout == ""
     assert_one_line_error(stderr, f"VMM at {path} did not answer within 0.2 s: No such file "
                                   "or directory")
+
+
+@pytest.mark.parametrize(("option", "text"), [("--log-file", "cannot open log file"),
+                                              ("--event-monitor",
+                                               "cannot open event monitor file")])
+def test_vmm_names_an_unusable_log_or_event_file(tmp_path: Path, option: str, text: str,
+                                                 restored_logging: None) -> None:
+    socket_path = tmp_path / "api.sock"
+    target = tmp_path / "missing" / "file"
+    code, _, stderr = run("vmm", "--api-socket", str(socket_path), option, str(target))
+    assert code == 1
+    assert_one_line_error(stderr, f"{text} {target}: No such file or directory")
+    assert not socket_path.exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -15,19 +14,7 @@ from vmig.errors import ConfigError
 from vmig.logs import configure, open_log_file
 
 
-@pytest.fixture
-def restored_root() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-
-
-def test_text_lines_start_with_an_iso_timestamp(restored_root: None) -> None:
+def test_text_lines_start_with_an_iso_timestamp(restored_logging: None) -> None:
     out = io.StringIO()
     configure("info", "text", out)
     logging.getLogger("vmig.test").info("iteration %d: %s", 2, "ok")
@@ -41,7 +28,7 @@ def test_text_lines_start_with_an_iso_timestamp(restored_root: None) -> None:
     assert second.split(" ", 1)[1] == "WARNING vmig.other: second 2"
 
 
-def test_json_lines_parse_and_carry_extras_and_tracebacks(restored_root: None) -> None:
+def test_json_lines_parse_and_carry_extras_and_tracebacks(restored_logging: None) -> None:
     out = io.StringIO()
     configure("info", "json", out)
     log = logging.getLogger("vmig.migration.sender")
