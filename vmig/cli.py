@@ -174,7 +174,7 @@ def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | N
         raise click.UsageError("--memory-file needs --memory or --restore")
 
     # The log file stays open until the process exits: records come until the very end.
-    log_stream = None if log_file is None else open_log_file(_abspath(log_file) or log_file)
+    log_stream = None if log_file is None else open_log_file(os.path.abspath(log_file))
     ready_log = _configure_logging(log_level, log_format, log_stream)
     _run_vmm(api_socket, config, restore_dir, memory_file=memory_file, serial_log=serial_log,
              log_level=log_level, ready_log=ready_log, event_monitor=_abspath(event_monitor))
