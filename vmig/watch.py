@@ -187,7 +187,7 @@ def _active_info(watcher: ApiClient) -> dict[str, Any] | None:
 
 def summary_table(summary: dict[str, Any], title: str = "migration") -> Table:
     """The send's summary as a two-column table."""
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=title, show_header=False, title_justify="left", min_width=len(title))
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("status", str(summary.get("status")))

@@ -8,7 +8,13 @@ from typing import Any
 from rich.console import Console
 
 from vmig.units import MiB
-from vmig.watch import progress_bar, progress_detail, progress_position, show_progress
+from vmig.watch import (
+    progress_bar,
+    progress_detail,
+    progress_position,
+    show_progress,
+    summary_table,
+)
 
 PAGE = 4096
 
@@ -74,3 +80,11 @@ def test_a_completed_migration_is_full() -> None:
                                 bytes_remaining=0, iterations=3))
     # a local migration hands the memory fd over and copies nothing: still done
     assert "100%" in drawn(info(phase="completed", bytes_transferred=0, bytes_remaining=0))
+
+
+def test_the_summary_title_stays_on_one_line() -> None:
+    out = io.StringIO()
+    title = "migration to tcp:127.0.0.1:35621"
+    Console(file=out, width=100, color_system=None).print(
+        summary_table({"status": "completed", "connections": 1}, title=title))
+    assert out.getvalue().splitlines()[0].strip() == title
