@@ -151,9 +151,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("| memory | compression | total s | speed-up | on the wire | shrunk | CPU s (both) |")
     print("|---|---|--:|--:|--:|--:|--:|")
     for row in rows:
-        total = row["total_ms"]
+        seconds = {key: value / 1000 for key, value in row["total_ms"].items()}
         print(f"| {row['kind']} | {row['compress'] or 'none'} "
-              f"| {total['median'] / 1000:.2f} ({total['min'] / 1000:.2f}-{total['max'] / 1000:.2f}) "
+              f"| {seconds['median']:.2f} ({seconds['min']:.2f}-{seconds['max']:.2f}) "
               f"| {row['speedup']:.2f}x | {format_size(int(row['wire_bytes']['median']))} "
               f"| {row['wire_ratio']:.2f}x | {row['cpu_s']['median']:.2f} |")
 
@@ -175,8 +175,9 @@ def chart(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
         axis.bar(xs, ys, width=width, yerr=[low, high], capsize=3,
                  label=compress or "no compression")
         for x, r in zip(xs, mine, strict=True):
-            axis.text(x, r["total_ms"]["max"] / 1000, format_size(int(r["wire_bytes"]["median"])),
-                      ha="center", va="bottom", fontsize=7)
+            axis.text(x, r["total_ms"]["max"] / 1000,
+                      format_size(int(r["wire_bytes"]["median"])), ha="center", va="bottom",
+                      fontsize=7)
     axis.set_xticks(range(len(KINDS)), ["text-like memory (compresses)", "random memory"])
     axis.set_ylabel("total time, s (labels: bytes on the wire)")
     axis.legend(fontsize=8)
