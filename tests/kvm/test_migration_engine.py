@@ -33,6 +33,7 @@ from vmig.proto import (
     Response,
     SenderConnection,
     Start,
+    State,
     wire,
 )
 from vmig.ranges import RangeTable
@@ -210,7 +211,7 @@ def test_timeout_with_cancel_keeps_source_running():
         assert summary["status"] == "cancelled" and "timeout strategy cancel" in summary["error"]
         assert outcome.done.wait(10)
         receiver.close()
-        assert "abandoned" in outcome.error
+        assert outcome.error.startswith("the source cancelled the migration: ")
         assert machine.state is VmState.RUNNING
         assert machine.check_guest()["ok"]
 
@@ -544,3 +545,29 @@ def test_a_destination_that_cannot_allocate_fails_and_the_source_runs_on(source,
     assert outcome.machine is None
     assert "cannot hold the guest's memory" in outcome.error
     assert source.state is VmState.RUNNING
+
+
+def test_a_cancel_at_the_source_after_state_frees_the_destination_vm(source, monkeypatch):
+    """ABANDON flagged CANCELLED after STATE: the VM the destination built is stopped and
+    freed (no vCPU thread left), and both sides say cancelled, not failed."""
+    threads_before = _threads()
+    receiver, outcome, url = _receiver()
+    sender = MigrationSender(source, _send(url))
+    real = SenderChannel.request
+
+    def request(self: SenderChannel, event: object, *args: object) -> object:
+        response = real(self, event, *args)
+        if isinstance(event, State):
+            sender.cancel("the operator changed their mind")
+        return response
+
+    monkeypatch.setattr(SenderChannel, "request", request)
+    summary = sender.run()
+    assert summary["status"] == "cancelled"
+    assert source.state is VmState.RUNNING
+    assert outcome.done.wait(10)
+    receiver.close()
+    assert outcome.machine is None
+    assert outcome.error.startswith("the source cancelled the migration: ")
+    assert receiver.metrics.view()["status"] == "cancelled"
+    assert not [t for t in _threads() - threads_before if t.name.startswith("vcpu")]

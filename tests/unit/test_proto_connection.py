@@ -147,6 +147,7 @@ def test_receiver_error_answer_aborts_both_sides():
         Complete(b'{"memory_digest": "x"}'),
         Abandon(),
         Abandon("disk full \u2603"),
+        Abandon("operator cancelled", cancelled=True),
     ],
     ids=repr,
 )
@@ -496,6 +497,10 @@ def _memory_bytes(pairs, page_bytes=None, count=None, reserved=0, length=None):
             encode_request_header(Command.START, 32, b"\x01" + bytes(5)),
             "non-zero command headers",
         ),
+        (_established, encode_request_header(Command.ABANDON, 0, bytes(4) + b"\x02\x00"),
+         "ABANDON with command headers"),
+        (_established, encode_request_header(Command.ABANDON, 0, b"\x01" + bytes(5)),
+         "ABANDON with command headers"),
         (
             lambda: _started(StartFlags.NONE),
             encode_request_header(Command.MEMORY_FD, 16, bytes(6)) + struct.pack("<QQ", 0, 4096),

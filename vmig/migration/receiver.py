@@ -112,6 +112,7 @@ class MigrationReceiver:
         self._error: str | None = None
         self._closing = False
         self._cancel_reason: str | None = None
+        self._source_cancelled = False  # ABANDON said an operator cancelled at the source
         self._committing = False  # COMPLETE is being applied: too late to cancel
         self._fault_channel: ReceiverChannel | None = None  # post-copy's
         self._grace: threading.Timer | None = None
@@ -237,9 +238,11 @@ class MigrationReceiver:
         """Apply one request to the current phase, answer it, and move on."""
         phase = self._phase
         if isinstance(event, Abandon):
-            self._set_phase(Aborted(f"the source abandoned the migration: {event.reason}"))
-            channel.accept()
-            raise MigrationError(f"the source abandoned the migration: {event.reason}")
+            what = "cancelled" if event.cancelled else "abandoned"
+            reason = f"the source {what} the migration: {event.reason}"
+            self._source_cancelled = event.cancelled
+            channel.accept()  # _finish discards what the phase holds, then says Aborted
+            raise MigrationError(reason)
         if isinstance(event, Complete):
             with self._lock:  # from here on a cancel is refused
                 if self._cancel_reason is not None:
@@ -496,7 +499,10 @@ class MigrationReceiver:
                      if self._cancel_reason is None else
                      f"migration cancelled at the destination: {self._cancel_reason}")
         self._set_phase(Aborted(error))
-        cancelled = self._cancel_reason is not None
+        cancelled = self._cancel_reason is not None or self._source_cancelled
+        if isinstance(phase, PostcopyActive) and not error.startswith("post-copy failed"):
+            # whatever broke, it broke post-copy: the guest had to be stopped here
+            error = f"post-copy failed: {error}"
         self.metrics.finish(Phase.CANCELLED if cancelled else Phase.FAILED, error=error)
         (log.info if cancelled else log.warning)("incoming migration %s: %s",
                                                  "cancelled" if cancelled else "failed", error)

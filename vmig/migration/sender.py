@@ -565,7 +565,7 @@ class MigrationSender:
             self._phase = outcome
         if self._pool is not None:
             with contextlib.suppress(Exception):
-                self._pool.main.submit(Abandon(reason))
+                self._pool.main.submit(Abandon(reason, cancelled=cancelled))
         self._close()
         with contextlib.suppress(Exception):
             self.machine.stop_dirty_log()

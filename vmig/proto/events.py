@@ -190,9 +190,11 @@ class Complete:
 
 @dataclass(frozen=True)
 class Abandon:
-    """ABANDON: the sender gives up; `reason` is for logs (cut to 4 KiB on the wire)."""
+    """ABANDON: the sender gives up; `reason` is for logs (cut to 4 KiB on the wire).
+    `cancelled`: an operator cancelled it at the source, rather than a failure."""
 
     reason: str = ""
+    cancelled: bool = False
 
 
 @dataclass(frozen=True)

@@ -67,11 +67,13 @@ from vmig.proto.wire import (
     MEMORY_FD_PAYLOAD_SIZE,
     NO_HEADERS,
     START_PAYLOAD_SIZE,
+    AbandonFlags,
     Command,
     ConnectionRole,
     MemoryFlags,
     Status,
     check_version,
+    decode_abandon_headers,
     decode_memory_fd_headers,
     decode_memory_fd_payload,
     decode_memory_headers,
@@ -399,6 +401,9 @@ class ReceiverConnection:
             if self._start is None or not self._start.postcopy:
                 raise RemoteProtocolError("sender sent POSTCOPY but START did not set POSTCOPY")
             self._check_length(request, exact=RANGE_ENTRY_SIZE * count)
+        elif command is Command.ABANDON:
+            decode_abandon_headers(headers)
+            self._check_length(request, limit=BLOB_LIMITS[command])
         elif command is Command.MEMORY_FD:
             decode_memory_fd_headers(headers)
             if self._start is None or not self._start.local:
@@ -472,7 +477,8 @@ class ReceiverConnection:
             return Complete(body)
         if command is Command.POSTCOPY:
             return Postcopy(decode_range_table(body, None, total_limit=None))
-        return Abandon(body.decode("utf-8", errors="replace"))
+        cancelled = bool(decode_abandon_headers(request.headers) & AbandonFlags.CANCELLED)
+        return Abandon(body.decode("utf-8", errors="replace"), cancelled)
 
     def _parse_start(self, body: bytes) -> Start:
         version, flags, migration_id, connections = decode_start_payload(body)

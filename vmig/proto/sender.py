@@ -38,12 +38,14 @@ from vmig.proto.wire import (
     BLOB_LIMITS,
     HEADER_SIZE,
     MAX_MEMORY_PAYLOAD,
+    AbandonFlags,
     Command,
     ConnectionRole,
     MemoryFlags,
     ResponseHeader,
     Status,
     decode_response_header,
+    encode_abandon_headers,
     encode_memory_fd_headers,
     encode_memory_fd_payload,
     encode_memory_headers,
@@ -308,7 +310,9 @@ def _encode_request(event: Request) -> bytes:
         return encode_request_header(Command.MEMORY_FD, len(payload), headers) + payload
     if isinstance(event, Abandon):
         payload = encode_text(event.reason)
-        return encode_request_header(Command.ABANDON, len(payload)) + payload
+        flags = AbandonFlags.CANCELLED if event.cancelled else AbandonFlags.NONE
+        return encode_request_header(Command.ABANDON, len(payload),
+                                     encode_abandon_headers(flags)) + payload
     command = _command_of(event)
     payload = bytes(event.data)
     limit = BLOB_LIMITS[command]

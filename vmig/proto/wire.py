@@ -245,6 +245,27 @@ class MemoryFlags(IntFlag):
 
 _KNOWN_MEMORY_FLAGS = int(MemoryFlags.ZERO | MemoryFlags.ZSTD)
 
+
+class AbandonFlags(IntFlag):
+    """Bits of ABANDON's u16 of command headers (after a u32 0); unknown bits are rejected."""
+
+    NONE = 0
+    #: An operator cancelled the migration at the source (not a failure).
+    CANCELLED = 1
+
+
+def encode_abandon_headers(flags: AbandonFlags = AbandonFlags.NONE) -> bytes:
+    """ABANDON command headers: u32 0, u16 flags."""
+    return _pack(_MEMORY_HEADERS, "ABANDON headers", 0, int(flags))
+
+
+def decode_abandon_headers(headers: bytes) -> AbandonFlags:
+    """ABANDON's flags; a non-zero first word or an unknown flag is refused."""
+    zero, flags = _MEMORY_HEADERS.unpack(headers)
+    if zero or flags & ~int(AbandonFlags.CANCELLED):
+        raise RemoteProtocolError(f"sender sent ABANDON with command headers {headers.hex()}")
+    return AbandonFlags(flags)
+
 # -- sizes and limits --------------------------------------------------------------
 
 #: Request and response headers: u16 + 6 bytes + u64 (struct '<H6sQ').
