@@ -206,6 +206,9 @@ def one_run(mode: str, args: argparse.Namespace, index: int) -> dict[str, Any]:
         "guest": {
             key: {"before": rate(samples, 0, began, key),
                   "during": rate(samples, began, ended, key),
+                  # post-copy: the guest runs at the destination before the migration ends
+                  "postcopy": rate([s for s in samples if s["side"] == "destination"],
+                                   began, ended, key),
                   "after": rate(samples, ended, ended + SETTLE_S + 1, key)}
             for key in ("heartbeat", "pages_written")},
         "runs_at_the_end": "destination" if completed else "source",
@@ -238,6 +241,11 @@ def medians(runs: list[dict[str, Any]], modes: list[str]) -> list[dict[str, Any]
             "guest_rate_during_vs_before": median(slowdown),
             "pages_written_per_s_during": median(
                 lambda r: r["guest"]["pages_written"]["during"]),
+            "guest_rate_postcopy_vs_before": median(
+                lambda r: r["guest"]["pages_written"]["postcopy"]
+                / r["guest"]["pages_written"]["before"]
+                if r["guest"]["pages_written"]["postcopy"] and r["guest"]["pages_written"]["before"]
+                else None),
             "heartbeat_per_s_during": median(lambda r: r["guest"]["heartbeat"]["during"]),
             "faults_served": median(lambda r: (r["postcopy"] or {}).get("faults_served")),
             "fault_latency_p50_ms": median(
@@ -254,16 +262,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         return "-" if value is None else format(value, fmt)
 
     print("| mode | status | total s | downtime ms | sent | throttle % | guest speed during "
-          "| faults | fault p50 / p99 ms |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|--:|")
+          "| ... in post-copy | faults | fault p50 / p99 ms |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     for row in rows:
         speed = row["guest_rate_during_vs_before"]
+        post = row["guest_rate_postcopy_vs_before"]
         print(f"| {row['mode']} | {'/'.join(row['statuses'])} "
               f"| {cell(row['total_ms'] and row['total_ms'] / 1000, '.1f')} "
               f"| {cell(row['downtime_ms'], '.0f')} "
               f"| {format_size(int(row['bytes_sent'] or 0))} "
               f"| {cell(row['throttle_percent_max'], '.0f')} "
               f"| {cell(speed and speed * 100, '.0f')}% "
+              f"| {cell(post and post * 100, '.0f')}% "
               f"| {cell(row['faults_served'], '.0f')} "
               f"| {cell(row['fault_latency_p50_ms'], '.2f')} / "
               f"{cell(row['fault_latency_p99_ms'], '.2f')} |")

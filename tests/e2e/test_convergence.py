@@ -8,6 +8,7 @@ import time
 
 from faultproxy import CutProxy
 from helpers import (
+    Background,
     Spawn,
     assert_source_still_healthy,
     expect_api_error,
@@ -16,6 +17,7 @@ from helpers import (
     wait_for,
 )
 
+from vmig.api.controller import POSTCOPY_BUSY
 from vmig.transport.address import parse_url
 
 CAP = "50M"
@@ -73,10 +75,15 @@ def _postcopy(spawn_vmm: Spawn, connections: int) -> None:
     destination = spawn_vmm()
     source = spawn_vmm(*FAST_GUEST)
     url, auth = receive(destination)
-    summary = source.client.send_migration(destination_url=url, **auth,
-                                           connections=connections, max_bandwidth=CAP,
-                                           postcopy=True, postcopy_after_iterations=3,
-                                           timeout_s=60)
+    send = Background(lambda: source.client.send_migration(
+        destination_url=url, **auth, connections=connections, max_bandwidth=CAP,
+        postcopy=True, postcopy_after_iterations=3, timeout_s=60))
+    send.start()
+    # While the last pages come, the destination shows the guest it runs (busy).
+    during = wait_for(lambda: (i := destination.client.info()).get("busy") == POSTCOPY_BUSY
+                      and i, "the destination to run the guest in post-copy")
+    assert during["state"] == "running" and during["heartbeat"] is not None
+    summary = send.outcome()
     assert summary["status"] == "completed", summary
     postcopy = summary["postcopy"]
     assert postcopy["pages"] > 0 and postcopy["pages_left"] == 0

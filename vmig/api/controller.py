@@ -45,6 +45,8 @@ NO_VM = "no VM: create or restore one first"
 RECEIVING_NO_VM = "no VM yet: an incoming migration is awaited"
 EMPTY = "empty"  # the `state` vm.info reports when there is no VM
 RECEIVING = "receiving"  # ... and when there is none yet because one is being received
+#: vm.info's `busy` at a destination whose guest runs in post-copy (not handed over yet)
+POSTCOPY_BUSY = "receiving its last pages (post-copy)"
 CLOSE_WAIT_S = 5.0  # how long close() waits for a running command before stopping the VM
 SEND_ABORT_POLL_S = 0.1  # close(): how often a send that is still connecting is interrupted
 CANCEL_WAIT_S = 10.0  # vm.cancel-migration waits this long for the migration to wind down
@@ -132,6 +134,9 @@ class Vmm:
             receiver = self._receiver
         if machine is not None:
             return machine.info()
+        running = receiver.postcopy_machine() if receiving and receiver is not None else None
+        if running is not None:  # post-copy: the guest runs here, its last pages still coming
+            return running.info() | {"busy": POSTCOPY_BUSY}
         data: dict[str, Any] = {"state": RECEIVING if receiving else EMPTY}
         if receiving and receiver is not None:
             data["receiver_url"] = str(receiver.address)

@@ -123,6 +123,11 @@ class MigrationReceiver:
     def phase(self) -> ReceivePhase:
         return self._phase
 
+    def postcopy_machine(self) -> Machine | None:
+        """The VM that runs here during post-copy, before it is handed over; else None."""
+        phase = self._phase
+        return phase.machine if isinstance(phase, PostcopyActive) else None
+
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> Address:
