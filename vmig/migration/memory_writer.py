@@ -11,7 +11,10 @@ missing and registered with userfaultfd, so they go in through UFFDIO_COPY
 the parts of guest memory that hold data at the source (CONFIG's ``data_extents``)
 in the order they will come, so that the receiving threads find the pages there
 instead of allocating each in a fault (docs/performance.md, "Preparing a fresh
-destination"). It also makes a destination short of memory fail at once.
+destination"). It stays ahead of the data or skips to it: where the data outruns it
+(the source skipped zero pages there), allocating behind it would only spend CPU and
+memory on pages that never come. It also makes a destination short of memory fail at
+once.
 """
 
 from __future__ import annotations
@@ -148,6 +151,16 @@ class AllocateAhead:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migrate-alloc", daemon=True)
         self.allocated = 0
+        #: About the highest guest address received so far; the allocator does not
+        #: work below it. Set without a lock: a lost update costs one step at most.
+        self._frontier = 0
+
+    def received(self, ranges: RangeTable) -> None:
+        """The receiving threads got `ranges`: move the frontier past them."""
+        if len(ranges):
+            end = ranges[-1].end
+            if end > self._frontier:
+                self._frontier = end
 
     def start(self) -> AllocateAhead:
         self._thread.start()
@@ -160,6 +173,9 @@ class AllocateAhead:
                 while gpa < end:
                     if self._stop.is_set():
                         return
+                    gpa = max(gpa, self._frontier)  # the data is past here: skip ahead
+                    if gpa >= end:
+                        break
                     step = min(ALLOCATE_STEP_BYTES, end - gpa)
                     self._memory.allocate(gpa, step)
                     self.allocated += step

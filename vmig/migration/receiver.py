@@ -420,6 +420,8 @@ class MigrationReceiver:
                                    "allowed between CONFIG and STATE")
             channel.reject(str(error))
             raise error
+        if phase.allocator is not None:
+            phase.allocator.received(request.ranges)
         try:
             write_memory(channel, phase.memory, request, compress=phase.start.compress)
         except VmigError as exc:
