@@ -1,4 +1,5 @@
-"""The VMM on real KVM, in this process: boot, pause, resume, self-check, state, dirty log."""
+"""The VMM on real KVM, in this process: boot, pause, resume, self-check, state, dirty log,
+failure."""
 
 import threading
 import time
@@ -6,6 +7,8 @@ import time
 import numpy as np
 import pytest
 
+from vmig.api.controller import Vmm
+from vmig.api.events import Event, EventBus
 from vmig.config import VmConfig
 from vmig.errors import GuestMemoryError, KvmUnavailableError, StateError
 from vmig.guest import layout
@@ -172,3 +175,34 @@ def test_shutdown_joins_vcpu_threads():
     machine.shutdown()  # idempotent
     assert machine.state is VmState.SHUTDOWN
     assert not any(thread.is_alive() for thread in vcpu_threads)
+
+
+class _BrokenDevice:
+    """A device whose I/O fails, as a VMM bug would: the vCPU thread that hits it fails."""
+
+    def io_read(self, offset: int, size: int) -> int:
+        raise RuntimeError("device broke")
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        raise RuntimeError("device broke")
+
+
+def test_a_vcpu_failure_marks_the_vm_failed_and_is_reported_once():
+    """The VMM hears of a failed VM (its `vm.failed` event) once, with the reason, on
+    the failing vCPU's thread; the VM then says FAILED and why."""
+    bus = EventBus()
+    heard: list[Event] = []
+    bus.add_listener(heard.append)
+    vmm = Vmm(events=bus)
+    vmm.create(VmConfig.build(memory="64M", cpus=2, working_set="4M"))
+    machine = vmm.machine
+    try:
+        machine.bus._devices.insert(0, (layout.STATUS_PORT, 4, _BrokenDevice()))
+        with pytest.raises(StateError):  # the guest reports its check on the status port
+            machine.check_guest(timeout=10)
+        assert machine.state is VmState.FAILED and "device broke" in machine.error
+        machine._vcpu_failed(1, "a second vCPU failing too")  # as a parked vCPU might
+        failed = [e.properties for e in heard if (e.source, e.event) == ("vm", "failed")]
+        assert len(failed) == 1 and "device broke" in failed[0]["error"]
+    finally:
+        machine.close()

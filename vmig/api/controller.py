@@ -89,7 +89,7 @@ class Vmm:
         """Build and boot a VM from `config`; StateError if one is already there."""
         with self._lock:
             self._make_room("create a VM")
-            self.machine = Machine.boot(config)
+            self.machine = self._adopt(Machine.boot(config))
             info = self.machine.info()
         self._vm_event("booted", info)
         return info
@@ -99,8 +99,8 @@ class Vmm:
         """Start a VM from the snapshot in `directory`; StateError if one is already there."""
         with self._lock:
             self._make_room("restore a VM")
-            self.machine = Machine.restore_snapshot(directory, serial_log=serial_log,
-                                                    memory_file=memory_file, resume=resume)
+            self.machine = self._adopt(Machine.restore_snapshot(
+                directory, serial_log=serial_log, memory_file=memory_file, resume=resume))
             info = self.machine.info()
         self._vm_event("restored", {**info, "directory": directory})
         return info
@@ -169,6 +169,11 @@ class Vmm:
         with self._lock:
             self._require("snapshot").snapshot(directory)
         self._vm_event("snapshot", {"directory": directory})
+
+    def _adopt(self, machine: Machine) -> Machine:
+        """`machine` becomes this VMM's: its failure is published as a ``vm.failed`` event."""
+        machine.on_failure = lambda error: self._vm_event("failed", {"error": error})
+        return machine
 
     def _vm_event(self, event: str, properties: dict[str, Any] | None = None) -> None:
         self.events.publish("vm", event, properties)
@@ -241,7 +246,7 @@ class Vmm:
         with self._mig_lock:
             self._receiving = False
             if machine is not None:
-                self.machine = machine
+                self.machine = self._adopt(machine)
                 self._last_error = None
             else:
                 self._last_error = error or "the incoming migration ended without a VM"

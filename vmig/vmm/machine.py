@@ -19,6 +19,7 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -76,6 +77,9 @@ class Machine:
         self.tsc_khz = tsc_khz
         self.error: str | None = None
         self.state = VmState.PAUSED
+        #: Told the reason once, on the failing vCPU's thread, when the VM fails (the
+        #: VMM publishes it as an event); must not block.
+        self.on_failure: Callable[[str], None] | None = None
         self.busy: str | None = None  # e.g. "migrating": user pause/resume/snapshot must wait
         self._serial_log = serial_log
         self._lock = threading.RLock()
@@ -286,12 +290,18 @@ class Machine:
 
     def _vcpu_failed(self, vcpu_id: int, message: str) -> None:
         """Called on a vCPU thread when its guest fails: park the others, mark FAILED."""
+        first = self.state is not VmState.FAILED
         self.error = message
         self.state = VmState.FAILED
         for handle in self.handles:
             handle.request_pause()
         with self._events:
             self._events.notify_all()
+        if first and self.on_failure is not None:
+            try:
+                self.on_failure(message)
+            except Exception:  # a listener's fault must not hide the VM's
+                log.exception("reporting the VM's failure failed")
 
     def _guest_event(self, event: int, cpu: int) -> None:
         if event == layout.EVENT_BOOTED:
