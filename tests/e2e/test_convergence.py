@@ -4,7 +4,9 @@ about 240 MB/s, against 50 MiB/s)."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from faultproxy import CutProxy
 from helpers import (
@@ -71,9 +73,14 @@ def test_auto_converge_completes_and_the_destination_runs_unthrottled(spawn_vmm:
     assert destination.client.check_guest(60)["ok"]
 
 
-def _postcopy(spawn_vmm: Spawn, connections: int) -> None:
-    destination = spawn_vmm()
-    source = spawn_vmm(*FAST_GUEST)
+def _migration_events(path: Path) -> list[str]:
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    return [e["event"] for e in events if e["source"] == "migration"]
+
+
+def _postcopy(spawn_vmm: Spawn, connections: int, tmp: Path) -> None:
+    destination = spawn_vmm("--event-monitor", str(tmp / "dst.events"))
+    source = spawn_vmm(*FAST_GUEST, "--event-monitor", str(tmp / "src.events"))
     url, auth = receive(destination)
     send = Background(lambda: source.client.send_migration(
         destination_url=url, **auth, connections=connections, max_bandwidth=CAP,
@@ -98,14 +105,21 @@ def _postcopy(spawn_vmm: Spawn, connections: int) -> None:
     assert incoming["postcopy"]["pages_left"] == 0
     assert incoming["postcopy"]["faults_served"] > 0
     assert incoming["postcopy"]["fault_latency_p99_ms"] is not None
+    # Both sides said so as events: post-copy, then completed, nothing after.
+    for side in ("src", "dst"):
+        path = tmp / f"{side}.events"
+        wait_for(lambda p=path: "completed" in _migration_events(p), f"{side}: completed")
+        events = _migration_events(path)
+        assert events[-2:] == ["postcopy", "completed"], (side, events)
+        assert "switchover" not in events[events.index("postcopy"):], (side, events)
 
 
-def test_postcopy_completes_over_one_connection(spawn_vmm: Spawn) -> None:
-    _postcopy(spawn_vmm, 1)
+def test_postcopy_completes_over_one_connection(spawn_vmm: Spawn, tmp_path: Path) -> None:
+    _postcopy(spawn_vmm, 1, tmp_path)
 
 
-def test_postcopy_completes_over_four_connections(spawn_vmm: Spawn) -> None:
-    _postcopy(spawn_vmm, 4)
+def test_postcopy_completes_over_four_connections(spawn_vmm: Spawn, tmp_path: Path) -> None:
+    _postcopy(spawn_vmm, 4, tmp_path)
 
 
 def test_postcopy_with_its_fault_connection_cut_fails_as_documented(spawn_vmm: Spawn) -> None:
