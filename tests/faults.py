@@ -2,7 +2,8 @@
 
 A `Fault` is one thing that goes wrong during a migration: a connection cut after
 some bytes (through `CutProxy`), SIGKILL or SIGSTOP (for a while) of either VMM at
-some moment, or nothing (a control run). `plan(seed, runs)` draws a reproducible
+some moment, an operator's cancel on either side at some moment, or nothing (a
+control run). `plan(seed, runs)` draws a reproducible
 list of them. `Harness.run(fault)` migrates the VM between two VMMs with that fault
 injected, waits for both sides to settle, then checks what must hold after every
 fault:
@@ -41,8 +42,9 @@ SETTLE_S = 30.0
 #: second, so that most faults land in the middle of one.
 FAULT_GUEST = ("--memory", "256M", "--cpus", "2", "--workload", "dirty", "--working-set",
                "96M", "--dirty-rate", "20000")
-KINDS = ("none", "cut", "kill-source", "kill-destination", "stop-source", "stop-destination")
-WEIGHTS = (1, 4, 1, 1.5, 1, 1.5)
+KINDS = ("none", "cut", "kill-source", "kill-destination", "stop-source", "stop-destination",
+         "cancel-source", "cancel-destination")
+WEIGHTS = (1, 4, 1, 1.5, 1, 1.5, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class Fault:
         if self.kind.startswith("stop"):
             return (f"SIGSTOP the {self.kind[5:]} at {self.delay_s:.2f} s for {self.stop_s:.1f} s"
                     f" ({self.connections} conn)")
+        if self.kind.startswith("cancel"):
+            return (f"cancel at the {self.kind[7:]} at {self.delay_s:.2f} s "
+                    f"({self.connections} conn)")
         return f"no fault ({self.connections} conn)"
 
 
@@ -112,6 +117,7 @@ class Harness:
         self.source: VmmProcess = spawn(guest)
         self.destination: VmmProcess = spawn(())
         self._baselines: dict[tuple[int, str], int] = {}  # (pid, state) -> other fds
+        self._cancel_refused = ""  # this run's cancel came too late: why
 
     # --- one run -----------------------------------------------------------------------
 
@@ -130,6 +136,7 @@ class Harness:
                              cut_after=fault.cut_after)
             url = proxy.url
         result = Result(fault, outcome="?")
+        self._cancel_refused = ""
         box: dict[str, Any] = {}
 
         def send() -> None:
@@ -149,6 +156,8 @@ class Harness:
         assert not thread.is_alive(), f"{fault.describe()}: the send did not return"
         self._settle(source, destination, killed)
         self._judge(result, box, killed)
+        if self._cancel_refused and not result.reason:
+            result.reason = f"cancel refused: {self._cancel_refused}"
         self._recover_and_check(result, killed)
         result.seconds = time.monotonic() - began
         return result
@@ -159,6 +168,12 @@ class Harness:
             return None
         victim = source if fault.kind.endswith("source") else destination
         time.sleep(fault.delay_s)
+        if fault.kind.startswith("cancel"):
+            try:
+                victim.client.cancel_migration()
+            except ApiError as exc:  # too late (over, or past the point of no return)
+                self._cancel_refused = exc.message
+            return None
         if fault.kind.startswith("kill"):
             self._kill(victim)
             return victim
