@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             harness.close()
     elapsed = time.monotonic() - began
-    outcomes = collections.Counter(r.outcome for r in results)
+    outcomes = collections.Counter(r.shown_outcome for r in results)
     commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                             capture_output=True, text=True, check=False).stdout.strip()
     record = {
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1), "outcomes": dict(outcomes), "vmig": __version__,
         "commit": commit, "python": platform.python_version(), "kernel": platform.release(),
         "results": [{"fault": r.fault.describe(), "kind": r.fault.kind,
-                     "outcome": r.outcome, "vm_at": r.vm_at, "reason": r.reason,
+                     "postcopy": r.fault.postcopy, "outcome": r.outcome,
+                     "via_postcopy": r.via_postcopy, "vm_at": r.vm_at, "reason": r.reason,
                      "seconds": round(r.seconds, 2), "checks": r.checks} for r in results],
     }
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = ["| # | fault | outcome | VM at | reason |", "|---:|---|---|---|---|"]
         for number, result in enumerate(results, 1):
             reason = result.reason.replace("|", "\\|")[:160]
-            rows.append(f"| {number} | {result.fault.describe()} | {result.outcome} | "
+            rows.append(f"| {number} | {result.fault.describe()} | {result.shown_outcome} | "
                         f"{result.vm_at} | {reason} |")
         args.markdown.write_text(summary + "\n\n" + "\n".join(rows) + "\n")
     return 0 if not failures and len(results) == args.runs else 1

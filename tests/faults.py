@@ -38,6 +38,9 @@ from vmig.errors import ApiError
 from vmig.transport.address import parse_url
 
 SETTLE_S = 30.0
+#: How long a destination may stay listening after the send ended before the harness
+#: calls it waiting for nobody (a handshake in flight ends within its own deadline).
+HANDSHAKE_GRACE_S = 1.0
 #: The guest faults are injected into: big enough that a migration takes a few tenths of a
 #: second, so that most faults land in the middle of one.
 FAULT_GUEST = ("--memory", "256M", "--cpus", "2", "--workload", "dirty", "--working-set",
@@ -45,6 +48,8 @@ FAULT_GUEST = ("--memory", "256M", "--cpus", "2", "--workload", "dirty", "--work
 KINDS = ("none", "cut", "kill-source", "kill-destination", "stop-source", "stop-destination",
          "cancel-source", "cancel-destination")
 WEIGHTS = (1, 4, 1, 1.5, 1, 1.5, 1, 1)
+#: The share of runs that go to post-copy.
+POSTCOPY_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,17 @@ class Fault:
     cut_after: int = 0
     delay_s: float = 0.0  # kill/stop this long after the send began
     stop_s: float = 0.0  # how long a SIGSTOP lasts
+    #: The migration goes to post-copy after its first pass (a 1 ms budget that pre-copy
+    #: never meets); its FAULT connection is the last one (index `connections`).
+    postcopy: bool = False
 
     def describe(self) -> str:
+        return self._what() + (", post-copy" if self.postcopy else "")
+
+    def _what(self) -> str:
         if self.kind == "cut":
-            return (f"cut connection {self.cut_index} of {self.connections} after "
-                    f"{self.cut_after} bytes")
+            total = self.connections + self.postcopy
+            return f"cut connection {self.cut_index} of {total} after {self.cut_after} bytes"
         if self.kind.startswith("kill"):
             return f"SIGKILL the {self.kind[5:]} at {self.delay_s:.2f} s ({self.connections} conn)"
         if self.kind.startswith("stop"):
@@ -79,15 +90,17 @@ def plan(seed: int, runs: int) -> list[Fault]:
         kind = rng.choices(KINDS, WEIGHTS)[0]
         connections = rng.choice((1, 2, 4))
         delay = math.exp(rng.uniform(math.log(0.01), math.log(0.8)))
+        postcopy = rng.random() < POSTCOPY_SHARE
         if kind == "cut":
-            index = rng.randrange(connections)
+            index = rng.randrange(connections + postcopy)
             after = int(math.exp(rng.uniform(math.log(64), math.log(48 << 20))))
-            faults.append(Fault(kind, connections, cut_index=index, cut_after=after))
+            faults.append(Fault(kind, connections, cut_index=index, cut_after=after,
+                                postcopy=postcopy))
         elif kind.startswith("stop"):
             faults.append(Fault(kind, connections, delay_s=delay,
-                                stop_s=rng.uniform(0.3, 2.5)))
+                                stop_s=rng.uniform(0.3, 2.5), postcopy=postcopy))
         else:
-            faults.append(Fault(kind, connections, delay_s=delay))
+            faults.append(Fault(kind, connections, delay_s=delay, postcopy=postcopy))
     return faults
 
 
@@ -99,10 +112,15 @@ class Result:
     vm_at: str = ""  # "source", "destination" or "lost"
     seconds: float = 0.0
     checks: list[str] = field(default_factory=list)
+    via_postcopy: bool = False  # the guest resumed at the destination before its last pages
+
+    @property
+    def shown_outcome(self) -> str:
+        return self.outcome + (" (via post-copy)" if self.via_postcopy else "")
 
     def line(self) -> str:
         why = f": {self.reason}" if self.reason else ""
-        return (f"{self.fault.describe():<52} -> {self.outcome}, VM at {self.vm_at}"
+        return (f"{self.fault.describe():<52} -> {self.shown_outcome}, VM at {self.vm_at}"
                 f" ({self.seconds:.1f} s){why}")
 
 
@@ -118,6 +136,7 @@ class Harness:
         self.destination: VmmProcess = spawn(())
         self._baselines: dict[tuple[int, str], int] = {}  # (pid, state) -> other fds
         self._cancel_refused = ""  # this run's cancel came too late: why
+        self._receive_cancelled = False  # this run's destination was still listening
 
     # --- one run -----------------------------------------------------------------------
 
@@ -137,13 +156,17 @@ class Harness:
             url = proxy.url
         result = Result(fault, outcome="?")
         self._cancel_refused = ""
+        self._receive_cancelled = False
         box: dict[str, Any] = {}
 
         def send() -> None:
             try:
+                mode: dict[str, Any] = (
+                    {"postcopy": True, "postcopy_after_iterations": 1, "downtime_ms": 1}
+                    if fault.postcopy else {"verify_memory": True, "downtime_ms": 100})
                 box["summary"] = source.client.send_migration(
                     destination_url=url, token=token, connections=fault.connections,
-                    verify_memory=True, downtime_ms=100, timeout_s=20)
+                    timeout_s=20, **mode)
             except ApiError as exc:
                 box["error"] = exc
 
@@ -154,10 +177,17 @@ class Harness:
         if proxy is not None:
             proxy.close()
         assert not thread.is_alive(), f"{fault.describe()}: the send did not return"
+        if killed is not destination and _listening(destination):
+            # The source never authenticated (cut inside its handshake): the destination
+            # rightly waits for a source that can; the operator stops it waiting.
+            destination.client.cancel_migration()
+            self._receive_cancelled = True
         self._settle(source, destination, killed)
         self._judge(result, box, killed)
         if self._cancel_refused and not result.reason:
             result.reason = f"cancel refused: {self._cancel_refused}"
+        if self._receive_cancelled:
+            result.reason += " (the destination, still waiting for a source, was cancelled)"
         self._recover_and_check(result, killed)
         result.seconds = time.monotonic() - began
         return result
@@ -208,6 +238,7 @@ class Harness:
         if summary is not None:
             result.outcome = summary["status"]
             result.reason = summary.get("error") or ""
+            result.via_postcopy = bool(summary.get("postcopy"))
         elif error is not None:
             result.outcome = "failed"
             result.reason = str(error)
@@ -223,6 +254,13 @@ class Harness:
             assert states["destination"] != "running", states
             result.outcome = "in doubt"
             source.client.resume()  # the operator's call, once the destination is known idle
+            running = ["source"]
+        if states["source"] == "paused" and "post-copy failed" in result.reason:
+            # Neither side has the whole VM: the destination stopped its own, the source
+            # keeps the VM as at the switch-over. Roll back, as the docs tell an operator.
+            assert states["destination"] != "running", states
+            result.outcome = "post-copy failed"
+            source.client.resume()
             running = ["source"]
         assert len(running) == 1, f"{result.fault.describe()}: no running VM: {states}"
         result.vm_at = running[0]
@@ -287,6 +325,22 @@ class Harness:
     def close(self) -> None:
         for vmm in (self.source, self.destination):
             vmm.stop()
+
+
+def _listening(vmm: VmmProcess) -> bool:
+    """`vmm` waits for a source that has not authenticated yet (after a wait for the
+    handshakes in flight to end: each has its own deadline)."""
+    deadline = time.monotonic() + HANDSHAKE_GRACE_S
+    while True:
+        try:
+            info = vmm.client.migration_info()
+        except ApiError:
+            return False
+        if not info.get("active") or info.get("phase") != "listening":
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
 
 
 def _active(vmm: VmmProcess) -> bool:
