@@ -10,7 +10,7 @@ UFFDIO_COPY, which wakes the vCPU. Pages pushed in the background (MEMORY on the
 data connections) are installed the same way (`install`); whichever copy comes
 first wins, the other finds the page present (EEXIST) and is dropped.
 
-Sender side, `serve_faults`: the ``migrate-fault-srv`` thread answers each page
+Sender side, `FaultResponder`: the ``migrate-fault-srv`` thread answers each page
 request from the paused source's memory and asks the push to send the chunks near
 it next.
 
@@ -239,31 +239,52 @@ class PostcopyService:
                                  f"({describe(exc)})")
 
 
-def serve_faults(channel: SenderChannel, memory: GuestMemory, on_served: OnServed,
-                 stopping: threading.Event) -> None:
-    """migrate-fault-srv (source): answer each page request from `memory` until the
-    receiver closes the connection or `stopping` is set."""
-    server = FaultServer()
-    stream = channel.stream
-    try:
-        while True:
-            event = server.next_event()
-            if event is NEED_DATA:
-                server.receive_data(stream.recv_some(max(server.bytes_wanted(), 1)))
-                continue
-            if isinstance(event, ConnectionClosed):
-                return
-            assert isinstance(event, PageRequest)
-            views = memory.views(event.ranges)
-            try:
-                stream.send_all([server.answer(event.ranges), *views])
-            finally:
-                for view in views:
-                    view.release()
-            on_served(event.ranges)
-    except (VmigError, OSError) as exc:
-        if not stopping.is_set():
-            log.warning("post-copy: the FAULT connection failed: %s", describe(exc))
+class FaultResponder:
+    """The source's side of the FAULT connection: one thread (``migrate-fault-srv``)
+    answers each page request from guest memory and tells `on_served` which pages went.
+    It owns the channel from construction on; `close()` ends the thread and closes it."""
+
+    def __init__(self, channel: SenderChannel, memory: GuestMemory, on_served: OnServed) -> None:
+        self.channel = channel
+        self._memory = memory
+        self._on_served = on_served
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="migrate-fault-srv",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _serve(self) -> None:
+        server = FaultServer()
+        stream = self.channel.stream
+        try:
+            while True:
+                event = server.next_event()
+                if event is NEED_DATA:
+                    server.receive_data(stream.recv_some(max(server.bytes_wanted(), 1)))
+                    continue
+                if isinstance(event, ConnectionClosed):
+                    return
+                assert isinstance(event, PageRequest)
+                views = self._memory.views(event.ranges)
+                try:
+                    stream.send_all([server.answer(event.ranges), *views])
+                finally:
+                    for view in views:
+                        view.release()
+                self._on_served(event.ranges)
+        except (VmigError, OSError) as exc:
+            if not self._stopping.is_set():
+                log.warning("post-copy: the FAULT connection failed: %s", describe(exc))
+
+    def close(self) -> None:
+        """Stop answering (the connection is shut down under the thread), join, close."""
+        self._stopping.set()
+        self.channel.stream.shutdown()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self.channel.close()
 
 
 def split_owed(dirty: np.ndarray, memory_size: int,

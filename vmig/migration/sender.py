@@ -33,12 +33,12 @@ from typing import Any
 
 import blake3
 import numpy as np
-import zstandard
 
 from vmig.errors import MigrationCancelled as Cancelled
 from vmig.errors import MigrationError, StateError, TransportError, describe
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest
+from vmig.migration.memory_reader import ChunkSender
 from vmig.migration.memory_writer import MAX_CONFIG_EXTENTS
 from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, ResolvedSend, SendParams
@@ -51,15 +51,13 @@ from vmig.migration.policy import (
     next_send_phase,
     next_throttle,
 )
-from vmig.migration.postcopy import PRIORITY_WINDOW_BYTES, serve_faults, split_owed
+from vmig.migration.postcopy import PRIORITY_WINDOW_BYTES, FaultResponder, split_owed
 from vmig.proto import (
     Abandon,
     Complete,
     Config,
     ConnectionRole,
-    Memory,
     MemoryFd,
-    MemoryFlags,
     Postcopy,
     Start,
     StartFlags,
@@ -112,20 +110,13 @@ class MigrationSender:
         self._grace: threading.Timer | None = None
         self._limiter: TokenBucket | None = None
         self._throttle_streak = 0
-        self._fault_channel: SenderChannel | None = None  # post-copy's
-        self._fault_server: threading.Thread | None = None
-        self._fault_stopping = threading.Event()
+        self._faults: FaultResponder | None = None  # post-copy's FAULT connection
         self._was_running = False
         self._pool: SenderPool | None = None
         self._channels: list[SenderChannel] = []
         self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
         self._extents: list[tuple[int, int]] = []  # where memory holds data (set by run)
-        # The first pass skips zero pages (the destination starts zeroed); later passes
-        # send pages that became zero as ZERO ranges.
-        self._first_pass = True
-        self._compressors: dict[int, zstandard.ZstdCompressor] = {}  # per channel (thread)
-        # id(chunk) -> (page bytes sent, zero pages, [bytes on the wire]) until acknowledged
-        self._accounts: dict[int, tuple[int, int, list[int]]] = {}
+        self._chunks = ChunkSender(machine.memory, self.metrics, self.params.compress_level)
 
     @property
     def phase(self) -> SendPhase:
@@ -297,7 +288,8 @@ class MigrationSender:
                     raise
                 failures.append(str(exc))
         if self.params.postcopy:  # post-copy's page requests come on a connection of their own
-            self._fault_channel = self._open(ConnectionRole.FAULT)
+            self._faults = FaultResponder(self._open(ConnectionRole.FAULT), self.memory,
+                                          self._fault_served)
         opened = len(channels) - 1
         if wanted and opened == 0:
             message = (f"could not open any of {wanted} extra connections ({failures[0]}); "
@@ -338,61 +330,18 @@ class MigrationSender:
         chunk = chunk_bytes or min(self.params.chunk_bytes, max(fair_share, MIN_CHUNK_BYTES))
         chunks = ranges.partition(chunk)
         try:
-            sent = self._pool.send_iteration(chunks, self._prepare, self._acked)
+            sent = self._pool.send_iteration(chunks, self._chunks.prepare, self._acked)
         except TransportError as exc:
             raise TransportError(f"the MAIN connection failed: {exc}") from None
         seconds = self.clock() - began
         self.stats.record_iteration(sent, seconds)
         self.metrics.update(iterations=self.stats.iteration,
                             bandwidth_bytes_per_s=self.stats.bandwidth_bytes_per_s)
-        self._first_pass = False
+        self._chunks.first_pass = False
         return sent
 
-    def _prepare(self, chunk: RangeTable) -> list[Callable[[SenderChannel], None]]:
-        """The requests that carry `chunk` (on its connection's thread): its data pages,
-        and its zero pages as a ZERO range (skipped in the first pass, as the destination
-        starts zeroed)."""
-        data, zero = self.memory.split_zero_pages(chunk)
-        wire = [0]
-        writers: list[Callable[[SenderChannel], None]] = []
-        if len(zero) and not self._first_pass:
-            writers.append(lambda channel: channel.submit(Memory(zero, MemoryFlags.ZERO)))
-        if len(data):
-            def write_data(channel: SenderChannel) -> None:
-                wire[0] = self._submit_data(channel, data)
-            writers.append(write_data)
-        self._accounts[id(chunk)] = (data.total_bytes, zero.total_bytes // PAGE_SIZE, wire)
-        return writers
-
-    def _submit_data(self, channel: SenderChannel, data: RangeTable) -> int:
-        """One MEMORY request with `data`'s pages, zstd-compressed when asked for and when
-        it shrinks them; returns the bytes it put on the wire."""
-        level = self.params.compress_level
-        if level is None:
-            channel.submit_memory(data, self.memory.views)
-            return data.total_bytes
-        compressor = self._compressors.get(id(channel))
-        if compressor is None:
-            compressor = self._compressors[id(channel)] = zstandard.ZstdCompressor(level=level)
-        views = self.memory.views(data)
-        try:
-            stream = compressor.compressobj(size=data.total_bytes)
-            frame = [stream.compress(view) for view in views]  # the GIL is released meanwhile
-            frame.append(stream.flush())
-            size = sum(len(part) for part in frame)
-            if size >= data.total_bytes:  # did not shrink: as it is
-                channel.submit(Memory(data), views)
-                return data.total_bytes
-            channel.submit(Memory(data, MemoryFlags.ZSTD, size), frame)
-            return size
-        finally:
-            for view in views:
-                view.release()
-
     def _acked(self, index: int, chunk: RangeTable) -> None:
-        sent, zero, wire = self._accounts.pop(id(chunk), (chunk.total_bytes, 0, [None]))
-        self.metrics.transferred(index, sent, covered=chunk.total_bytes, zero_pages=zero,
-                                 wire=wire[0])
+        self._chunks.acked(index, chunk)
         if self._phase is SendPhase.POSTCOPY:
             left = self.metrics.postcopy_pages_left or 0
             self.metrics.update(postcopy_pages_left=max(left - chunk.total_bytes // PAGE_SIZE,
@@ -512,7 +461,8 @@ class MigrationSender:
                             postcopy_pages_left=later.total_bytes // PAGE_SIZE)
         main.request(Postcopy(later))
         self.metrics.end_downtime()  # the guest runs again, at the destination
-        self._start_fault_server()
+        assert self._faults is not None
+        self._faults.start()
         self._send(later, chunk_bytes=MIN_CHUNK_BYTES)  # small chunks follow faults closely
         with self._lock:
             self._phase = next_send_phase(self._phase, SendPhase.COMPLETING)
@@ -521,19 +471,12 @@ class MigrationSender:
         SenderChannel.check(main.read_response())
         self.metrics.update(postcopy_pages_left=0)
 
-    def _start_fault_server(self) -> None:
-        channel = self._fault_channel
-        assert channel is not None and self._pool is not None
-        pool = self._pool
-
-        def served(ranges: RangeTable) -> None:
-            self.metrics.update(faults_served=self.metrics.faults_served + len(ranges))
+    def _fault_served(self, ranges: RangeTable) -> None:
+        """migrate-fault-srv sent `ranges`: count it, and push the chunks near it next."""
+        self.metrics.update(faults_served=self.metrics.faults_served + len(ranges))
+        pool = self._pool  # read once: _close() may clear it meanwhile
+        if pool is not None:
             pool.prioritize(ranges[0].gpa, PRIORITY_WINDOW_BYTES)
-
-        self._fault_server = threading.Thread(
-            target=serve_faults, args=(channel, self.memory, served, self._fault_stopping),
-            name="migrate-fault-srv", daemon=True)
-        self._fault_server.start()
 
     # --- failure -------------------------------------------------------------------------
 
@@ -579,15 +522,11 @@ class MigrationSender:
         return outcome
 
     def _close(self) -> None:
-        self._fault_stopping.set()
+        if self._faults is not None:  # first: its thread must not take the end for a fault
+            self._faults.close()
+            self._faults = None
         for channel in self._channels:
             channel.close()
         self._channels = []
         self._pool = None
-        if self._fault_channel is not None:
-            self._fault_channel.stream.shutdown()
-            if self._fault_server is not None:
-                self._fault_server.join(10)
-            self._fault_channel.close()
-            self._fault_channel = None
 
