@@ -351,7 +351,7 @@ class MigrationSender:
         """Iterate until the policy says CONVERGE (returned), POSTCOPY (returned) or ABORT."""
         # The destination starts from zeroed memory: the first pass copies only the
         # parts of the backing file that hold data (never-touched pages are holes), and
-        # of those only the pages that are not all zeros (`_submit`).
+        # of those only the pages that are not all zeros (`ChunkSender.prepare`).
         ranges = RangeTable(self._extents)
         last_collect = self.clock()
         while True:
