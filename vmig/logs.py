@@ -75,6 +75,18 @@ def open_log_file(path: str) -> TextIO:
         raise ConfigError(f"cannot open log file {path}: {exc.strerror}") from None
 
 
+class UnixClientFilter(logging.Filter):
+    """uvicorn's access log names the client by address, which a UNIX socket's client
+    has none of (' - "GET /api/v1/vm.info HTTP/1.1" 200'): name it ``unix``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and args \
+                and not args[0]:
+            record.args = ("unix", *args[1:])
+        return True
+
+
 def configure(level: str = "warning", fmt: str = "text", stream: TextIO | None = None
               ) -> logging.Handler:
     """Send every log record at `level` or above to `stream` (stderr) in format `fmt`.
@@ -83,6 +95,7 @@ def configure(level: str = "warning", fmt: str = "text", stream: TextIO | None =
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(fmt))
+    handler.addFilter(UnixClientFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

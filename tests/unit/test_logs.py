@@ -50,3 +50,15 @@ def test_json_lines_parse_and_carry_extras_and_tracebacks(restored_logging: None
 def test_an_unusable_log_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"cannot open log file {tmp_path}: Is a directory"):
         open_log_file(str(tmp_path))
+
+
+def test_uvicorn_access_lines_name_a_unix_socket_client(restored_logging: None) -> None:
+    """uvicorn gives an empty client address on a UNIX socket: the line says 'unix'."""
+    out = io.StringIO()
+    configure("info", "text", out)
+    access = logging.getLogger("uvicorn.access")
+    access.info('%s - "%s %s HTTP/%s" %d', "", "GET", "/api/v1/vm.info", "1.1", 200)
+    access.info('%s - "%s %s HTTP/%s" %d', "10.0.0.1:5000", "GET", "/metrics", "1.1", 200)
+    first, second = (line.split(" ", 1)[1] for line in out.getvalue().splitlines())
+    assert first == 'INFO uvicorn.access: unix - "GET /api/v1/vm.info HTTP/1.1" 200'
+    assert second == 'INFO uvicorn.access: 10.0.0.1:5000 - "GET /metrics HTTP/1.1" 200'
