@@ -52,11 +52,19 @@ def test_an_unusable_log_file_is_named(tmp_path: Path) -> None:
         open_log_file(str(tmp_path))
 
 
-def test_uvicorn_access_lines_name_a_unix_socket_client(restored_logging: None) -> None:
+def test_uvicorn_access_lines_name_a_unix_socket_client(restored_logging: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """uvicorn gives an empty client address on a UNIX socket: the line says 'unix'."""
     out = io.StringIO()
     configure("info", "text", out)
     access = logging.getLogger("uvicorn.access")
+    # As `vmig vmm` runs uvicorn: no handler or level of its own, propagating to ours
+    # (a test that ran uvicorn with its own logging may have changed that).
+    monkeypatch.setattr(access, "handlers", [])
+    monkeypatch.setattr(access, "propagate", True)
+    monkeypatch.setattr(access, "disabled", False)
+    monkeypatch.setattr(access, "level", access.level)  # restored afterwards; and now:
+    access.setLevel(logging.NOTSET)  # (setLevel also clears the loggers' level cache)
     access.info('%s - "%s %s HTTP/%s" %d', "", "GET", "/api/v1/vm.info", "1.1", 200)
     access.info('%s - "%s %s HTTP/%s" %d', "10.0.0.1:5000", "GET", "/metrics", "1.1", 200)
     first, second = (line.split(" ", 1)[1] for line in out.getvalue().splitlines())
