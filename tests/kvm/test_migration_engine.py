@@ -20,6 +20,7 @@ from vmig.config import VmConfig
 from vmig.errors import ConfigError, GuestMemoryError, MigrationError, StateError
 from vmig.memory import GuestMemory
 from vmig.migration.digest import BackgroundDigest
+from vmig.migration.metrics import MigrationMetrics
 from vmig.migration.params import ReceiveParams, SendParams
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
@@ -369,6 +370,25 @@ def test_a_digest_mismatch_is_never_resumed_and_the_source_runs_on(source, monke
     assert outcome.machine is None and "memory verification failed" in outcome.error
     assert source.state is VmState.RUNNING and source.busy is None  # resumed after the pause
     assert source.check_guest()["ok"]
+
+
+def test_a_lost_connection_makes_the_switch_over_verify_memory(source, monkeypatch):
+    """Not asked for in START, but a MEMORY connection was lost: COMPLETE carries a digest,
+    and the destination checks it (a stale page would be refused, not resumed)."""
+    _, outcome, url = _receiver()
+
+    class LyingDigest(BackgroundDigest):  # stands for a page the lost chunk made stale
+        def result(self) -> str:
+            super().result()
+            return "00" * 32
+
+    monkeypatch.setattr("vmig.migration.sender.BackgroundDigest", LyingDigest)
+    monkeypatch.setattr(MigrationMetrics, "connections_lost", property(lambda self: 1))
+    with pytest.raises(MigrationError, match="memory verification failed"):
+        MigrationSender(source, _send(url, connections=2)).run()
+    assert outcome.done.wait(10)
+    assert outcome.machine is None and "memory verification failed" in outcome.error
+    assert source.state is VmState.RUNNING
 
 
 def test_a_failed_switch_over_resumes_the_paused_source(source, monkeypatch):

@@ -117,7 +117,8 @@ SEND_PARAMETERS: tuple[Param, ...] = (
           "gives up (the VM keeps running here), ignore switches over anyway, accepting a "
           "longer pause.", choices=tuple(s.value for s in TimeoutStrategy)),
     Param("verify_memory", "bool", False, "Compare a BLAKE3 digest of all guest memory on "
-          "both sides before the destination resumes the VM."),
+          "both sides before the destination resumes the VM (done anyway when a data "
+          "connection was lost)."),
     Param("max_bandwidth", "size", None, "Cap on the bytes per second all connections send "
           "together, e.g. 50M (K, M, G suffixes; 0 or absent: no cap). It holds for the "
           "post-copy push too.", metavar="RATE"),

@@ -381,12 +381,16 @@ class MigrationReceiver:
         except (ValueError, AttributeError):
             raise MigrationError("COMPLETE carries a payload that is not a JSON object") \
                 from None
-        if phase.start.verify_memory:
+        # START asked for verification, or the sender asks for it now (it lost a MEMORY
+        # connection mid-chunk: docs/protocol.md, "Memory verification").
+        if phase.start.verify_memory or "memory_digest" in document:
             try:
                 claimed = document["memory_digest"]
             except (KeyError, TypeError):
                 raise MigrationError("COMPLETE carries no memory digest although START "
                                      "asked to verify memory") from None
+            if not isinstance(claimed, dict):
+                raise MigrationError("COMPLETE carries a memory digest that is not an object")
             if claimed.get("algorithm") != DIGEST_ALGORITHM:
                 raise MigrationError(f"unknown digest algorithm {claimed.get('algorithm')!r}")
             ours = phase.digest.result() if phase.digest else memory_digest(phase.machine.memory)

@@ -314,6 +314,8 @@ class MigrationSender:
 
     def _lost(self, index: int, channel: SenderChannel, reason: str) -> None:
         message = f"connection {index} ({channel.role.name}) lost: {reason}"
+        if not self.params.verify_memory and not self.params.postcopy:
+            message += "; memory will be verified at the switch-over"
         log.warning("%s", message)
         self.metrics.connection_lost(index, reason)
         self.metrics.warn(message)
@@ -413,7 +415,7 @@ class MigrationSender:
         state = self.machine.save_state()
         self.metrics.update(heartbeat_at_pause=self.machine.guest_counters()["heartbeat"])
         digest: BackgroundDigest | None = None
-        if self.params.verify_memory:  # hash while STATE travels and the destination hashes
+        if self._verify:  # hash while STATE travels and the destination hashes
             digest = BackgroundDigest(self.memory)
         try:
             main.request(State(state.to_json().encode()))
@@ -428,7 +430,14 @@ class MigrationSender:
         self.metrics.set_phase(Phase.COMPLETING)
         main.submit(Complete(json.dumps(complete).encode()))
         SenderChannel.check(main.read_response())
-        self.metrics.update(memory_verified=self.params.verify_memory)
+        self.metrics.update(memory_verified=self._verify)
+
+    @property
+    def _verify(self) -> bool:
+        """Verify memory: asked for, or a MEMORY connection was lost. The destination may
+        still write the rest of a lost connection's chunk after the same chunk arrived
+        again on another connection; only a digest would see those pages go stale."""
+        return self.params.verify_memory or self.metrics.connections_lost > 0
 
     # --- post-copy -----------------------------------------------------------------------
 
