@@ -276,14 +276,22 @@ def machine_info(qemu: str | None) -> dict[str, Any]:
 # --- host memory controls ----------------------------------------------------------------------
 
 
-def fill_random(path: Path, size: int) -> None:
-    """Write `size` random bytes to `path`: no page is zero, and no two pages repeat."""
+def fill_random(path: Path, size: int, zero_fraction: float = 0.0) -> None:
+    """Write `size` random bytes to `path`: no page is zero, and no two pages repeat (a
+    fresh generator per file); with `zero_fraction` 0.75, three pages of every four are
+    zeros instead (written, not holes)."""
     rng = np.random.default_rng()
+    keep = max(1, round(1 / (1 - zero_fraction)))  # every keep-th page holds data
     with open(path, "wb") as out:
         left = size
         while left:
             chunk = min(left, FILL_CHUNK)
-            out.write(rng.bytes(chunk))
+            data = rng.bytes(chunk)
+            if keep > 1:
+                pages = np.frombuffer(bytearray(data), dtype=np.uint8).reshape(-1, 4096)
+                pages[np.arange(len(pages)) % keep != 0] = 0
+                data = pages.tobytes()
+            out.write(data)
             left -= chunk
 
 
@@ -1033,12 +1041,19 @@ def charts(pairs: list[dict[str, Any]], args: argparse.Namespace) -> list[Path]:
         axes[0][-1].legend(fontsize=8)
         fig.suptitle(f"vmig vs QEMU 7.2: {format_size(args.memory_bytes)} idle guest, random "
                      f"RAM, loopback; medians of {args.repeat} (bars: min-max)", fontsize=10)
-        fig.tight_layout()
-        path = args.images / f"compare-qemu-{args.label}-{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_chart(fig, args.images / f"compare-qemu-{args.label}-{name}.png"))
     return written
+
+
+def save_chart(fig: Any, path: Path) -> Path:
+    """Lay `fig` out, write it to `path` as PNG (its directory made if need be), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # --- main ---------------------------------------------------------------------------------------

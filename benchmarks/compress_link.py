@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compare_qemu import cpu_seconds, machine_info, touch_and_free
+from compare_qemu import cpu_seconds, machine_info, save_chart, touch_and_free
 
 from vmig.api.process import VmmProcess
 from vmig.units import MiB, format_size, parse_size
@@ -185,11 +185,7 @@ def chart(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
     axis.set_title(f"{format_size(args.memory_bytes)} guest over a {args.rate} link (tbf, "
                    f"network namespace), {args.connections} connections; medians of "
                    f"{args.repeat}", fontsize=10)
-    fig.tight_layout()
-    args.chart.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.chart, dpi=100)
-    plt.close(fig)
-    return args.chart
+    return save_chart(fig, args.chart)
 
 
 def main(argv: list[str] | None = None) -> int:

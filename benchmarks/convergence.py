@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compare_qemu import cpu_seconds, machine_info, touch_and_free
+from compare_qemu import cpu_seconds, machine_info, save_chart, touch_and_free
 
 from vmig.api.process import VmmProcess
 from vmig.errors import ApiError
@@ -329,11 +329,7 @@ def chart(runs: list[dict[str, Any]], rows: list[dict[str, Any]], args: argparse
     fig.suptitle(f"{format_size(args.memory_bytes)} guest, 2 vCPUs rewriting "
                  f"{format_size(args.working_set_bytes)} flat out, --max-bandwidth "
                  f"{args.max_bandwidth}; {args.repeat} run(s) per mode", fontsize=10)
-    fig.tight_layout()
-    args.chart.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.chart, dpi=100)
-    plt.close(fig)
-    return args.chart
+    return save_chart(fig, args.chart)
 
 
 def main(argv: list[str] | None = None) -> int:

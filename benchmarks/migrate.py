@@ -27,9 +27,7 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,18 +35,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from compare_qemu import touch_and_free
+from compare_qemu import (
+    cpu_seconds,
+    fill_random,
+    machine_info,
+    make_certificates,
+    touch_and_free,
+)
 
-from vmig import __version__
 from vmig.api.process import VmmProcess
-from vmig.units import MiB, format_size, parse_size
+from vmig.units import format_size, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHM = Path("/dev/shm")
-FILL_CHUNK = 64 * MiB
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 120.0
 SETTLE_S = 1.0  # a dirtying guest runs this long before the migration starts
 
@@ -98,13 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- measuring --------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + sys CPU time of process `pid` (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
-
-
 def memory_status(pid: int) -> dict[str, int]:
     """RssAnon, RssFile and RssShmem of process `pid`, in bytes (/proc/PID/status)."""
     figures = {}
@@ -143,62 +136,6 @@ class RssPeak:
         return {"before": self.baseline, "peak": self.peak}
 
 
-def machine_info() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                      if line.startswith("model name")), "")
-    mem_total = 0
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemTotal:"):
-                mem_total = int(line.split()[1]) * 1024
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                            capture_output=True, text=True, check=False).stdout.strip()
-    return {"cpu_model": model, "cpus": os.cpu_count(), "memory_bytes": mem_total,
-            "kernel": platform.release(), "python": platform.python_version(),
-            "vmig": __version__, "commit": commit, "kvm": os.path.exists("/dev/kvm")}
-
-
-def fill_random(path: Path, size: int, zero_fraction: float = 0.0) -> None:
-    """Write `size` random bytes to `path` (a fresh generator per file: no page repeats);
-    with `zero_fraction` 0.75, three pages of every four are zeros instead."""
-    rng = np.random.default_rng()
-    with open(path, "wb") as out:
-        left = size
-        while left:
-            chunk = min(left, FILL_CHUNK)
-            data = np.frombuffer(bytearray(rng.bytes(chunk)), dtype=np.uint8).reshape(-1, 4096)
-            if zero_fraction:
-                keep = max(1, round(1 / (1 - zero_fraction)))
-                data[np.arange(len(data)) % keep != 0] = 0
-            out.write(data.tobytes())
-            left -= chunk
-
-
-def make_tls(root: Path) -> Path:
-    """A CA, a destination (server) and a source (client) directory, made by openssl."""
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    for name in ("ca", "dst", "src"):
-        (root / "tls" / name).mkdir(parents=True)
-    tls = root / "tls"
-
-    def openssl(*argv: str) -> None:
-        subprocess.run(["openssl", *argv], check=True, capture_output=True)
-
-    openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=bench CA",
-            "-keyout", f"{tls}/ca/ca-key.pem", "-out", f"{tls}/ca/ca-cert.pem")
-    for side, role, san in (("dst", "server", ["-addext", "subjectAltName=IP:127.0.0.1"]),
-                            ("src", "client", [])):
-        openssl("req", "-new", *ec, "-subj", f"/CN={side}", *san,
-                "-keyout", f"{tls}/{side}/{role}-key.pem", "-out", f"{tls}/{side}/r.csr")
-        openssl("x509", "-req", "-in", f"{tls}/{side}/r.csr", "-CA", f"{tls}/ca/ca-cert.pem",
-                "-CAkey", f"{tls}/ca/ca-key.pem", "-CAcreateserial", "-copy_extensions",
-                "copy", "-days", "2", "-out", f"{tls}/{side}/{role}-cert.pem")
-        subprocess.run(["cp", f"{tls}/ca/ca-cert.pem", f"{tls}/{side}/"], check=True)
-    return tls
-
-
 # --- one run ----------------------------------------------------------------------------------
 
 
@@ -227,12 +164,12 @@ def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str,
                                       ready_timeout=READY_TIMEOUT_S)
             if args.workload == "dirty":
                 time.sleep(SETTLE_S)
-            tls = make_tls(Path(tmp)) if args.tls else None
+            tls = make_certificates(Path(tmp) / "tls") if args.tls else None
             reply = destination.client.receive_migration(
                 "tcp:127.0.0.1:0", prealloc=args.memory if args.dst_prealloc else None,
-                tls_dir=None if tls is None else str(tls / "dst"))
+                tls_dir=None if tls is None else str(tls[0]))
             url = reply["receiver_url"]
-            auth = ({"tls_dir": str(tls / "src")} if tls is not None
+            auth = ({"tls_dir": str(tls[1])} if tls is not None
                     else {"token": reply["token"]})
             before = {"source": cpu_seconds(source.proc.pid),
                       "destination": cpu_seconds(destination.proc.pid)}
@@ -321,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = args.output or RESULTS / f"migrate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    machine = machine_info()  # the commit again at the end: a change in between would show
+    machine = machine_info(None)  # the commit again at the end: a change in between would show
     runs: list[dict[str, Any]] = []
     index = 0
     for repeat in range(args.repeat):
@@ -333,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = medians(runs, args.connection_counts)
     settings = {name: value for name, value in vars(args).items()
                 if name not in ("output", "connection_counts")}
-    machine["commit_at_end"] = machine_info()["commit"]
+    machine["commit_at_end"] = machine_info(None)["commit"]
     result = {"command": [Path(sys.executable).name, *sys.argv],
               "settings": settings, "machine": machine, "started": started,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": runs, "medians": rows}
