@@ -71,13 +71,6 @@ class Stream:
         with self.errors("receiving from"):
             return self.sock.recv(limit)
 
-    def recv_exact(self, size: int) -> bytes:
-        """Exactly `size` bytes, or TransportError if the peer closes first."""
-        buffer = bytearray(size)
-        with memoryview(buffer) as view:
-            self.recv_into_exact(view)
-        return bytes(buffer)
-
     def recv_into_exact(self, view: memoryview) -> None:
         """Fill `view` completely from the socket (zero-copy into e.g. guest memory)."""
         done, size = 0, len(view)
@@ -112,11 +105,6 @@ class Stream:
         """
         with contextlib.suppress(OSError):
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-
-    def shutdown_read(self) -> None:
-        """Wake a thread blocked reading (it sees end of stream); writing still works."""
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(self.sock, socket.SHUT_RD)
 
     def close(self) -> None:
         self.sock.close()
