@@ -19,8 +19,8 @@ there, through `vmig.guest.status`, the functions vmig's own check-guest uses.
         guest.check()           # {"ok": True, "pages_checked": ..., "bad_pages": 0, ...}
 
 Start QEMU on a new (all-zero) RAM file: the status page of an earlier run would look
-booted. Booted by Multiboot the guest has one vCPU (``cpus`` must be 1) and spins where
-vmig's would halt (no VMM re-enters a halted vCPU there), so it keeps a host CPU busy.
+booted. Booted by Multiboot the guest has one vCPU (``cpus`` must be 1); where vmig's
+guest halts it naps on its local APIC timer, as long as vmig's VMM would leave it.
 """
 
 from __future__ import annotations

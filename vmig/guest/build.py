@@ -1,5 +1,8 @@
 """Build the guest's flat binary image from `src/` with gcc and binutils.
 
+The image is loaded at layout.ENTRY_BASE by vmig, and is also a Multiboot (v1)
+kernel (a header with address fields, for a flat image) that QEMU's -kernel boots.
+
 The image lives in `_build/guest.bin` (gitignored) beside `_build/guest.stamp`,
 the sha256 of the build's inputs (the sources, `layout.py` and this file) it was
 built from. In a checkout it is built on demand and rebuilt when an input's
@@ -33,7 +36,8 @@ SRC_DIR = GUEST_DIR / "src"
 BUILD_DIR = GUEST_DIR / "_build"
 IMAGE_PATH = BUILD_DIR / "guest.bin"
 STAMP_PATH = BUILD_DIR / "guest.stamp"
-SOURCES = (SRC_DIR / "start.S", SRC_DIR / "guest.c", SRC_DIR / "guest.ld")
+C_SOURCES = tuple(SRC_DIR / name for name in ("guest.c", "config.c", "console.c", "nap.c"))
+SOURCES = (SRC_DIR / "start.S", *C_SOURCES, SRC_DIR / "guest.h", SRC_DIR / "guest.ld")
 # config.py: the command line's defaults (cmdline.c_defaults) come from VmConfig.
 INPUTS = (*SOURCES, *(Path(module.__file__).resolve() for module in (layout, cmdline, config)),
           Path(__file__).resolve())
@@ -118,16 +122,17 @@ def _build(workdir: Path) -> Path:
     """Compile, link and flatten the guest inside `workdir`; return the image path."""
     (workdir / "layout.h").write_text(layout.c_header() + cmdline.c_defaults())
     inc = f"-I{workdir}"
-    start_o, guest_o = workdir / "start.o", workdir / "guest.o"
     lds, elf, image = workdir / "guest.lds", workdir / "guest.elf", workdir / "guest.bin"
-    _run(["gcc", *CFLAGS, inc, "-c", str(SRC_DIR / "start.S"), "-o", str(start_o)])
-    _run(["gcc", *CFLAGS, inc, "-c", str(SRC_DIR / "guest.c"), "-o", str(guest_o)])
+    objects = []
+    for source in (SRC_DIR / "start.S", *C_SOURCES):
+        objects.append(str(workdir / f"{source.stem}.o"))
+        _run(["gcc", *CFLAGS, inc, "-c", str(source), "-o", objects[-1]])
     # The linker script takes its addresses from layout.h via the C preprocessor;
     # -undef keeps predefined macros such as `linux` out of it.
     _run(["gcc", "-E", "-P", "-undef", "-x", "c", inc, str(SRC_DIR / "guest.ld"),
           "-o", str(lds)])
     _run(["ld", "-nostdlib", "-static", "--build-id=none", "--fatal-warnings",
-          "-T", str(lds), "-o", str(elf), str(start_o), str(guest_o)])
+          "-T", str(lds), "-o", str(elf), *objects])
     _run(["objcopy", "-O", "binary", str(elf), str(image)])
     size = image.stat().st_size
     if size > MAX_IMAGE_SIZE:

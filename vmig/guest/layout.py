@@ -11,6 +11,7 @@ Memory map (guest-physical, identity-mapped with 2 MiB pages)::
     0x0000_2000  PDPT                       likewise
     0x0000_3000  config page                VMM -> guest: command line, check requests
     0x0000_4000  status page                guest -> VMM, 64 bytes per vCPU
+    0x0000_5000  IDT                        booted by Multiboot only (its timer naps)
     0x0000_9000  QEMU's Multiboot memory map and info structure (MULTIBOOT_INFO_AREA)
     0x0000_a000  guest code; vCPU i enters at ENTRY_BASE + i * ENTRY_STRIDE; Multiboot
                  header and 32-bit entry right after the stubs
@@ -48,6 +49,7 @@ PD_GPA = 0x10000
 STACK_TOP = 0x80000
 STACK_SIZE = 0x2000
 TABLE_GPA = 0x100000
+IDT_GPA = 0x5000  # the guest's IDT, booted by Multiboot only (256 gates, one page)
 
 MAX_CPUS = 16
 MAX_MEMORY = 64 * GiB  # one page directory per GiB between PD_GPA and the stacks
