@@ -3,6 +3,7 @@ QEMU's RAM file (benchmarks/qemu_guest.py), as the QEMU benchmarks do."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -90,6 +91,33 @@ def test_the_self_check_through_the_ram_file_passes_then_sees_corruption(qemu_gu
     assert 1 <= result["bad_pages"] <= len(CORRUPTED)
     assert result["first_bad_page"] in CORRUPTED
     assert result["pages_checked"] == 4096
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_guest_naps_on_its_timer_instead_of_spinning(tmp_path):
+    config = VmConfig.build(memory="64M", workload="idle", working_set="4M")
+    ram = tmp_path / "ram"
+    ram.write_bytes(b"")
+    proc = _start_qemu(qemu_command(config, ram), tmp_path / "qemu.log")
+    try:
+        with QemuGuest(ram, config) as guest:
+            guest.wait_booted()
+            beats, cpu, started = guest.counters()["heartbeat"], _cpu_seconds(proc.pid), \
+                time.monotonic()
+            time.sleep(1.0)
+            beats = guest.counters()["heartbeat"] - beats
+            share = (_cpu_seconds(proc.pid) - cpu) / (time.monotonic() - started)
+            assert guest.check()["ok"]
+    finally:
+        _stop(proc)
+    # 20 ms naps: about 50 beats a second, and a spinning vCPU would use a whole CPU
+    # (the timer's measured 1%).
+    assert 10 <= beats <= 100
+    assert share < 0.3
 
 
 def test_an_unknown_command_line_key_stops_the_guest(tmp_path):
