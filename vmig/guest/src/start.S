@@ -69,6 +69,7 @@ entry_stubs:
     /* Multiboot v1 header (in the first 8 KiB, 4-byte aligned); the address fields
      * load the whole flat image at ENTRY_BASE, .bss included (it is in the image). */
     .balign 4
+    .globl multiboot_header
 multiboot_header:
     .long MULTIBOOT_HEADER_MAGIC
     .long MULTIBOOT_HEADER_FLAGS
