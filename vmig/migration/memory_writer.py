@@ -32,7 +32,7 @@ from vmig.proto import MemoryFlags, MemoryRequest
 from vmig.ranges import RangeTable
 from vmig.transport.channel import ReceiverChannel
 
-__all__ = ["ALLOCATE_STEP_BYTES", "MAX_CONFIG_EXTENTS", "AllocateAhead", "install_memory",
+__all__ = ["ALLOCATE_STEP_BYTES", "AllocateAhead", "install_memory",
            "write_memory"]
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 #: AllocateAhead's unit: small enough to stop promptly, large enough that the calls
 #: cost nothing next to the allocation (64 calls per GiB).
 ALLOCATE_STEP_BYTES = 16 << 20
-#: CONFIG's ``data_extents`` has at most this many ranges (the sender closes the
-#: smallest gaps to get there): the hint stays small (at most ~100 KiB of JSON).
-MAX_CONFIG_EXTENTS = 4096
 
 
 def _check_bounds(ranges: RangeTable, memory: GuestMemory) -> None:
