@@ -18,7 +18,7 @@ import pytest
 
 from vmig.config import VmConfig
 from vmig.errors import ConfigError, GuestMemoryError, MigrationError, StateError
-from vmig.memory import GuestMemory
+from vmig.memory import GuestMemory, MemoryBacking
 from vmig.migration import receiver as receiver_module
 from vmig.migration.digest import BackgroundDigest
 from vmig.migration.metrics import MigrationMetrics
@@ -533,14 +533,14 @@ def test_a_fresh_destination_allocates_the_data_ahead_of_it(source, monkeypatch)
     """From CONFIG on, the extents the source says hold data are allocated by
     migrate-alloc (and only those); the migration completes as before."""
     allocated: list[tuple[int, int]] = []
-    real = GuestMemory.allocate
+    real = MemoryBacking.allocate
 
     def record(self: GuestMemory, gpa: int = 0, length: int | None = None) -> None:
         allocated.append((gpa, length))
         real(self, gpa, length)
 
-    monkeypatch.setattr(GuestMemory, "allocate", record)
-    extents = source.memory.data_extents()
+    monkeypatch.setattr(MemoryBacking, "allocate", record)
+    extents = source.memory.backing.data_extents()
     receiver, outcome, url = _receiver()
     summary = MigrationSender(source, _send(url, connections=2)).run()
     assert summary["status"] == "completed"
@@ -558,7 +558,7 @@ def test_a_destination_that_cannot_allocate_fails_and_the_source_runs_on(source,
     def no_memory(self: GuestMemory, gpa: int = 0, length: int | None = None) -> None:
         raise GuestMemoryError("cannot allocate guest memory: No space left on device")
 
-    monkeypatch.setattr(GuestMemory, "allocate", no_memory)
+    monkeypatch.setattr(MemoryBacking, "allocate", no_memory)
     receiver, outcome, url = _receiver()
     with pytest.raises(MigrationError):
         MigrationSender(source, _send(url, connections=2)).run()

@@ -56,7 +56,7 @@ def write_memory(channel: ReceiverChannel, memory: GuestMemory, request: MemoryR
     if request.flags & MemoryFlags.ZERO:  # the pages became zero at the source
         channel.receive_payload([])
         for gpa, length in request.ranges:
-            memory.discard(gpa, length)
+            memory.backing.discard(gpa, length)
         return
     if request.flags & MemoryFlags.ZSTD and not compress:
         raise MigrationError("a compressed MEMORY arrived although START did not set COMPRESS")
@@ -174,7 +174,7 @@ class AllocateAhead:
                     if gpa >= end:
                         break
                     step = min(ALLOCATE_STEP_BYTES, end - gpa)
-                    self._memory.allocate(gpa, step)
+                    self._memory.backing.allocate(gpa, step)
                     self.allocated += step
                     gpa += step
         except GuestMemoryError as exc:

@@ -138,7 +138,7 @@ class MigrationReceiver:
         if self.params.prealloc_bytes:
             self._prealloc = GuestMemory.create(self.params.prealloc_bytes)
             try:
-                self._prealloc.populate()
+                self._prealloc.backing.populate()
             except BaseException:
                 self._discard_prealloc()
                 raise

@@ -181,7 +181,7 @@ class MigrationSender:
         """Migrate; return the summary (also when cancelled) or raise MigrationError."""
         self.machine.begin(OPERATION)
         self._was_running = self.machine.state is VmState.RUNNING
-        self._extents = self.memory.data_extents()  # once: SEEK_HOLE walks every page
+        self._extents = self.memory.backing.data_extents()  # once: SEEK_HOLE walks every page
         self.metrics.update(vm_paused=not self._was_running,
                             data_bytes=sum(n for _, n in self._extents))
         try:
