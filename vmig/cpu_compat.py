@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 TSC_TOLERANCE_PPM = 250
+#: Leaf 1's EBX holds the APIC ID of the CPU that asked, not features.
+_FEATURE_REGISTERS = {1: ("ecx", "edx"), 7: ("ebx", "ecx", "edx"), 0x80000001: ("ecx", "edx")}
 _NAMES = {(1, "edx", 26): "sse2", (1, "edx", 25): "sse", (1, "ecx", 0): "sse3"}
 
 
@@ -14,10 +16,11 @@ def missing_features(guest: Sequence[Mapping[str, int]],
     offered = {(e["function"], e["index"]): e for e in host}
     missing = []
     for entry in guest:
-        if entry["function"] not in (1, 7, 0x80000001):
+        registers = _FEATURE_REGISTERS.get(entry["function"], ())
+        if entry["function"] == 7 and entry["index"] != 0:
             continue
         have = offered.get((entry["function"], entry["index"]), {})
-        for reg in ("ebx", "ecx", "edx"):
+        for reg in registers:
             extra = entry[reg] & ~have.get(reg, 0)
             for bit in range(32):
                 if extra >> bit & 1:
