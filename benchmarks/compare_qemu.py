@@ -65,7 +65,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -462,14 +462,17 @@ class QemuProcess:
 
     def __init__(self, binary: str, name: str, workdir: Path, ram: Path, size: int, *,
                  prealloc: bool = False, incoming: bool = False,
-                 tls: tuple[Path, str] | None = None) -> None:
+                 tls: tuple[Path, str] | None = None, extra: Sequence[str] = (),
+                 prefix: Sequence[str] = ()) -> None:
+        """`extra` arguments go after the machine's (e.g. -kernel); `prefix` runs QEMU
+        through another command (e.g. ``ip netns exec NAME``, which execs it: same pid)."""
         self.name = name
         self.log = workdir / f"{name}.log"
         self.qmp_path = workdir / f"{name}.qmp"
         backend = f"memory-backend-file,id=ram,size={size},mem-path={ram},share=on"
         if prealloc:
             backend += ",prealloc=on"
-        command = [binary, "-name", name, "-enable-kvm", "-m", f"{size // MiB}M",
+        command = [*prefix, binary, "-name", name, "-enable-kvm", "-m", f"{size // MiB}M",
                    "-object", backend, "-machine", "pc,memory-backend=ram",
                    "-nographic", "-nodefaults",
                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
@@ -479,6 +482,7 @@ class QemuProcess:
                                    f"endpoint={endpoint},verify-peer=on"]
         if incoming:
             command += ["-incoming", "defer"]
+        command += extra
         self.command = command
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
