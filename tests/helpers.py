@@ -35,6 +35,16 @@ Spawn = Callable[..., VmmProcess]
 
 
 
+def counter_growth(counters: Callable[[], dict[str, int]], key: str,
+                   timeout: float = 10.0) -> tuple[int, int]:
+    """A guest counter now and once it has changed (or at the timeout): a slow host only waits."""
+    before = counters()[key]
+    deadline = time.monotonic() + timeout
+    while (after := counters()[key]) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return before, after
+
+
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
     deadline = time.monotonic() + timeout
     while True:

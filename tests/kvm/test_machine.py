@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import counter_growth
 
 from vmig.api.controller import Vmm
 from vmig.api.events import Event, EventBus
@@ -25,13 +26,8 @@ def _kick_handler():
     install_kick_handler()
 
 
-def _wait_growth(machine: Machine, key: str, timeout: float = 10.0) -> tuple[int, int]:
-    """The counter now and once it has changed (or at the timeout): a slow host only waits."""
-    before = machine.guest_counters()[key]
-    deadline = time.monotonic() + timeout
-    while (after := machine.guest_counters()[key]) == before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return before, after
+def _wait_growth(machine: Machine, key: str) -> tuple[int, int]:
+    return counter_growth(machine.guest_counters, key)
 
 
 @pytest.fixture

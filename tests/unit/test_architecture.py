@@ -16,7 +16,7 @@ ROOT = "vmig"  # the package itself (vmig/__init__.py), not everything below it
 # Lowest first; a module may import from its own layer or any layer below.
 LAYERS: list[tuple[str, ...]] = [
     ("vmig.errors", "vmig.units", "vmig.ranges", "vmig.config", "vmig.logs", "vmig.guest.layout",
-     "vmig.guest", ROOT),
+     "vmig.guest.cmdline", "vmig.guest.status", "vmig.guest", ROOT),
     ("vmig.proto", "vmig.migration.policy"),
     ("vmig.kvm", "vmig.memory", "vmig.uffd", "vmig.zeropages", "vmig.guest.build"),
     ("vmig.transport", "vmig.vmm"),

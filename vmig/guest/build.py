@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from vmig import config
 from vmig.errors import GuestError
-from vmig.guest import layout
+from vmig.guest import cmdline, layout
 
 GUEST_DIR = Path(__file__).resolve().parent
 SRC_DIR = GUEST_DIR / "src"
@@ -33,7 +34,9 @@ BUILD_DIR = GUEST_DIR / "_build"
 IMAGE_PATH = BUILD_DIR / "guest.bin"
 STAMP_PATH = BUILD_DIR / "guest.stamp"
 SOURCES = (SRC_DIR / "start.S", SRC_DIR / "guest.c", SRC_DIR / "guest.ld")
-INPUTS = (*SOURCES, Path(layout.__file__).resolve(), Path(__file__).resolve())
+# config.py: the command line's defaults (cmdline.c_defaults) come from VmConfig.
+INPUTS = (*SOURCES, *(Path(module.__file__).resolve() for module in (layout, cmdline, config)),
+          Path(__file__).resolve())
 MAX_IMAGE_SIZE = layout.CODE_LIMIT - layout.ENTRY_BASE
 
 # Tool -> the Debian package that provides it.
@@ -113,7 +116,7 @@ def _run(argv: list[str]) -> None:
 
 def _build(workdir: Path) -> Path:
     """Compile, link and flatten the guest inside `workdir`; return the image path."""
-    (workdir / "layout.h").write_text(layout.c_header())
+    (workdir / "layout.h").write_text(layout.c_header() + cmdline.c_defaults())
     inc = f"-I{workdir}"
     start_o, guest_o = workdir / "start.o", workdir / "guest.o"
     lds, elf, image = workdir / "guest.lds", workdir / "guest.elf", workdir / "guest.bin"

@@ -7,15 +7,24 @@ disagree about where things live.
 Memory map (guest-physical, identity-mapped with 2 MiB pages)::
 
     0x0000_0000  real-mode IVT (unused)
-    0x0000_1000  PML4                       written by the VMM before boot
-    0x0000_2000  PDPT                       written by the VMM before boot
-    0x0000_3000  config page                VMM -> guest parameters
+    0x0000_1000  PML4                       written by the VMM (or the guest, booted by Multiboot)
+    0x0000_2000  PDPT                       likewise
+    0x0000_3000  config page                VMM -> guest: command line, check requests
     0x0000_4000  status page                guest -> VMM, 64 bytes per vCPU
-    0x0000_8000  guest code; vCPU i enters at ENTRY_BASE + i * ENTRY_STRIDE
+    0x0000_9000  QEMU's Multiboot memory map and info structure (MULTIBOOT_INFO_AREA)
+    0x0000_a000  guest code; vCPU i enters at ENTRY_BASE + i * ENTRY_STRIDE; Multiboot
+                 header and 32-bit entry right after the stubs
     0x0001_0000  page directories, one per GiB (up to MAX_MEMORY)
     0x0006_0000  stacks, STACK_SIZE per vCPU, growing down from STACK_TOP
     0x0010_0000  generation table: u32 per working-set page
     ws_gpa       working set (2 MiB aligned, after the table)
+
+The same flat image is vmig's guest and a Multiboot (v1) kernel: the header's address
+fields (flag bit 16) load it at ENTRY_BASE, the one place it runs from. QEMU's
+Multiboot loader puts its e820 map and info structure at 0x9000-0x9558 and the
+command line right after the image (page aligned), so the code starts above them.
+The guest's parameters are a command line (`vmig/guest/cmdline.py`): QEMU passes it
+in the Multiboot information, vmig writes it at CFG_CMDLINE.
 
 Every working-set page the guest writes carries a stamp in its first 16 bytes:
 ``u64 STAMP_MAGIC | page_index`` then ``u64 generation``; the table holds the
@@ -31,7 +40,8 @@ PML4_GPA = 0x1000
 PDPT_GPA = 0x2000
 CONFIG_GPA = 0x3000
 STATUS_GPA = 0x4000
-ENTRY_BASE = 0x8000
+MULTIBOOT_INFO_AREA = 0x9000  # QEMU's e820 map + MBI (hw/i386/multiboot.c), below ENTRY_BASE
+ENTRY_BASE = 0xA000
 ENTRY_STRIDE = 16
 CODE_LIMIT = 0x10000
 PD_GPA = 0x10000
@@ -45,20 +55,26 @@ MIN_MEMORY = 4 * MiB
 LARGE_PAGE = 2 * MiB
 
 STAMP_MAGIC = 0x564D_4947 << 32  # "VMIG" in the high half, page index in the low half
-CONFIG_MAGIC = 0x3147_4643_474D_4956  # b"VMIGCFG1" little-endian
+CONFIG_MAGIC = 0x3247_4643_474D_4956  # b"VMIGCFG2" little-endian (2: a command line)
 
-# Config page: u64 fields at these offsets (VMM writes, guest reads).
+# Config page: u64 fields at these offsets, then the command line (VMM writes, guest reads;
+# booted by Multiboot, the guest fills it in itself from the Multiboot information).
 CFG_MAGIC = 0x00
-CFG_NCPUS = 0x08
-CFG_WORKLOAD = 0x10
-CFG_ORDER = 0x18
-CFG_DIRTY_RATE = 0x20  # pages per second over all vCPUs; 0 = as fast as it can
-CFG_TSC_KHZ = 0x28
-CFG_TABLE_GPA = 0x30
-CFG_WS_GPA = 0x38
-CFG_WS_PAGES = 0x40
 CFG_CHECK_REQUEST = 0x48  # the VMM bumps it to ask for a self-check
-CFG_SEED = 0x50
+CFG_MULTIBOOT_INFO = 0x58  # address of the Multiboot information; 0 when vmig booted it
+CFG_CMDLINE = 0x800  # NUL-terminated command line, at most CMDLINE_SIZE - 1 bytes
+CMDLINE_SIZE = 0x800
+
+# Multiboot (version 1).
+MULTIBOOT_HEADER_MAGIC = 0x1BADB002
+MULTIBOOT_HEADER_FLAGS = 0x0001_0002  # memory information; address fields (a flat image)
+MULTIBOOT_BOOT_MAGIC = 0x2BADB002  # in EAX at the Multiboot entry
+MULTIBOOT_INFO_MEMORY = 0x1  # flags bit: mem_lower/mem_upper are valid
+MULTIBOOT_INFO_CMDLINE = 0x4  # flags bit: cmdline is valid
+MBI_FLAGS = 0x00
+MBI_MEM_UPPER = 0x08  # KiB of RAM from 1 MiB up to the first hole
+MBI_CMDLINE = 0x10
+MULTIBOOT_MAP_GIBS = 4  # booted by Multiboot, the guest identity-maps the first 4 GiB
 
 # Status page: per vCPU block of STATUS_STRIDE bytes, u64 fields (guest writes).
 STATUS_STRIDE = 64

@@ -1,8 +1,9 @@
 """Guest bring-up: what the VMM writes into guest memory and vCPUs before the first KVM_RUN.
 
-Page tables (identity map with 2 MiB pages), the config page the guest reads its
-parameters from, and the guest image; each vCPU starts in 16-bit real mode at its
-own entry stub (on PVM-based KVM the guest must switch to long mode itself).
+Page tables (identity map with 2 MiB pages), the config page with the guest's command
+line (`vmig.guest.cmdline`, the same text a Multiboot loader would pass), and the guest
+image; each vCPU starts in 16-bit real mode at its own entry stub (on PVM-based KVM
+the guest must switch to long mode itself).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import struct
 
 import numpy as np
 
-from vmig.config import DirtyOrder, VmConfig, Workload
+from vmig.config import VmConfig
 from vmig.errors import GuestError
-from vmig.guest import layout
+from vmig.guest import cmdline, layout
 from vmig.kvm import Vcpu
 from vmig.memory import GuestMemory
 from vmig.units import GiB
@@ -22,7 +23,7 @@ __all__ = ["enter_real_mode", "write_boot_memory"]
 
 
 def write_boot_memory(memory: GuestMemory, config: VmConfig, image: bytes, tsc_khz: int) -> None:
-    """Page tables, config page and guest code, written before the first KVM_RUN."""
+    """Page tables, config page (magic, command line) and guest code, before the first KVM_RUN."""
     gibs = (config.memory_bytes + GiB - 1) // GiB
     q = struct.Struct("<Q")
     memory.write(layout.PML4_GPA, q.pack(layout.PDPT_GPA | 0x3))  # present | writable
@@ -33,21 +34,14 @@ def write_boot_memory(memory: GuestMemory, config: VmConfig, image: bytes, tsc_k
     memory.write(layout.PD_GPA, (directory | np.uint64(large)).tobytes())
     fields = {
         layout.CFG_MAGIC: layout.CONFIG_MAGIC,
-        layout.CFG_NCPUS: config.cpus,
-        layout.CFG_WORKLOAD: (layout.WORKLOAD_DIRTY if config.workload is Workload.DIRTY
-                              else layout.WORKLOAD_IDLE),
-        layout.CFG_ORDER: (layout.ORDER_RANDOM if config.order is DirtyOrder.RANDOM
-                           else layout.ORDER_SEQUENTIAL),
-        layout.CFG_DIRTY_RATE: config.dirty_rate,
-        layout.CFG_TSC_KHZ: tsc_khz,
-        layout.CFG_TABLE_GPA: layout.TABLE_GPA,
-        layout.CFG_WS_GPA: config.working_set_gpa,
-        layout.CFG_WS_PAGES: config.working_set_pages,
         layout.CFG_CHECK_REQUEST: 0,
-        layout.CFG_SEED: config.seed,
+        layout.CFG_MULTIBOOT_INFO: 0,  # booted by vmig, not by a Multiboot loader
     }
     for offset, value in fields.items():
         memory.write_u64(layout.CONFIG_GPA + offset, value)
+    text = cmdline.render(config, tsc_khz).encode()
+    memory.write(layout.CONFIG_GPA + layout.CFG_CMDLINE,
+                 text.ljust(layout.CMDLINE_SIZE, b"\0"))
     if len(image) > layout.CODE_LIMIT - layout.ENTRY_BASE:
         raise GuestError(f"guest image is {len(image)} bytes, too big for its code area")
     memory.write(layout.ENTRY_BASE, image)

@@ -26,7 +26,7 @@ import numpy as np
 
 from vmig.config import VmConfig, Workload
 from vmig.errors import ConfigError, GuestError, KvmError, SnapshotError, StateError, VmigError
-from vmig.guest import layout
+from vmig.guest import layout, status
 from vmig.guest.build import guest_image
 from vmig.kvm import Kvm, Vcpu, Vm
 from vmig.kvm.vcpu import SAVED_MSRS
@@ -318,7 +318,7 @@ class Machine:
             while True:
                 if self.state is VmState.FAILED:
                     raise GuestError(f"guest failed while booting: {self.error}")
-                states = [self._status(cpu, layout.ST_STATE) for cpu in range(self.config.cpus)]
+                states = status.cpu_states(self.memory.read_u64, self.config.cpus)
                 if all(s == layout.CPU_STATE_RUNNING for s in states):
                     return
                 remaining = deadline - time.monotonic()
@@ -329,43 +329,26 @@ class Machine:
 
     # --- the guest's view -----------------------------------------------------------------
 
-    def _status(self, cpu: int, field: int) -> int:
-        return self.memory.read_u64(layout.status_gpa(cpu) + field)
-
     def guest_counters(self) -> dict[str, int]:
         """Heartbeat and pages written, summed over vCPUs, read from the status page."""
-        cpus = range(self.config.cpus)
-        return {
-            "heartbeat": sum(self._status(c, layout.ST_HEARTBEAT) for c in cpus),
-            "pages_written": sum(self._status(c, layout.ST_PAGES_WRITTEN) for c in cpus),
-        }
+        return status.counters(self.memory.read_u64, self.config.cpus)
 
     def check_guest(self, timeout: float = 60.0) -> dict[str, Any]:
         """Ask the guest to verify every working-set page against its table; wait for it."""
         with self._lock:
             self._require(VmState.RUNNING, "check the guest")
-            request = self.memory.read_u64(layout.CONFIG_GPA + layout.CFG_CHECK_REQUEST) + 1
-            self.memory.write_u64(layout.CONFIG_GPA + layout.CFG_CHECK_REQUEST, request)
+            request = status.request_check(self.memory.read_u64, self.memory.write_u64)
         deadline = time.monotonic() + timeout
-        cpus = range(self.config.cpus)
         with self._events:
-            while not all(self._status(c, layout.ST_CHECK_DONE) >= request for c in cpus):
+            while not status.check_done(self.memory.read_u64, self.config.cpus, request):
                 if self.state is not VmState.RUNNING:
                     raise StateError(f"guest check interrupted: VM is {self.state.value}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise GuestError(f"guest did not finish its self-check within {timeout} s")
                 self._events.wait(min(remaining, CHECK_POLL_S))
-        pages = sum(self._status(c, layout.ST_CHECK_PAGES) for c in cpus)
-        bad = sum(self._status(c, layout.ST_CHECK_BAD) for c in cpus)
-        first_bad = [self._status(c, layout.ST_FIRST_BAD) for c in cpus]
-        first_bad = [index for index in first_bad if index != (1 << 64) - 1]
-        return {
-            "ok": bad == 0 and pages == self.config.working_set_pages,
-            "pages_checked": pages,
-            "bad_pages": bad,
-            "first_bad_page": min(first_bad) if first_bad else None,
-        }
+        return status.check_result(self.memory.read_u64, self.config.cpus,
+                                   self.config.working_set_pages)
 
     def info(self) -> dict[str, Any]:
         """What `vm.info` reports: configuration, state and the guest's counters."""

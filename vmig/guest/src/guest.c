@@ -4,7 +4,9 @@
  *
  * start.S brings each vCPU to long mode and calls guest_main(cpu). The
  * contract with the VMM (config page, status page, ports, page stamps) is
- * vmig/guest/layout.py, from which layout.h is generated.
+ * vmig/guest/layout.py, from which layout.h is generated; the parameters come
+ * as a command line in the config page (syntax: vmig/guest/cmdline.py), written
+ * there by vmig or, booted by Multiboot (QEMU -kernel), copied there by start.S.
  *
  * Each vCPU owns a slice of the working set. It stamps every page of its
  * slice once (fill pass), then loops forever: heartbeat, serve a self-check
@@ -35,6 +37,10 @@ typedef uint8_t u8;
  * poll and rdtsc (every guest instruction is emulated on PVM) while keeping a
  * pass short enough (well under 1 ms) that checks are served promptly. */
 #define DIRTY_BATCH 16ULL
+/* Booted by Multiboot, an idle vCPU spins this long between heartbeats (it cannot hlt);
+ * without tsc_khz, this many TSC ticks. */
+#define IDLE_NAP_MS 1ULL
+#define IDLE_NAP_TICKS 2000000ULL
 
 #define barrier() __asm__ volatile("" ::: "memory")
 
@@ -84,9 +90,11 @@ static inline volatile u64 *status_block(u64 cpu)
     return (volatile u64 *)(STATUS_GPA + cpu * STATUS_STRIDE);
 }
 
+/* Tell vmig's status port; booted by Multiboot there is none (QEMU's fw_cfg is at 0x510). */
 static inline void report(u64 cpu, u32 event)
 {
-    outl(STATUS_PORT, (event << 8) | (u32)cpu);
+    if (!CFG(CFG_MULTIBOOT_INFO))
+        outl(STATUS_PORT, (event << 8) | (u32)cpu);
 }
 
 /* ---- serial console (8250 THR/LSR), shared by all vCPUs ----------------- */
@@ -148,26 +156,183 @@ struct guest {
     u64 order;
     u64 rate;     /* pages per second over all vCPUs, 0 = unpaced */
     u64 tsc_khz;
+    u64 seed;
+    u64 ws_bytes;
     volatile u32 *table;
     u64 ws_gpa;
     u64 ws_pages;
     u64 start;    /* this vCPU's slice: [start, end) */
     u64 end;
+    u64 multiboot; /* address of the Multiboot information; 0 when vmig booted us */
     volatile u64 *st;
 };
 
-static __attribute__((noreturn)) void panic(u64 cpu, const char *why)
+static void put_word(const char *s, u64 len)
+{
+    for (u64 i = 0; i < len; i++)
+        put_char(s[i]);
+}
+
+/* Stop this vCPU for good, saying why on the console (and `len` bytes of `word`). */
+static __attribute__((noreturn)) void panic_word(u64 cpu, const char *why, const char *word,
+                                                 u64 len)
 {
     console_lock();
     put_str("vmig guest: cpu ");
     put_dec(cpu);
     put_str(" panic: ");
     put_str(why);
+    if (len) {
+        put_str(": ");
+        put_word(word, len);
+    }
     put_char('\n');
     console_unlock();
     report(cpu, EVENT_PANIC);
     for (;;)
         halt();
+}
+
+static __attribute__((noreturn)) void panic(u64 cpu, const char *why)
+{
+    panic_word(cpu, why, "", 0);
+}
+
+/* ---- command line (syntax: vmig/guest/cmdline.py) ----------------------- */
+
+#define CMDLINE ((const char *)(CONFIG_GPA + CFG_CMDLINE))
+#define NUMBER_PLAIN 0
+#define NUMBER_SIZE 1 /* may end in K, M or G */
+
+static inline int is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* [s, s + len) is exactly `word`. */
+static int word_is(const char *s, u64 len, const char *word)
+{
+    u64 i = 0;
+    for (; i < len; i++)
+        if (!word[i] || s[i] != word[i])
+            return 0;
+    return word[i] == 0;
+}
+
+/* Parse [s, s + len): decimal or 0x hex, with a K/M/G suffix for NUMBER_SIZE. 0 = bad. */
+static int parse_number(const char *s, u64 len, int kind, u64 *out)
+{
+    u64 value = 0, base = 10, i = 0, shift = 0;
+    if (kind == NUMBER_SIZE && len) {
+        char unit = s[len - 1];
+        shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+        if (shift)
+            len--;
+    }
+    if (len > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        base = 16;
+        i = 2;
+    }
+    if (i == len)
+        return 0;
+    for (; i < len; i++) {
+        char c = s[i];
+        u64 digit;
+        if (c >= '0' && c <= '9')
+            digit = (u64)(c - '0');
+        else if (base == 16 && c >= 'a' && c <= 'f')
+            digit = (u64)(c - 'a' + 10);
+        else if (base == 16 && c >= 'A' && c <= 'F')
+            digit = (u64)(c - 'A' + 10);
+        else
+            return 0;
+        if (value > (~0ULL - digit) / base)
+            return 0;
+        value = value * base + digit;
+    }
+    if (value > (~0ULL >> shift))
+        return 0;
+    *out = value << shift;
+    return 1;
+}
+
+struct number_key {
+    const char *key;
+    u64 offset; /* of the u64 field in struct guest */
+    int kind;
+};
+
+static const struct number_key NUMBER_KEYS[] = {
+    {"cpus", __builtin_offsetof(struct guest, ncpus), NUMBER_PLAIN},
+    {"dirty_rate", __builtin_offsetof(struct guest, rate), NUMBER_PLAIN},
+    {"working_set", __builtin_offsetof(struct guest, ws_bytes), NUMBER_SIZE},
+    {"seed", __builtin_offsetof(struct guest, seed), NUMBER_PLAIN},
+    {"tsc_khz", __builtin_offsetof(struct guest, tsc_khz), NUMBER_PLAIN},
+};
+
+struct choice_key {
+    const char *key;
+    u64 offset; /* of the u64 field in struct guest */
+    const char *words[2];
+    u64 values[2];
+};
+
+static const struct choice_key CHOICE_KEYS[] = {
+    {"workload", __builtin_offsetof(struct guest, workload), {"idle", "dirty"},
+     {WORKLOAD_IDLE, WORKLOAD_DIRTY}},
+    {"order", __builtin_offsetof(struct guest, order), {"sequential", "random"},
+     {ORDER_SEQUENTIAL, ORDER_RANDOM}},
+};
+
+/* One `key=value` word; a bad key or value stops the vCPU with a panic naming it. */
+static void parse_setting(struct guest *g, const char *word, u64 len)
+{
+    u64 klen = 0;
+    while (klen < len && word[klen] != '=')
+        klen++;
+    if (klen == len)
+        return; /* no '=': e.g. the kernel's path, which QEMU and GRUB put first */
+    for (u64 i = 0; i < klen; i++)
+        if (word[i] == '/')
+            return; /* a path with '=' in it */
+    const char *value = word + klen + 1;
+    u64 vlen = len - klen - 1;
+    for (u64 i = 0; i < sizeof(CHOICE_KEYS) / sizeof(CHOICE_KEYS[0]); i++) {
+        const struct choice_key *k = &CHOICE_KEYS[i];
+        if (!word_is(word, klen, k->key))
+            continue;
+        for (u64 j = 0; j < 2; j++) {
+            if (word_is(value, vlen, k->words[j])) {
+                *(u64 *)((char *)g + k->offset) = k->values[j];
+                return;
+            }
+        }
+        panic_word(g->cpu, "bad value in command line", word, len);
+    }
+    for (u64 i = 0; i < sizeof(NUMBER_KEYS) / sizeof(NUMBER_KEYS[0]); i++) {
+        const struct number_key *k = &NUMBER_KEYS[i];
+        if (!word_is(word, klen, k->key))
+            continue;
+        if (!parse_number(value, vlen, k->kind, (u64 *)((char *)g + k->offset)))
+            panic_word(g->cpu, "bad number in command line", word, len);
+        return;
+    }
+    panic_word(g->cpu, "unknown key in command line", word, len);
+}
+
+static void parse_cmdline(struct guest *g)
+{
+    const char *p = CMDLINE, *end = CMDLINE + CMDLINE_SIZE - 1;
+    while (p < end && *p) {
+        if (is_space(*p)) {
+            p++;
+            continue;
+        }
+        const char *word = p;
+        while (p < end && *p && !is_space(*p))
+            p++;
+        parse_setting(g, word, (u64)(p - word));
+    }
 }
 
 /* Read the config page once; the VMM changes only CFG_CHECK_REQUEST later. */
@@ -177,28 +342,52 @@ static void read_config(struct guest *g, u64 cpu)
     g->st = status_block(cpu);
     if (CFG(CFG_MAGIC) != CONFIG_MAGIC)
         panic(cpu, "bad config magic");
-    g->ncpus = CFG(CFG_NCPUS);
-    g->workload = CFG(CFG_WORKLOAD);
-    g->order = CFG(CFG_ORDER);
-    g->rate = CFG(CFG_DIRTY_RATE);
-    g->tsc_khz = CFG(CFG_TSC_KHZ);
-    g->table = (volatile u32 *)CFG(CFG_TABLE_GPA);
-    g->ws_gpa = CFG(CFG_WS_GPA);
-    g->ws_pages = CFG(CFG_WS_PAGES);
+    g->multiboot = CFG(CFG_MULTIBOOT_INFO);
+    g->ncpus = DEFAULT_CPUS;
+    g->workload = DEFAULT_WORKLOAD;
+    g->order = DEFAULT_ORDER;
+    g->rate = DEFAULT_DIRTY_RATE;
+    g->ws_bytes = DEFAULT_WORKING_SET;
+    g->seed = DEFAULT_SEED;
+    g->tsc_khz = DEFAULT_TSC_KHZ;
+    parse_cmdline(g);
     if (g->ncpus == 0 || g->ncpus > MAX_CPUS || cpu >= g->ncpus)
-        panic(cpu, "bad vCPU count in config");
-    if (g->workload != WORKLOAD_IDLE && g->workload != WORKLOAD_DIRTY)
-        panic(cpu, "bad workload in config");
-    if (g->order != ORDER_SEQUENTIAL && g->order != ORDER_RANDOM)
-        panic(cpu, "bad order in config");
+        panic(cpu, "bad vCPU count in command line");
+    if (g->multiboot && g->ncpus != 1)
+        panic(cpu, "booted by Multiboot, there is one vCPU: cpus must be 1");
     if (g->workload == WORKLOAD_DIRTY && g->rate && !g->tsc_khz)
         panic(cpu, "dirty rate set but tsc_khz is 0");
-    if (g->ws_gpa % PAGE_SIZE || g->ws_pages > 0xffffffffULL)
-        panic(cpu, "bad working set in config");
-    if (g->ws_pages && !g->table)
-        panic(cpu, "no generation table in config");
+    if (g->ws_bytes % PAGE_SIZE || g->ws_bytes / PAGE_SIZE > 0xffffffffULL)
+        panic(cpu, "bad working set in command line");
+    g->ws_pages = g->ws_bytes / PAGE_SIZE;
+    g->table = (volatile u32 *)TABLE_GPA;
+    /* layout.working_set_gpa: after the generation table, 2 MiB aligned. */
+    g->ws_gpa = (TABLE_GPA + 4 * g->ws_pages + LARGE_PAGE - 1) & ~(LARGE_PAGE - 1);
+    if (g->multiboot) {
+        volatile u32 *mbi = (volatile u32 *)g->multiboot;
+        u64 top = MULTIBOOT_MAP_GIBS * 0x40000000ULL;
+        if (mbi[MBI_FLAGS / 4] & MULTIBOOT_INFO_MEMORY)
+            top = 0x100000ULL + (u64)mbi[MBI_MEM_UPPER / 4] * 1024;
+        if (g->ws_gpa + g->ws_pages * PAGE_SIZE > top)
+            panic(cpu, "the working set does not fit in the memory below the first hole");
+    }
     g->start = cpu * g->ws_pages / g->ncpus;
     g->end = (cpu + 1) * g->ws_pages / g->ncpus;
+}
+
+/*
+ * Wait until about TSC `until`. Booted by vmig: hlt, and the VMM re-enters within
+ * a few ms. Booted by Multiboot nobody would wake a hlt (no interrupts are set up),
+ * so spin.
+ */
+static inline void wait_until(const struct guest *g, u64 until)
+{
+    if (!g->multiboot) {
+        halt();
+        return;
+    }
+    while (rdtsc() < until)
+        cpu_relax();
 }
 
 static void banner(const struct guest *g)
@@ -221,7 +410,11 @@ static void banner(const struct guest *g)
     }
     put_str(", working set ");
     put_dec(g->ws_pages);
-    put_str(" pages\n");
+    put_str(" pages, booted by ");
+    put_str(g->multiboot ? "Multiboot" : "vmig");
+    put_str("\nvmig guest: command line: ");
+    put_str(CMDLINE);
+    put_char('\n');
     console_unlock();
 }
 
@@ -321,10 +514,11 @@ static __attribute__((noreturn)) void idle_loop(const struct guest *g)
 {
     volatile u64 *st = g->st;
     u64 hb = ST(st, ST_HEARTBEAT), done = ST(st, ST_CHECK_DONE);
+    const u64 nap = g->tsc_khz ? g->tsc_khz * IDLE_NAP_MS : IDLE_NAP_TICKS;
     for (;;) {
         ST(st, ST_HEARTBEAT) = ++hb;
         SERVE_CHECK(g, done);
-        halt();
+        wait_until(g, rdtsc() + nap);
     }
 }
 
@@ -342,7 +536,7 @@ static inline __attribute__((always_inline, noreturn)) void dirty_loop(const str
     const u64 ws_gpa = g->ws_gpa, start = g->start, end = g->end, len = g->end - g->start;
     u64 hb = ST(st, ST_HEARTBEAT), pw = ST(st, ST_PAGES_WRITTEN), done = ST(st, ST_CHECK_DONE);
     u64 next = start; /* ORDER_SEQUENTIAL cursor */
-    u64 rng = CFG(CFG_SEED) ^ ((g->cpu + 1) * SEED_MIX);
+    u64 rng = g->seed ^ ((g->cpu + 1) * SEED_MIX);
     if (!rng)
         rng = SEED_MIX;
     /* TSC ticks between this vCPU's page writes (the rate is for all vCPUs). */
@@ -361,10 +555,11 @@ static inline __attribute__((always_inline, noreturn)) void dirty_loop(const str
                 /* Not yet time; but a TSC far behind the deadline moved backwards
                  * (e.g. migrated to a host whose TSC is behind): restart the clock. */
                 if (deadline - now <= interval + slack) {
-                    /* Sleep instead of spinning: the VMM re-enters within a few ms
-                     * and the pages that fell due meanwhile go out in batches. On a
-                     * 2-core host a spinning guest would starve the migration. */
-                    halt();
+                    /* Booted by vmig, sleep instead of spinning: the VMM re-enters
+                     * within a few ms and the pages that fell due meanwhile go out in
+                     * batches. On a 2-core host a spinning guest would starve the
+                     * migration. (Booted by Multiboot, wait_until spins.) */
+                    wait_until(g, deadline);
                     continue;
                 }
                 deadline = now;
