@@ -462,19 +462,21 @@ class QemuProcess:
 
     def __init__(self, binary: str, name: str, workdir: Path, ram: Path, size: int, *,
                  prealloc: bool = False, incoming: bool = False,
-                 tls: tuple[Path, str] | None = None, extra: Sequence[str] = (),
+                 tls: tuple[Path, str] | None = None, machine: Sequence[str] | None = None,
                  prefix: Sequence[str] = ()) -> None:
-        """`extra` arguments go after the machine's (e.g. -kernel); `prefix` runs QEMU
-        through another command (e.g. ``ip netns exec NAME``, which execs it: same pid)."""
+        """`machine`: the QEMU command without its monitor (e.g. qemu_guest.qemu_command's
+        for vmig's guest); default: an idle machine with its RAM in `ram`. `prefix` runs
+        QEMU through another command (``ip netns exec NAME``, which execs it: same pid)."""
         self.name = name
         self.log = workdir / f"{name}.log"
         self.qmp_path = workdir / f"{name}.qmp"
         backend = f"memory-backend-file,id=ram,size={size},mem-path={ram},share=on"
         if prealloc:
             backend += ",prealloc=on"
-        command = [*prefix, binary, "-name", name, "-enable-kvm", "-m", f"{size // MiB}M",
-                   "-object", backend, "-machine", "pc,memory-backend=ram",
-                   "-nographic", "-nodefaults",
+        if machine is None:
+            machine = [binary, "-enable-kvm", "-m", f"{size // MiB}M", "-object", backend,
+                       "-machine", "pc,memory-backend=ram", "-nographic", "-nodefaults"]
+        command = [*prefix, *machine, "-name", name,
                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if tls is not None:
             directory, endpoint = tls
@@ -482,7 +484,6 @@ class QemuProcess:
                                    f"endpoint={endpoint},verify-peer=on"]
         if incoming:
             command += ["-incoming", "defer"]
-        command += extra
         self.command = command
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,

@@ -73,9 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory", default=None, help="guest RAM (default: 512M; --quick: 256M)")
     parser.add_argument("--working-set", default=None,
                         help="memory the guest rewrites (default: 256M; --quick: 128M)")
-    parser.add_argument("--cpus", type=int, default=1,
-                        help="vCPUs (default: 1: on 2 cores a second one would take the "
-                             "migration's core)")
     parser.add_argument("--link", default="100M",
                         help="the link's rate in bytes/s, K/M/G suffixes (default: 100M)")
     parser.add_argument("--rates", default=None,
@@ -94,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--downtime-ms", type=int, default=300,
                         help="downtime budget of both (default: 300)")
     parser.add_argument("--kernel", type=Path, default=None,
-                        help="the guest as a Multiboot kernel for QEMU (default: the one "
-                             "vmig.guest.build makes)")
+                        help="the guest image QEMU boots as a Multiboot kernel (default: "
+                             "vmig's, built if need be)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per setup (default: 1)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 256M, one rate (200%%), short timeouts")
@@ -124,8 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.program_list = _choices(parser, "--programs", args.programs, PROGRAMS)
     for flag in ("memory", "working_set", "link"):
         setattr(args, f"{flag}_bytes", parse_size(getattr(args, flag)))
-    if not args.rate_list or min(args.rate_list) <= 0 or args.repeat < 1 or args.cpus < 1:
-        parser.error("need rates > 0, --repeat >= 1 and --cpus >= 1")
+    if not args.rate_list or min(args.rate_list) <= 0 or args.repeat < 1:
+        parser.error("need rates > 0 and --repeat >= 1")
     return args
 
 
@@ -175,11 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     qemu = shutil.which(QEMU)
     if problem is None and "qemu" in args.program_list and qemu is None:
         problem = f"{QEMU} not found (./dev bench installs Debian's qemu-system-x86)"
-    if problem is None and "qemu" in args.program_list:
-        args.kernel = args.kernel or guest_runs.multiboot_kernel()
-        if args.kernel is None or not args.kernel.exists():
-            problem = ("the guest has no Multiboot kernel to give QEMU (pass --kernel, or "
-                       "--programs vmig)")
     if problem is not None:
         print(f"convergence_qemu: {problem}", file=sys.stderr)
         return 2

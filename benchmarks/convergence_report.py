@@ -144,7 +144,7 @@ def show(result: dict[str, Any], images: Path, label: str) -> list[Path]:
     """Print the table and draw both charts; return the charts' paths."""
     settings = result["settings"]
     link = format_size(settings["link_bytes"])
-    print(f"\n{settings['memory']} guest, {settings['cpus']} vCPU(s) rewriting "
+    print(f"\n{settings['memory']} guest, one vCPU rewriting "
           f"{settings['working_set']} in order; link {link}/s (tbf); "
           f"pre-copy timeout {settings['precopy_timeout']:g} s, others "
           f"{settings['timeout']:g} s; post-copy after {settings['postcopy_after']} passes; "

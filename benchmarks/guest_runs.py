@@ -29,20 +29,18 @@ from compare_qemu import (
     touch_and_free,
 )
 from guest_status import rate
+from qemu_guest import QemuGuest, host_tsc_khz, qemu_command
 
 from vmig.api.client import ApiClient
 from vmig.api.process import VmmProcess
+from vmig.config import VmConfig
 from vmig.errors import ApiError
-from vmig.guest import build as guest_build
-from vmig.kvm import Kvm
-from vmig.units import MiB
 
 READY_TIMEOUT_S = 120.0
 BOOT_TIMEOUT_S = 120.0  # QEMU's firmware is emulated here: seconds before the guest runs
 SETTLE_S = 2.0  # the guest runs this long before and after each migration
 POLL_S = 0.1  # QEMU's query-migrate, vmig's migration-info (throttle)
 FINISH_TIMEOUT_S = 120.0  # after the source is done: the destination's end (post-copy)
-SEED = 0x5EED
 THROTTLE = {"cpu-throttle-initial": 20, "cpu-throttle-increment": 10}  # vmig's steps
 
 
@@ -65,28 +63,13 @@ class Setup:
         return self.args.precopy_timeout if self.mode == "precopy" else self.args.timeout
 
 
-def multiboot_kernel() -> Path | None:
-    """The guest built as a Multiboot kernel, if this checkout's build makes one."""
-    build = Path(guest_build.__file__).parent
-    for name in ("guest.elf", "guest-multiboot.elf"):
-        candidate = build / "_build" / name
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def host_tsc_khz() -> int:
-    """The TSC frequency of a KVM guest here: the guest paces its writes with it."""
-    with Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
-        return vcpu.get_tsc_khz()
-
-
-def guest_cmdline(setup: Setup) -> str:
-    """The guest's parameters on the Multiboot command line (as vmig passes them)."""
+def guest_config(setup: Setup, memory_file: Path | None = None) -> VmConfig:
+    """The guest both programs run: one vCPU (Multiboot boots one) rewriting its working
+    set in order at the run's dirty rate."""
     args = setup.args
-    return (f"cpus={args.cpus} workload=dirty order=sequential "
-            f"dirty_rate={setup.dirty_pages_per_s} working_set={args.working_set_bytes // MiB}M "
-            f"seed={SEED} tsc_khz={host_tsc_khz()}")
+    return VmConfig.build(memory=args.memory, workload="dirty", working_set=args.working_set,
+                          dirty_rate=setup.dirty_pages_per_s, order="sequential",
+                          memory_file=None if memory_file is None else str(memory_file))
 
 
 # --- measuring, the same for both ---------------------------------------------------------------
@@ -198,11 +181,13 @@ class _ThrottleWatch(guest_status.Periodic):
 
 
 def run_vmig(setup: Setup) -> dict[str, Any]:
-    args, workdir = setup.args, setup.workdir
+    workdir = setup.workdir
     ram = SHM / f"vmig-convq-{setup.serial}-{workdir.stat().st_ino}.ram"
-    guest = ["--memory", args.memory, "--cpus", str(args.cpus), "--workload", "dirty",
-             "--working-set", args.working_set, "--dirty-rate", str(setup.dirty_pages_per_s),
-             "--order", "sequential", "--memory-file", str(ram)]
+    config = guest_config(setup, ram)
+    guest = ["--memory", str(config.memory_bytes), "--cpus", str(config.cpus),
+             "--workload", config.workload.value, "--working-set", str(config.working_set_bytes),
+             "--dirty-rate", str(config.dirty_rate), "--order", config.order.value,
+             "--memory-file", str(ram)]  # the seed: VmConfig's default on both
     source = destination = None
     files: list[guest_status.StatusFile] = []
     try:
@@ -214,8 +199,8 @@ def run_vmig(setup: Setup) -> dict[str, Any]:
                                   ready_timeout=READY_TIMEOUT_S)
         reply = destination.client.receive_migration(f"tcp:{setup.ns.ns_addr}:0")
         dst_pid = destination.proc.pid
-        files = [guest_status.StatusFile(lambda: ram, args.cpus),
-                 guest_status.StatusFile(lambda: guest_status.memfd_of(dst_pid), args.cpus)]
+        files = [guest_status.StatusFile(lambda: ram, config.cpus),
+                 guest_status.StatusFile(lambda: guest_status.memfd_of(dst_pid), config.cpus)]
         vmms = (source, destination)
 
         def migrate() -> dict[str, Any]:
@@ -284,8 +269,11 @@ def run_qemu(setup: Setup) -> dict[str, Any]:
     assert setup.qemu is not None
     rams = [SHM / f"qemu-convq-{setup.serial}-{workdir.stat().st_ino}-{side}.ram"
             for side in ("src", "dst")]
-    guest = ["-smp", str(args.cpus), "-kernel", str(args.kernel),
-             "-append", guest_cmdline(setup)]
+    config, khz = guest_config(setup), host_tsc_khz()
+
+    def machine(side: str, ram: Path) -> list[str]:
+        return qemu_command(config, ram, serial_log=workdir / f"{side}.serial", tsc_khz=khz,
+                            kernel=args.kernel, binary=setup.qemu or "")
     capabilities = [{"capability": "events", "state": True}]
     if setup.mode == "auto-converge":
         capabilities.append({"capability": "auto-converge", "state": True})
@@ -298,15 +286,15 @@ def run_qemu(setup: Setup) -> dict[str, Any]:
     try:
         destination = QemuProcess(setup.qemu, "dst", workdir, rams[1], args.memory_bytes,
                                   incoming=True, prefix=setup.ns.exec_prefix,
-                                  extra=[*guest, "-serial", f"file:{workdir / 'dst.serial'}"])
+                                  machine=machine("dst", rams[1]))
         source = QemuProcess(setup.qemu, "src", workdir, rams[0], args.memory_bytes,
-                             extra=[*guest, "-serial", f"file:{workdir / 'src.serial'}"])
+                             machine=machine("src", rams[0]))
         for qemu in (destination, source):
             qemu.execute("migrate-set-capabilities", {"capabilities": capabilities})
             qemu.execute("migrate-set-parameters", parameters)
         destination.execute("migrate-incoming", {"uri": f"tcp:{setup.ns.ns_addr}:0"})
         uri = f"tcp:{setup.ns.ns_addr}:{_incoming_port(destination)}"
-        files = [guest_status.StatusFile(lambda path=path: path, args.cpus) for path in rams]
+        files = [guest_status.StatusFile(lambda path=path: path, config.cpus) for path in rams]
         qemus = (source, destination)
 
         def migrate() -> dict[str, Any]:
@@ -325,8 +313,9 @@ def run_qemu(setup: Setup) -> dict[str, Any]:
                   "resume": _event_time_or_none(destination, "RESUME"),
                   "received": _event_time_or_none(destination, "MIGRATION",
                                                   status="completed")}
-        check = guest_check(destination if driven["info"].get("status") == "completed"
-                            else source, rams)
+        completed = driven["info"].get("status") == "completed"
+        with QemuGuest(rams[1] if completed else rams[0], config) as guest:
+            check = bool(guest.check()["ok"])
     finally:
         _clean_up(files, (source, destination), rams)
     return _qemu_figures(driven, stamps, figures, check)
@@ -362,11 +351,3 @@ def _qemu_figures(driven: dict[str, Any], stamps: dict[str, float | None],
             "qemu_total_ms": info.get("total-time"), "qemu_downtime_ms": info.get("downtime"),
             "cancelled_at_s": driven["cancelled_at_s"], "qemu_ram": ram,
             "check_ok": check, **figures}
-
-
-def guest_check(runner: QemuProcess, rams: list[Path]) -> bool | None:
-    """The guest's self-check through the RAM file of the side that runs it (None: the
-    guest module for that is not there yet)."""
-    del runner, rams
-    return None
-

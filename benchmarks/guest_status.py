@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vmig.guest import layout
+from vmig.guest import layout, status
 
 SAMPLE_S = 0.1
 MEMFD_NAME = "/memfd:vmig-guest-ram"  # vmig.memory.GuestMemory's memfd, as /proc shows it
@@ -33,19 +33,17 @@ KEYS = ("heartbeat", "pages_written")
 
 
 def parse_status(block: bytes, cpus: int) -> dict[str, int]:
-    """Heartbeat and pages written summed over `cpus` status blocks, and how many of
-    those vCPUs are in CPU_STATE_RUNNING (all zeros: a page not there yet)."""
-    totals = {"heartbeat": 0, "pages_written": 0, "running": 0}
-    for cpu in range(cpus):
-        base = cpu * layout.STATUS_STRIDE
+    """Heartbeat and pages written summed over vCPUs (vmig.guest.status, as vmig's vm.info
+    counts them), and how many vCPUs run their workload, from a copy of the status page
+    (all zeros: a page not there yet)."""
 
-        def field(offset: int, base: int = base) -> int:
-            return int.from_bytes(block[base + offset:base + offset + 8], "little")
+    def read_u64(gpa: int) -> int:
+        offset = gpa - layout.STATUS_GPA
+        return int.from_bytes(block[offset:offset + 8], "little")
 
-        totals["heartbeat"] += field(layout.ST_HEARTBEAT)
-        totals["pages_written"] += field(layout.ST_PAGES_WRITTEN)
-        totals["running"] += field(layout.ST_STATE) == layout.CPU_STATE_RUNNING
-    return totals
+    states = status.cpu_states(read_u64, cpus)
+    return {**status.counters(read_u64, cpus),
+            "running": sum(state == layout.CPU_STATE_RUNNING for state in states)}
 
 
 def memfd_of(pid: int) -> Path | None:
