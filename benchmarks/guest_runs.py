@@ -24,6 +24,7 @@ from compare_qemu import (
     MAX_BANDWIDTH,
     SHM,
     QemuProcess,
+    QmpError,
     _incoming_port,
     cpu_seconds,
     touch_and_free,
@@ -259,6 +260,8 @@ def _qemu_drive(setup: Setup, source: QemuProcess, uri: str) -> dict[str, Any]:
         if now > setup.timeout_s and cancelled_at is None and status == "active":
             source.execute("migrate_cancel")
             cancelled_at = now
+        if now > setup.timeout_s + FINISH_TIMEOUT_S:  # post-copy (no cancel) or a stuck cancel
+            raise QmpError(f"QEMU's migration still {status} after {now:.0f} s")
         time.sleep(POLL_S)
     return {"info": info | {"ram": ram}, "throttle_percent_max": throttle,
             "postcopy_started_s": postcopy_at, "cancelled_at_s": cancelled_at}
