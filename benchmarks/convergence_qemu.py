@@ -28,7 +28,7 @@ on these machines"): fresh processes and RAM files per run, twice the guest size
 touched and freed before each run, the order of programs and modes rotated per rate
 and repetition.
 
-    ./dev bench convergence_qemu.py                # the full run (about 12 minutes)
+    ./dev bench convergence_qemu.py                # the full run (about 10 minutes, at most 15)
     ./dev bench convergence_qemu.py --quick        # smoke run: one rate, short timeouts
     ./dev bench convergence_qemu.py --replot docs/results/convergence-qemu.json
 
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help=f"from {', '.join(MODES)}")
     parser.add_argument("--programs", default=",".join(PROGRAMS), help="vmig and/or qemu")
     parser.add_argument("--precopy-timeout", type=float, default=None,
-                        help="seconds before plain pre-copy is cancelled (default: 25; "
+                        help="seconds before plain pre-copy is cancelled (default: 20; "
                              "--quick: 8)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds before auto-converge or post-copy is cancelled "
@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     args.memory = args.memory or ("256M" if quick else "512M")
     args.working_set = args.working_set or ("128M" if quick else "256M")
-    args.precopy_timeout = args.precopy_timeout or (8.0 if quick else 25.0)
+    args.precopy_timeout = args.precopy_timeout or (8.0 if quick else 20.0)
     args.timeout = args.timeout or (40.0 if quick else 60.0)
     args.label = "convergence-qemu" + ("-quick" if quick else "")
     args.output = args.output or RESULTS / f"{args.label}.json"
