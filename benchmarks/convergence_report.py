@@ -61,7 +61,10 @@ def median(values: list[float | None]) -> float | None:
 
 
 def speed(run: dict[str, Any], window: str) -> float | None:
-    """The guest's write rate in `window` over its rate before the migration."""
+    """The guest's write rate in `window` over its rate before the migration (the
+    post-copy window only of a run that completed through post-copy)."""
+    if window == "postcopy" and not run.get("via_postcopy"):
+        return None
     rates = run.get("guest", {}).get("pages_written", {})
     before, value = rates.get("before"), rates.get(window)
     return value / before if value is not None and before else None

@@ -102,7 +102,8 @@ def test_summarise_medians_per_setup() -> None:
         return {"rate_percent": 100, "dirty_pages_per_s": 25600, "mode": "precopy",
                 "program": program, "status": status, "total_ms": total, "downtime_ms": 5,
                 "bytes_sent": 10, "throttle_percent_max": 0, "check_ok": True,
-                "guest": {"pages_written": {"before": before, "during": during}}}
+                "guest": {"pages_written": {"before": before, "during": during,
+                                            "postcopy": during}}}
 
     rows = convergence_report.summarise([
         run("qemu", "completed", 3000, 100, 50), run("vmig", "completed", 1000, 100, 90),
@@ -113,4 +114,5 @@ def test_summarise_medians_per_setup() -> None:
     assert vmig["outcomes"] == {"completed": 2, "did not converge": 1}
     assert vmig["speed_during"] == pytest.approx(0.9)
     assert rows[1]["speed_during"] == pytest.approx(0.5)
+    assert vmig["speed_postcopy"] is None  # a pre-copy run has no post-copy window
     assert "did not converge (1)" in convergence_report.markdown_table(rows)
