@@ -313,6 +313,9 @@ def run_qemu(setup: Setup) -> dict[str, Any]:
         assert source.qmp is not None and destination.qmp is not None
         stamps = {"setup": source.qmp.event_time("MIGRATION", status="setup"),
                   "stop": source.qmp.event_time("STOP"),
+                  # asked for, post-copy may still not happen: QEMU completes a pre-copy
+                  # that fits the downtime limit instead
+                  "postcopy": source.qmp.event_time("MIGRATION", status="postcopy-active"),
                   "resume": _event_time_or_none(destination, "RESUME"),
                   "received": _event_time_or_none(destination, "MIGRATION",
                                                   status="completed")}
@@ -338,19 +341,23 @@ def _qemu_figures(driven: dict[str, Any], stamps: dict[str, float | None],
     def span_ms(start: float | None, end: float | None) -> float | None:
         return None if start is None or end is None else round((end - start) * 1000, 1)
 
-    end = stamps["received"] if driven["postcopy_started_s"] is not None else stamps["resume"]
+    postcopy = stamps["postcopy"] is not None
+    # the guest whole at the destination: all pages in (post-copy) or resumed (pre-copy)
+    end = stamps["received"] if postcopy else stamps["resume"]
     total = span_ms(stamps["setup"], end) if status == "completed" else None
     downtime = span_ms(stamps["stop"], stamps["resume"]) if status == "completed" else None
     return {"status": status, "error": info.get("error-desc"),
-            "via_postcopy": driven["postcopy_started_s"] is not None and status == "completed",
+            "via_postcopy": postcopy and status == "completed",
+            "postcopy_asked_s": driven["postcopy_started_s"],
             "total_ms": next((t for t in (total, info.get("total-time"),
                               driven["cancelled_at_s"] and driven["cancelled_at_s"] * 1000)
                               if t is not None), None),
             "downtime_ms": downtime if downtime is not None else info.get("downtime"),
             "bytes_sent": ram.get("transferred"), "iterations": ram.get("dirty-sync-count"),
-            "postcopy": ({"started_after_s": driven["postcopy_started_s"],
-                          "requests": ram.get("postcopy-requests")}
-                         if driven["postcopy_started_s"] is not None else None),
+            "postcopy": ({"started_after_s": round(stamps["postcopy"] - stamps["setup"], 3)
+                          if stamps["setup"] is not None else None,
+                          "requests": ram.get("postcopy-requests"),
+                          "bytes": ram.get("postcopy-bytes")} if postcopy else None),
             "qemu_total_ms": info.get("total-time"), "qemu_downtime_ms": info.get("downtime"),
             "cancelled_at_s": driven["cancelled_at_s"], "qemu_ram": ram,
             "check_ok": check, **figures}

@@ -76,12 +76,15 @@ def test_dirty_rate_and_rotated_order() -> None:
     assert order[0] == (25, "precopy", "vmig") and order[4] == (50, "precopy", "qemu")
 
 
-def qemu_run(postcopy: bool, status: str = "completed",
-             cancelled: float | None = None) -> dict:
+def qemu_run(postcopy: bool, status: str = "completed", cancelled: float | None = None,
+             asked: bool = False) -> dict:
     driven = {"info": {"status": status, "total-time": 9999, "downtime": 55,
                        "ram": {"transferred": 123, "dirty-sync-count": 4}},
-              "postcopy_started_s": 2.0 if postcopy else None, "cancelled_at_s": cancelled}
-    stamps = {"setup": 10.0, "stop": 12.0, "resume": 12.05, "received": 15.0}
+              "postcopy_started_s": 2.0 if postcopy or asked else None,
+              "cancelled_at_s": cancelled}
+    received = 15.0 if postcopy else 12.04
+    stamps = {"setup": 10.0, "stop": 12.0, "postcopy": 11.99 if postcopy else None,
+              "resume": 12.05, "received": received}
     return guest_runs._qemu_figures(driven, stamps, {"guest": {}}, None)
 
 
@@ -92,6 +95,10 @@ def test_qemu_figures_end_where_the_guest_is_whole() -> None:
     postcopy = qemu_run(postcopy=True)  # the last page arrived after the resume
     assert postcopy["total_ms"] == pytest.approx(5000) and postcopy["via_postcopy"]
     assert postcopy["downtime_ms"] == pytest.approx(50)
+    # post-copy asked for, but QEMU completed the pre-copy instead (it fitted the limit)
+    converged = qemu_run(postcopy=False, asked=True)
+    assert not converged["via_postcopy"] and converged["postcopy"] is None
+    assert converged["total_ms"] == pytest.approx(2050)
     cancelled = qemu_run(postcopy=False, status="cancelled", cancelled=8.0)
     assert cancelled["downtime_ms"] == 55 and cancelled["total_ms"] == 9999
     assert convergence_report.outcome(cancelled) == convergence_report.DID_NOT_CONVERGE
