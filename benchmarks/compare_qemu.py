@@ -65,7 +65,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -462,16 +462,21 @@ class QemuProcess:
 
     def __init__(self, binary: str, name: str, workdir: Path, ram: Path, size: int, *,
                  prealloc: bool = False, incoming: bool = False,
-                 tls: tuple[Path, str] | None = None) -> None:
+                 tls: tuple[Path, str] | None = None, machine: Sequence[str] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
+        """`machine`: the QEMU command without its monitor (e.g. qemu_guest.qemu_command's
+        for vmig's guest); default: an idle machine with its RAM in `ram`. `prefix` runs
+        QEMU through another command (``ip netns exec NAME``, which execs it: same pid)."""
         self.name = name
         self.log = workdir / f"{name}.log"
         self.qmp_path = workdir / f"{name}.qmp"
         backend = f"memory-backend-file,id=ram,size={size},mem-path={ram},share=on"
         if prealloc:
             backend += ",prealloc=on"
-        command = [binary, "-name", name, "-enable-kvm", "-m", f"{size // MiB}M",
-                   "-object", backend, "-machine", "pc,memory-backend=ram",
-                   "-nographic", "-nodefaults",
+        if machine is None:
+            machine = [binary, "-enable-kvm", "-m", f"{size // MiB}M", "-object", backend,
+                       "-machine", "pc,memory-backend=ram", "-nographic", "-nodefaults"]
+        command = [*prefix, *machine, "-name", name,
                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if tls is not None:
             directory, endpoint = tls

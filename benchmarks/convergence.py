@@ -33,18 +33,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from compare_qemu import cpu_seconds, machine_info, save_chart, touch_and_free
+from guest_status import Periodic, rate, write_rates
 
 from vmig.api.process import VmmProcess
 from vmig.errors import ApiError
@@ -54,7 +53,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 IMAGES = ROOT / "docs" / "images"
 READY_TIMEOUT_S = 120.0
-SAMPLE_S = 0.1
 SETTLE_S = 1.0  # the guest runs flat out this long before and after the migration
 MODES = ("precopy", "auto-converge", "postcopy-1", "postcopy-4")
 
@@ -102,23 +100,12 @@ def mode_parameters(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     return common | {"timeout_s": args.precopy_timeout}
 
 
-class Sampler:
-    """Samples the guest's counters on whichever VMM runs it, every SAMPLE_S."""
+class Sampler(Periodic):
+    """Samples the guest's counters on whichever VMM runs it, every 100 ms."""
 
     def __init__(self, source: VmmProcess, destination: VmmProcess) -> None:
+        super().__init__()
         self._vmms = {"source": source, "destination": destination}
-        self.samples: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
-        self._began = time.monotonic()
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
     def sample(self) -> dict[str, Any] | None:
         """The counters of the side whose VM runs now (None while neither runs)."""
@@ -126,28 +113,11 @@ class Sampler:
             with contextlib.suppress(ApiError, OSError):
                 info = vmm.client.info()
                 if info["state"] == "running" and info["heartbeat"] is not None:
-                    return {"t": round(time.monotonic() - self._began, 3), "side": side,
+                    return {"t": round(self.elapsed(), 3), "side": side,
                             "heartbeat": info["heartbeat"],
                             "pages_written": info["pages_written"],
                             "throttle_percent": info.get("throttle_percent", 0)}
         return None
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            point = self.sample()
-            if point is not None:
-                self.samples.append(point)
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self._began
-
-
-def rate(samples: list[dict[str, Any]], begin: float, end: float, key: str) -> float | None:
-    """Counter `key` per second between the first and last sample in [begin, end]."""
-    window = [s for s in samples if begin <= s["t"] <= end]
-    if len(window) < 2 or window[-1]["t"] <= window[0]["t"]:
-        return None
-    return (window[-1][key] - window[0][key]) / (window[-1]["t"] - window[0]["t"])
 
 
 def one_run(mode: str, args: argparse.Namespace, index: int) -> dict[str, Any]:
@@ -294,11 +264,7 @@ def chart(runs: list[dict[str, Any]], rows: list[dict[str, Any]], args: argparse
     for mode in args.modes:
         run = next(run for run in runs if run["mode"] == mode)
         samples, (began, _ended) = run["samples"], run["window_s"]
-        xs, ys = [], []
-        for a, b in itertools.pairwise(samples):
-            if b["t"] > a["t"]:
-                xs.append(b["t"] - began)
-                ys.append((b["pages_written"] - a["pages_written"]) / (b["t"] - a["t"]) / 1000)
+        xs, ys = write_rates(samples, began)
         timeline.plot(xs, ys, color=colors[mode], label=f"{mode} ({run['status']})",
                       linewidth=1.2)
         timeline.axvline(run["window_s"][1] - began, color=colors[mode], linestyle=":",

@@ -1,7 +1,7 @@
 """A spinning Python thread that shows whether other code lets go of the GIL.
 
     with GilProbe() as probe:
-        result = probe.run(lambda: memory.populate(0, size))
+        result = probe.run(lambda: memory.backing.populate(0, size))
 
 `result["spinner_share"]` is the spinner's loop rate during the call over its rate
 while the main thread sleeps: near 1 when the call releases the GIL (and a core is

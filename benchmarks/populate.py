@@ -17,7 +17,7 @@ Methods:
                    waits until that chunk is populated
   from_the_end     a second thread populates chunks from the last one backwards while
                    the copy goes forwards, taking its own faults, until they meet
-  fallocate        fallocate(fd, 0, ...) for the whole memfd (GuestMemory.allocate)
+  fallocate        fallocate(fd, 0, ...) for the whole memfd (MemoryBacking.allocate)
   posix_fallocate  os.posix_fallocate (glibc: the same fallocate system call)
   fallocate_ahead  a second thread fallocates chunk after chunk ahead of the copy
 
@@ -49,7 +49,8 @@ from pathlib import Path
 
 from gil_probe import GilProbe
 
-from vmig.memory import MADV_POPULATE_WRITE, GuestMemory
+from vmig.memory import GuestMemory
+from vmig.memory.backing import MADV_POPULATE_WRITE
 from vmig.units import MiB, format_size, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +62,7 @@ def warm_up(size: int) -> float:
     """Touch and free `size` bytes of shmem: later allocations get warm pages. Seconds."""
     began = time.perf_counter()
     with GuestMemory.create(size) as scratch:
-        scratch.populate()
+        scratch.backing.populate()
     return time.perf_counter() - began
 
 
@@ -146,7 +147,7 @@ class FromTheEnd:
         for gpa in range(last, -1, -CHUNK):
             if gpa <= self.receiving:
                 return
-            self._memory.populate(gpa, min(CHUNK, self._memory.size - gpa))
+            self._memory.backing.populate(gpa, min(CHUNK, self._memory.size - gpa))
 
     def start(self) -> None:
         self._thread.start()
@@ -166,15 +167,15 @@ def run_method(name: str, size: int, copier: Copier) -> dict[str, float]:
         ahead: Ahead | FromTheEnd | None = None
         before_chunk: Callable[[int], None] | None = None
         if name == "populate":
-            memory.populate()
+            memory.backing.populate()
         elif name == "populate_16m":
             for gpa in range(0, size, CHUNK):
-                memory.populate(gpa, min(CHUNK, size - gpa))
+                memory.backing.populate(gpa, min(CHUNK, size - gpa))
         elif name == "inline_16m":
             def before_chunk(gpa: int) -> None:
-                memory.populate(gpa, min(CHUNK, size - gpa))
+                memory.backing.populate(gpa, min(CHUNK, size - gpa))
         elif name in ("ahead_thread", "fallocate_ahead"):
-            prepare = memory.populate if name == "ahead_thread" else memory.allocate
+            prepare = memory.backing.populate if name == "ahead_thread" else memory.backing.allocate
             ahead = Ahead(memory, prepare)
             ahead.start()
             before_chunk = ahead.wait
@@ -183,7 +184,7 @@ def run_method(name: str, size: int, copier: Copier) -> dict[str, float]:
             ahead.start()
             before_chunk = ahead.claim
         elif name == "fallocate":
-            memory.allocate()
+            memory.backing.allocate()
         elif name == "posix_fallocate":
             os.posix_fallocate(memory.fd, 0, size)
         elif name != "touch":
@@ -206,11 +207,11 @@ METHODS = ("touch", "populate", "populate_16m", "inline_16m", "ahead_thread", "f
 def gil_checks(size: int) -> dict[str, dict[str, float]]:
     """Each preparing call once, next to a spinning thread, on a fresh warm memfd."""
     calls: dict[str, Callable[[GuestMemory], object]] = {
-        "madvise_ctypes (populate)": lambda m: m.populate(),
+        "madvise_ctypes (populate)": lambda m: m.backing.populate(),
         "mmap.madvise": lambda m: m._map.madvise(MADV_POPULATE_WRITE, 0, m.size),
-        "fallocate_ctypes (allocate)": lambda m: m.allocate(),
+        "fallocate_ctypes (allocate)": lambda m: m.backing.allocate(),
         "os.posix_fallocate": lambda m: os.posix_fallocate(m.fd, 0, m.size),
-        "punch_hole_ctypes (discard)": lambda m: m.discard(0, m.size),
+        "punch_hole_ctypes (discard)": lambda m: m.backing.discard(0, m.size),
     }
     out = {}
     with GilProbe() as probe:
@@ -218,7 +219,7 @@ def gil_checks(size: int) -> dict[str, dict[str, float]]:
             warm_up(2 * size)
             with GuestMemory.create(size) as memory:
                 if name.startswith("punch_hole"):
-                    memory.populate()
+                    memory.backing.populate()
                 out[name] = probe.run(lambda call=call, memory=memory: call(memory))
     return out
 

@@ -105,8 +105,12 @@ def test_ctrl_c_on_send_migration_cancels_through_the_api(spawn_vmm: Spawn) -> N
                "--timeout-s", "30", "--json"]
     cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: (i := migration_info_or_none(source.client)) and i["active"]
-                 and i["phase"] == "precopy", "the source to start pre-copy")
+        def in_precopy() -> bool:
+            assert cli.poll() is None, f"the CLI ended early: {cli.communicate()}"
+            info = migration_info_or_none(source.client)
+            return bool(info and info["active"] and info["phase"] == "precopy")
+
+        wait_for(in_precopy, "the source to start pre-copy")
         cli.send_signal(signal.SIGINT)
         out, err = cli.communicate(timeout=30)
     finally:

@@ -18,7 +18,8 @@ import pytest
 
 from vmig.config import VmConfig
 from vmig.errors import ConfigError, GuestMemoryError, MigrationError, StateError
-from vmig.memory import GuestMemory
+from vmig.memory import GuestMemory, MemoryBacking
+from vmig.migration import receiver as receiver_module
 from vmig.migration.digest import BackgroundDigest
 from vmig.migration.metrics import MigrationMetrics
 from vmig.migration.params import ReceiveParams, SendParams
@@ -43,6 +44,7 @@ from vmig.transport.channel import SenderChannel, receive_handshake
 from vmig.transport.endpoint import dial
 from vmig.transport.security import Security
 from vmig.transport.stream import PlainStream
+from vmig.vmm.host import HostCpu, host_cpu
 from vmig.vmm.machine import Machine, VmState, install_kick_handler
 
 pytestmark = pytest.mark.kvm
@@ -531,14 +533,14 @@ def test_a_fresh_destination_allocates_the_data_ahead_of_it(source, monkeypatch)
     """From CONFIG on, the extents the source says hold data are allocated by
     migrate-alloc (and only those); the migration completes as before."""
     allocated: list[tuple[int, int]] = []
-    real = GuestMemory.allocate
+    real = MemoryBacking.allocate
 
     def record(self: GuestMemory, gpa: int = 0, length: int | None = None) -> None:
         allocated.append((gpa, length))
         real(self, gpa, length)
 
-    monkeypatch.setattr(GuestMemory, "allocate", record)
-    extents = source.memory.data_extents()
+    monkeypatch.setattr(MemoryBacking, "allocate", record)
+    extents = source.memory.backing.data_extents()
     receiver, outcome, url = _receiver()
     summary = MigrationSender(source, _send(url, connections=2)).run()
     assert summary["status"] == "completed"
@@ -556,7 +558,7 @@ def test_a_destination_that_cannot_allocate_fails_and_the_source_runs_on(source,
     def no_memory(self: GuestMemory, gpa: int = 0, length: int | None = None) -> None:
         raise GuestMemoryError("cannot allocate guest memory: No space left on device")
 
-    monkeypatch.setattr(GuestMemory, "allocate", no_memory)
+    monkeypatch.setattr(MemoryBacking, "allocate", no_memory)
     receiver, outcome, url = _receiver()
     with pytest.raises(MigrationError):
         MigrationSender(source, _send(url, connections=2)).run()
@@ -591,3 +593,71 @@ def test_a_cancel_at_the_source_after_state_frees_the_destination_vm(source, mon
     assert outcome.error.startswith("the source cancelled the migration: ")
     assert receiver.metrics.view()["status"] == "cancelled"
     assert not [t for t in _threads() - threads_before if t.name.startswith("vcpu")]
+
+
+def _host_as(monkeypatch, source: Machine, *, tsc_khz: int | None = None,
+             cpuid_change=None) -> list[int]:
+    """Make the receiver compare CONFIG with an edited host (the one that would run the
+    guest); return a list that records every guest memory the receiver creates."""
+    real = host_cpu()
+    cpuid = real.cpuid if cpuid_change is None else tuple(cpuid_change(dict(entry))
+                                                          for entry in real.cpuid)
+    edited = HostCpu(tsc_khz=real.tsc_khz if tsc_khz is None else tsc_khz, cpuid=cpuid)
+    monkeypatch.setattr(receiver_module, "host_cpu", lambda: edited)
+    created: list[int] = []
+    real_create = GuestMemory.create
+
+    def record(size: int, *args, **kwargs) -> GuestMemory:
+        created.append(size)
+        return real_create(size, *args, **kwargs)
+
+    monkeypatch.setattr(receiver_module.GuestMemory, "create", staticmethod(record))
+    return created
+
+
+def _refused_before_memory(source: Machine, created: list[int], **receive) -> str:
+    receiver, outcome, url = _receiver(**receive)
+    with pytest.raises(MigrationError) as raised:
+        MigrationSender(source, _send(url, connections=4)).run()
+    assert outcome.done.wait(10)
+    receiver.close()
+    assert outcome.machine is None and source.state is VmState.RUNNING
+    assert created == []  # refused at CONFIG: no guest memory was made, none moved
+    assert outcome.error is not None and outcome.error in str(raised.value)
+    return outcome.error
+
+
+def test_a_destination_whose_tsc_runs_at_another_frequency_refuses_at_config(
+        source, monkeypatch):
+    other = source.tsc_khz + source.tsc_khz * 400 // 1_000_000  # 400 ppm faster
+    created = _host_as(monkeypatch, source, tsc_khz=other)
+    error = _refused_before_memory(source, created)
+    assert f"{source.tsc_khz} kHz" in error and f"{other} kHz" in error
+    assert "allow_tsc_change" in error
+
+
+@pytest.mark.parametrize(("ppm", "allow"), [(100, False), (400, True)])
+def test_a_small_or_allowed_tsc_difference_migrates(source, monkeypatch, ppm, allow):
+    other = source.tsc_khz + source.tsc_khz * ppm // 1_000_000
+    _host_as(monkeypatch, source, tsc_khz=other)
+    receiver, outcome, url = _receiver(allow_tsc_change=allow)
+    summary = MigrationSender(source, _send(url, connections=2)).run()
+    assert summary["status"] == "completed"
+    assert outcome.done.wait(10)
+    receiver.close()
+    with outcome.machine as destination:
+        assert destination.check_guest()["ok"]
+
+
+def test_a_destination_without_a_cpu_feature_the_guest_has_refuses_at_config(
+        source, monkeypatch):
+    def without_sse2(entry: dict[str, int]) -> dict[str, int]:
+        if entry["function"] == 1:
+            entry["edx"] &= ~(1 << 26)  # SSE2
+        return entry
+
+    guest_leaf1 = next(e for e in source.guest_cpuid() if e["function"] == 1)
+    assert guest_leaf1["edx"] >> 26 & 1  # the guest was given SSE2
+    created = _host_as(monkeypatch, source, cpuid_change=without_sse2)
+    error = _refused_before_memory(source, created)
+    assert "CPU features" in error and "sse2" in error.lower()

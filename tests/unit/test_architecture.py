@@ -16,8 +16,8 @@ ROOT = "vmig"  # the package itself (vmig/__init__.py), not everything below it
 # Lowest first; a module may import from its own layer or any layer below.
 LAYERS: list[tuple[str, ...]] = [
     ("vmig.errors", "vmig.units", "vmig.ranges", "vmig.config", "vmig.logs", "vmig.guest.layout",
-     "vmig.guest.cmdline", "vmig.guest.status", "vmig.guest", ROOT),
-    ("vmig.proto", "vmig.migration.policy"),
+     "vmig.guest.cmdline", "vmig.guest.status", "vmig.guest", "vmig.cpu_compat", ROOT),
+    ("vmig.proto", "vmig.migration.policy", "vmig.migration.documents"),
     ("vmig.kvm", "vmig.memory", "vmig.uffd", "vmig.zeropages", "vmig.guest.build"),
     ("vmig.transport", "vmig.vmm"),
     ("vmig.migration",),

@@ -7,11 +7,11 @@ from vmig.units import MiB
 
 def test_sparse_and_populated_memory_with_equal_bytes_agree():
     with GuestMemory.create(16 * MiB) as sparse, GuestMemory.create(16 * MiB) as full:
-        full.populate()
+        full.backing.populate()
         for memory in (sparse, full):
             memory.write(4096 * 5 + 7, b"xy")
             memory.write(BLOCK_BYTES * 3 - 1, b"edge")  # straddles two blocks
-        assert sparse.data_extents() != full.data_extents()
+        assert sparse.backing.data_extents() != full.backing.data_extents()
         assert memory_digest(sparse) == memory_digest(full)
 
 
@@ -27,6 +27,6 @@ def test_one_changed_byte_changes_the_digest():
 
 def test_data_extents_report_written_pages_only():
     with GuestMemory.create(8 * MiB) as memory:
-        assert memory.data_extents() == []
+        assert memory.backing.data_extents() == []
         memory.write(3 * 4096 + 100, b"x")
-        assert memory.data_extents() == [(3 * 4096, 4096)]
+        assert memory.backing.data_extents() == [(3 * 4096, 4096)]

@@ -1,4 +1,4 @@
-"""GuestMemory's host-side calls: populate, allocate and discard (no KVM needed)."""
+"""The guest-memory backing's host-side calls: populate, allocate and discard (no KVM needed)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import os
 import pytest
 from gil_check import spinner_pause_during
 
-import vmig.memory as memory_module
+import vmig.memory.backing as memory_module
 from vmig.errors import GuestMemoryError
-from vmig.memory import MADV_POPULATE_WRITE, GuestMemory
+from vmig.memory import GuestMemory
+from vmig.memory.backing import MADV_POPULATE_WRITE
 from vmig.ranges import RangeTable
 from vmig.units import PAGE_SIZE, MiB
 
@@ -31,7 +32,7 @@ def memory():
 
 def test_populate_releases_the_gil():
     with GuestMemory.create(GIL_TEST_BYTES) as mem:
-        seconds, pause = spinner_pause_during(mem.populate)
+        seconds, pause = spinner_pause_during(mem.backing.populate)
         assert backed_bytes(mem) == GIL_TEST_BYTES
     assert pause < max(seconds / 2, 0.02), (
         f"a spinning thread stopped for {pause * 1000:.0f} ms of a {seconds * 1000:.0f} ms "
@@ -42,29 +43,29 @@ def test_mmap_madvise_would_fail_the_same_check():
     """The check above catches a populate that holds the GIL: CPython's mmap.madvise does."""
     with GuestMemory.create(GIL_TEST_BYTES) as mem:
         seconds, pause = spinner_pause_during(
-            lambda: mem._map.madvise(MADV_POPULATE_WRITE, 0, GIL_TEST_BYTES))
+            lambda: mem.backing._map.madvise(MADV_POPULATE_WRITE, 0, GIL_TEST_BYTES))
     assert pause > seconds * 0.8
 
 
 def test_allocate_and_discard_release_the_gil():
     with GuestMemory.create(GIL_TEST_BYTES) as mem:
-        seconds, pause = spinner_pause_during(mem.allocate)
+        seconds, pause = spinner_pause_during(mem.backing.allocate)
         assert pause < max(seconds / 2, 0.02)
         assert backed_bytes(mem) == GIL_TEST_BYTES
-        seconds, pause = spinner_pause_during(lambda: mem.discard(0, GIL_TEST_BYTES))
+        seconds, pause = spinner_pause_during(lambda: mem.backing.discard(0, GIL_TEST_BYTES))
         assert pause < max(seconds / 2, 0.02)
         assert backed_bytes(mem) == 0
 
 
 def test_populate_widens_to_whole_pages_and_checks_the_range(memory):
-    memory.populate(PAGE_SIZE + 100, 10)  # inside one page
+    memory.backing.populate(PAGE_SIZE + 100, 10)  # inside one page
     assert backed_bytes(memory) == PAGE_SIZE
-    memory.populate(3 * PAGE_SIZE - 1, 2)  # straddles two pages
+    memory.backing.populate(3 * PAGE_SIZE - 1, 2)  # straddles two pages
     assert backed_bytes(memory) == 3 * PAGE_SIZE
-    memory.populate(0, 0)
+    memory.backing.populate(0, 0)
     with pytest.raises(GuestMemoryError, match="outside guest memory"):
-        memory.populate(memory.size - PAGE_SIZE, 2 * PAGE_SIZE)
-    memory.populate()  # all of it
+        memory.backing.populate(memory.size - PAGE_SIZE, 2 * PAGE_SIZE)
+    memory.backing.populate()  # all of it
     assert backed_bytes(memory) == memory.size
     assert memory.read(0, 16) == bytes(16)
 
@@ -78,15 +79,15 @@ def test_populate_without_kernel_support_or_memory(memory, monkeypatch):
 
     monkeypatch.setattr(memory_module, "_madvise", failing(errno.ENOMEM))
     with pytest.raises(GuestMemoryError, match="cannot populate"):
-        memory.populate(0, MiB)
+        memory.backing.populate(0, MiB)
     monkeypatch.setattr(memory_module, "_madvise", failing(errno.EINVAL))  # before Linux 5.14
-    memory.populate(0, MiB)  # pages will fault in on first touch instead
-    memory.populate(0, MiB)  # and it is not asked again
+    memory.backing.populate(0, MiB)  # pages will fault in on first touch instead
+    memory.backing.populate(0, MiB)  # and it is not asked again
     assert backed_bytes(memory) == 0
 
 
 def test_allocate_reserves_pages_without_data(memory):
-    memory.allocate(8 * MiB, 4 * MiB)
+    memory.backing.allocate(8 * MiB, 4 * MiB)
     assert backed_bytes(memory) == 4 * MiB
     assert memory.read(8 * MiB, 4 * MiB) == bytes(4 * MiB)
 
@@ -95,9 +96,9 @@ def test_discard_frees_pages_and_they_read_as_zeros(memory):
     memory.write(0, b"\xab" * (4 * PAGE_SIZE))
     memory.write(10 * PAGE_SIZE, b"\xcd" * PAGE_SIZE)
     assert backed_bytes(memory) == 5 * PAGE_SIZE
-    memory.discard(PAGE_SIZE, 2 * PAGE_SIZE)
+    memory.backing.discard(PAGE_SIZE, 2 * PAGE_SIZE)
     assert backed_bytes(memory) == 3 * PAGE_SIZE
-    assert memory.data_extents() == [(0, PAGE_SIZE), (3 * PAGE_SIZE, PAGE_SIZE),
+    assert memory.backing.data_extents() == [(0, PAGE_SIZE), (3 * PAGE_SIZE, PAGE_SIZE),
                                      (10 * PAGE_SIZE, PAGE_SIZE)]
     assert memory.read(0, 4 * PAGE_SIZE) == (b"\xab" * PAGE_SIZE + bytes(2 * PAGE_SIZE)
                                              + b"\xab" * PAGE_SIZE)
@@ -105,25 +106,26 @@ def test_discard_frees_pages_and_they_read_as_zeros(memory):
     # has no shared zero page): scanning memory for zeros must skip the holes.
     assert backed_bytes(memory) == 5 * PAGE_SIZE
     view = memory.view(10 * PAGE_SIZE, PAGE_SIZE)  # a live view sees the zeros too
-    memory.discard(10 * PAGE_SIZE, PAGE_SIZE)
+    memory.backing.discard(10 * PAGE_SIZE, PAGE_SIZE)
     assert bytes(view) == bytes(PAGE_SIZE)
     view.release()
-    memory.discard(0, 0)
+    memory.backing.discard(0, 0)
 
 
 def test_discard_takes_whole_pages_inside_memory(memory):
     with pytest.raises(GuestMemoryError, match="not whole pages"):
-        memory.discard(100, PAGE_SIZE)
+        memory.backing.discard(100, PAGE_SIZE)
     with pytest.raises(GuestMemoryError, match="not whole pages"):
-        memory.discard(0, 100)
+        memory.backing.discard(0, 100)
     with pytest.raises(GuestMemoryError, match="outside guest memory"):
-        memory.discard(memory.size, PAGE_SIZE)
+        memory.backing.discard(memory.size, PAGE_SIZE)
 
 
 def test_closed_memory_refuses():
     mem = GuestMemory.create(MiB)
     mem.close()
-    for call in (mem.populate, mem.allocate, lambda: mem.discard(0, PAGE_SIZE)):
+    backing = mem.backing
+    for call in (backing.populate, backing.allocate, lambda: backing.discard(0, PAGE_SIZE)):
         with pytest.raises(GuestMemoryError, match="closed"):
             call()
 
@@ -132,9 +134,9 @@ def test_data_extents_of_full_memory_is_one_extent_and_a_late_hole_is_found(memo
     """Fully allocated memory answers from its allocated size; one hole anywhere, even
     in the last page, still shows."""
     memory.write(0, b"\x01" * memory.size)
-    assert memory.data_extents() == [(0, memory.size)]
-    memory.discard(memory.size - PAGE_SIZE, PAGE_SIZE)
-    assert memory.data_extents() == [(0, memory.size - PAGE_SIZE)]
+    assert memory.backing.data_extents() == [(0, memory.size)]
+    memory.backing.discard(memory.size - PAGE_SIZE, PAGE_SIZE)
+    assert memory.backing.data_extents() == [(0, memory.size - PAGE_SIZE)]
 
 
 def test_views_of_a_range_table_are_checked_against_the_memory(memory):

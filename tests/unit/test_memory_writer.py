@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmig.memory import GuestMemory
+from vmig.memory import GuestMemory, MemoryBacking
 from vmig.migration.memory_writer import ALLOCATE_STEP_BYTES, AllocateAhead
 from vmig.ranges import RangeTable
 from vmig.units import MiB
@@ -22,7 +22,7 @@ def _allocations(memory: GuestMemory, monkeypatch: pytest.MonkeyPatch,
                  extents: list[tuple[int, int]], received: RangeTable | None = None
                  ) -> list[tuple[int, int]]:
     allocated: list[tuple[int, int]] = []
-    monkeypatch.setattr(GuestMemory, "allocate",
+    monkeypatch.setattr(MemoryBacking, "allocate",
                         lambda self, gpa=0, length=None: allocated.append((gpa, length)))
     allocator = AllocateAhead(memory, extents, on_failure=pytest.fail)
     if received is not None:  # the data got there before the allocator started

@@ -127,14 +127,14 @@ def test_guest_memory_zero_pages_and_split():
         mem.write(5 * PAGE_SIZE, b"\x01")
         mem.write(9 * PAGE_SIZE - 1, b"\x02")  # last byte of page 8
         mem.write(12 * PAGE_SIZE, bytes(PAGE_SIZE))  # written, but zeros
-        data, zero = mem.split_zero_pages(RangeTable(mem.data_extents()))
+        data, zero = mem.split_zero_pages(RangeTable(mem.backing.data_extents()))
         assert data == RangeTable([(5 * PAGE_SIZE, PAGE_SIZE), (8 * PAGE_SIZE, PAGE_SIZE)])
         assert zero == RangeTable([(12 * PAGE_SIZE, PAGE_SIZE)])
         assert mem.zero_pages(4 * PAGE_SIZE, 6 * PAGE_SIZE) == RangeTable(
             [(4 * PAGE_SIZE, PAGE_SIZE), (6 * PAGE_SIZE, 2 * PAGE_SIZE),
              (9 * PAGE_SIZE, PAGE_SIZE)])
         # reading the holes allocated them: they are extents now (scan extents only)
-        assert (4 * PAGE_SIZE, 6 * PAGE_SIZE) in mem.data_extents()
+        assert (4 * PAGE_SIZE, 6 * PAGE_SIZE) in mem.backing.data_extents()
         assert mem.zero_pages(0, 0) == RangeTable()
         with pytest.raises(GuestMemoryError, match="outside guest memory"):
             mem.zero_pages(mem.size - PAGE_SIZE, 2 * PAGE_SIZE)

@@ -29,7 +29,7 @@ def _zero_block_digest() -> bytes:
 
 def memory_digest(memory: GuestMemory) -> str:
     """Hex digest of guest memory; call only while the VM is paused."""
-    extents = memory.data_extents()
+    extents = memory.backing.data_extents()
     starts = [gpa for gpa, _ in extents]
     outer = blake3.blake3()
     for block in range(0, memory.size, BLOCK_BYTES):

@@ -32,7 +32,7 @@ from vmig.proto import MemoryFlags, MemoryRequest
 from vmig.ranges import RangeTable
 from vmig.transport.channel import ReceiverChannel
 
-__all__ = ["ALLOCATE_STEP_BYTES", "MAX_CONFIG_EXTENTS", "AllocateAhead", "install_memory",
+__all__ = ["ALLOCATE_STEP_BYTES", "AllocateAhead", "install_memory",
            "write_memory"]
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 #: AllocateAhead's unit: small enough to stop promptly, large enough that the calls
 #: cost nothing next to the allocation (64 calls per GiB).
 ALLOCATE_STEP_BYTES = 16 << 20
-#: CONFIG's ``data_extents`` has at most this many ranges (the sender closes the
-#: smallest gaps to get there): the hint stays small (at most ~100 KiB of JSON).
-MAX_CONFIG_EXTENTS = 4096
 
 
 def _check_bounds(ranges: RangeTable, memory: GuestMemory) -> None:
@@ -59,7 +56,7 @@ def write_memory(channel: ReceiverChannel, memory: GuestMemory, request: MemoryR
     if request.flags & MemoryFlags.ZERO:  # the pages became zero at the source
         channel.receive_payload([])
         for gpa, length in request.ranges:
-            memory.discard(gpa, length)
+            memory.backing.discard(gpa, length)
         return
     if request.flags & MemoryFlags.ZSTD and not compress:
         raise MigrationError("a compressed MEMORY arrived although START did not set COMPRESS")
@@ -177,7 +174,7 @@ class AllocateAhead:
                     if gpa >= end:
                         break
                     step = min(ALLOCATE_STEP_BYTES, end - gpa)
-                    self._memory.allocate(gpa, step)
+                    self._memory.backing.allocate(gpa, step)
                     self.allocated += step
                     gpa += step
         except GuestMemoryError as exc:

@@ -152,6 +152,9 @@ RECEIVE_PARAMETERS: tuple[Param, ...] = (
           "e.g. 1G: a VM of exactly that size is then received without page faults (like a "
           "QEMU destination with preallocated memory); a VM of another size ignores it.",
           metavar="SIZE"),
+    Param("allow_tsc_change", "bool", False, "Accept a guest whose TSC ran at another "
+          "frequency at the source (more than 250 ppm apart): KVM here cannot scale it, so "
+          "the guest's clocks would run fast or slow. Refused at CONFIG otherwise."),
     Param("tls_dir", "path", None, _TLS_HELP.format(side="server"), metavar="DIR"),
     Param("token", "str", None, "The secret a sender must prove it knows (tcp: without "
           "TLS). Default over tcp: without tls_dir: a random 128-bit token, returned in the "
@@ -302,6 +305,7 @@ class ReceiveParams:
     receiver_url: str
     max_connections: int = MAX_CONNECTIONS
     prealloc: str | None = None
+    allow_tsc_change: bool = False
     tls_dir: str | None = None
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None

@@ -92,7 +92,7 @@ class PostcopyService:
         """Punch the owed pages out, register the mapping, start the threads (the VM is
         resumed by the caller after this)."""
         for gpa, length in self._owed_ranges():
-            self.memory.discard(gpa, length)
+            self.memory.backing.discard(gpa, length)
         self._uffd = Userfaultfd()
         self._uffd.register(self.memory.host_addr, self.memory.size)
         for name, target in (("migrate-fault", self._serve_faults),

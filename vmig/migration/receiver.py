@@ -18,14 +18,13 @@ reports why.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 
-from vmig.config import VmConfig
+from vmig.cpu_compat import missing_features, tsc_change_refusal
 from vmig.errors import (
     MigrationCancelled,
     MigrationError,
@@ -37,8 +36,8 @@ from vmig.errors import (
 )
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest, memory_digest
+from vmig.migration.documents import CompleteDocument, ConfigDocument, DocumentError
 from vmig.migration.memory_writer import (
-    MAX_CONFIG_EXTENTS,
     AllocateAhead,
     install_memory,
     write_memory,
@@ -71,12 +70,11 @@ from vmig.proto import (
     Start,
     State,
 )
-from vmig.proto.wire import range_table_problem
-from vmig.ranges import RangeTable
 from vmig.transport.address import Address
 from vmig.transport.channel import ReceiverChannel
 from vmig.transport.receiver_pool import ReceiverPool
 from vmig.units import PAGE_SIZE
+from vmig.vmm.host import host_cpu
 from vmig.vmm.machine import Machine
 from vmig.vmm.state import MachineState
 
@@ -140,7 +138,7 @@ class MigrationReceiver:
         if self.params.prealloc_bytes:
             self._prealloc = GuestMemory.create(self.params.prealloc_bytes)
             try:
-                self._prealloc.populate()
+                self._prealloc.backing.populate()
             except BaseException:
                 self._discard_prealloc()
                 raise
@@ -301,11 +299,14 @@ class MigrationReceiver:
     def _on_config(self, phase: Started | FdReceived, request: Config,
                    channel: ReceiverChannel) -> MemoryReady:
         try:
-            document = json.loads(request.data)
-            config = VmConfig.from_dict(document["vm"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MigrationError(f"bad CONFIG: {exc}") from None
+            document = ConfigDocument.from_json(request.data)
+        except DocumentError as exc:
+            raise MigrationError(f"the source sent {exc}") from None
+        config = document.vm
         self.metrics.update(memory_bytes=config.memory_bytes)
+        refusal = self._host_refusal(document)
+        if refusal is not None:
+            raise MigrationError(refusal)
         if isinstance(phase, FdReceived):  # local: memory came by fd
             if phase.memory.size != config.memory_bytes:
                 raise MigrationError(f"memory fd holds {phase.memory.size} bytes, CONFIG says "
@@ -316,11 +317,26 @@ class MigrationReceiver:
             return MemoryReady(phase.start, config, prealloc)
         if prealloc is not None:
             prealloc.close()
-        extents = _data_extents(document, config.memory_bytes)
+        extents = list(document.data_extents)
         memory = GuestMemory.create(config.memory_bytes)
         allocator = AllocateAhead(memory, extents, on_failure=self._abort).start() \
             if extents else None
         return MemoryReady(phase.start, config, memory, allocator)
+
+    def _host_refusal(self, document: ConfigDocument) -> str | None:
+        """Why this host cannot run the guest CONFIG describes (None if it can): a CPUID
+        feature KVM here cannot offer, or another TSC frequency (KVM here cannot scale it)."""
+        host = host_cpu()
+        if document.cpuid is not None:
+            missing = missing_features(document.cpuid, host.cpuid)
+            if missing:
+                return ("refused at CONFIG: this host's KVM cannot give the guest the CPU "
+                        f"features it has: {', '.join(missing)}")
+        if document.tsc_khz and not self.params.params.allow_tsc_change:
+            problem = tsc_change_refusal(document.tsc_khz, host.tsc_khz)
+            if problem is not None:
+                return f"refused at CONFIG: {problem} (allow_tsc_change accepts it)"
+        return None
 
     def _on_state(self, phase: MemoryReady, request: State, channel: ReceiverChannel) -> Built:
         if phase.allocator is not None:  # every page is here: what it has not done is not needed
@@ -376,25 +392,21 @@ class MigrationReceiver:
     def _on_complete(self, phase: Built, request: Complete,
                      channel: ReceiverChannel) -> Completed:
         try:
-            document = json.loads(request.data or b"{}")
-            run = bool(document.get("run", True))
-        except (ValueError, AttributeError):
-            raise MigrationError("COMPLETE carries a payload that is not a JSON object") \
-                from None
+            document = CompleteDocument.from_json(request.data)
+        except DocumentError as exc:
+            raise MigrationError(f"the source sent {exc}") from None
+        run = document.run
         # START asked for verification, or the sender asks for it now (it lost a MEMORY
         # connection mid-chunk: docs/protocol.md, "Memory verification").
-        if phase.start.verify_memory or "memory_digest" in document:
-            try:
-                claimed = document["memory_digest"]
-            except (KeyError, TypeError):
+        claimed = document.memory_digest
+        if phase.start.verify_memory or claimed is not None:
+            if claimed is None:
                 raise MigrationError("COMPLETE carries no memory digest although START "
-                                     "asked to verify memory") from None
-            if not isinstance(claimed, dict):
-                raise MigrationError("COMPLETE carries a memory digest that is not an object")
-            if claimed.get("algorithm") != DIGEST_ALGORITHM:
-                raise MigrationError(f"unknown digest algorithm {claimed.get('algorithm')!r}")
+                                     "asked to verify memory")
+            if claimed.algorithm != DIGEST_ALGORITHM:
+                raise MigrationError(f"unknown digest algorithm {claimed.algorithm!r}")
             ours = phase.digest.result() if phase.digest else memory_digest(phase.machine.memory)
-            if ours != claimed.get("hex"):
+            if ours != claimed.hex:
                 raise MigrationError("memory verification failed: the destination's memory "
                                      "digest differs from the source's; not resuming")
             self.metrics.update(memory_verified=True)
@@ -536,25 +548,3 @@ _STEPS: dict[tuple[type, type], Callable[..., ReceivePhase]] = {
     (Built, Postcopy): MigrationReceiver._on_postcopy,
     (PostcopyActive, Complete): MigrationReceiver._on_postcopy_complete,
 }
-
-
-def _data_extents(document: dict[str, object], memory_bytes: int) -> list[tuple[int, int]]:
-    """CONFIG's ``data_extents``: the parts of guest memory that hold data at the source,
-    as [gpa, length] pairs in order ([] when absent). Only a hint for allocating ahead,
-    but checked as strictly as a range table."""
-    raw = document.get("data_extents", [])
-    if not isinstance(raw, list) or len(raw) > MAX_CONFIG_EXTENTS:
-        raise MigrationError("bad CONFIG: data_extents is not a list of at most "
-                             f"{MAX_CONFIG_EXTENTS} [gpa, length] pairs")
-    try:
-        table = RangeTable([(int(gpa), int(length)) for gpa, length in raw])
-    except (TypeError, ValueError) as exc:
-        raise MigrationError(f"bad CONFIG: data_extents: {exc}") from None
-    problem = range_table_problem(table, payload_limit=None)
-    if problem is None and len(table):
-        gpas, lengths = table.as_arrays()
-        if int((gpas + lengths).max()) > memory_bytes:
-            problem = "a range ends past guest memory"
-    if problem is not None:
-        raise MigrationError(f"bad CONFIG: data_extents: {problem}")
-    return list(table)

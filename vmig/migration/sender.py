@@ -23,7 +23,6 @@ chunks go to the others); losing MAIN fails the migration.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -38,8 +37,13 @@ from vmig.errors import MigrationCancelled as Cancelled
 from vmig.errors import MigrationError, StateError, TransportError, describe
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest
+from vmig.migration.documents import (
+    MAX_CONFIG_EXTENTS,
+    CompleteDocument,
+    ConfigDocument,
+    MemoryDigest,
+)
 from vmig.migration.memory_reader import ChunkSender
-from vmig.migration.memory_writer import MAX_CONFIG_EXTENTS
 from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, ResolvedSend, SendParams
 from vmig.migration.policy import (
@@ -177,7 +181,7 @@ class MigrationSender:
         """Migrate; return the summary (also when cancelled) or raise MigrationError."""
         self.machine.begin(OPERATION)
         self._was_running = self.machine.state is VmState.RUNNING
-        self._extents = self.memory.data_extents()  # once: SEEK_HOLE walks every page
+        self._extents = self.memory.backing.data_extents()  # once: SEEK_HOLE walks every page
         self.metrics.update(vm_paused=not self._was_running,
                             data_bytes=sum(n for _, n in self._extents))
         try:
@@ -219,12 +223,13 @@ class MigrationSender:
         if self.params.local:
             main.submit_with_fd(MemoryFd(GuestMemory.SLOT, 0, self.memory.size), self.memory.fd)
             SenderChannel.check(main.read_response())
-        config = {"vm": self.machine.config.to_dict(), "tsc_khz": self.machine.tsc_khz,
-                  # where the data is: a fresh destination allocates it ahead of the pages
-                  "data_extents": [[gpa, length] for gpa, length in
-                                   RangeTable(self._extents).coarsened(MAX_CONFIG_EXTENTS)]}
+        config = ConfigDocument(
+            vm=self.machine.config, tsc_khz=self.machine.tsc_khz,
+            # where the data is: a fresh destination allocates it ahead of the pages
+            data_extents=tuple(RangeTable(self._extents).coarsened(MAX_CONFIG_EXTENTS)),
+            cpuid=self.machine.guest_cpuid())
         began = self.clock()
-        main.request(Config(json.dumps(config).encode()))
+        main.request(Config(config.to_json()))
         self.stats.switchover_overhead_ms = self._switchover_overhead_ms(self.clock() - began)
         self._check_cancelled()
 
@@ -421,14 +426,14 @@ class MigrationSender:
             main.request(State(state.to_json().encode()))
         finally:
             value = digest.result() if digest is not None else None
-        complete: dict[str, object] = {"run": self._was_running}
-        if value is not None:
-            complete["memory_digest"] = {"algorithm": DIGEST_ALGORITHM, "hex": value}
+        complete = CompleteDocument(
+            run=self._was_running,
+            memory_digest=None if value is None else MemoryDigest(DIGEST_ALGORITHM, value))
         with self._lock:  # a cancel either comes before this point, or is refused
             self._check_cancelled()
             self._phase = next_send_phase(self._phase, SendPhase.COMPLETING)
         self.metrics.set_phase(Phase.COMPLETING)
-        main.submit(Complete(json.dumps(complete).encode()))
+        main.submit(Complete(complete.to_json()))
         SenderChannel.check(main.read_response())
         self.metrics.update(memory_verified=self._verify)
 
@@ -476,7 +481,7 @@ class MigrationSender:
         with self._lock:
             self._phase = next_send_phase(self._phase, SendPhase.COMPLETING)
         self.metrics.set_phase(Phase.COMPLETING)
-        main.submit(Complete(json.dumps({"run": self._was_running}).encode()))
+        main.submit(Complete(CompleteDocument(run=self._was_running).to_json()))
         SenderChannel.check(main.read_response())
         self.metrics.update(postcopy_pages_left=0)
 

@@ -35,6 +35,7 @@ from vmig.ranges import RangeTable
 from vmig.units import PAGE_SIZE
 from vmig.vmm.boot import enter_real_mode, write_boot_memory
 from vmig.vmm.devices import SERIAL_PORTS, STATUS_PORTS, IoBus, Serial8250, StatusPort
+from vmig.vmm.host import cpuid_entries
 from vmig.vmm.snapshot import read_snapshot, write_snapshot
 from vmig.vmm.state import MachineState, load_vcpu_state, read_vcpu_state
 from vmig.vmm.throttle import Throttle
@@ -76,6 +77,7 @@ class Machine:
         self.vcpus = vcpus
         self.tsc_khz = tsc_khz
         self.error: str | None = None
+        self._cpuid: tuple[dict[str, int], ...] = ()
         self.state = VmState.PAUSED
         #: Told the reason once, on the failing vCPU's thread, when the VM fails (the
         #: VMM publishes it as an event); must not block.
@@ -170,6 +172,7 @@ class Machine:
                 vcpu.set_cpuid2(cpuid)
                 vcpus.append(vcpu)
             tsc_khz = vcpus[0].get_tsc_khz()
+            given_cpuid = cpuid_entries(cpuid)
             if restore is not None:
                 msr_names = set(kvm.msr_index_list())
                 for vcpu, saved in zip(vcpus, restore.vcpus, strict=True):
@@ -178,6 +181,7 @@ class Machine:
             if serial_log is not None:
                 stack.callback(serial_log.close)
             machine = cls(config, kvm, vm, memory, vcpus, serial_log, tsc_khz)
+            machine._cpuid = given_cpuid
             stack.pop_all()
         if restore is not None:
             machine.serial.restore_state(restore.devices.get("serial", {"regs": {}}))
@@ -397,6 +401,10 @@ class Machine:
                 devices={"serial": self.serial.save_state()},
                 guest={"layout": "vmig/guest/layout.py", "booted_cpus": sorted(self.booted_cpus)},
             )
+
+    def guest_cpuid(self) -> tuple[dict[str, int], ...]:
+        """The CPUID the vCPUs were given (all alike), as plain data: CONFIG carries it."""
+        return self._cpuid
 
     def snapshot(self, directory: str) -> None:
         """Write state.json and memory.bin of the paused VM into `directory`."""

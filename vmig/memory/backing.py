@@ -1,15 +1,15 @@
-"""Guest RAM: one shared mapping (memfd or file) with bounds-checked access by GPA.
+"""Guest RAM's backing: one shared mapping of a memfd or file, and its housekeeping.
 
-The mapping is MAP_SHARED so another process can map the same pages (the memfd
-is what a local migration hands over with SCM_RIGHTS, and `--memory-file`
-behaves like QEMU's memory-backend-file with share=on). Writes the VMM makes
-through `write()` are recorded in a VMM-side dirty bitmap, because KVM's dirty
-log only sees the guest's own writes; migration ORs the two.
+`MemoryBacking` owns the fd and the MAP_SHARED mapping (another process can map the
+same pages: the memfd is what a local migration hands over with SCM_RIGHTS, and
+`--memory-file` behaves like QEMU's memory-backend-file with share=on). It manages the
+host side of guest RAM: prefaulting (`populate`), reserving (`allocate`), freeing
+(`discard`) and finding the parts that hold data (`data_extents`). Access by guest
+address is `GuestMemory`'s (vmig.memory.guest).
 
-Prefaulting (`populate`), allocating (`allocate`) and freeing (`discard`) call libc
-through ctypes, which lets go of the GIL for the length of the call: CPython's own
-``mmap.madvise`` keeps it, and a half-second MADV_POPULATE_WRITE would stall every
-other thread of the process (see /work/shared/notes/baselines.md).
+These call libc through ctypes, which lets go of the GIL for the length of the call:
+CPython's own ``mmap.madvise`` keeps it, and a half-second MADV_POPULATE_WRITE would
+stall every other thread of the process (see /work/shared/notes/baselines.md).
 """
 
 from __future__ import annotations
@@ -20,23 +20,16 @@ import gc
 import logging
 import mmap
 import os
-import struct
-import threading
-from collections.abc import Callable, Iterable
-
-import numpy as np
+from collections.abc import Callable
 
 from vmig.errors import GuestMemoryError
-from vmig.ranges import RangeTable
-from vmig.units import PAGE_SHIFT, PAGE_SIZE, format_size
-from vmig.zeropages import split_zero_pages
+from vmig.units import PAGE_SIZE, format_size
 
 log = logging.getLogger(__name__)
 
 MADV_POPULATE_WRITE = 23  # linux/mman.h, 5.14+: prefault writable pages in one call
 FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
 FALLOC_FL_PUNCH_HOLE = 0x02
-_U64 = struct.Struct("<Q")
 
 # Foreign calls through a CDLL release the GIL while they run (a PyDLL would not).
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -69,14 +62,13 @@ def host_available_memory() -> int:
     return fields.get("MemAvailable", 0) + fields.get("SwapFree", 0)
 
 
-class GuestMemory:
-    """Guest RAM from guest-physical 0 to `size`, in one KVM slot.
+class MemoryBacking:
+    """The host side of guest RAM: `size` bytes of a memfd or file, mapped shared.
 
-    Owns the fd and the mapping. Hand out memoryviews with `view()`; they must be
-    released before `close()` (Python refuses to unmap exported buffers).
+    Owns the fd and the mapping. `buffer` is a writable memoryview of the whole
+    mapping; views sliced from it must be released before `close()` (Python refuses to
+    unmap exported buffers).
     """
-
-    SLOT = 0
 
     def __init__(self, fd: int, size: int, path: str | None = None) -> None:
         self._fd = fd
@@ -91,16 +83,12 @@ class GuestMemory:
         anchor = ctypes.c_char.from_buffer(self._map)
         self.host_addr = ctypes.addressof(anchor)
         del anchor  # keep no exported pointer, so that close() can unmap
-        self._view = memoryview(self._map)
-        self._vmm_dirty = np.zeros((size // PAGE_SIZE + 63) // 64, dtype=np.uint64)
-        self._dirty_lock = threading.Lock()
+        self.buffer = memoryview(self._map)
         self._populate_unsupported = False
 
-    # --- construction ----------------------------------------------------------
-
     @classmethod
-    def create(cls, size: int, path: str | None = None) -> GuestMemory:
-        """New guest RAM of `size` bytes: an anonymous memfd, or the file at `path`."""
+    def create(cls, size: int, path: str | None = None) -> MemoryBacking:
+        """`size` bytes of new backing: an anonymous memfd, or the file at `path`."""
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"bad guest memory size {size}: must be a multiple of 4 KiB")
         if path is None:
@@ -137,15 +125,13 @@ class GuestMemory:
         return cls(fd, size, path)
 
     @classmethod
-    def from_fd(cls, fd: int, size: int) -> GuestMemory:
+    def from_fd(cls, fd: int, size: int) -> MemoryBacking:
         """Adopt an fd (e.g. a memfd received over SCM_RIGHTS); this object then owns it."""
         actual = os.fstat(fd).st_size
         if actual < size:
             os.close(fd)
             raise GuestMemoryError(f"memory fd holds {actual} bytes, expected {size}")
         return cls(fd, size)
-
-    # --- access ------------------------------------------------------------------
 
     @property
     def is_open(self) -> bool:
@@ -166,68 +152,6 @@ class GuestMemory:
             raise GuestMemoryError(
                 f"guest range {gpa:#x}+{length:#x} is outside guest memory (size {self.size:#x})"
             )
-
-    def view(self, gpa: int, length: int) -> memoryview:
-        """A writable memoryview of [gpa, gpa+length); not tracked as a VMM write."""
-        self._check_open()
-        self.check_range(gpa, length)
-        return self._view[gpa:gpa + length]
-
-    def views(self, ranges: Iterable[tuple[int, int]]) -> list[memoryview]:
-        """Writable views of several (gpa, length) ranges, in order, for scatter/gather I/O.
-
-        A RangeTable is checked in one step and sliced from plain ints: scattered pages
-        make thousands of views per chunk, and each costs the GIL (3x less this way).
-        """
-        if not isinstance(ranges, RangeTable):
-            return [self.view(gpa, length) for gpa, length in ranges]
-        self._check_open()
-        gpas, lengths = ranges.as_arrays()
-        if not len(gpas):
-            return []
-        ends = gpas + lengths  # a RangeTable's ranges never wrap past 2**64
-        if int(ends.max()) > self.size:
-            last = int(np.argmax(ends))
-            self.check_range(int(gpas[last]), int(lengths[last]))  # raises, naming it
-        view = self._view
-        return [view[start:end] for start, end in zip(gpas.tolist(), ends.tolist(),
-                                                      strict=True)]
-
-    def read(self, gpa: int, length: int) -> bytes:
-        """Copy `length` bytes out of guest memory."""
-        return bytes(self.view(gpa, length))
-
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Copy `data` into guest memory and record the pages as VMM-dirtied."""
-        self.view(gpa, len(data))[:] = data
-        self.mark_dirty(gpa, len(data))
-
-    def read_u64(self, gpa: int) -> int:
-        self.check_range(gpa, 8)
-        return _U64.unpack_from(self._view, gpa)[0]
-
-    def write_u64(self, gpa: int, value: int) -> None:
-        self.write(gpa, _U64.pack(value))
-
-    # --- VMM-side dirty tracking -------------------------------------------------
-
-    def mark_dirty(self, gpa: int, length: int) -> None:
-        """Record that the VMM wrote [gpa, gpa+length)."""
-        if length <= 0:
-            return
-        first, last = gpa >> PAGE_SHIFT, (gpa + length - 1) >> PAGE_SHIFT
-        with self._dirty_lock:
-            for page in range(first, last + 1):
-                self._vmm_dirty[page >> 6] |= np.uint64(1 << (page & 63))
-
-    def take_vmm_dirty(self) -> np.ndarray:
-        """The VMM-dirtied pages since the last call (u64 words, one bit per page); clears."""
-        with self._dirty_lock:
-            words = self._vmm_dirty.copy()
-            self._vmm_dirty[:] = 0
-        return words
-
-    # --- host-side housekeeping --------------------------------------------------
 
     def populate(self, gpa: int = 0, length: int | None = None) -> None:
         """Prefault [gpa, gpa+length) writable in one call (MADV_POPULATE_WRITE).
@@ -302,28 +226,6 @@ class GuestMemory:
         end = gpa + length + (-(gpa + length)) % PAGE_SIZE  # size is whole pages
         return start, end
 
-    # --- contents -----------------------------------------------------------------
-
-    def zero_pages(self, gpa: int, length: int) -> RangeTable:
-        """The pages of [gpa, gpa+length) (whole pages) whose 4096 bytes are all zero.
-
-        Reads the memory (numpy, the GIL released for most of it): a hole of a memfd
-        reads as zeros but gets allocated by the read, so mind `data_extents`.
-        """
-        return self.split_zero_pages(RangeTable.full(length, gpa))[1]
-
-    def split_zero_pages(self, table: RangeTable) -> tuple[RangeTable, RangeTable]:
-        """Split ranges of whole pages into (data ranges, all-zero ranges), both in the
-        table's order (see `vmig.zeropages.split_zero_pages`)."""
-        self._check_open()
-        gpas, lengths = table.as_arrays()
-        if len(gpas):
-            self.check_range(int(gpas.min()), int((gpas + lengths).max()) - int(gpas.min()))
-        try:
-            return split_zero_pages(self._view, table)
-        except ValueError as exc:
-            raise GuestMemoryError(str(exc)) from None
-
     def data_extents(self) -> list[tuple[int, int]]:
         """(gpa, length) of every part of the backing file that holds data.
 
@@ -358,7 +260,7 @@ class GuestMemory:
     def close(self) -> None:
         """Unmap and close; idempotent. Views still handed out delay the unmapping."""
         if self._fd >= 0:
-            self._view.release()
+            self.buffer.release()
             try:
                 self._map.close()
             except BufferError:
@@ -371,9 +273,8 @@ class GuestMemory:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> GuestMemory:
+    def __enter__(self) -> MemoryBacking:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
