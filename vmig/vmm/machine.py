@@ -29,15 +29,15 @@ from vmig.errors import ConfigError, GuestError, KvmError, SnapshotError, StateE
 from vmig.guest import layout
 from vmig.guest.build import guest_image
 from vmig.kvm import Kvm, Vcpu, Vm
-from vmig.kvm.vcpu import SAVED_MSRS
 from vmig.memory import GuestMemory
 from vmig.ranges import RangeTable
 from vmig.units import PAGE_SIZE
 from vmig.vmm.boot import enter_real_mode, write_boot_memory
 from vmig.vmm.devices import SERIAL_PORTS, STATUS_PORTS, IoBus, Serial8250, StatusPort
 from vmig.vmm.snapshot import read_snapshot, write_snapshot
-from vmig.vmm.state import MachineState, load_vcpu_state, read_vcpu_state
+from vmig.vmm.state import MachineState
 from vmig.vmm.throttle import Throttle
+from vmig.vmm.vcpu_state import notify_paused, restore_vcpus, save_vcpus
 from vmig.vmm.vcpu_thread import (
     HLT_WAIT_S,
     IDLE_HLT_WAIT_S,
@@ -167,13 +167,11 @@ class Machine:
             for index in range(config.cpus):
                 vcpu = vm.create_vcpu(index)
                 stack.callback(vcpu.close)
-                vcpu.set_cpuid2(cpuid)
+                vcpu.set_cpuid2(cpuid)  # a version-2 restore sets the saved CPUID instead
                 vcpus.append(vcpu)
             tsc_khz = vcpus[0].get_tsc_khz()
             if restore is not None:
-                msr_names = set(kvm.msr_index_list())
-                for vcpu, saved in zip(vcpus, restore.vcpus, strict=True):
-                    load_vcpu_state(vcpu, saved, msr_names)
+                restore_vcpus(kvm, vm, vcpus, restore.vcpus, restore.clock, tsc_khz)
             serial_log = _open_serial_log(config.serial_log)
             if serial_log is not None:
                 stack.callback(serial_log.close)
@@ -201,6 +199,7 @@ class Machine:
                 self._require_idle("pause")
             self._require(VmState.RUNNING, "pause")
             self._pause_vcpus()
+            notify_paused(self.vcpus)
             self.state = VmState.PAUSED
 
     def resume_for(self, owner: str | None) -> None:
@@ -400,17 +399,15 @@ class Machine:
         """The paused VM's state as plain data (memory excluded)."""
         with self._lock:
             self._require(VmState.PAUSED, "save the VM state")
-            msr_names = set(self.kvm.msr_index_list())
-            wanted = [index for index in SAVED_MSRS if index in msr_names]
-            vcpus = []
             for handle in self.handles:
                 if handle.state is not VcpuRunState.PAUSED:
                     raise StateError(f"vCPU {handle.vcpu.vcpu_id} is {handle.state.value}")
-                vcpus.append(read_vcpu_state(handle.vcpu, wanted))
+            clock, vcpus = save_vcpus(self.kvm, self.vm, self.vcpus)
             return MachineState(
                 config=self.config,
                 tsc_khz=self.tsc_khz,
                 vcpus=vcpus,
+                clock=clock,
                 devices={"serial": self.serial.save_state()},
                 guest={"layout": "vmig/guest/layout.py", "booted_cpus": sorted(self.booted_cpus)},
             )
