@@ -16,7 +16,7 @@ ROOT = "vmig"  # the package itself (vmig/__init__.py), not everything below it
 # Lowest first; a module may import from its own layer or any layer below.
 LAYERS: list[tuple[str, ...]] = [
     ("vmig.errors", "vmig.units", "vmig.ranges", "vmig.config", "vmig.logs", "vmig.guest.layout",
-     "vmig.guest", ROOT),
+     "vmig.guest", "vmig.cpu_compat", ROOT),
     ("vmig.proto", "vmig.migration.policy"),
     ("vmig.kvm", "vmig.memory", "vmig.uffd", "vmig.zeropages", "vmig.guest.build"),
     ("vmig.transport", "vmig.vmm"),
@@ -34,7 +34,7 @@ FORBIDDEN = {
 }
 #: The pure core does no I/O, keeps no threads or clocks of its own, and builds only
 #: on the other pure pieces.
-PURE = ("vmig.proto", "vmig.ranges", "vmig.migration.policy")
+PURE = ("vmig.proto", "vmig.ranges", "vmig.migration.policy", "vmig.cpu_compat")
 PURE_MAY_IMPORT = ("vmig.errors", "vmig.units", "vmig.ranges", "vmig.proto")
 IMPURE_STDLIB = {"socket", "threading", "time", "os", "select", "selectors", "ctypes", "fcntl",
                  "mmap", "signal", "subprocess", "asyncio"}

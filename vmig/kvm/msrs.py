@@ -35,10 +35,12 @@ MSR_NAMES: dict[int, str] = {
 }
 
 #: (first, count) ranges of PMU MSRs, from Firecracker's list of MSRs it does not dump,
-#: plus the global control/status MSRs of AMD's PerfMonV2 and Intel's PEBS/DS.
+#: plus the global control/status MSRs of AMD's PerfMonV2 and Intel's PEBS/DS. The
+#: general-purpose counters and event selects are 8 (KVM's KVM_MAX_NR_GP_COUNTERS), not
+#: Firecracker's 18, whose counter range would also cover 0xce, PLATFORM_INFO.
 PMU_MSR_RANGES: tuple[tuple[int, int], ...] = (
-    (0xC1, 18),  # ARCH_PERFMON_PERFCTRn
-    (0x186, 18),  # ARCH_PERFMON_EVENTSELn
+    (0xC1, 8),  # ARCH_PERFMON_PERFCTRn
+    (0x186, 8),  # ARCH_PERFMON_EVENTSELn
     (0x309, 3),  # ARCH_PERFMON_FIXED_CTRn
     (0x38D, 5),  # CORE_PERF_FIXED_CTR_CTRL, GLOBAL_STATUS, GLOBAL_CTRL, GLOBAL_OVF_CTRL, _SET
     (0x345, 1),  # IA32_PERF_CAPABILITIES
