@@ -7,14 +7,13 @@ RESULT. `StatePage.read()` decodes that page from guest memory bytes.
 
 from __future__ import annotations
 
+import os
 import struct
-import subprocess
-import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-SOURCE = Path(__file__).parent / "guests" / "state_test.S"
-LOAD_GPA = 0x7C00
+SOURCE = "state_test.S"  # in tests/guests; build it with asm.build_raw
 RESULT_GPA = 0x9000
 MAGIC = 0x5354415445
 #: (MSR index, the value the guest writes), in the order of the guest's msr_writes table.
@@ -28,18 +27,6 @@ def xmm_expected(n: int) -> bytes:
     low = int(f"{n + 1:x}" * 4 + "0123456789ab", 16)
     high = int("fedcba98765" + f"{n:x}" * 5, 16)
     return struct.pack("<QQ", low, high)
-
-
-def build_state_guest() -> bytes:
-    """The raw image (a boot sector and its data, about 600 bytes), linked at 0x7c00."""
-    with tempfile.TemporaryDirectory() as tmp:
-        obj, out = Path(tmp) / "g.o", Path(tmp) / "g.bin"
-        subprocess.run(["gcc", "-m32", "-c", "-o", str(obj), str(SOURCE)], check=True)
-        subprocess.run(["ld", "-m", "elf_i386", f"-Ttext={LOAD_GPA:#x}", "--oformat=binary",
-                        "-o", str(out), str(obj)], check=True)
-        image = out.read_bytes()
-    assert image[510:512] == b"\x55\xaa", len(image)
-    return image
 
 
 @dataclass(frozen=True)
@@ -77,19 +64,35 @@ class StatePage:
         return self.debug, self.xmm, self.msrs
 
 
-def read_page(memory) -> StatePage:
-    """The RESULT page from a `GuestMemory`."""
-    return StatePage.read(bytes(memory.view(RESULT_GPA, 0x1000)))
+def memory_reader(memory) -> Callable[[], StatePage]:
+    """Reads the RESULT page from a `GuestMemory` of this process."""
+    return lambda: StatePage.read(bytes(memory.view(RESULT_GPA, 0x1000)))
 
 
-def fresh_page(memory, timeout: float = 10.0) -> tuple[StatePage, float]:
+def process_memory_reader(pid: int) -> Callable[[], StatePage]:
+    """Reads the RESULT page from the guest memory (memfd or file) of VMM process `pid`."""
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{name}")
+        if target.startswith("/memfd:vmig-guest-ram"):
+            path = f"/proc/{pid}/fd/{name}"
+            break
+    else:
+        raise AssertionError(f"VMM {pid} has no guest memory fd")
+
+    def read() -> StatePage:
+        with open(path, "rb") as memory:
+            memory.seek(RESULT_GPA)
+            return StatePage.read(memory.read(0x1000))
+
+    return read
+
+
+def fresh_page(read: Callable[[], StatePage], timeout: float = 10.0) -> tuple[StatePage, float]:
     """The RESULT page once the guest has written it again, and the wall time then."""
-    import time
-
-    first = read_page(memory)
+    first = read()
     deadline = time.monotonic() + timeout
     while True:
-        page = read_page(memory)
+        page = read()
         if page.magic == MAGIC and page.counter != first.counter:
             return page, time.time()
         assert time.monotonic() < deadline, f"the state-test guest stopped at {page.counter}"

@@ -2,8 +2,8 @@
 MSRs beyond vmig's version-1 set and kvmclock keeps them through a snapshot/restore
 and a migration, and its TSC and kvmclock advance by the wall time in between.
 
-Sender, receiver and both VMs run in this process (tests/e2e runs VMM processes).
-The guest is tests/guests/state_test.S, started in real mode at 0x7c00.
+Sender, receiver and both VMs run in this process; tests/e2e/test_vcpu_state.py does
+the same through VMM processes. The guest is tests/guests/state_test.S, a boot image.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ from __future__ import annotations
 import time
 
 import pytest
-from state_guest import LOAD_GPA, build_state_guest, check_carried, fresh_page
+from asm import build_raw
+from state_guest import SOURCE, check_carried, fresh_page, memory_reader
 
 from vmig.config import VmConfig
 from vmig.kvm import bindings as b
-from vmig.memory import GuestMemory
 from vmig.migration.params import ReceiveParams, SendParams
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
-from vmig.vmm.boot import enter_real_mode
 from vmig.vmm.machine import Machine, VmState, install_kick_handler
 
 pytestmark = pytest.mark.kvm
@@ -34,31 +33,22 @@ def _kick_handler():
 
 
 @pytest.fixture
-def state_vm():
+def state_vm(tmp_path):
     """The state-test guest running in a 64 MiB VM."""
-    config = VmConfig.build(memory="64M", cpus=1)
-    memory = GuestMemory.create(config.memory_bytes)
-    machine = Machine._assemble(config, memory, restore=None)
-    try:
-        image = build_state_guest()
-        memory.view(LOAD_GPA, len(image))[:] = image
-        enter_real_mode(machine.vcpus[0], LOAD_GPA)
-        machine.booted_cpus = {0}
-        machine.resume_for(None)
+    image = build_raw(SOURCE, tmp_path)
+    with Machine.boot(VmConfig.build(memory="64M", boot_image=str(image))) as machine:
         yield machine
-    finally:
-        machine.close()
 
 
 def test_snapshot_and_restore_keep_the_whole_vcpu_state(state_vm, tmp_path):
-    before, wall_before = fresh_page(state_vm.memory)
+    before, wall_before = fresh_page(memory_reader(state_vm.memory))
     state_vm.pause()
     state_vm.snapshot(str(tmp_path / "snap"))
     state = state_vm.save_state()
     assert state.version == 2
     time.sleep(AWAY_S)
     with Machine.restore_snapshot(str(tmp_path / "snap")) as restored:
-        after, wall_after = fresh_page(restored.memory)
+        after, wall_after = fresh_page(memory_reader(restored.memory))
         check_carried(before, after, wall_after - wall_before, state_vm.tsc_khz)
         assert wall_after - wall_before >= AWAY_S
         restored.pause()  # the CPUID applied is the saved one, not the host's
@@ -78,7 +68,7 @@ def test_migration_keeps_the_whole_vcpu_state(state_vm):
         # a fresh VM's kvmclock starts at 0: let the source's run ahead, so a destination
         # that did not set the clock would show it going back
         time.sleep(1.0)
-        before, wall_before = fresh_page(state_vm.memory)
+        before, wall_before = fresh_page(memory_reader(state_vm.memory))
         summary = MigrationSender(state_vm, SendParams(url, token=TOKEN, connections=2)).run()
         assert summary["status"] == "completed"
         deadline = time.monotonic() + 10
@@ -86,7 +76,7 @@ def test_migration_keeps_the_whole_vcpu_state(state_vm):
             time.sleep(0.01)
         assert outcome.get("error") is None and state_vm.state is VmState.MIGRATED
         with outcome["machine"] as destination:
-            after, wall_after = fresh_page(destination.memory)
+            after, wall_after = fresh_page(memory_reader(destination.memory))
             check_carried(before, after, wall_after - wall_before, destination.tsc_khz)
     finally:
         receiver.close()
