@@ -15,7 +15,7 @@ from asm import build_raw
 from state_guest import SOURCE, check_carried, fresh_page, memory_reader
 
 from vmig.config import VmConfig
-from vmig.kvm import bindings as b
+from vmig.kvm import buffers
 from vmig.migration.params import ReceiveParams, SendParams
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
@@ -52,7 +52,7 @@ def test_snapshot_and_restore_keep_the_whole_vcpu_state(state_vm, tmp_path):
         check_carried(before, after, wall_after - wall_before, state_vm.tsc_khz)
         assert wall_after - wall_before >= AWAY_S
         restored.pause()  # the CPUID applied is the saved one, not the host's
-        assert b.cpuid_entries(restored.vcpus[0].get_cpuid2()) == state.vcpus[0].cpuid
+        assert buffers.cpuid_entries(restored.vcpus[0].get_cpuid2()) == state.vcpus[0].cpuid
 
 
 def test_migration_keeps_the_whole_vcpu_state(state_vm):

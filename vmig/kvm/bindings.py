@@ -145,7 +145,7 @@ class kvm_mp_state(ctypes.Structure):
 
 
 class kvm_xsave(ctypes.Structure):
-    """The 4 KiB kvm_xsave; a bigger KVM_GET_XSAVE2 buffer comes from `xsave_buffer()`."""
+    """The 4 KiB kvm_xsave; a bigger KVM_GET_XSAVE2 buffer comes from `buffers.xsave_buffer()`."""
 
     _fields_ = [("region", u32 * (KVM_XSAVE_LEGACY_BYTES // 4))]
 
@@ -194,13 +194,13 @@ class kvm_msr_entry(ctypes.Structure):
 
 
 class kvm_msrs(ctypes.Structure):
-    """Header of the variable-length kvm_msrs; see `msrs_buffer()`."""
+    """Header of the variable-length kvm_msrs; see `buffers.msrs_buffer()`."""
 
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 
 class kvm_msr_list(ctypes.Structure):
-    """Header of the variable-length kvm_msr_list; see `msr_list_buffer()`."""
+    """Header of the variable-length kvm_msr_list; see `buffers.msr_list_buffer()`."""
 
     _fields_ = [("nmsrs", u32)]
 
@@ -219,7 +219,7 @@ class kvm_cpuid_entry2(ctypes.Structure):
 
 
 class kvm_cpuid2(ctypes.Structure):
-    """Header of the variable-length kvm_cpuid2; see `cpuid_buffer()`."""
+    """Header of the variable-length kvm_cpuid2; see `buffers.cpuid_buffer()`."""
 
     _fields_ = [("nent", u32), ("padding", u32)]
 
@@ -313,44 +313,6 @@ class kvm_run(ctypes.Structure):
     ]
 
 
-# --- variable-length structs ----------------------------------------------------
-
-def msrs_buffer(indices: list[int]) -> tuple[ctypes.Structure, ctypes.Array]:
-    """A kvm_msrs with `len(indices)` entries; returns (whole buffer, entries array)."""
-    n = len(indices)
-
-    class _Msrs(ctypes.Structure):
-        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]
-
-    buf = _Msrs(nmsrs=n)
-    for entry, index in zip(buf.entries, indices, strict=True):
-        entry.index = index
-    return buf, buf.entries
-
-
-def msr_list_buffer(capacity: int) -> ctypes.Structure:
-    """A kvm_msr_list with room for `capacity` indices."""
-
-    class _MsrList(ctypes.Structure):
-        _fields_ = [("nmsrs", u32), ("indices", u32 * capacity)]
-
-    return _MsrList(nmsrs=capacity)
-
-
-def cpuid_buffer(capacity: int) -> ctypes.Structure:
-    """A kvm_cpuid2 with room for `capacity` entries."""
-
-    class _Cpuid(ctypes.Structure):
-        _fields_ = [("nent", u32), ("padding", u32), ("entries", kvm_cpuid_entry2 * capacity)]
-
-    return _Cpuid(nent=capacity)
-
-
-def xsave_buffer(size: int) -> ctypes.Array:
-    """A zeroed buffer of `size` bytes (at least the 4 KiB kvm_xsave) for KVM_GET/SET_XSAVE(2)."""
-    return (u8 * max(size, KVM_XSAVE_LEGACY_BYTES))()
-
-
 # --- ioctl numbers, each derived from its argument's size ----------------------
 
 # /dev/kvm
@@ -427,20 +389,3 @@ ABI_SIZES: dict[type[ctypes.Structure], int] = {
     kvm_run: 2352,
 }
 
-
-CPUID_ENTRY_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
-
-
-def cpuid_entries(cpuid: ctypes.Structure) -> list[dict[str, int]]:
-    """A kvm_cpuid2's entries as plain dicts (the form saved state and CONFIG carry)."""
-    return [{name: int(getattr(entry, name)) for name in CPUID_ENTRY_FIELDS}
-            for entry in cpuid.entries[: cpuid.nent]]
-
-
-def cpuid_from_entries(entries: list[dict[str, int]]) -> ctypes.Structure:
-    """The inverse of `cpuid_entries`: a kvm_cpuid2 for KVM_SET_CPUID2."""
-    buf = cpuid_buffer(len(entries))
-    for target, entry in zip(buf.entries, entries, strict=True):
-        for name in CPUID_ENTRY_FIELDS:
-            setattr(target, name, int(entry[name]))
-    return buf

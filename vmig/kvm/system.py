@@ -8,6 +8,7 @@ import os
 
 from vmig.errors import KvmError, KvmUnavailableError
 from vmig.kvm import bindings as b
+from vmig.kvm import buffers
 from vmig.kvm._ioctl import ioctl
 from vmig.kvm.vcpu import read_cpuid_list
 from vmig.kvm.vm import Vm
@@ -71,7 +72,7 @@ class Kvm:
     def msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: the MSRs this KVM can save and restore; the kernel
         lists its emulated MSRs (kvmclock's among them) after the hardware ones."""
-        buf = b.msr_list_buffer(1024)
+        buf = buffers.msr_list_buffer(1024)
         ioctl(self.fd, b.KVM_GET_MSR_INDEX_LIST, buf, name="KVM_GET_MSR_INDEX_LIST")
         return list(buf.indices[: buf.nmsrs])
 

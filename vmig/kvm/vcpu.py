@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from vmig.errors import KvmError
 from vmig.kvm import bindings as b
+from vmig.kvm import buffers
 from vmig.kvm._ioctl import ioctl
 
 
@@ -17,7 +18,7 @@ def read_cpuid_list(fd: int, request: int, name: str) -> ctypes.Structure:
     """A kvm_cpuid2-returning ioctl, growing the buffer until the kernel is satisfied."""
     capacity = 64
     while True:
-        buf = b.cpuid_buffer(capacity)
+        buf = buffers.cpuid_buffer(capacity)
         try:
             ioctl(fd, request, buf, name=name)
             return buf
@@ -123,7 +124,7 @@ class Vcpu:
     def get_xsave(self, size: int) -> bytes:
         """The XSAVE area: KVM_GET_XSAVE2 into `size` bytes, or KVM_GET_XSAVE (4 KiB) when
         `size` is 0 (no KVM_CAP_XSAVE2)."""
-        buf = b.xsave_buffer(size)
+        buf = buffers.xsave_buffer(size)
         if size:
             ioctl(self.fd, b.KVM_GET_XSAVE2, buf, name="KVM_GET_XSAVE2")
         else:
@@ -133,7 +134,7 @@ class Vcpu:
     def set_xsave(self, area: bytes, size: int = 0) -> None:
         """KVM_SET_XSAVE; the kernel reads as many bytes as its KVM_CAP_XSAVE2 `size` says,
         so the buffer has at least that many."""
-        buf = b.xsave_buffer(max(len(area), size))
+        buf = buffers.xsave_buffer(max(len(area), size))
         ctypes.memmove(buf, area, len(area))
         ioctl(self.fd, b.KVM_SET_XSAVE, buf, name="KVM_SET_XSAVE")
 
@@ -152,11 +153,11 @@ class Vcpu:
     def get_msrs(self, indices: list[int] | tuple[int, ...]) -> dict[int, int]:
         """KVM_GET_MSRS for `indices`; KVM stops at the first MSR it cannot read, so the
         rest are read one by one and those that fail are left out."""
-        buf, entries = b.msrs_buffer(list(indices))
+        buf, entries = buffers.msrs_buffer(list(indices))
         count = ioctl(self.fd, b.KVM_GET_MSRS, buf, name="KVM_GET_MSRS")
         values = {entries[i].index: entries[i].data for i in range(count)}
         for index in list(indices)[count + 1:]:
-            one, entry = b.msrs_buffer([index])
+            one, entry = buffers.msrs_buffer([index])
             if ioctl(self.fd, b.KVM_GET_MSRS, one, name="KVM_GET_MSRS") == 1:
                 values[index] = entry[0].data
         return values
@@ -164,7 +165,7 @@ class Vcpu:
     def set_msrs(self, msrs: dict[int, int]) -> int:
         """KVM_SET_MSRS in the dict's order; returns how many KVM accepted (it stops at
         the first it refuses, which is then `list(msrs)[count]`)."""
-        buf, entries = b.msrs_buffer(list(msrs))
+        buf, entries = buffers.msrs_buffer(list(msrs))
         for entry in entries:
             entry.data = msrs[entry.index]
         return ioctl(self.fd, b.KVM_SET_MSRS, buf, name="KVM_SET_MSRS")

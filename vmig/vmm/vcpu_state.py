@@ -15,7 +15,7 @@ import errno
 from dataclasses import dataclass
 
 from vmig.errors import KvmError
-from vmig.kvm import Kvm, Vcpu, Vm
+from vmig.kvm import Kvm, Vcpu, Vm, buffers
 from vmig.kvm import bindings as b
 from vmig.kvm.msrs import MSR_IA32_TSC, msr_name, msrs_to_save, restore_order
 from vmig.vmm.state import CLOCK_FIELDS, VcpuState, dict_to_struct, struct_to_dict
@@ -45,7 +45,7 @@ def read_vcpu_state(vcpu: Vcpu, support: StateSupport) -> VcpuState:
     sregs2 = struct_to_dict(vcpu.get_sregs2()) if support.sregs2 else None
     return VcpuState(
         vcpu_id=vcpu.vcpu_id,
-        cpuid=b.cpuid_entries(vcpu.get_cpuid2()),
+        cpuid=buffers.cpuid_entries(vcpu.get_cpuid2()),
         mp_state=struct_to_dict(vcpu.get_mp_state()),
         regs=struct_to_dict(vcpu.get_regs()),
         sregs=None if sregs2 is not None else struct_to_dict(vcpu.get_sregs()),
@@ -67,7 +67,7 @@ def load_vcpu_state(vcpu: Vcpu, state: VcpuState, support: StateSupport) -> None
     debug registers; it carries the legacy FPU area instead.
     """
     if state.cpuid is not None:
-        vcpu.set_cpuid2(b.cpuid_from_entries(state.cpuid))
+        vcpu.set_cpuid2(buffers.cpuid_from_entries(state.cpuid))
     mp_state = state.kvm_mp_state()
     if mp_state is not None:
         vcpu.set_mp_state(mp_state)
