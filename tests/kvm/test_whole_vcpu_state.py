@@ -8,6 +8,7 @@ the same through VMM processes. The guest is tests/guests/state_test.S, a boot i
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -16,10 +17,12 @@ from state_guest import SOURCE, check_carried, fresh_page, memory_reader
 
 from vmig.config import VmConfig
 from vmig.kvm import buffers
+from vmig.memory import GuestMemory
 from vmig.migration.params import ReceiveParams, SendParams
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
 from vmig.vmm.machine import Machine, VmState, install_kick_handler
+from vmig.vmm.state import MachineState, struct_to_dict
 
 pytestmark = pytest.mark.kvm
 
@@ -80,3 +83,34 @@ def test_migration_keeps_the_whole_vcpu_state(state_vm):
             check_carried(before, after, wall_after - wall_before, destination.tsc_khz)
     finally:
         receiver.close()
+
+
+V1_MSRS = (0x174, 0x175, 0x176, 0x277, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,
+           0xC0000102, 0xC0000103, 0x10)  # what format 1 saved
+
+
+def test_a_version_1_state_of_vmigs_guest_still_restores():
+    config = VmConfig.build(memory="128M", cpus=2, workload="dirty", working_set="16M",
+                            dirty_rate=20_000)
+    with Machine.boot(config) as source:
+        source.pause()
+        v2 = source.save_state()
+        # the document format 1 wrote: regs, sregs, the FPU area, 11 MSRs, events
+        document = json.loads(v2.to_json())
+        document["version"] = 1
+        del document["clock"]
+        for saved, handle in zip(document["vcpus"], source.handles, strict=True):
+            vcpu = handle.vcpu
+            msrs = vcpu.get_msrs(V1_MSRS)
+            for name in ("cpuid", "mp_state", "sregs2", "xsave", "xcrs", "debugregs",
+                         "tsc_offset"):
+                del saved[name]
+            saved.update(sregs=struct_to_dict(vcpu.get_sregs()),
+                         fpu=struct_to_dict(vcpu.get_fpu()),
+                         msrs={f"{index:#x}": value for index, value in msrs.items()})
+        v1 = MachineState.from_json(json.dumps(document))
+        assert v1.version == 1
+        memory = GuestMemory.create(source.memory.size)
+        memory.view(0, memory.size)[:] = source.memory.view(0, memory.size)
+    with Machine.restore(v1, memory) as restored:
+        assert restored.check_guest()["ok"]
