@@ -46,6 +46,7 @@ def state_vm(tmp_path):
 def test_snapshot_and_restore_keep_the_whole_vcpu_state(state_vm, tmp_path):
     before, wall_before = fresh_page(memory_reader(state_vm.memory))
     state_vm.pause()
+    assert state_vm.vcpus[0].kvmclock_ctrl()  # the guest registered kvmclock: no EINVAL
     state_vm.snapshot(str(tmp_path / "snap"))
     state = state_vm.save_state()
     assert state.version == 2
@@ -114,3 +115,5 @@ def test_a_version_1_state_of_vmigs_guest_still_restores():
         memory.view(0, memory.size)[:] = source.memory.view(0, memory.size)
     with Machine.restore(v1, memory) as restored:
         assert restored.check_guest()["ok"]
+        restored.pause()  # vmig's guest has no kvmclock: KVMCLOCK_CTRL's EINVAL is no error
+        assert not restored.vcpus[0].kvmclock_ctrl()
