@@ -109,6 +109,7 @@ def check_carried(before: StatePage, after: StatePage, wall_s: float, tsc_khz: i
     tsc_s = (after.tsc - before.tsc) / (tsc_khz * 1000)
     clock_s = (after.kvmclock_ns() - before.kvmclock_ns()) / 1e9
     for what, moved in (("TSC", tsc_s), ("kvmclock", clock_s)):
-        # the guest may have written its page a little before it was read: 0.3 s of slack
-        assert wall_s - 0.3 <= moved <= wall_s + 0.05, (
+        # either page may have been written a little before it was read (a busy host can
+        # hold the reader or the vCPU back): 0.3 s of slack each way
+        assert wall_s - 0.3 <= moved <= wall_s + 0.3, (
             f"the guest's {what} moved {moved:.3f} s over {wall_s:.3f} s of wall time")
