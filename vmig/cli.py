@@ -24,7 +24,7 @@ import click
 from vmig import __version__
 from vmig.api.client import ApiClient
 from vmig.api.process import READY_MESSAGE
-from vmig.config import VmConfig
+from vmig.config import BOOT_CMDLINE_HELP, BOOT_IMAGE_HELP, VmConfig
 from vmig.errors import SnapshotError, VmigError, VmmUnreachableError, one_line
 from vmig.guest.layout import MAX_CPUS
 from vmig.logs import FORMATS, open_log_file
@@ -103,6 +103,9 @@ def vm_options(command: F) -> F:
                      help="Back guest RAM with this file instead of an anonymous memfd."),
         click.option("--serial-log", type=click.Path(dir_okay=False), metavar="PATH",
                      help="Append the guest's serial output to this file."),
+        click.option("--boot-image", type=click.Path(dir_okay=False), metavar="FILE",
+                     help=BOOT_IMAGE_HELP),
+        click.option("--boot-cmdline", metavar="TEXT", help=BOOT_CMDLINE_HELP),
     ]
     for option in reversed(options):
         command = option(command)
@@ -136,12 +139,13 @@ def cli() -> None:
                    "object per line; GET /api/v1/vmm.events streams the same.")
 def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | None,
         working_set: str | None, dirty_rate: int | None, order: str | None,
-        memory_file: str | None, serial_log: str | None, restore_dir: str | None,
+        memory_file: str | None, serial_log: str | None, boot_image: str | None,
+        boot_cmdline: str | None, restore_dir: str | None,
         log_level: str, log_file: str | None, log_format: str,
         event_monitor: str | None) -> None:
     """Run a VMM in the foreground and serve its API on --api-socket.
 
-    With --memory it boots a VM first, with --restore it restores one, with
+    With --memory or --boot-image it boots a VM first, with --restore it restores one, with
     neither it waits, empty, for `vmig remote create`, `restore` or
     `receive-migration` (a VM received by migration writes its serial output
     to --serial-log). It stops on SIGTERM, Ctrl-C or `vmig remote
@@ -149,11 +153,14 @@ def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | N
     """
     given = {name: value for name, value in (("cpus", cpus), ("workload", workload),
                                               ("working_set", working_set),
-                                              ("dirty_rate", dirty_rate), ("order", order))
+                                              ("dirty_rate", dirty_rate), ("order", order),
+                                              ("boot_cmdline", boot_cmdline))
              if value is not None}
-    if restore_dir is not None and memory is not None:
-        raise click.UsageError("--restore and --memory are mutually exclusive")
-    if given and memory is None:
+    if restore_dir is not None and (memory is not None or boot_image is not None):
+        flag = "--memory" if memory is not None else "--boot-image"
+        raise click.UsageError(f"--restore and {flag} are mutually exclusive")
+    boots = memory is not None or boot_image is not None
+    if given and not boots:
         flag = "--" + next(iter(given)).replace("_", "-")
         if restore_dir is not None:
             raise click.UsageError(f"{flag} cannot be used with --restore: the snapshot sets it")
@@ -163,14 +170,15 @@ def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | N
 
     # Validate everything before touching anything.
     config = None
-    if memory is not None:
-        config = VmConfig.build(memory=memory, memory_file=memory_file, serial_log=serial_log,
-                                **given)
+    if boots:
+        sized = {} if memory is None else {"memory": memory}
+        config = VmConfig.build(memory_file=memory_file, serial_log=serial_log,
+                                boot_image=_abspath(boot_image), **sized, **given)
     if restore_dir is not None:
         restore_dir = os.path.abspath(restore_dir)
         if not os.path.isdir(restore_dir):
             raise SnapshotError(f"snapshot directory {restore_dir} does not exist")
-    elif memory is None and memory_file:
+    elif not boots and memory_file:
         raise click.UsageError("--memory-file needs --memory or --restore")
 
     # The log file stays open until the process exits: records come until the very end.
@@ -313,11 +321,12 @@ def info(target: _Remote, as_json: bool) -> None:
 @vm_options
 @json_option()
 @click.pass_obj
-def create(target: _Remote, memory_file: str | None, serial_log: str | None, as_json: bool,
-           **fields: Any) -> None:
+def create(target: _Remote, memory_file: str | None, serial_log: str | None,
+           boot_image: str | None, as_json: bool, **fields: Any) -> None:
     """Build and boot a VM in an empty VMM; print its info (JSON)."""
     _print_json(target.client.create(memory_file=_abspath(memory_file),
-                                     serial_log=_abspath(serial_log), **fields), as_json)
+                                     serial_log=_abspath(serial_log),
+                                     boot_image=_abspath(boot_image), **fields), as_json)
 
 
 _VM_AFTER = "Print the VM's info afterwards as one JSON object (otherwise nothing)."

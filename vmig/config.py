@@ -29,6 +29,26 @@ class DirtyOrder(enum.StrEnum):
 DEFAULT_MEMORY = 256 * MiB
 DEFAULT_WORKING_SET = 64 * MiB
 DEFAULT_DIRTY_RATE = 10_000  # pages/s: 40 MB/s, well within one loopback connection
+DEFAULT_ORDER = "random"
+DEFAULT_SEED = 0x5EED
+
+#: The fields that only vmig's own guest reads (from its config page); an image guest has
+#: none of them, so giving one with a boot image is an error.
+OWN_GUEST_FIELDS = ("workload", "working_set", "dirty_rate", "order", "seed")
+
+# One description per boot field, used by the API model and the CLI's help.
+BOOT_IMAGE_HELP = ("Boot this file instead of vmig's own guest: a raw image (its first 512 "
+                   "bytes end 0x55 0xAA; loaded at 0x7c00, entered in real mode) or a "
+                   "Multiboot v1 kernel. The VMM reads it once, at boot; snapshots and "
+                   "migrations carry the guest's memory, not the file.")
+BOOT_CMDLINE_HELP = "Command line handed to a Multiboot kernel (needs a boot image)."
+
+
+class BootFormat(enum.StrEnum):
+    """What kind of boot image a VM was started from (detected from the file)."""
+
+    RAW = "raw"  #: a boot sector (and what follows it), real mode at 0000:7c00
+    MULTIBOOT = "multiboot"  #: a Multiboot v1 kernel, 32-bit protected mode
 
 
 @dataclass(frozen=True)
@@ -41,16 +61,42 @@ class VmConfig:
     working_set_bytes: int = DEFAULT_WORKING_SET
     dirty_rate: int = DEFAULT_DIRTY_RATE
     order: DirtyOrder = DirtyOrder.RANDOM
-    seed: int = 0x5EED
+    seed: int = DEFAULT_SEED
     memory_file: str | None = None
     serial_log: str | None = None
+    #: A guest vmig did not build: the image's path as given at boot (for the record: a
+    #: restore or a migration never reads it), its detected format and its sha256 (hex).
+    boot_image: str | None = None
+    boot_format: BootFormat | None = None
+    boot_sha256: str | None = None
+    boot_cmdline: str | None = None
 
     @classmethod
     def build(cls, *, memory: str | int = DEFAULT_MEMORY, cpus: int = 1,
-              workload: str = "idle", working_set: str | int | None = None,
-              dirty_rate: int = DEFAULT_DIRTY_RATE, order: str = "random", seed: int = 0x5EED,
-              memory_file: str | None = None, serial_log: str | None = None) -> VmConfig:
-        """Parse user-given strings and validate; raise ConfigError naming the bad field."""
+              workload: str | None = None, working_set: str | int | None = None,
+              dirty_rate: int | None = None, order: str | None = None, seed: int | None = None,
+              memory_file: str | None = None, serial_log: str | None = None,
+              boot_image: str | None = None, boot_cmdline: str | None = None) -> VmConfig:
+        """Parse user-given strings and validate; raise ConfigError naming the bad field.
+
+        None means "not given" (the default). With `boot_image` the own-guest fields
+        (OWN_GUEST_FIELDS) must not be given; the format and digest are filled in when
+        the VMM loads the image.
+        """
+        given = {"workload": workload, "working_set": working_set, "dirty_rate": dirty_rate,
+                 "order": order, "seed": seed}
+        if boot_image is not None:
+            named = [name for name, value in given.items() if value is not None]
+            if named:
+                raise ConfigError(f"{named[0]} does not apply to a boot image: only vmig's own "
+                                  "guest has a workload, working set, dirty rate, order and seed")
+        elif boot_cmdline is not None:
+            raise ConfigError("boot_cmdline needs boot_image (vmig's own guest takes no "
+                              "command line)")
+        workload = "idle" if workload is None else workload
+        order = DEFAULT_ORDER if order is None else order
+        dirty_rate = DEFAULT_DIRTY_RATE if dirty_rate is None else dirty_rate
+        seed = DEFAULT_SEED if seed is None else seed
         memory_bytes = parse_size(memory, "memory size")
         if working_set is None:
             ws_bytes = min(DEFAULT_WORKING_SET, layout.max_working_set_pages(memory_bytes)
@@ -67,9 +113,15 @@ class VmConfig:
             raise ConfigError(f"bad order {order!r}: expected 'sequential' or 'random'") from None
         config = cls(memory_bytes=memory_bytes, cpus=cpus, workload=workload_value,
                      working_set_bytes=ws_bytes, dirty_rate=dirty_rate, order=order_value,
-                     seed=seed, memory_file=memory_file, serial_log=serial_log)
+                     seed=seed, memory_file=memory_file, serial_log=serial_log,
+                     boot_image=boot_image, boot_cmdline=boot_cmdline)
         config.validate()
         return config
+
+    @property
+    def is_image_guest(self) -> bool:
+        """True for a guest booted from a boot image (not vmig's own)."""
+        return self.boot_image is not None
 
     def validate(self) -> None:
         """Raise ConfigError if this configuration cannot be built."""
@@ -82,6 +134,11 @@ class VmConfig:
             )
         if not 1 <= self.cpus <= layout.MAX_CPUS:
             raise ConfigError(f"bad cpus {self.cpus}: must be between 1 and {layout.MAX_CPUS}")
+        if self.is_image_guest:
+            if self.cpus != 1:  # no INIT/SIPI or APIC: nothing would start the other vCPUs
+                raise ConfigError(f"bad cpus {self.cpus}: a boot image runs on 1 vCPU (the VMM "
+                                  "has no APIC to start application processors)")
+            return  # the rest describes vmig's own guest
         if self.working_set_bytes % PAGE_SIZE or self.working_set_bytes <= 0:
             raise ConfigError(
                 f"bad working set {self.working_set_bytes}: must be a positive multiple of 4 KiB"
@@ -108,6 +165,7 @@ class VmConfig:
         data = dataclasses.asdict(self)
         data["workload"] = self.workload.value
         data["order"] = self.order.value
+        data["boot_format"] = None if self.boot_format is None else self.boot_format.value
         return data
 
     @classmethod
@@ -116,8 +174,9 @@ class VmConfig:
         try:
             fields = {f.name for f in dataclasses.fields(cls)}
             config = cls(**{k: v for k, v in data.items() if k in fields})
+            boot_format = None if config.boot_format is None else BootFormat(config.boot_format)
             config = dataclasses.replace(config, workload=Workload(config.workload),
-                                         order=DirtyOrder(config.order))
+                                         order=DirtyOrder(config.order), boot_format=boot_format)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad VM configuration: {exc}") from None
         config.validate()

@@ -83,6 +83,9 @@ class FakeMachine:
         machine.state = VmState.RUNNING if resume else VmState.PAUSED
         return machine
 
+    def listen(self, on_failure: object, on_halt: object) -> None:
+        self.on_failure, self.on_halt = on_failure, on_halt
+
     def _require(self, wanted: VmState, action: str) -> None:
         if self.fail_with is not None:
             raise self.fail_with

@@ -34,7 +34,7 @@ FORBIDDEN = {
 }
 #: The pure core does no I/O, keeps no threads or clocks of its own, and builds only
 #: on the other pure pieces.
-PURE = ("vmig.proto", "vmig.ranges", "vmig.migration.policy")
+PURE = ("vmig.proto", "vmig.ranges", "vmig.migration.policy", "vmig.cpu_compat")
 PURE_MAY_IMPORT = ("vmig.errors", "vmig.units", "vmig.ranges", "vmig.proto")
 IMPURE_STDLIB = {"socket", "threading", "time", "os", "select", "selectors", "ctypes", "fcntl",
                  "mmap", "signal", "subprocess", "asyncio"}

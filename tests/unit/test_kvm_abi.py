@@ -36,6 +36,17 @@ def test_ioctl_numbers_known_values():
     assert b.KVM_GET_MSRS == 0xC008AE88
     assert b.KVM_SET_CPUID2 == 0x4008AE90
     assert b.KVM_GET_SUPPORTED_CPUID == 0xC008AE05
+    assert b.KVM_GET_CLOCK == 0x8030AE7C
+    assert b.KVM_SET_CLOCK == 0x4030AE7B
+    assert b.KVM_GET_MP_STATE == 0x8004AE98
+    assert b.KVM_GET_DEBUGREGS == 0x8080AEA1
+    assert b.KVM_GET_XSAVE == 0x9000AEA4
+    assert b.KVM_GET_XSAVE2 == 0x9000AECF
+    assert b.KVM_GET_XCRS == 0x8188AEA6
+    assert b.KVM_GET_SREGS2 == 0x8140AECC
+    assert b.KVM_KVMCLOCK_CTRL == 0xAEAD
+    assert b.KVM_SET_DEVICE_ATTR == 0x4018AEE1
+    assert b.KVM_HAS_DEVICE_ATTR == 0x4018AEE3
 
 
 def test_ioctl_helpers_encode_direction_and_size():

@@ -3,22 +3,17 @@
 import json
 
 import pytest
+from state_samples import CLOCK, V1_DOCUMENT, sample_vcpu
 
 from vmig.config import VmConfig
 from vmig.errors import SnapshotError
 from vmig.kvm import bindings as b
-from vmig.vmm.state import MachineState, VcpuState, dict_to_struct, struct_to_dict
+from vmig.vmm.state import MachineState, dict_to_struct, struct_to_dict
 
 
-def _vcpu(vcpu_id: int) -> VcpuState:
-    regs = b.kvm_regs(rax=1, rip=0x8000 + vcpu_id, rflags=2)
-    sregs = b.kvm_sregs(cr0=0x80000011, efer=0x500)
-    sregs.cs.selector = 8
-    sregs.cs.l = 1
-    fpu = b.kvm_fpu(fcw=0x37F, mxcsr=0x1F80)
-    fpu.xmm[3][5] = 7
-    return VcpuState(vcpu_id, struct_to_dict(regs), struct_to_dict(sregs), struct_to_dict(fpu),
-                     {0x10: 123456789}, struct_to_dict(b.kvm_vcpu_events()))
+def _state(**fields) -> MachineState:
+    return MachineState(VmConfig.build(cpus=2), 2_600_000, [sample_vcpu(0), sample_vcpu(1)],
+                        clock=CLOCK, **fields)
 
 
 def test_struct_dict_round_trip_is_byte_exact():
@@ -29,14 +24,29 @@ def test_struct_dict_round_trip_is_byte_exact():
     assert bytes(again) == bytes(sregs)
 
 
-def test_machine_state_json_round_trip():
-    state = MachineState(VmConfig.build(cpus=2), 2_600_000, [_vcpu(0), _vcpu(1)],
-                         devices={"serial": {"regs": {"lcr": 3}}})
+def test_machine_state_v2_json_round_trip():
+    state = _state(devices={"serial": {"regs": {"lcr": 3}}})
+    document = json.loads(state.to_json())
+    assert document["version"] == 2
     again = MachineState.from_json(state.to_json())
-    assert again.config == state.config
-    assert again.vcpus[1].msrs == {0x10: 123456789}
-    assert bytes(again.vcpus[1].kvm_regs()) == bytes(state.vcpus[1].kvm_regs())
-    assert bytes(again.vcpus[0].kvm_fpu()) == bytes(state.vcpus[0].kvm_fpu())
+    assert again == state
+    assert list(again.vcpus[1].msrs) == [0x10, 0x6E0, 0x4B564D01]  # the order read is kept
+    for name in ("kvm_regs", "kvm_sregs2", "kvm_xcrs", "kvm_debugregs", "kvm_mp_state",
+                 "kvm_vcpu_events"):
+        assert bytes(getattr(again.vcpus[1], name)()) == bytes(getattr(state.vcpus[1], name)())
+    assert again.vcpus[0].xsave_bytes()[160 + 53] == 7
+    assert again.vcpus[0].kvm_fpu() is None and again.vcpus[0].kvm_sregs() is None
+    assert again.clock == CLOCK
+
+
+def test_version_1_documents_still_load():
+    state = MachineState.from_json(V1_DOCUMENT.read_bytes())
+    assert state.version == 1
+    vcpu = state.vcpus[1]
+    assert vcpu.msrs == {0x10: 123456789, 0x174: 8}
+    assert vcpu.kvm_fpu().xmm[3][5] == 7
+    assert vcpu.kvm_sregs().cs.l == 1
+    assert vcpu.xsave is None and vcpu.cpuid is None and state.clock is None
 
 
 @pytest.mark.parametrize(("mutate", "words"), [
@@ -45,9 +55,16 @@ def test_machine_state_json_round_trip():
     (lambda d: d["vcpus"][0]["regs"].pop("rip"), "fields"),
     (lambda d: d["vcpus"].pop(), "configuration says 2"),
     (lambda d: d["config"].update(cpus=0), "malformed"),
+    (lambda d: d.pop("clock"), "lacks the clock"),
+    (lambda d: d["vcpus"][0].update(xsave=None), "lacks xsave"),
+    (lambda d: d["vcpus"][0].update(debugregs=None), "lacks debugregs"),
+    (lambda d: d["vcpus"][0].update(xsave="zz"), "not hex"),
+    (lambda d: d["vcpus"][0].update(sregs2=None), "sregs or sregs2"),
+    (lambda d: d["vcpus"][0]["debugregs"].pop("dr7"), "fields"),
+    (lambda d: d["vcpus"][0].update(extra=1), "unknown fields"),
 ])
 def test_bad_state_documents_are_refused(mutate, words):
-    state = MachineState(VmConfig.build(cpus=2), 1000, [_vcpu(0), _vcpu(1)])
+    state = _state()
     document = json.loads(state.to_json())
     mutate(document)
     with pytest.raises(SnapshotError, match=words):

@@ -171,8 +171,10 @@ class Vmm:
         self._vm_event("snapshot", {"directory": directory})
 
     def _adopt(self, machine: Machine) -> Machine:
-        """`machine` becomes this VMM's: its failure is published as a ``vm.failed`` event."""
-        machine.on_failure = lambda error: self._vm_event("failed", {"error": error})
+        """`machine` becomes this VMM's: its failure is published as a ``vm.failed`` event,
+        an image guest's final halt as ``vm.halted``."""
+        machine.listen(on_failure=lambda error: self._vm_event("failed", {"error": error}),
+                       on_halt=lambda reason: self._vm_event("halted", {"reason": reason}))
         return machine
 
     def _vm_event(self, event: str, properties: dict[str, Any] | None = None) -> None:

@@ -13,7 +13,8 @@ the migration's `MigrationMetrics`, whose view is their properties):
 - ``vmm``: ``starting``, ``ready`` (the API serves), ``shutdown`` (asked to stop);
 - ``vm``: ``booted``, ``restored``, ``received`` (by migration), ``paused``,
   ``resumed``, ``snapshot``, ``migrated`` (handed over), ``shutdown``, ``failed`` (a
-  vCPU hit an error the VMM cannot handle; ``error`` says which);
+  vCPU hit an error the VMM cannot handle, a triple fault say; ``error`` says which in
+  one line), ``halted`` (an image guest halted for good; ``reason`` says where);
 - ``migration``: ``listening``, ``started`` (both sides), ``iteration`` (each pre-copy
   pass, with ``last_iteration``), ``switchover``, ``postcopy``, then one of
   ``completed``, ``cancelled``, ``failed``.

@@ -13,7 +13,13 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from vmig.config import DEFAULT_DIRTY_RATE, VmConfig
+from vmig.config import (
+    BOOT_CMDLINE_HELP,
+    BOOT_IMAGE_HELP,
+    DEFAULT_DIRTY_RATE,
+    OWN_GUEST_FIELDS,
+    VmConfig,
+)
 from vmig.guest import layout
 from vmig.migration.params import (
     RECEIVE_PARAMETERS,
@@ -101,15 +107,23 @@ class VmCreateRequest(_Model):
     serial_log: str | None = Field(
         None, description="Absolute path of a file the guest's serial output is appended to.",
         examples=["/tmp/vm0.serial"])
+    boot_image: str | None = Field(None, description="Absolute path. " + BOOT_IMAGE_HELP,
+                                   examples=["/srv/images/boot.img"])
+    boot_cmdline: str | None = Field(None, description=BOOT_CMDLINE_HELP,
+                                     examples=["console=ttyS0"])
 
-    _paths = field_validator("memory_file", "serial_log")(_check_optional_path)
+    _paths = field_validator("memory_file", "serial_log", "boot_image")(_check_optional_path)
 
     def to_config(self) -> VmConfig:
-        """Parse sizes and validate everything; raise ConfigError naming the bad field."""
-        return VmConfig.build(memory=self.memory, cpus=self.cpus, workload=self.workload,
-                              working_set=self.working_set, dirty_rate=self.dirty_rate,
-                              order=self.order, memory_file=self.memory_file,
-                              serial_log=self.serial_log)
+        """Parse sizes and validate everything; raise ConfigError naming the bad field.
+
+        Fields left out stay "not given", so a boot image refuses an explicit workload.
+        """
+        own = {name: getattr(self, name) for name in OWN_GUEST_FIELDS
+               if name in self.model_fields_set}
+        return VmConfig.build(memory=self.memory, cpus=self.cpus, memory_file=self.memory_file,
+                              serial_log=self.serial_log, boot_image=self.boot_image,
+                              boot_cmdline=self.boot_cmdline, **own)
 
 
 class VcpuInfo(BaseModel):
@@ -151,6 +165,8 @@ class VmInfo(BaseModel):
                        "resources released).", examples=["running"])
     memory_bytes: int | None = Field(None, description="Guest RAM in bytes.")
     cpus: int | None = Field(None, description="Number of vCPUs.")
+    guest: str | None = Field(None, description="`vmig` (vmig's own guest) or `image` (booted "
+                              "from `boot_image`; the own-guest fields are then null).")
     workload: str | None = Field(None, description="`idle` or `dirty`.")
     order: str | None = Field(None, description="`sequential` or `random`.")
     working_set_bytes: int | None = Field(None, description="Size of the stamped working set.")
@@ -160,7 +176,18 @@ class VmInfo(BaseModel):
                                    "rewrites.")
     memory_file: str | None = Field(None, description="File backing guest RAM, if any.")
     serial_log: str | None = Field(None, description="File the serial output goes to, if any.")
-    error: str | None = Field(None, description="Why the VM failed (state `failed`).")
+    error: str | None = Field(None, description="Why the VM failed (state `failed`), e.g. a "
+                              "triple fault.")
+    halted: str | None = Field(None, description="Set when the guest halted for good (HLT with "
+                               "interrupts disabled; nothing can wake it): where and why.")
+    boot_image: str | None = Field(None, description="Image guest: the file it was booted from "
+                                   "(read once, at boot).")
+    boot_format: str | None = Field(None, description="Image guest: `raw` or `multiboot`.")
+    boot_sha256: str | None = Field(None, description="Image guest: sha256 of the image file.")
+    boot_cmdline: str | None = Field(None, description="Image guest: its command line.")
+    unknown_ports: dict[str, dict[str, int]] | None = Field(
+        None, description="Accesses to I/O ports without a device (they read all ones and drop "
+        "writes), by port: reads and writes.", examples=[{"0x80": {"reads": 0, "writes": 3}}])
     heartbeat: int | None = Field(None, description="Guest heartbeats summed over vCPUs; grows "
                                   "while the guest runs.")
     pages_written: int | None = Field(None, description="Working-set pages written by the guest, "

@@ -50,6 +50,31 @@ class Cap(enum.IntEnum):
     IMMEDIATE_EXIT = 136
     MAX_VCPUS = 66
     MANUAL_DIRTY_LOG_PROTECT2 = 168
+    MP_STATE = 14
+    ADJUST_CLOCK = 39
+    VCPU_EVENTS = 41
+    DEBUGREGS = 50
+    XSAVE = 55
+    XCRS = 56
+    TSC_CONTROL = 60
+    KVMCLOCK_CTRL = 76
+    VCPU_ATTRIBUTES = 127
+    SREGS2 = 200
+    XSAVE2 = 208
+
+
+# kvm_clock_data.flags
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+# vCPU device attributes: group KVM_VCPU_TSC_CTRL, attribute KVM_VCPU_TSC_OFFSET
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0
+# kvm_sregs2.flags
+KVM_SREGS2_FLAGS_PDPTRS_VALID = 1
+KVM_MAX_XCRS = 16
+#: The fixed kvm_xsave of KVM_GET_XSAVE; KVM_GET_XSAVE2 may need more (KVM_CAP_XSAVE2).
+KVM_XSAVE_LEGACY_BYTES = 4096
 
 
 class kvm_userspace_memory_region(ctypes.Structure):
@@ -104,6 +129,50 @@ class kvm_sregs(ctypes.Structure):
     ]
 
 
+class kvm_sregs2(ctypes.Structure):
+    _fields_ = [
+        *((name, kvm_segment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        *((name, u64) for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")),
+        ("flags", u64),
+        ("pdptrs", u64 * 4),
+    ]
+
+
+class kvm_mp_state(ctypes.Structure):
+    _fields_ = [("mp_state", u32)]
+
+
+class kvm_xsave(ctypes.Structure):
+    """The 4 KiB kvm_xsave; a bigger KVM_GET_XSAVE2 buffer comes from `buffers.xsave_buffer()`."""
+
+    _fields_ = [("region", u32 * (KVM_XSAVE_LEGACY_BYTES // 4))]
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+                ("padding", u64 * 16)]
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64),
+                ("reserved", u64 * 9)]
+
+
+class kvm_clock_data(ctypes.Structure):
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64),
+                ("host_tsc", u64), ("pad", u32 * 4)]
+
+
+class kvm_device_attr(ctypes.Structure):
+    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
+
+
 class kvm_fpu(ctypes.Structure):
     _fields_ = [
         ("fpr", (u8 * 16) * 8),
@@ -125,13 +194,13 @@ class kvm_msr_entry(ctypes.Structure):
 
 
 class kvm_msrs(ctypes.Structure):
-    """Header of the variable-length kvm_msrs; see `msrs_buffer()`."""
+    """Header of the variable-length kvm_msrs; see `buffers.msrs_buffer()`."""
 
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 
 class kvm_msr_list(ctypes.Structure):
-    """Header of the variable-length kvm_msr_list; see `msr_list_buffer()`."""
+    """Header of the variable-length kvm_msr_list; see `buffers.msr_list_buffer()`."""
 
     _fields_ = [("nmsrs", u32)]
 
@@ -150,7 +219,7 @@ class kvm_cpuid_entry2(ctypes.Structure):
 
 
 class kvm_cpuid2(ctypes.Structure):
-    """Header of the variable-length kvm_cpuid2; see `cpuid_buffer()`."""
+    """Header of the variable-length kvm_cpuid2; see `buffers.cpuid_buffer()`."""
 
     _fields_ = [("nent", u32), ("padding", u32)]
 
@@ -244,39 +313,6 @@ class kvm_run(ctypes.Structure):
     ]
 
 
-# --- variable-length structs ----------------------------------------------------
-
-def msrs_buffer(indices: list[int]) -> tuple[ctypes.Structure, ctypes.Array]:
-    """A kvm_msrs with `len(indices)` entries; returns (whole buffer, entries array)."""
-    n = len(indices)
-
-    class _Msrs(ctypes.Structure):
-        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]
-
-    buf = _Msrs(nmsrs=n)
-    for entry, index in zip(buf.entries, indices, strict=True):
-        entry.index = index
-    return buf, buf.entries
-
-
-def msr_list_buffer(capacity: int) -> ctypes.Structure:
-    """A kvm_msr_list with room for `capacity` indices."""
-
-    class _MsrList(ctypes.Structure):
-        _fields_ = [("nmsrs", u32), ("indices", u32 * capacity)]
-
-    return _MsrList(nmsrs=capacity)
-
-
-def cpuid_buffer(capacity: int) -> ctypes.Structure:
-    """A kvm_cpuid2 with room for `capacity` entries."""
-
-    class _Cpuid(ctypes.Structure):
-        _fields_ = [("nent", u32), ("padding", u32), ("entries", kvm_cpuid_entry2 * capacity)]
-
-    return _Cpuid(nent=capacity)
-
-
 # --- ioctl numbers, each derived from its argument's size ----------------------
 
 # /dev/kvm
@@ -286,10 +322,13 @@ KVM_GET_MSR_INDEX_LIST = iowr(0x02, kvm_msr_list)
 KVM_CHECK_EXTENSION = io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = io(0x04)
 KVM_GET_SUPPORTED_CPUID = iowr(0x05, kvm_cpuid2)
+KVM_GET_EMULATED_CPUID = iowr(0x09, kvm_cpuid2)
 # VM fd
 KVM_CREATE_VCPU = io(0x41)
 KVM_GET_DIRTY_LOG = iow(0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = iow(0x46, kvm_userspace_memory_region)
+KVM_SET_CLOCK = iow(0x7B, kvm_clock_data)
+KVM_GET_CLOCK = ior(0x7C, kvm_clock_data)
 # vCPU fd
 KVM_RUN = io(0x80)
 KVM_GET_REGS = ior(0x81, kvm_regs)
@@ -301,9 +340,25 @@ KVM_SET_MSRS = iow(0x89, kvm_msrs)
 KVM_GET_FPU = ior(0x8C, kvm_fpu)
 KVM_SET_FPU = iow(0x8D, kvm_fpu)
 KVM_SET_CPUID2 = iow(0x90, kvm_cpuid2)
+KVM_GET_CPUID2 = iowr(0x91, kvm_cpuid2)
 KVM_GET_VCPU_EVENTS = ior(0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = iow(0xA0, kvm_vcpu_events)
+KVM_GET_MP_STATE = ior(0x98, kvm_mp_state)
+KVM_SET_MP_STATE = iow(0x99, kvm_mp_state)
+KVM_GET_DEBUGREGS = ior(0xA1, kvm_debugregs)
+KVM_SET_DEBUGREGS = iow(0xA2, kvm_debugregs)
 KVM_GET_TSC_KHZ = io(0xA3)
+KVM_GET_XSAVE = ior(0xA4, kvm_xsave)
+KVM_SET_XSAVE = iow(0xA5, kvm_xsave)
+KVM_GET_XCRS = ior(0xA6, kvm_xcrs)
+KVM_SET_XCRS = iow(0xA7, kvm_xcrs)
+KVM_KVMCLOCK_CTRL = io(0xAD)
+KVM_GET_SREGS2 = ior(0xCC, kvm_sregs2)
+KVM_SET_SREGS2 = iow(0xCD, kvm_sregs2)
+KVM_GET_XSAVE2 = ior(0xCF, kvm_xsave)
+KVM_SET_DEVICE_ATTR = iow(0xE1, kvm_device_attr)
+KVM_GET_DEVICE_ATTR = iow(0xE2, kvm_device_attr)
+KVM_HAS_DEVICE_ATTR = iow(0xE3, kvm_device_attr)
 
 # Sizes of the structs in the x86_64 kernel ABI (from linux/kvm.h and asm/kvm.h),
 # checked by the unit tests against the ctypes mirrors above.
@@ -314,6 +369,14 @@ ABI_SIZES: dict[type[ctypes.Structure], int] = {
     kvm_dtable: 16,
     kvm_sregs: 312,
     kvm_fpu: 416,
+    kvm_sregs2: 320,
+    kvm_mp_state: 4,
+    kvm_xsave: 4096,
+    kvm_xcr: 16,
+    kvm_xcrs: 392,
+    kvm_debugregs: 128,
+    kvm_clock_data: 48,
+    kvm_device_attr: 24,
     kvm_msr_entry: 16,
     kvm_msrs: 8,
     kvm_msr_list: 4,
@@ -325,3 +388,4 @@ ABI_SIZES: dict[type[ctypes.Structure], int] = {
     kvm_run_exit: 256,
     kvm_run: 2352,
 }
+

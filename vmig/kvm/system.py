@@ -8,7 +8,9 @@ import os
 
 from vmig.errors import KvmError, KvmUnavailableError
 from vmig.kvm import bindings as b
+from vmig.kvm import buffers
 from vmig.kvm._ioctl import ioctl
+from vmig.kvm.vcpu import read_cpuid_list
 from vmig.kvm.vm import Vm
 
 KVM_DEVICE = "/dev/kvm"
@@ -56,21 +58,21 @@ class Kvm:
         return ioctl(self.fd, b.KVM_CHECK_EXTENSION, int(cap), name="KVM_CHECK_EXTENSION")
 
     def supported_cpuid(self) -> ctypes.Structure:
-        """KVM_GET_SUPPORTED_CPUID, growing the buffer until the kernel is satisfied."""
-        capacity = 64
-        while True:
-            buf = b.cpuid_buffer(capacity)
-            try:
-                ioctl(self.fd, b.KVM_GET_SUPPORTED_CPUID, buf, name="KVM_GET_SUPPORTED_CPUID")
-                return buf
-            except KvmError as exc:
-                if exc.errno != errno.E2BIG or capacity >= 4096:
-                    raise
-                capacity *= 2
+        """KVM_GET_SUPPORTED_CPUID: what this KVM can offer a guest."""
+        return read_cpuid_list(self.fd, b.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
+
+    def emulated_cpuid(self) -> ctypes.Structure:
+        """KVM_GET_EMULATED_CPUID: features KVM emulates (slowly) beyond the supported list."""
+        return read_cpuid_list(self.fd, b.KVM_GET_EMULATED_CPUID, "KVM_GET_EMULATED_CPUID")
+
+    def xsave_size(self) -> int:
+        """Bytes KVM_GET_XSAVE2 needs (KVM_CAP_XSAVE2), or 0: use the 4 KiB KVM_GET_XSAVE."""
+        return self.check_extension(b.Cap.XSAVE2)
 
     def msr_index_list(self) -> list[int]:
-        """KVM_GET_MSR_INDEX_LIST: the MSRs this KVM can save and restore."""
-        buf = b.msr_list_buffer(1024)
+        """KVM_GET_MSR_INDEX_LIST: the MSRs this KVM can save and restore; the kernel
+        lists its emulated MSRs (kvmclock's among them) after the hardware ones."""
+        buf = buffers.msr_list_buffer(1024)
         ioctl(self.fd, b.KVM_GET_MSR_INDEX_LIST, buf, name="KVM_GET_MSR_INDEX_LIST")
         return list(buf.indices[: buf.nmsrs])
 

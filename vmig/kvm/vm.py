@@ -72,6 +72,16 @@ class Vm:
         ioctl(self.fd, b.KVM_GET_DIRTY_LOG, log, name="KVM_GET_DIRTY_LOG")
         return words
 
+    def get_clock(self) -> b.kvm_clock_data:
+        """KVM_GET_CLOCK: kvmclock ns, with host CLOCK_REALTIME and TSC where flagged."""
+        data = b.kvm_clock_data()
+        ioctl(self.fd, b.KVM_GET_CLOCK, data, name="KVM_GET_CLOCK")
+        return data
+
+    def set_clock(self, data: b.kvm_clock_data) -> None:
+        """KVM_SET_CLOCK; with KVM_CLOCK_REALTIME KVM adds the realtime elapsed since."""
+        ioctl(self.fd, b.KVM_SET_CLOCK, data, name="KVM_SET_CLOCK")
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU, with its kvm_run page mapped; owned by the caller."""
         fd = ioctl(self.fd, b.KVM_CREATE_VCPU, vcpu_id, name="KVM_CREATE_VCPU")

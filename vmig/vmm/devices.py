@@ -1,7 +1,12 @@
-"""The machine's port-I/O devices: an 8250 UART subset and the guest's status port."""
+"""The machine's port-I/O devices: an 8250 UART subset, fast A20 and the guest's status port.
+
+Any other port reads all ones and drops writes, as on a PC bus with nothing there;
+`IoBus` counts such accesses per port (`vm.info` "unknown_ports") and warns once per port.
+"""
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from collections import deque
@@ -9,6 +14,8 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
 from vmig.guest import layout
+
+log = logging.getLogger(__name__)
 
 
 class PortDevice(Protocol):
@@ -112,11 +119,37 @@ class StatusPort:
         self._on_event(value >> 8, value & 0xFF)
 
 
+class FastA20:
+    """Port 0x92, "system control port A": reads back what was written, with the A20 gate
+    (bit 1) always set, because guest memory has no 1 MiB wrap-around to switch on."""
+
+    A20_ENABLED = 0x02
+
+    def __init__(self) -> None:
+        self.value = self.A20_ENABLED
+
+    def io_read(self, offset: int, size: int) -> int:
+        return self.value
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        # Bit 0 would reset a PC; nothing here resets, so it reads back as written.
+        self.value = (value & 0xFF) | self.A20_ENABLED
+
+    def save_state(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self.value = int(state.get("value", self.A20_ENABLED)) | self.A20_ENABLED
+
+
 class IoBus:
-    """Routes port I/O exits to the device that owns the port; unknown ports read as ~0."""
+    """Routes port I/O exits to the device that owns the port; unknown ports read as ~0,
+    drop writes and are counted (warned about once per port)."""
 
     def __init__(self) -> None:
         self._devices: list[tuple[int, int, PortDevice]] = []
+        self._unknown: dict[int, list[int]] = {}  # port -> [reads, writes]
+        self._unknown_lock = threading.Lock()
 
     def register(self, base: int, length: int, device: PortDevice) -> None:
         self._devices.append((base, length, device))
@@ -130,15 +163,36 @@ class IoBus:
     def read(self, port: int, size: int) -> int:
         found = self._find(port)
         if found is None:
+            self._count_unknown(port, 0)
             return (1 << (8 * size)) - 1
         offset, device = found
         return device.io_read(offset, size)
 
     def write(self, port: int, size: int, value: int) -> None:
         found = self._find(port)
-        if found is not None:
-            offset, device = found
-            device.io_write(offset, size, value)
+        if found is None:
+            self._count_unknown(port, 1)
+            return
+        offset, device = found
+        device.io_write(offset, size, value)
+
+    def _count_unknown(self, port: int, which: int) -> None:
+        with self._unknown_lock:
+            counts = self._unknown.get(port)
+            first = counts is None
+            if counts is None:
+                counts = self._unknown[port] = [0, 0]
+            counts[which] += 1
+        if first:
+            log.warning("guest %s port %#x, where there is no device (it reads all ones and "
+                        "drops writes; counted in vm.info unknown_ports)",
+                        "wrote" if which else "read", port)
+
+    def unknown_ports(self) -> dict[str, dict[str, int]]:
+        """Accesses to ports without a device: {"0x80": {"reads": n, "writes": m}, ...}."""
+        with self._unknown_lock:
+            return {f"{port:#x}": {"reads": reads, "writes": writes}
+                    for port, (reads, writes) in sorted(self._unknown.items())}
 
 
 _SIZES = {1: "<B", 2: "<H", 4: "<I"}
@@ -156,3 +210,4 @@ def unpack_io(size: int, data: bytes) -> int:
 
 SERIAL_PORTS = (layout.SERIAL_PORT, 8)
 STATUS_PORTS = (layout.STATUS_PORT, 4)
+A20_PORTS = (0x92, 1)

@@ -6,23 +6,13 @@ any memory moves (docs/protocol.md, "CONFIG").
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from dataclasses import dataclass
 
 from vmig.kvm import Kvm
+from vmig.kvm.buffers import cpuid_entries
 
-__all__ = ["HostCpu", "cpuid_entries", "host_cpu"]
-
-#: The fields of one kvm_cpuid_entry2 that mean something (the rest is padding).
-_ENTRY_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
-
-
-def cpuid_entries(cpuid: ctypes.Structure) -> tuple[dict[str, int], ...]:
-    """A kvm_cpuid2 buffer's entries as plain data."""
-    return tuple({name: int(getattr(entry, name)) for name in _ENTRY_FIELDS}
-                 for entry in cpuid.entries[: cpuid.nent])
-
+__all__ = ["HostCpu", "host_cpu"]
 
 @dataclass(frozen=True)
 class HostCpu:
@@ -34,16 +24,20 @@ class HostCpu:
 
 @functools.cache
 def host_cpu() -> HostCpu:
-    """Ask KVM once per process (a throwaway VM and vCPU tell the TSC frequency)."""
+    """Ask KVM once per process. The CPUID is what a vCPU given KVM's supported list reads
+    back (on PVM, KVM_GET_CPUID2 adds host features to what was set, so a guest's saved
+    CPUID must be compared with the same readback); a throwaway vCPU also tells the TSC
+    frequency."""
     with Kvm() as kvm:
-        supported = cpuid_entries(kvm.supported_cpuid())
         vm = kvm.create_vm()
         try:
             vcpu = vm.create_vcpu(0)
             try:
+                vcpu.set_cpuid2(kvm.supported_cpuid())
+                offered = tuple(cpuid_entries(vcpu.get_cpuid2()))
                 tsc_khz = vcpu.get_tsc_khz()
             finally:
                 vcpu.close()
         finally:
             vm.close()
-    return HostCpu(tsc_khz=tsc_khz, cpuid=supported)
+    return HostCpu(tsc_khz=tsc_khz, cpuid=offered)

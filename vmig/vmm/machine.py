@@ -18,41 +18,30 @@ import dataclasses
 import enum
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from vmig.config import VmConfig, Workload
-from vmig.errors import ConfigError, GuestError, KvmError, SnapshotError, StateError, VmigError
-from vmig.guest import layout, status
-from vmig.guest.build import guest_image
+from vmig.config import VmConfig
+from vmig.errors import ConfigError, KvmError, SnapshotError, StateError, VmigError
 from vmig.kvm import Kvm, Vcpu, Vm
-from vmig.kvm.vcpu import SAVED_MSRS
+from vmig.kvm.buffers import cpuid_entries
 from vmig.memory import GuestMemory
 from vmig.ranges import RangeTable
-from vmig.units import PAGE_SIZE
-from vmig.vmm.boot import enter_real_mode, write_boot_memory
-from vmig.vmm.devices import SERIAL_PORTS, STATUS_PORTS, IoBus, Serial8250, StatusPort
-from vmig.vmm.host import cpuid_entries
+from vmig.vmm.devices import A20_PORTS, SERIAL_PORTS, FastA20, IoBus, Serial8250
+from vmig.vmm.image_guest import ImageGuest, plan_boot
+from vmig.vmm.images import BootPlan
+from vmig.vmm.own_guest import BOOT_TIMEOUT_S, OwnGuest
 from vmig.vmm.snapshot import read_snapshot, write_snapshot
-from vmig.vmm.state import MachineState, load_vcpu_state, read_vcpu_state
+from vmig.vmm.state import MachineState
 from vmig.vmm.throttle import Throttle
-from vmig.vmm.vcpu_thread import (
-    HLT_WAIT_S,
-    IDLE_HLT_WAIT_S,
-    VcpuHandle,
-    VcpuRunState,
-    install_kick_handler,
-)
+from vmig.vmm.vcpu_state import notify_paused, restore_vcpus, save_vcpus
+from vmig.vmm.vcpu_thread import VcpuHandle, VcpuRunState, install_kick_handler
 
 __all__ = ["Machine", "VmState", "install_kick_handler"]
 
 log = logging.getLogger(__name__)
-
-CHECK_POLL_S = 0.02
-BOOT_TIMEOUT_S = 30.0
 
 
 class VmState(enum.StrEnum):
@@ -69,7 +58,8 @@ class Machine:
     """A running or paused VM. Build it with `boot()`, `restore()` or `restore_snapshot()`."""
 
     def __init__(self, config: VmConfig, kvm: Kvm, vm: Vm, memory: GuestMemory,
-                 vcpus: list[Vcpu], serial_log: BinaryIO | None, tsc_khz: int) -> None:
+                 vcpus: list[Vcpu], serial_log: BinaryIO | None, tsc_khz: int,
+                 plan: BootPlan | None = None) -> None:
         self.config = config
         self.kvm = kvm
         self.vm = vm
@@ -82,25 +72,33 @@ class Machine:
         #: Told the reason once, on the failing vCPU's thread, when the VM fails (the
         #: VMM publishes it as an event); must not block.
         self.on_failure: Callable[[str], None] | None = None
+        #: Told the reason once when the guest halts for good (HLT with interrupts off).
+        self.on_halt: Callable[[str], None] | None = None
+        self.halted: str | None = None
+        self._halt_unheard = False  # halted before anyone listened (see `listen`)
+        self._listen_lock = threading.Lock()
         self.busy: str | None = None  # e.g. "migrating": user pause/resume/snapshot must wait
         self._serial_log = serial_log
         self._lock = threading.RLock()
         # Guards reading guest memory for info() against _release() unmapping it, without
         # waiting for long operations that hold _lock (a snapshot being written, say).
         self._memory_lock = threading.Lock()
-        self._events = threading.Condition()
-        self.booted_cpus: set[int] = set()
+        self.events = threading.Condition()  # notified when the guest or the VM changes
+        self.guest: OwnGuest | ImageGuest = (ImageGuest(self, plan) if config.is_image_guest
+                                             else OwnGuest(self))
         self.serial = Serial8250(serial_log)
+        self.a20 = FastA20()
         self.bus = IoBus()
         self.bus.register(*SERIAL_PORTS, self.serial)
-        self.bus.register(*STATUS_PORTS, StatusPort(self._guest_event))
+        self.bus.register(*A20_PORTS, self.a20)
+        self.guest.attach(self.bus)
         self.handles: list[VcpuHandle] = []
         self.throttle = Throttle(lambda: self.handles)
-        idle = config.workload is Workload.IDLE
-        hlt_wait = IDLE_HLT_WAIT_S if idle else HLT_WAIT_S
+        on_halt = self._vcpu_halted if self.guest.final_halt else None
         try:
             for vcpu in vcpus:
-                self.handles.append(VcpuHandle(vcpu, self.bus, self._vcpu_failed, hlt_wait))
+                self.handles.append(VcpuHandle(vcpu, self.bus, self._vcpu_failed,
+                                               self.guest.hlt_wait_s, on_halt))
         except BaseException:
             self._release()
             raise
@@ -109,16 +107,16 @@ class Machine:
 
     @classmethod
     def boot(cls, config: VmConfig) -> Machine:
-        """Build a VM from `config`, load the guest and start it running."""
+        """Build a VM from `config`, load the guest (vmig's or a boot image) and start it."""
         config.validate()
-        image = guest_image()
+        plan = None
+        if config.is_image_guest:  # read the file first: a bad image fails before any KVM work
+            config, plan = plan_boot(config)
         memory = GuestMemory.create(config.memory_bytes, config.memory_file)
-        machine = cls._assemble(config, memory, restore=None)
+        machine = cls._assemble(config, memory, restore=None, plan=plan)
         try:
             with machine._lock:
-                write_boot_memory(memory, config, image, machine.tsc_khz)
-                for vcpu in machine.vcpus:
-                    enter_real_mode(vcpu, layout.entry_gpa(vcpu.vcpu_id))
+                machine.guest.load()
                 machine._resume_vcpus()
             machine.wait_booted()
         except BaseException:
@@ -155,7 +153,7 @@ class Machine:
 
     @classmethod
     def _assemble(cls, config: VmConfig, memory: GuestMemory,
-                  restore: MachineState | None) -> Machine:
+                  restore: MachineState | None, plan: BootPlan | None = None) -> Machine:
         """Create KVM objects around `memory` (which it takes), vCPUs paused."""
         with contextlib.ExitStack() as stack:
             stack.callback(memory.close)
@@ -169,23 +167,22 @@ class Machine:
             for index in range(config.cpus):
                 vcpu = vm.create_vcpu(index)
                 stack.callback(vcpu.close)
-                vcpu.set_cpuid2(cpuid)
+                vcpu.set_cpuid2(cpuid)  # a version-2 restore sets the saved CPUID instead
                 vcpus.append(vcpu)
             tsc_khz = vcpus[0].get_tsc_khz()
-            given_cpuid = cpuid_entries(cpuid)
             if restore is not None:
-                msr_names = set(kvm.msr_index_list())
-                for vcpu, saved in zip(vcpus, restore.vcpus, strict=True):
-                    load_vcpu_state(vcpu, saved, msr_names)
+                restore_vcpus(kvm, vm, vcpus, restore.vcpus, restore.clock, tsc_khz)
             serial_log = _open_serial_log(config.serial_log)
             if serial_log is not None:
                 stack.callback(serial_log.close)
-            machine = cls(config, kvm, vm, memory, vcpus, serial_log, tsc_khz)
-            machine._cpuid = given_cpuid
+            machine = cls(config, kvm, vm, memory, vcpus, serial_log, tsc_khz, plan)
+            # Read once now: a vCPU ioctl waits while that vCPU is inside KVM_RUN.
+            machine._cpuid = tuple(cpuid_entries(vcpus[0].get_cpuid2()))
             stack.pop_all()
         if restore is not None:
             machine.serial.restore_state(restore.devices.get("serial", {"regs": {}}))
-            machine.booted_cpus = set(range(config.cpus))
+            machine.a20.restore_state(restore.devices.get("a20", {}))
+            machine.guest.restored(restore.guest)
         return machine
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -205,6 +202,7 @@ class Machine:
                 self._require_idle("pause")
             self._require(VmState.RUNNING, "pause")
             self._pause_vcpus()
+            notify_paused(self.vcpus)
             self.state = VmState.PAUSED
 
     def resume_for(self, owner: str | None) -> None:
@@ -299,60 +297,68 @@ class Machine:
         self.state = VmState.FAILED
         for handle in self.handles:
             handle.request_pause()
-        with self._events:
-            self._events.notify_all()
-        if first and self.on_failure is not None:
-            try:
-                self.on_failure(message)
-            except Exception:  # a listener's fault must not hide the VM's
-                log.exception("reporting the VM's failure failed")
+        self.notify()
+        if first:
+            self._tell(self.on_failure, message, "the VM's failure")
 
-    def _guest_event(self, event: int, cpu: int) -> None:
-        if event == layout.EVENT_BOOTED:
-            self.booted_cpus.add(cpu)
-        elif event == layout.EVENT_PANIC:
-            log.error("guest vCPU %d panicked", cpu)
-        with self._events:
-            self._events.notify_all()
+    def _vcpu_halted(self, vcpu_id: int, message: str) -> None:
+        """Called on a vCPU thread when an image guest halts for good (once per halt)."""
+        with self._listen_lock:
+            self.halted = message
+            listener = self.on_halt
+            self._halt_unheard = listener is None
+        self.notify()
+        self._tell(listener, message, "the guest's halt")
+
+    def listen(self, on_failure: Callable[[str], None] | None,
+               on_halt: Callable[[str], None] | None) -> None:
+        """Set `on_failure` and `on_halt`; a halt that came before is told to `on_halt` now."""
+        with self._listen_lock:
+            self.on_failure, self.on_halt = on_failure, on_halt
+            missed = self.halted if self._halt_unheard else None
+            self._halt_unheard = False
+        if missed is not None:
+            self._tell(on_halt, missed, "the guest's halt")
+
+    @staticmethod
+    def _tell(listener: Callable[[str], None] | None, message: str, what: str) -> None:
+        if listener is None:
+            return
+        try:
+            listener(message)
+        except Exception:  # a listener's fault must not hide the VM's
+            log.exception("reporting %s failed", what)
+
+    def notify(self) -> None:
+        """Wake whoever waits on `events` (boot, self-check)."""
+        with self.events:
+            self.events.notify_all()
+
+    @property
+    def running(self) -> bool:
+        return self.state is VmState.RUNNING
+
+    # --- the guest's view (OwnGuest or ImageGuest) --------------------------------------------
+
+    @property
+    def booted_cpus(self) -> set[int]:
+        return self.guest.booted_cpus
 
     def wait_booted(self, timeout: float = BOOT_TIMEOUT_S) -> None:
-        """Wait until every vCPU reports that it reached long mode and filled its pages."""
-        deadline = time.monotonic() + timeout
-        with self._events:
-            while True:
-                if self.state is VmState.FAILED:
-                    raise GuestError(f"guest failed while booting: {self.error}")
-                states = status.cpu_states(self.memory.read_u64, self.config.cpus)
-                if all(s == layout.CPU_STATE_RUNNING for s in states):
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise GuestError(f"guest did not finish booting within {timeout:.0f} s "
-                                     f"(vCPU states {states})")
-                self._events.wait(min(remaining, CHECK_POLL_S))
+        """vmig's guest: wait until every vCPU has booted; an image guest: return at once."""
+        self.guest.wait_booted(timeout)
 
-    # --- the guest's view -----------------------------------------------------------------
-
-    def guest_counters(self) -> dict[str, int]:
-        """Heartbeat and pages written, summed over vCPUs, read from the status page."""
-        return status.counters(self.memory.read_u64, self.config.cpus)
+    def guest_counters(self) -> dict[str, int | None]:
+        """Heartbeat and pages written (vmig's guest), or None for each (an image guest)."""
+        return self.guest.counters()
 
     def check_guest(self, timeout: float = 60.0) -> dict[str, Any]:
-        """Ask the guest to verify every working-set page against its table; wait for it."""
+        """Ask the guest to verify every working-set page against its table; wait for it.
+        An image guest has no self-check: StateError (409)."""
         with self._lock:
             self._require(VmState.RUNNING, "check the guest")
-            request = status.request_check(self.memory.read_u64, self.memory.write_u64)
-        deadline = time.monotonic() + timeout
-        with self._events:
-            while not status.check_done(self.memory.read_u64, self.config.cpus, request):
-                if self.state is not VmState.RUNNING:
-                    raise StateError(f"guest check interrupted: VM is {self.state.value}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise GuestError(f"guest did not finish its self-check within {timeout} s")
-                self._events.wait(min(remaining, CHECK_POLL_S))
-        return status.check_result(self.memory.read_u64, self.config.cpus,
-                                   self.config.working_set_pages)
+            request = self.guest.request_check()
+        return self.guest.wait_check(request, timeout)
 
     def info(self) -> dict[str, Any]:
         """What `vm.info` reports: configuration, state and the guest's counters."""
@@ -361,18 +367,16 @@ class Machine:
             "state": self.state.value,
             "memory_bytes": config.memory_bytes,
             "cpus": config.cpus,
-            "workload": config.workload.value,
-            "order": config.order.value,
-            "working_set_bytes": config.working_set_bytes,
-            "working_set_gpa": config.working_set_gpa,
-            "dirty_rate": config.dirty_rate,
+            **self.guest.describe(),
             "memory_file": config.memory_file,
             "serial_log": config.serial_log,
             "error": self.error,
+            "halted": self.halted,
             "heartbeat": None,
             "pages_written": None,
             "vcpus": [{"id": h.vcpu.vcpu_id, "state": h.state.value, "exits": h.exits}
                       for h in self.handles],
+            "unknown_ports": self.bus.unknown_ports(),
         }
         data["busy"] = self.busy
         data["throttle_percent"] = self.throttle.percent
@@ -387,19 +391,17 @@ class Machine:
         """The paused VM's state as plain data (memory excluded)."""
         with self._lock:
             self._require(VmState.PAUSED, "save the VM state")
-            msr_names = set(self.kvm.msr_index_list())
-            wanted = [index for index in SAVED_MSRS if index in msr_names]
-            vcpus = []
             for handle in self.handles:
                 if handle.state is not VcpuRunState.PAUSED:
                     raise StateError(f"vCPU {handle.vcpu.vcpu_id} is {handle.state.value}")
-                vcpus.append(read_vcpu_state(handle.vcpu, wanted))
+            clock, vcpus = save_vcpus(self.kvm, self.vm, self.vcpus)
             return MachineState(
                 config=self.config,
                 tsc_khz=self.tsc_khz,
                 vcpus=vcpus,
-                devices={"serial": self.serial.save_state()},
-                guest={"layout": "vmig/guest/layout.py", "booted_cpus": sorted(self.booted_cpus)},
+                clock=clock,
+                devices={"serial": self.serial.save_state(), "a20": self.a20.save_state()},
+                guest=self.guest.save(),
             )
 
     def guest_cpuid(self) -> tuple[dict[str, int], ...]:
@@ -414,12 +416,13 @@ class Machine:
             write_snapshot(directory, self.save_state(), self.memory)
 
     def vmm_pages(self) -> RangeTable:
-        """The guest pages the VMM itself reads or writes (the config and status pages).
+        """The guest pages the VMM itself reads or writes (vmig's guest: the config and
+        status pages; an image guest: none).
 
         Post-copy sends these before the destination resumes: its VMM reads them holding
         the GIL, and a fault there could never be served.
         """
-        return RangeTable([(layout.CONFIG_GPA, PAGE_SIZE), (layout.STATUS_GPA, PAGE_SIZE)])
+        return self.guest.vmm_pages()
 
     # --- dirty tracking for migration -------------------------------------------------------
 

@@ -2,26 +2,29 @@
 
 A `MachineState` is everything needed to continue a paused VM in a fresh VMM
 process, except guest memory: the configuration (which includes the guest's
-parameters), every vCPU's registers, segment and control registers, FPU,
-MSRs (TSC included) and pending events, and the devices' registers. It
-serialises to a JSON document; KVM structs appear as nested objects whose field
-names are those of linux/kvm.h, so the document can be read by a person.
+parameters), the kvmclock, every vCPU's CPUID, MP state, registers, segment and
+control registers, XSAVE area, XCRs, debug registers, MSRs, pending events and TSC
+offset, and the devices' registers (format version 2; docs/architecture.md describes
+it, and version 1 still loads). It serialises to a JSON document; KVM structs
+appear as nested objects whose field names are those of linux/kvm.h, so the
+document can be read by a person.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmig.config import VmConfig
-from vmig.errors import KvmError, SnapshotError
-from vmig.kvm import Vcpu
+from vmig.errors import SnapshotError
 from vmig.kvm import bindings as b
 
 STATE_FORMAT = "vmig-vm-state"
-STATE_VERSION = 1
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: regs, sregs, FPU, 11 MSRs and events
 MAX_STATE_BYTES = 16 << 20  # refuse absurd documents instead of parsing them
 
 
@@ -77,49 +80,100 @@ def _fill_array(target: ctypes.Array, items: list[Any], where: str) -> None:
             target[i] = int(item)
 
 
+def _struct_or_none(struct_type: type[ctypes.Structure], data: dict[str, Any] | None
+                    ) -> Any:
+    return None if data is None else dict_to_struct(struct_type, data)
+
+
 @dataclass
 class VcpuState:
-    """One vCPU's architectural state, as read with KVM_GET_* while it was paused."""
+    """One vCPU's architectural state, as read with KVM_GET_* while it was paused.
+
+    Version 2 fills every field but `fpu` (XSAVE holds the FPU and SSE state) and has
+    either `sregs2` or `sregs`; a version-1 document has only vcpu_id, regs, sregs,
+    fpu, msrs and events. MSRs are kept in the order they were read; `load` writes
+    them in `msrs.restore_order`.
+    """
 
     vcpu_id: int
     regs: dict[str, Any]
-    sregs: dict[str, Any]
-    fpu: dict[str, Any]
+    sregs: dict[str, Any] | None
+    fpu: dict[str, Any] | None
     msrs: dict[int, int]
     events: dict[str, Any] | None = None
+    cpuid: list[dict[str, int]] | None = None
+    mp_state: dict[str, Any] | None = None
+    sregs2: dict[str, Any] | None = None
+    xsave: str | None = None  # hex of the KVM_GET_XSAVE(2) buffer
+    xcrs: dict[str, Any] | None = None
+    debugregs: dict[str, Any] | None = None
+    tsc_offset: int | None = None  # KVM_VCPU_TSC_OFFSET: guest TSC - host TSC
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "vcpu_id": self.vcpu_id,
-            "regs": self.regs,
-            "sregs": self.sregs,
-            "fpu": self.fpu,
-            "msrs": {f"{index:#x}": value for index, value in self.msrs.items()},
-            "events": self.events,
-        }
+        data = {name: getattr(self, name) for name in VCPU_FIELDS}
+        data["msrs"] = [[f"{index:#x}", value] for index, value in self.msrs.items()]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VcpuState:
-        return cls(
-            vcpu_id=int(data["vcpu_id"]),
-            regs=data["regs"],
-            sregs=data["sregs"],
-            fpu=data["fpu"],
-            msrs={int(index, 16): int(value) for index, value in data["msrs"].items()},
-            events=data.get("events"),
-        )
+        unknown = set(data) - set(VCPU_FIELDS)
+        if unknown:
+            raise SnapshotError(f"vCPU state has unknown fields {sorted(unknown)}")
+        msrs = data["msrs"]
+        pairs = msrs.items() if isinstance(msrs, dict) else msrs  # version 1 used a dict
+        values = {name: data.get(name) for name in VCPU_FIELDS}
+        values.update(vcpu_id=int(data["vcpu_id"]), regs=data["regs"],
+                      msrs={int(index, 16): int(value) for index, value in pairs})
+        return cls(**values)
 
     def kvm_regs(self) -> b.kvm_regs:
         return dict_to_struct(b.kvm_regs, self.regs)
 
-    def kvm_sregs(self) -> b.kvm_sregs:
-        return dict_to_struct(b.kvm_sregs, self.sregs)
+    def kvm_sregs(self) -> b.kvm_sregs | None:
+        return _struct_or_none(b.kvm_sregs, self.sregs)
 
-    def kvm_fpu(self) -> b.kvm_fpu:
-        return dict_to_struct(b.kvm_fpu, self.fpu)
+    def kvm_sregs2(self) -> b.kvm_sregs2 | None:
+        return _struct_or_none(b.kvm_sregs2, self.sregs2)
+
+    def kvm_fpu(self) -> b.kvm_fpu | None:
+        return _struct_or_none(b.kvm_fpu, self.fpu)
 
     def kvm_vcpu_events(self) -> b.kvm_vcpu_events | None:
-        return None if self.events is None else dict_to_struct(b.kvm_vcpu_events, self.events)
+        return _struct_or_none(b.kvm_vcpu_events, self.events)
+
+    def kvm_mp_state(self) -> b.kvm_mp_state | None:
+        return _struct_or_none(b.kvm_mp_state, self.mp_state)
+
+    def kvm_xcrs(self) -> b.kvm_xcrs | None:
+        return _struct_or_none(b.kvm_xcrs, self.xcrs)
+
+    def kvm_debugregs(self) -> b.kvm_debugregs | None:
+        return _struct_or_none(b.kvm_debugregs, self.debugregs)
+
+    def xsave_bytes(self) -> bytes | None:
+        return None if self.xsave is None else bytes.fromhex(self.xsave)
+
+    def check(self, version: int) -> None:
+        """Build every struct once, so a bad document fails now, not halfway through a
+        restore; version 2 must have all of its parts."""
+        if version >= 2:
+            missing = [name for name in V2_REQUIRED if getattr(self, name) is None]
+            if self.sregs is None and self.sregs2 is None:
+                missing.append("sregs or sregs2")
+            if missing:
+                raise SnapshotError(f"vCPU {self.vcpu_id} state lacks {', '.join(missing)}")
+        elif self.sregs is None or self.fpu is None:
+            raise SnapshotError(f"vCPU {self.vcpu_id} state lacks sregs or fpu")
+        self.kvm_regs(), self.kvm_sregs(), self.kvm_sregs2(), self.kvm_fpu()
+        self.kvm_vcpu_events(), self.kvm_mp_state(), self.kvm_xcrs(), self.kvm_debugregs()
+        try:
+            self.xsave_bytes()
+        except ValueError:
+            raise SnapshotError(f"vCPU {self.vcpu_id} xsave is not hex") from None
+
+
+VCPU_FIELDS = tuple(f.name for f in dataclasses.fields(VcpuState))
+V2_REQUIRED = ("cpuid", "mp_state", "xsave", "xcrs", "debugregs", "events")
 
 
 @dataclass
@@ -131,6 +185,8 @@ class MachineState:
     vcpus: list[VcpuState]
     devices: dict[str, Any] = field(default_factory=dict)
     guest: dict[str, Any] = field(default_factory=dict)
+    #: KVM_GET_CLOCK at save time (clock, flags, realtime, host_tsc); None in version 1.
+    clock: dict[str, int] | None = None
     version: int = STATE_VERSION
 
     def to_json(self) -> str:
@@ -142,6 +198,7 @@ class MachineState:
             "vcpus": [vcpu.to_dict() for vcpu in self.vcpus],
             "devices": self.devices,
             "guest": self.guest,
+            "clock": self.clock,
         }
         return json.dumps(document, indent=1, sort_keys=True)
 
@@ -158,10 +215,10 @@ class MachineState:
         if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
             raise SnapshotError("not a vmig VM state document (format field missing or wrong)")
         version = document.get("version")
-        if version != STATE_VERSION:
+        if version not in READABLE_VERSIONS:
             raise SnapshotError(
                 f"VM state document version {version} is not supported (this vmig reads "
-                f"version {STATE_VERSION})"
+                f"versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
         try:
             vcpus = [VcpuState.from_dict(item) for item in document["vcpus"]]
@@ -171,6 +228,7 @@ class MachineState:
                 vcpus=vcpus,
                 devices=dict(document.get("devices", {})),
                 guest=dict(document.get("guest", {})),
+                clock=_clock(document.get("clock")),
                 version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -178,32 +236,17 @@ class MachineState:
         if len(state.vcpus) != state.config.cpus:
             raise SnapshotError(f"VM state has {len(state.vcpus)} vCPUs but its configuration "
                                 f"says {state.config.cpus}")
-        for vcpu in state.vcpus:  # fail now, not halfway through a restore
-            vcpu.kvm_regs(), vcpu.kvm_sregs(), vcpu.kvm_fpu(), vcpu.kvm_vcpu_events()
+        if version >= 2 and state.clock is None:
+            raise SnapshotError("VM state document version 2 lacks the clock")
+        for vcpu in state.vcpus:
+            vcpu.check(version)
         return state
 
 
-def read_vcpu_state(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
-    try:
-        events: dict[str, Any] | None = struct_to_dict(vcpu.get_vcpu_events())
-    except KvmError:
-        events = None
-    return VcpuState(
-        vcpu_id=vcpu.vcpu_id,
-        regs=struct_to_dict(vcpu.get_regs()),
-        sregs=struct_to_dict(vcpu.get_sregs()),
-        fpu=struct_to_dict(vcpu.get_fpu()),
-        msrs=vcpu.get_msrs(msr_indices),
-        events=events,
-    )
+def _clock(data: dict[str, Any] | None) -> dict[str, int] | None:
+    if data is None:
+        return None
+    return {name: int(data[name]) for name in CLOCK_FIELDS}
 
 
-def load_vcpu_state(vcpu: Vcpu, state: VcpuState, known_msrs: set[int]) -> None:
-    vcpu.set_sregs(state.kvm_sregs())
-    vcpu.set_regs(state.kvm_regs())
-    vcpu.set_fpu(state.kvm_fpu())
-    events = state.kvm_vcpu_events()
-    if events is not None:
-        vcpu.set_vcpu_events(events)
-    msrs = {index: value for index, value in state.msrs.items() if index in known_msrs}
-    vcpu.set_msrs(msrs)
+CLOCK_FIELDS = ("clock", "flags", "realtime", "host_tsc")

@@ -29,6 +29,7 @@ KICK_SIGNAL = signal.SIGUSR1
 HLT_WAIT_S = 0.002
 IDLE_HLT_WAIT_S = 0.02
 PAUSE_TIMEOUT_S = 10.0
+RFLAGS_IF = 1 << 9
 
 
 def install_kick_handler() -> None:
@@ -64,7 +65,11 @@ class VcpuHandle:
     """Owns a vCPU's thread. Created paused; `resume()` starts the guest running."""
 
     def __init__(self, vcpu: Vcpu, bus: IoBus, on_failure: Callable[[int, str], None],
-                 hlt_wait_s: float = HLT_WAIT_S) -> None:
+                 hlt_wait_s: float = HLT_WAIT_S,
+                 on_final_halt: Callable[[int, str], None] | None = None) -> None:
+        """`on_final_halt`, if given, makes HLT with RFLAGS.IF clear final (nothing can
+        wake the guest): it is told once per halt, and the vCPU waits until kicked
+        (pause, stop) instead of re-entering KVM_RUN. Without it every HLT is a nap."""
         if not kick_handler_installed():
             raise VmigError("vCPU kick handler not installed: call install_kick_handler() "
                             "from the main thread first")
@@ -72,6 +77,8 @@ class VcpuHandle:
         self._bus = bus
         self._on_failure = on_failure
         self._hlt_wait_s = hlt_wait_s
+        self._on_final_halt = on_final_halt
+        self._halt_told = False
         self._cond = threading.Condition()
         self._desired = VcpuRunState.PAUSED
         self._actual = VcpuRunState.PAUSED
@@ -183,12 +190,32 @@ class VcpuHandle:
         if reason == ExitReason.IO:
             self._handle_io()
         elif reason == ExitReason.HLT:
-            self._wake.wait(self._hlt_wait_s)
+            if self._on_final_halt is not None and self._halted_for_good():
+                self._wake.wait()  # until a pause, a stop or a nap kicks
+            else:
+                self._wake.wait(self._hlt_wait_s)
             self._wake.clear()
         elif reason == ExitReason.INTR:
             return
         else:
             raise GuestError(self._describe_exit(reason))
+
+    def _halted_for_good(self) -> bool:
+        """HLT with interrupts disabled: no interrupt controller exists to wake it."""
+        regs = self.vcpu.get_regs()
+        if regs.rflags & RFLAGS_IF:
+            self._halt_told = False
+            return False
+        # KVM has moved RIP past the 1-byte HLT; a real CPU would stay on it forever. Step
+        # back, so that a kick, a snapshot or a migration re-enters HLT, not what follows.
+        regs.rip -= 1
+        self.vcpu.set_regs(regs)
+        if not self._halt_told and self._on_final_halt is not None:
+            self._halt_told = True
+            self._on_final_halt(self.vcpu.vcpu_id, f"vCPU {self.vcpu.vcpu_id} halted for good at "
+                                f"rip={regs.rip:#x}: HLT with interrupts disabled, and there "
+                                "is no interrupt to wake it")
+        return True
 
     def _handle_io(self) -> None:
         io = self.vcpu.kvm_run.io
