@@ -17,7 +17,8 @@ from helpers import counter_growth
 from vmig.config import VmConfig
 from vmig.units import PAGE_SIZE
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+# After tests/ on the path: benchmarks/faults.py must not shadow tests/faults.py.
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from qemu_guest import QEMU, QemuGuest, qemu_command
 
 pytestmark = pytest.mark.kvm

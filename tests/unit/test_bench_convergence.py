@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+# After tests/ on the path: benchmarks/faults.py must not shadow tests/faults.py.
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import convergence_qemu
 import convergence_report
