@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from asm import build_multiboot, build_raw
-from helpers import Spawn, receive, wait_for
+from helpers import Background, Spawn, migration_info_or_none, receive, wait_for
 
 # counter_boot.S's layout (see its header comment).
 SWEEP_PAGES = 2048
@@ -125,3 +125,43 @@ def test_a_multiboot_kernel_migrates_and_runs_on(spawn_vmm: Spawn, tmp_path: Pat
                               destination_serial.read_text().split("tick ")[1:]
                               if word.strip()], "ticks at the destination")
     assert later[0] in (last, last + 1) and later == list(range(later[0], later[0] + len(later)))
+
+
+def test_a_boot_sector_migrates_locally_is_cancelled_and_restores_without_its_file(
+        spawn_vmm: Spawn, tmp_path: Path) -> None:
+    image = build_raw("counter_boot.S", tmp_path, {"BATCH": BATCH})
+    source_memory = tmp_path / "source.ram"
+    source = spawn_vmm("--boot-image", str(image), "--memory", MEMORY,
+                       "--memory-file", str(source_memory))
+    wait_for(lambda: _source_state(source_memory)[0] >= 2, "the guest to sweep its pages")
+    # A cancelled migration leaves the guest running at the source.
+    doomed = spawn_vmm()
+    url, auth = receive(doomed)
+    send = Background(lambda: source.client.send_migration(  # 8 MiB at 4 MB/s: 2 s
+        destination_url=url, **auth, connections=2, max_bandwidth="4M"))
+    send.start()
+    wait_for(lambda: (i := migration_info_or_none(source.client)) and i["phase"] == "precopy",
+             "pre-copy")
+    assert source.client.cancel_migration()["status"] == "cancelled"
+    assert send.outcome()["status"] == "cancelled"
+    before = _source_state(source_memory)
+    wait_for(lambda: _source_state(source_memory) > before, "the guest to run on")
+    # A snapshot restores without the image file: the guest is in its memory.
+    source.client.pause()
+    source.client.snapshot(str(tmp_path / "snap"))
+    paused = sweep_state((tmp_path / "snap" / "memory.bin").read_bytes())
+    source.client.resume()
+    image.unlink()
+    restored = spawn_vmm("--restore", str(tmp_path / "snap"))
+    info = restored.client.info()
+    assert info["guest"] == "image" and info["boot_image"] == str(image)
+    first = sweep_state(_destination_memory(restored.client, tmp_path, "snap-r1"))
+    assert first >= paused
+    # A local migration (memory by fd) of the restored guest.
+    local = spawn_vmm()
+    url, auth = receive(local, f"unix:{tmp_path}/local.sock")
+    summary = restored.client.send_migration(destination_url=url, **auth, local=True,
+                                             verify_memory=True)
+    assert summary["status"] == "completed" and summary["memory_verified"] is True
+    moved = sweep_state(_destination_memory(local.client, tmp_path, "snap-l1"))
+    assert moved > first
