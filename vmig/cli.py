@@ -160,6 +160,8 @@ def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | N
         flag = "--memory" if memory is not None else "--boot-image"
         raise click.UsageError(f"--restore and {flag} are mutually exclusive")
     boots = memory is not None or boot_image is not None
+    if boot_cmdline is not None and boot_image is None:
+        raise click.UsageError("--boot-cmdline needs --boot-image")
     if given and not boots:
         flag = "--" + next(iter(given)).replace("_", "-")
         if restore_dir is not None:
@@ -174,6 +176,9 @@ def vmm(api_socket: str, memory: str | None, cpus: int | None, workload: str | N
         sized = {} if memory is None else {"memory": memory}
         config = VmConfig.build(memory_file=memory_file, serial_log=serial_log,
                                 boot_image=_abspath(boot_image), **sized, **given)
+        if config.is_image_guest:  # a file that cannot boot fails before the socket exists
+            from vmig.vmm.images import plan_boot
+            plan_boot(config)
     if restore_dir is not None:
         restore_dir = os.path.abspath(restore_dir)
         if not os.path.isdir(restore_dir):

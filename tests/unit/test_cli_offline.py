@@ -28,6 +28,11 @@ def assert_one_line_error(stderr: str, text: str) -> None:
     (["--memory", "3M"], "must be a multiple of 2 MiB"),
     (["--memory", "64M", "--working-set", "1G"], "does not fit"),
     (["--memory", "256M", "--working-set", "x"], "bad working set size 'x'"),
+    (["--boot-image", "/nonexistent.img"], "boot_image: cannot read /nonexistent.img"),
+    (["--boot-image", "/dev/null"], "neither a Multiboot kernel"),
+    (["--boot-image", "/dev/null", "--workload", "dirty"], "workload does not apply to a "
+                                                             "boot image"),
+    (["--boot-image", "/dev/null", "--cpus", "2"], "a boot image runs on 1 vCPU"),
 ])
 def test_vmm_rejects_bad_sizes_before_touching_anything(tmp_path: Path, args: list[str],
                                                         text: str) -> None:
@@ -47,6 +52,8 @@ def test_vmm_restore_of_a_missing_directory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "text"), [
     (["--memory", "256M", "--restore", "/x"], "mutually exclusive"),
+    (["--boot-image", "/x.img", "--restore", "/x"], "--restore and --boot-image are mutually"),
+    (["--boot-cmdline", "quiet"], "--boot-cmdline needs --boot-image"),
     (["--cpus", "2"], "--cpus needs --memory"),
     (["--restore", "/x", "--workload", "dirty"], "--workload cannot be used with --restore"),
     (["--memory-file", "/dev/shm/x"], "--memory-file needs --memory or --restore"),

@@ -7,16 +7,15 @@ image file is read once, at boot: a restore or a migration carries guest memory.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from vmig.config import BootFormat, VmConfig
+from vmig.config import BootFormat
 from vmig.errors import StateError
 from vmig.ranges import RangeTable
 from vmig.vmm import multiboot
 from vmig.vmm.boot import enter_real_mode
 from vmig.vmm.devices import IoBus
-from vmig.vmm.images import RAW_BOOT_DRIVE, BootPlan, parse_image, read_image
+from vmig.vmm.images import RAW_BOOT_DRIVE, BootPlan, plan_boot
 from vmig.vmm.vcpu_thread import HLT_WAIT_S
 
 if TYPE_CHECKING:
@@ -27,15 +26,6 @@ __all__ = ["NO_SELF_CHECK", "ImageGuest", "plan_boot"]
 
 KIND = "image"
 NO_SELF_CHECK = "this guest was booted from an image and has no self-check"
-
-
-def plan_boot(config: VmConfig) -> tuple[VmConfig, BootPlan]:
-    """Read and parse the config's boot image; the config gains its format and sha256."""
-    assert config.boot_image is not None
-    plan = parse_image(read_image(config.boot_image), config.memory_bytes)
-    if plan.format is BootFormat.MULTIBOOT:
-        multiboot.information(config.memory_bytes, config.boot_cmdline or "")  # checks it
-    return dataclasses.replace(config, boot_format=plan.format, boot_sha256=plan.sha256), plan
 
 
 def write_plan(memory: GuestMemory, plan: BootPlan, cmdline: str) -> int:

@@ -10,10 +10,11 @@ vCPU; `vmm.image_guest` writes a plan into a VM. Two formats, tried in this orde
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
-from vmig.config import BootFormat
+from vmig.config import BootFormat, VmConfig
 from vmig.errors import ConfigError
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "BootPlan",
     "Segment",
     "parse_image",
+    "plan_boot",
     "read_image",
 ]
 
@@ -83,6 +85,18 @@ def parse_image(data: bytes, memory_bytes: int) -> BootPlan:
     raise ConfigError("boot_image is neither a Multiboot kernel (no magic 0x1BADB002 in its "
                       "first 8192 bytes) nor a raw boot image (its first 512 bytes do not end "
                       "0x55 0xAA)")
+
+
+def plan_boot(config: VmConfig) -> tuple[VmConfig, BootPlan]:
+    """Read and parse the config's boot image (checking the command line too); the
+    config gains the detected format and the file's sha256."""
+    from vmig.vmm import multiboot
+
+    assert config.boot_image is not None
+    plan = parse_image(read_image(config.boot_image), config.memory_bytes)
+    if plan.format is BootFormat.MULTIBOOT:
+        multiboot.information(config.memory_bytes, config.boot_cmdline or "")
+    return dataclasses.replace(config, boot_format=plan.format, boot_sha256=plan.sha256), plan
 
 
 def _raw_plan(data: bytes, digest: str) -> BootPlan:

@@ -30,8 +30,8 @@ from vmig.kvm.buffers import cpuid_entries
 from vmig.memory import GuestMemory
 from vmig.ranges import RangeTable
 from vmig.vmm.devices import A20_PORTS, SERIAL_PORTS, FastA20, IoBus, Serial8250
-from vmig.vmm.image_guest import ImageGuest, plan_boot
-from vmig.vmm.images import BootPlan
+from vmig.vmm.image_guest import ImageGuest
+from vmig.vmm.images import BootPlan, plan_boot
 from vmig.vmm.own_guest import BOOT_TIMEOUT_S, OwnGuest
 from vmig.vmm.snapshot import read_snapshot, write_snapshot
 from vmig.vmm.state import MachineState
