@@ -18,7 +18,6 @@ import dataclasses
 import enum
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -33,6 +32,7 @@ from vmig.vmm.devices import A20_PORTS, SERIAL_PORTS, FastA20, IoBus, Serial8250
 from vmig.vmm.image_guest import ImageGuest
 from vmig.vmm.images import BootPlan, plan_boot
 from vmig.vmm.own_guest import BOOT_TIMEOUT_S, OwnGuest
+from vmig.vmm.reports import Listener, Reports
 from vmig.vmm.snapshot import read_snapshot, write_snapshot
 from vmig.vmm.state import MachineState
 from vmig.vmm.throttle import Throttle
@@ -69,14 +69,8 @@ class Machine:
         self.error: str | None = None
         self._cpuid: tuple[dict[str, int], ...] = ()
         self.state = VmState.PAUSED
-        #: Told the reason once, on the failing vCPU's thread, when the VM fails (the
-        #: VMM publishes it as an event); must not block.
-        self.on_failure: Callable[[str], None] | None = None
-        #: Told the reason once when the guest halts for good (HLT with interrupts off).
-        self.on_halt: Callable[[str], None] | None = None
-        self.halted: str | None = None
-        self._halt_unheard = False  # halted before anyone listened (see `listen`)
-        self._listen_lock = threading.Lock()
+        #: Failure and final halt, told to the owner's listeners (see `listen`).
+        self.reports = Reports()
         self.busy: str | None = None  # e.g. "migrating": user pause/resume/snapshot must wait
         self._serial_log = serial_log
         self._lock = threading.RLock()
@@ -299,35 +293,17 @@ class Machine:
             handle.request_pause()
         self.notify()
         if first:
-            self._tell(self.on_failure, message, "the VM's failure")
+            self.reports.failed(message)
 
     def _vcpu_halted(self, vcpu_id: int, message: str) -> None:
         """Called on a vCPU thread when an image guest halts for good (once per halt)."""
-        with self._listen_lock:
-            self.halted = message
-            listener = self.on_halt
-            self._halt_unheard = listener is None
+        self.reports.halted_for_good(message)
         self.notify()
-        self._tell(listener, message, "the guest's halt")
 
-    def listen(self, on_failure: Callable[[str], None] | None,
-               on_halt: Callable[[str], None] | None) -> None:
-        """Set `on_failure` and `on_halt`; a halt that came before is told to `on_halt` now."""
-        with self._listen_lock:
-            self.on_failure, self.on_halt = on_failure, on_halt
-            missed = self.halted if self._halt_unheard else None
-            self._halt_unheard = False
-        if missed is not None:
-            self._tell(on_halt, missed, "the guest's halt")
-
-    @staticmethod
-    def _tell(listener: Callable[[str], None] | None, message: str, what: str) -> None:
-        if listener is None:
-            return
-        try:
-            listener(message)
-        except Exception:  # a listener's fault must not hide the VM's
-            log.exception("reporting %s failed", what)
+    def listen(self, on_failure: Listener | None, on_halt: Listener | None) -> None:
+        """Told once, on a vCPU thread, each in one line: the VM failed (`on_failure`), the
+        guest halted for good (`on_halt`); the VMM publishes them as events. Must not block."""
+        self.reports.listen(on_failure, on_halt)
 
     def notify(self) -> None:
         """Wake whoever waits on `events` (boot, self-check)."""
@@ -371,7 +347,7 @@ class Machine:
             "memory_file": config.memory_file,
             "serial_log": config.serial_log,
             "error": self.error,
-            "halted": self.halted,
+            "halted": self.reports.halted,
             "heartbeat": None,
             "pages_written": None,
             "vcpus": [{"id": h.vcpu.vcpu_id, "state": h.state.value, "exits": h.exits}
