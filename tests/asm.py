@@ -9,7 +9,8 @@ Sources live in tests/guests/ (`*.S`, GNU as syntax, preprocessed: `#define` and
   (`.org 510` then `.byte 0x55, 0xaa`); code after the first sector is allowed.
 - `build_multiboot(source, tmp_path)`: an ELF32 Multiboot kernel, linked at 1 MiB.
   The source carries its Multiboot header (magic, flags, checksum) in its first
-  8 KiB, in a section named `.multiboot` that the link puts first.
+  8 KiB, in a section named `.multiboot` that the link puts first. `flat=True` writes
+  a flat binary for the header's address fields instead.
 
 `defines` become `-DNAME=VALUE`, so one source can build variants::
 
@@ -41,19 +42,26 @@ def build_raw(source: str | Path, tmp_path: Path, defines: Defines = None) -> Pa
     return image
 
 
-def build_multiboot(source: str | Path, tmp_path: Path, defines: Defines = None) -> Path:
-    """Assemble `source` into an ELF32 Multiboot kernel loaded at 1 MiB."""
+def build_multiboot(source: str | Path, tmp_path: Path, defines: Defines = None, *,
+                    flat: bool = False) -> Path:
+    """Assemble `source` into an ELF32 Multiboot kernel loaded at 1 MiB; with `flat`, a
+    flat binary instead, which the loader places by the header's address fields (the
+    source then sets flag bit 16 and fills them in from `image_start` / `image_end`)."""
     obj = _assemble(source, tmp_path, defines)
-    kernel = obj.with_suffix(".elf")
+    kernel = obj.with_suffix(".bin" if flat else ".elf")
     script = tmp_path / "multiboot.ld"
     script.write_text(
         "ENTRY(_start)\nSECTIONS {\n"
         f"  . = {MULTIBOOT_LOAD_ADDRESS:#x};\n"
+        "  image_start = .;\n"
         "  .text : { *(.multiboot) *(.text*) *(.rodata*) }\n"
         "  .data : { *(.data*) }\n"
         "  .bss : { *(.bss*) *(COMMON) }\n"
+        "  image_end = .;\n"
         "}\n")
-    _run("ld", "-m", "elf_i386", "-n", "-T", str(script), "-o", str(kernel), str(obj))
+    output = ["--oformat=binary"] if flat else []
+    _run("ld", "-m", "elf_i386", "-n", "-T", str(script), *output, "-o", str(kernel),
+         str(obj))
     return kernel
 
 

@@ -11,7 +11,11 @@
  * re-enters a halted vCPU with interrupts enabled after a few milliseconds).
  */
 #define MB_MAGIC 0x1BADB002
+#ifdef ADDRESS_FIELDS             /* a flat image: the loader reads the header's addresses */
+#define MB_FLAGS 0x00010003       /* ... and bit 16, the address fields */
+#else
 #define MB_FLAGS 0x00000003       /* page-aligned modules, memory information */
+#endif
 #define COM1 0x3f8
 #define REGION 0x400000
 #define SWEEP_PAGES 1024
@@ -21,6 +25,14 @@
     .long MB_MAGIC
     .long MB_FLAGS
     .long -(MB_MAGIC + MB_FLAGS)
+#ifdef ADDRESS_FIELDS
+mb_header = . - 12
+    .long mb_header           /* header_addr */
+    .long image_start         /* load_addr: the file's first byte */
+    .long 0                   /* load_end_addr: the whole file */
+    .long image_end           /* bss_end_addr: zeroed up to here */
+    .long _start              /* entry_addr */
+#endif
 
     .text
     .code32

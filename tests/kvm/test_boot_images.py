@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from asm import build_multiboot, build_raw
 from helpers import Spawn, expect_api_error, wait_for
 
@@ -60,9 +61,14 @@ def test_unknown_ports_are_counted_and_warned_about_once(spawn_vmm: Spawn, tmp_p
     assert len(warnings) == 1 and "WARNING" in warnings[0]
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["elf32", "address-fields"])
 def test_a_multiboot_kernel_gets_its_command_line_and_memory_map(spawn_vmm: Spawn,
-                                                                 tmp_path: Path) -> None:
-    kernel = build_multiboot("multiboot_report.S", tmp_path)
+                                                                 tmp_path: Path,
+                                                                 flat: bool) -> None:
+    defines = {"ADDRESS_FIELDS": 1} if flat else None
+    kernel = build_multiboot("multiboot_report.S", tmp_path, defines, flat=flat)
+    if flat:  # no ELF header: only the address fields say where it goes
+        assert not kernel.read_bytes().startswith(b"\x7fELF")
     serial = tmp_path / "serial.log"
     vmm = spawn_vmm()
     info = vmm.client.create(memory="64M", boot_image=str(kernel), serial_log=str(serial),
