@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 CpuidEntry = Mapping[str, int]
+#: The keys of a CpuidEntry: kvm_cpuid_entry2's fields, its padding left out.
+CPUID_ENTRY_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 
 #: The CPUID flag that says an entry's value depends on its subleaf (ECX input).
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
+from vmig.cpu_compat import CPUID_ENTRY_FIELDS
 from vmig.kvm.bindings import KVM_XSAVE_LEGACY_BYTES, kvm_cpuid_entry2, kvm_msr_entry, u8, u32
 
 
@@ -42,9 +43,6 @@ def cpuid_buffer(capacity: int) -> ctypes.Structure:
 def xsave_buffer(size: int) -> ctypes.Array:
     """A zeroed buffer of `size` bytes (at least the 4 KiB kvm_xsave) for KVM_GET/SET_XSAVE(2)."""
     return (u8 * max(size, KVM_XSAVE_LEGACY_BYTES))()
-
-
-CPUID_ENTRY_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 
 
 def cpuid_entries(cpuid: ctypes.Structure) -> list[dict[str, int]]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmig.config import VmConfig
+from vmig.cpu_compat import CPUID_ENTRY_FIELDS
 from vmig.errors import ConfigError, VmigError
 from vmig.proto.wire import range_table_problem
 from vmig.ranges import RangeTable
@@ -28,8 +29,6 @@ CONFIG_VERSION = 2
 COMPLETE_VERSION = 2
 #: Most data extents CONFIG lists (the sender coarsens its table to fit).
 MAX_CONFIG_EXTENTS = 4096
-#: The fields of one CPUID entry, as the saved state writes them.
-CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 
 
 class DocumentError(VmigError):
@@ -135,7 +134,7 @@ def _cpuid(raw: Any) -> tuple[Mapping[str, int], ...] | None:
         if not isinstance(entry, dict):
             raise DocumentError(f"bad CONFIG: cpuid entry {number} is not an object")
         entries.append({name: _uint(entry.get(name, 0), f"cpuid[{number}].{name}")
-                        for name in CPUID_FIELDS})
+                        for name in CPUID_ENTRY_FIELDS})
     return tuple(entries)
 
 

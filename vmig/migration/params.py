@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmig.cpu_compat import TSC_TOLERANCE_PPM
 from vmig.errors import ConfigError
 from vmig.migration.policy import TimeoutStrategy
 from vmig.proto import MAX_CONNECTIONS
@@ -153,7 +154,8 @@ RECEIVE_PARAMETERS: tuple[Param, ...] = (
           "QEMU destination with preallocated memory); a VM of another size ignores it.",
           metavar="SIZE"),
     Param("allow_tsc_change", "bool", False, "Accept a guest whose TSC ran at another "
-          "frequency at the source (more than 250 ppm apart): KVM here cannot scale it, so "
+          f"frequency at the source (more than {TSC_TOLERANCE_PPM} ppm apart): KVM here "
+          "cannot scale it, so "
           "the guest's clocks would run fast or slow. Refused at CONFIG otherwise."),
     Param("tls_dir", "path", None, _TLS_HELP.format(side="server"), metavar="DIR"),
     Param("token", "str", None, "The secret a sender must prove it knows (tcp: without "
