@@ -20,8 +20,8 @@ guest was slowed). Every run gets fresh VMMs; the order of the modes rotates per
 repetition; before each run the benchmark touches and frees RAM so that neither VMM
 allocates host-cold memory (docs/performance.md, "Measuring on these machines").
 
-QEMU is not in this comparison: its auto-converge and post-copy need a guest that
-dirties memory, and vmig's bare-metal guest does not boot under QEMU.
+This is vmig alone, over loopback with its own bandwidth cap; convergence_qemu.py runs
+the same guest under vmig and QEMU side by side over a tbf-capped link.
 
     ./dev bench convergence.py --repeat 3
 

@@ -17,7 +17,7 @@ busy Python thread next to it that can take a switch interval (5 ms).
 
 Pure functions of a buffer; `GuestMemory.zero_pages` and `GuestMemory.split_zero_pages`
 apply them to guest memory. Mind that reading a hole of a memfd through its mapping
-allocates the page: scan only the parts that hold data (`GuestMemory.data_extents`).
+allocates the page: scan only the parts that hold data (`MemoryBacking.data_extents`).
 """
 
 from __future__ import annotations
