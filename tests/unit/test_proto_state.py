@@ -68,7 +68,7 @@ def _invalid_cases(*, raw: bool = True):
     With `raw`, also the values no event type can produce (INVALID, unknown).
     """
     # AUTH belongs to the handshake, before any of these states (test_proto_handshake.py),
-    # FAULT to the FAULT connection (test_proto_fault.py);
+    # FAULT to the FAULT connection (test_proto_postcopy.py);
     # after it, it is refused like any other command out of place.
     commands = [*Command, UNKNOWN_COMMAND] if raw else [
         c for c in Command if c not in (Command.INVALID, Command.AUTH, Command.FAULT)]

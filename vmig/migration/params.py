@@ -48,6 +48,15 @@ MAX_ITERATIONS = 1000  # a safety net far beyond what a converging migration nee
 DEFAULT_POSTCOPY_AFTER = 5
 # zstd level 1: the fastest; higher levels shrink memory pages little more for much more CPU.
 DEFAULT_ZSTD_LEVEL = 1
+#: How long a lost connection is re-dialled (docs/protocol.md, "Resume"): long enough for a
+#: switch or a link to come back, short enough that a source paused at the switch-over
+#: does not wait for long on a destination that is really gone.
+DEFAULT_RECONNECT_TIMEOUT_S = 30
+MAX_RECONNECT_TIMEOUT_S = 3600
+#: A peer silent this long is lost: TCP keepalive and TCP_USER_TIMEOUT on every connection,
+#: and MAIN's heartbeat. Longer than the stalls a busy link or host shows (6-7 s were seen).
+DEFAULT_DEAD_PEER_TIMEOUT_S = 10
+MAX_DEAD_PEER_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,15 @@ SEND_PARAMETERS: tuple[Param, ...] = (
     Param("postcopy_after_iterations", "int", DEFAULT_POSTCOPY_AFTER, "With postcopy: "
           "pre-copy iterations before switching to post-copy.", 1, MAX_ITERATIONS,
           metavar="N"),
+    Param("reconnect_timeout_s", "int", DEFAULT_RECONNECT_TIMEOUT_S, "A connection lost "
+          "before the end (MAIN, MEMORY or FAULT, in any phase) is re-dialled with backoff "
+          "for up to this many seconds, and the migration goes on where it was; 0: a lost "
+          "MAIN fails the migration (post-copy then waits in postcopy-paused for "
+          "recover-migration).", 0, MAX_RECONNECT_TIMEOUT_S, metavar="S"),
+    Param("dead_peer_timeout_s", "int", DEFAULT_DEAD_PEER_TIMEOUT_S, "A peer silent this "
+          "many seconds is lost (TCP keepalive and TCP_USER_TIMEOUT on every connection, a "
+          "heartbeat on MAIN); a shorter stall is ridden out.", 1, MAX_DEAD_PEER_TIMEOUT_S,
+          metavar="S"),
     Param("compress", "str", None, "Compress each chunk with zstd on the sender's connection "
           "threads, for slow links: zstd, or zstd:LEVEL (1-19, default 1). A chunk that does "
           "not shrink goes as it is.", metavar="zstd[:LEVEL]"),
@@ -208,6 +226,8 @@ class SendParams:
     auto_converge: bool = False
     postcopy: bool = False
     postcopy_after_iterations: int = DEFAULT_POSTCOPY_AFTER
+    reconnect_timeout_s: int = DEFAULT_RECONNECT_TIMEOUT_S
+    dead_peer_timeout_s: int = DEFAULT_DEAD_PEER_TIMEOUT_S
     compress: str | None = None
     tls_dir: str | None = None
     token: str | None = field(default=None, repr=False)

@@ -36,7 +36,7 @@ import numpy as np
 from vmig.errors import MigrationError, TransportError, VmigError, describe
 from vmig.memory import GuestMemory
 from vmig.proto import NEED_DATA, ConnectionClosed, EndOfPayload
-from vmig.proto.fault import FaultRequester, FaultServer, PageRequest, Pages
+from vmig.proto.postcopy import PageRequest, PageRequester, Pages, PageServer
 from vmig.ranges import RangeTable
 from vmig.transport.channel import ReceiverChannel, SenderChannel
 from vmig.uffd import Userfaultfd
@@ -79,7 +79,7 @@ class PostcopyService:
         self._left = self.owed_pages
         self._latencies: list[float] = []
         self._asked_at: dict[int, float] = {}
-        self._requester = FaultRequester()
+        self._requester = PageRequester()
         self._stopping = threading.Event()
         self._uffd: Userfaultfd | None = None
         self._threads: list[threading.Thread] = []
@@ -256,7 +256,7 @@ class FaultResponder:
         self._thread.start()
 
     def _serve(self) -> None:
-        server = FaultServer()
+        server = PageServer()
         stream = self.channel.stream
         try:
             while True:

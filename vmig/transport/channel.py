@@ -70,7 +70,7 @@ class SenderChannel:
                  token: bytes | None = None, max_outstanding: int | None = None) -> None:
         self.stream = stream
         self.role = role
-        # A FAULT connection carries no requests after its handshake (vmig.proto.fault).
+        # A FAULT connection carries no requests after its handshake (vmig.proto.postcopy).
         self.conn = SenderConnection(
             ConnectionRole.MEMORY if role is ConnectionRole.FAULT else role,
             max_outstanding=max_outstanding)
@@ -242,7 +242,7 @@ class ReceiverChannel:
         self.migration_id = migration_id
         #: Its place in the migration: MAIN is 0, MEMORY connections 1, 2, ... as admitted.
         self.index = 0
-        # A FAULT connection carries no requests after its handshake (vmig.proto.fault).
+        # A FAULT connection carries no requests after its handshake (vmig.proto.postcopy).
         self.conn = ReceiverConnection(
             ConnectionRole.MEMORY if role is ConnectionRole.FAULT else role,
             migration_id=migration_id)

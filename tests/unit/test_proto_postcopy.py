@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmig.proto import NEED_DATA, ConnectionClosed, EndOfPayload, RemoteProtocolError, wire
-from vmig.proto.fault import FaultRequester, FaultServer, PageRequest, Pages
+from vmig.proto.postcopy import PageRequest, PageRequester, Pages, PageServer
 from vmig.ranges import RangeTable
 
 PAGE = 4096
@@ -15,7 +15,7 @@ WANT = RangeTable([(0x10000, PAGE), (0x40000, 2 * PAGE)])
 
 
 def test_a_request_and_its_answer_byte_by_byte():
-    requester, server = FaultRequester(), FaultServer()
+    requester, server = PageRequester(), PageServer()
     for byte in requester.request(WANT):
         assert server.next_event() is NEED_DATA
         server.receive_data(bytes([byte]))
@@ -34,19 +34,19 @@ def test_a_request_and_its_answer_byte_by_byte():
 
 
 def test_answers_must_match_their_requests_in_order():
-    requester = FaultRequester()
+    requester = PageRequester()
     requester.request(WANT)
-    requester.receive_data(FaultServer.answer(RangeTable([(0, PAGE)])))
+    requester.receive_data(PageServer.answer(RangeTable([(0, PAGE)])))
     with pytest.raises(RemoteProtocolError, match="other pages"):
         requester.next_event()
-    unasked = FaultRequester()
-    unasked.receive_data(FaultServer.answer(WANT))
+    unasked = PageRequester()
+    unasked.receive_data(PageServer.answer(WANT))
     with pytest.raises(RemoteProtocolError, match="nobody asked for"):
         unasked.next_event()
 
 
 def test_eof_with_requests_unanswered_is_an_error():
-    requester = FaultRequester()
+    requester = PageRequester()
     requester.request(WANT)
     requester.receive_data(b"")
     with pytest.raises(RemoteProtocolError, match="1 page requests unanswered"):
@@ -54,7 +54,7 @@ def test_eof_with_requests_unanswered_is_an_error():
 
 
 def test_the_server_takes_nothing_but_fault_requests():
-    server = FaultServer()
+    server = PageServer()
     server.receive_data(wire.encode_request_header(wire.Command.START, 0))
     with pytest.raises(RemoteProtocolError, match="expected FAULT"):
         server.next_event()
@@ -63,8 +63,8 @@ def test_the_server_takes_nothing_but_fault_requests():
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=120), split=st.integers(1, 40))
 def test_arbitrary_bytes_never_crash_either_end(data, split):
-    for end in (FaultServer(), FaultRequester()):
-        if isinstance(end, FaultRequester):
+    for end in (PageServer(), PageRequester()):
+        if isinstance(end, PageRequester):
             end.request(WANT)
         for i in range(0, len(data), split):
             end.receive_data(data[i:i + split])

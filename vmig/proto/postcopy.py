@@ -11,7 +11,7 @@ receiver (destination), whose guest faulted on pages it lacks, asks; the sender
 
 Requests may be pipelined. An answer must carry exactly the ranges of the request it
 answers; anything else is a protocol error. EOF between messages is the end.
-`FaultRequester` is the receiver's end, `FaultServer` the sender's.
+`PageRequester` is the receiver's end, `PageServer` the sender's.
 """
 
 from __future__ import annotations
@@ -36,19 +36,19 @@ from vmig.proto.wire import (
 )
 from vmig.ranges import RANGE_ENTRY_SIZE, RangeTable
 
-__all__ = ["FaultRequester", "FaultServer", "PageRequest", "Pages"]
+__all__ = ["PageRequest", "PageRequester", "PageServer", "Pages"]
 
 
 @dataclass(frozen=True)
 class PageRequest:
-    """FaultServer: the receiver wants these pages now."""
+    """PageServer: the receiver wants these pages now."""
 
     ranges: RangeTable
 
 
 @dataclass(frozen=True)
 class Pages:
-    """FaultRequester: the pages of `ranges` follow (`payload_bytes` of them)."""
+    """PageRequester: the pages of `ranges` follow (`payload_bytes` of them)."""
 
     ranges: RangeTable
     payload_bytes: int
@@ -124,7 +124,7 @@ class _Reader:
                                   f"{what}")
 
 
-class FaultRequester:
+class PageRequester:
     """The receiver's end: ask for pages, read them back (straight into guest memory)."""
 
     def __init__(self) -> None:
@@ -182,7 +182,7 @@ class FaultRequester:
         reader.payload_left -= nbytes
 
 
-class FaultServer:
+class PageServer:
     """The sender's end: read page requests, answer each with its pages."""
 
     def __init__(self) -> None:
