@@ -516,6 +516,8 @@ class MigrationReceiver:
         if isinstance(phase, PostcopyActive):
             try:
                 install_memory(channel, phase.service, request)
+            except TransportError:
+                raise  # a lost connection: the chunk comes again
             except VmigError as exc:
                 channel.reject(str(exc))
                 raise
@@ -533,6 +535,8 @@ class MigrationReceiver:
             phase.allocator.received(request.ranges)
         try:
             write_memory(channel, phase.memory, request, compress=phase.start.compress)
+        except TransportError:
+            raise  # a lost connection: the chunk comes again
         except VmigError as exc:
             channel.reject(str(exc))
             raise
