@@ -13,9 +13,11 @@ documents version 1 only, and sends those.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
-from helpers import BUSY_GUEST, GUEST, Spawn, heartbeat_grows, receive
+from asm import build_raw
+from helpers import BUSY_GUEST, GUEST, Spawn, expect_api_error, heartbeat_grows, receive
 from oldrelease import OldRelease
 
 from vmig.api.process import VmmProcess
@@ -90,3 +92,20 @@ def test_head_migrates_its_guest_to_db2c624(spawn_vmm: Spawn, spawn_old: Spawn,
     _migrate(source, destination, **(POSTCOPY if postcopy else {}))
     assert _is_old(destination)
     assert destination.client.check_guest(60)["ok"]
+
+
+def test_a_guest_db2c624_cannot_run_is_refused_by_name(spawn_vmm: Spawn, spawn_old: Spawn,
+                                                       tmp_path: Path) -> None:
+    """A boot-image guest: version 1's configuration cannot say so (db2c624 would drop
+    the field and build its own guest). CONFIG is refused before any memory moves, the
+    destination is left empty and the guest runs on at the source."""
+    destination = spawn_old()
+    image = build_raw("counter_boot.S", tmp_path)
+    source = spawn_vmm("--boot-image", str(image), "--memory", "64M")
+    url, auth = receive(destination)
+    message = expect_api_error(500, source.client.send_migration, destination_url=url,
+                               **auth, connections=CONNECTIONS)
+    assert "boot_image cannot be expressed in configuration version 1" in message
+    assert source.client.info()["state"] == "running"
+    assert source.client.migration_info()["bytes_transferred"] == 0
+    assert destination.client.info()["state"] in ("empty", "receiving")
