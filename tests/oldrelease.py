@@ -95,13 +95,15 @@ class OldRelease:
 
 
 @contextlib.contextmanager
-def checkout(directory: Path, commit: str = OLD_COMMIT) -> Iterator[OldRelease]:
-    """A worktree of `commit` under `directory`, removed on the way out.
+def checkout(directory: Path, commit: str = OLD_COMMIT, root: Path | None = None
+             ) -> Iterator[OldRelease]:
+    """A worktree of `commit` (from the history of `root`, by default this checkout)
+    under `directory`, removed on the way out.
 
     Raises OldReleaseError when the repository's history lacks `commit` (a shallow
     clone: ``git fetch --unshallow`` brings it) or its code is not what gets imported.
     """
-    root = repository_root()
+    root = repository_root() if root is None else root
     try:
         full = _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}", cwd=root)
     except OldReleaseError:
