@@ -26,6 +26,9 @@ CONNECTIONS = 2
 #: Switch to post-copy after one pass (a guest dirtying flat out never converges), so
 #: that STATE goes the post-copy way and the destination serves faults.
 POSTCOPY = {"postcopy": True, "postcopy_after_iterations": 1, "downtime_ms": 0}
+#: Pre-copy verifies memory: COMPLETE then carries the source's digest, which the other
+#: version must read and compare.
+PRECOPY = {"verify_memory": True}
 
 
 @pytest.fixture
@@ -59,6 +62,7 @@ def _migrate(source: VmmProcess, destination: VmmProcess, **params: object) -> d
                                            connections=CONNECTIONS, **params)
     assert summary["status"] == "completed", summary
     assert (summary.get("postcopy") is not None) is bool(params.get("postcopy")), summary
+    assert summary["memory_verified"] is bool(params.get("verify_memory")), summary
     assert summary["connections"] == CONNECTIONS
     # exactly one VM runs: the destination's
     assert source.client.info()["state"] == "migrated"
@@ -76,11 +80,11 @@ def test_db2c624_migrates_its_guest_to_head(spawn_vmm: Spawn, spawn_old: Spawn) 
     destination = spawn_vmm()
     source = spawn_old(*GUEST)
     assert _is_old(source)
-    _migrate(source, destination)
+    _migrate(source, destination, **PRECOPY)
     assert not _is_old(destination)
     # HEAD has adopted db2c624's guest: it saves its whole state (version 2) and migrates
     # it on to another HEAD, where it keeps dirtying and checks out again
-    _migrate(destination, spawn_vmm())
+    _migrate(destination, spawn_vmm(), **PRECOPY)
 
 
 @pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
@@ -89,7 +93,7 @@ def test_head_migrates_its_guest_to_db2c624(spawn_vmm: Spawn, spawn_old: Spawn,
     destination = spawn_old()
     source = spawn_vmm(*(BUSY_GUEST if postcopy else GUEST))
     assert not _is_old(source)
-    _migrate(source, destination, **(POSTCOPY if postcopy else {}))
+    _migrate(source, destination, **(POSTCOPY if postcopy else PRECOPY))
     assert _is_old(destination)
     assert destination.client.check_guest(60)["ok"]
 
