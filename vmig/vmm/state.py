@@ -307,7 +307,7 @@ _XSAVE_HEADER_OFFSET = 512
 _XFEATURE_X87, _XFEATURE_SSE = 1, 2
 _FCW_INIT = 0x37F  # FNINIT's control word: the x87 component's init state
 #: XCR0 bits for the x87 and SSE components: what FXSAVE's region holds. A guest that
-#: enabled more (AVX, AVX-512, PKRU...) has state version 1 would lose.
+#: enabled more (AVX, AVX-512, PKRU...) has state that version 1 would lose.
 _V1_XCR0 = 0x3
 _DR7_ENABLE_BITS = 0xFF  # L0-L3 and G0-G3: a breakpoint is armed
 _MP_STATE_RUNNABLE = 0
@@ -346,7 +346,6 @@ def fpu_from_xsave(xsave: bytes) -> dict[str, Any]:
     if in_use & _XFEATURE_SSE:
         ctypes.memmove(fpu.xmm, xsave[_FXSAVE_XMM:_FXSAVE_XMM + 256], 256)
     return struct_to_dict(fpu)
-
 
 
 def v1_problem(vcpu: VcpuState) -> str | None:
