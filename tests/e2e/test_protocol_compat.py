@@ -76,11 +76,13 @@ def _migrate(source: VmmProcess, destination: VmmProcess, **params: object) -> d
     return summary
 
 
-def test_db2c624_migrates_its_guest_to_head(spawn_vmm: Spawn, spawn_old: Spawn) -> None:
+@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
+def test_db2c624_migrates_its_guest_to_head(spawn_vmm: Spawn, spawn_old: Spawn,
+                                            postcopy: bool) -> None:
     destination = spawn_vmm()
-    source = spawn_old(*GUEST)
+    source = spawn_old(*(BUSY_GUEST if postcopy else GUEST))
     assert _is_old(source)
-    _migrate(source, destination, **PRECOPY)
+    _migrate(source, destination, **(POSTCOPY if postcopy else PRECOPY))
     assert not _is_old(destination)
     # HEAD has adopted db2c624's guest: it saves its whole state (version 2) and migrates
     # it on to another HEAD, where it keeps dirtying and checks out again
