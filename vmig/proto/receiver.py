@@ -470,7 +470,8 @@ class ReceiverConnection:
                     f"sender sent {command.name} with command headers {headers.hex()}")
             else:
                 headers = NO_HEADERS
-        elif command is Command.PING:
+        elif command is Command.PING and self.version < RESUMABLE_VERSION:
+            # (a version 3 MEMORY connection refuses it by its state, as any command)
             raise RemoteProtocolError(f"sender sent PING, which protocol version "
                                       f"{self.version} does not have")
         target = TRANSITIONS.get((self._state, command))
