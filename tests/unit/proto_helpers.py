@@ -20,6 +20,7 @@ from vmig.proto import (
     Ping,
     Postcopy,
     ReceiverConnection,
+    Repeated,
     Response,
     SenderConnection,
     Start,
@@ -43,7 +44,7 @@ PAGES = bytes(i % 251 for i in range(TABLE.total_bytes))
 
 # Events after which the receiver must answer before reading on.
 COMPLETE_EVENTS = (Start, Config, MemoryFd, State, Postcopy, Complete, Abandon, Ping,
-                   EndOfPayload)
+                   Repeated, EndOfPayload)
 #: The protocol versions a core speaks, oldest first (tests parametrize over them).
 VERSIONS = tuple(sorted(SUPPORTED_VERSIONS))
 
