@@ -477,3 +477,67 @@ def test_a_link_that_fails_anywhere_resumes_and_applies_each_request_once(failur
 def sender_command(event: object) -> Command:
     return {Start: Command.START, Config: Command.CONFIG, Memory: Command.MEMORY,
             Ping: Command.PING, State: Command.STATE, Complete: Command.COMPLETE}[type(event)]
+
+
+# -- found while writing these tests ----------------------------------------------------------
+
+
+def test_a_repeat_must_be_the_same_command():
+    """A request numbered like the last answered one but of another command is no repeat:
+    answering it from the record would confirm what was never asked."""
+    pair = _pair(Command.START, Command.CONFIG)
+    pair.receiver.receive_data(raw_request(Command.STATE, 2))
+    with pytest.raises(RemoteProtocolError,
+                       match="STATE with sequence number 2, the number of CONFIG"):
+        drain(pair.receiver)
+
+
+def test_a_request_and_the_abandon_behind_it_both_answered_are_both_repeats():
+    """MAIN may have two requests unanswered (one and an ABANDON queued behind it); when
+    both were answered and both answers lost, the resumed sender re-sends both."""
+    pair = _pair(Command.START)
+    data = pair.sender.send(Config(b"{}")) + pair.sender.send(Abandon("stop"))
+    pair.receiver.receive_data(data)
+    assert drain(pair.receiver) == [Config(b"{}")]
+    answers = pair.receiver.send(Ok())
+    assert drain(pair.receiver) == [Abandon("stop")]
+    answers += pair.receiver.send(Ok())
+    pair.receiver.receive_data(b"")
+    assert drain(pair.receiver) == [ConnectionClosed()]
+    _lose(pair.sender)
+    sender = SenderConnection.resumed(pair.sender)
+    receiver = ReceiverConnection.resumed(pair.receiver)
+    receiver.receive_data(sender.resend())
+    assert drain(receiver) == [Repeated(Command.CONFIG, 2)]
+    again = receiver.answer_repeat()
+    assert drain(receiver) == [Repeated(Command.ABANDON, 3)]
+    again += receiver.answer_repeat()
+    assert again == answers
+    sender.receive_data(again)
+    assert [sender.next_event().command for _ in range(2)] == [Command.CONFIG, Command.ABANDON]
+    assert sender.state is S.ABORTED is receiver.state
+    # older numbers than those are still refused
+    receiver.receive_data(raw_request(Command.START, 1))
+    with pytest.raises(RemoteProtocolError, match="sequence number 1; expected 4"):
+        drain(receiver)
+
+
+def test_a_resumed_sender_resends_before_it_sends_anew():
+    pair = _pair(Command.START)
+    pair.sender.send(Config(b"{}"))
+    _lose(pair.sender)
+    sender = SenderConnection.resumed(pair.sender)
+    with pytest.raises(LocalProtocolError, match=r"resend\(\) first"):
+        sender.send(Abandon("stop"))  # it would be numbered 3 before 2 was re-sent
+    assert _seq_of(sender.resend()) == 2
+    assert _seq_of(sender.send(Abandon("stop"))) == 3
+
+
+@pytest.mark.parametrize(("connection", "start"), [(2, 3), (3, 2)])
+def test_a_sender_refuses_a_start_of_another_version(connection, start):
+    """The receiver refuses a START whose version is not its hello's; so does the sender."""
+    sender = SenderConnection(version=connection)
+    with pytest.raises(LocalProtocolError, match=f"START for protocol version {start} on a "
+                                                 f"version {connection} connection"):
+        sender.send(Start(migration_id=MID, version=start))
+    assert sender.outstanding == ()
