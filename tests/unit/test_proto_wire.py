@@ -246,3 +246,10 @@ def test_encode_text_cuts_on_a_character_boundary():
     cut = wire.encode_text("\u20ac" * 2000)  # 3 bytes each
     assert len(cut) == 4095
     assert cut.decode() == "\u20ac" * 1365
+
+
+@pytest.mark.parametrize("role", [ConnectionRole.MAIN, ConnectionRole.FAULT])
+def test_encode_hello_refuses_an_index_parse_hello_would_refuse(role):
+    with pytest.raises(LocalProtocolError, match="only MEMORY connections have one"):
+        encode_hello(role, MID, 3, index=1)
+    assert parse_hello(encode_hello(role, MID, 3, resume=4)).resume == 4
