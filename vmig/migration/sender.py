@@ -310,7 +310,7 @@ class MigrationSender:
     def _open(self, role: ConnectionRole) -> SenderChannel:
         self._check_cancelled()
         security = self.resolved.security
-        stream = dial(self.address, security)
+        stream = dial(self.address, security, dead_peer_timeout_s=self.params.dead_peer_timeout_s)
         try:
             return SenderChannel(stream, role, self.migration_id, token=security.token)
         except BaseException:
