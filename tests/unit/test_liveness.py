@@ -267,10 +267,24 @@ def test_a_silent_peer_is_found_within_the_timeout(far) -> None:
         assert timeout - 0.5 < took < timeout + SLACK_S, (what, took)
 
 
+def _backoff_capped() -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(TCP, TCP_RTO_MAX_MS, 1000)
+        except OSError:
+            return False
+    return True
+
+
 @needs_netns
-def test_a_silence_shorter_than_the_timeout_is_ridden_out(far) -> None:
+@pytest.mark.parametrize(("timeout", "silence"), [(3, 1.5), (5, 3.5)], ids=["half", "70%"])
+def test_a_silence_shorter_than_the_timeout_is_ridden_out(far, timeout: int,
+                                                          silence: float) -> None:
+    """Half the timeout, and 70 %: with its backoff uncapped TCP would retransmit 3.0 s and
+    then 6.2 s into a 3.5 s silence, and give up at 5.2 s; capped at 1 s it goes at 4.4."""
+    if silence > timeout / 2 and not _backoff_capped():
+        pytest.skip("this kernel has no TCP_RTO_MAX_MS (Linux 6.15)")
     ns, listener, client = far
-    timeout = 3
     bulk, idle = _pairs(ns, listener, client, timeout)
     stop = threading.Event()
     block = memoryview(bytes(range(256)) * 4096)
@@ -285,9 +299,14 @@ def test_a_silence_shorter_than_the_timeout_is_ridden_out(far) -> None:
     try:
         time.sleep(0.3)  # mid-transfer, with data in flight
         _ping(idle)
+        silent_at = time.monotonic()
         with ns.silent():
-            time.sleep(timeout / 2)
-        time.sleep(1.0)  # bytes flowing again
+            time.sleep(silence)
+        time.sleep(max(0.0, silent_at + timeout + 0.5 - time.monotonic()))  # past the timeout
+        assert sender.error is None and reader.error is None, (sender.error, reader.error)
+        moved = reader.done
+        time.sleep(0.3)
+        assert reader.done > moved  # bytes flow again
         stop.set()
         sender.join(timeout + 10)
         deadline = time.monotonic() + timeout + 5
@@ -296,8 +315,7 @@ def test_a_silence_shorter_than_the_timeout_is_ridden_out(far) -> None:
             time.sleep(0.05)
         assert sender.error is None and reader.error is None, (sender.error, reader.error)
         assert reader.done == sender.done > 0
-        time.sleep(timeout)  # the idle pair's probes found each other again
-        _ping(idle)
+        _ping(idle)  # the idle pair was silent too: its probes found each other again
     finally:
         bulk.close()
         idle.close()

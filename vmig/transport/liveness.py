@@ -6,8 +6,9 @@ blocked without one. `set_dead_peer_timeout(sock, T)` makes the kernel find it
 in about T seconds, in both of the ways a connection can be waiting:
 
 - with data sent and not acknowledged, TCP_USER_TIMEOUT = T ends the connection
-  when the oldest of it has gone unacknowledged for T s (a zero window that the
-  peer keeps answering probes for is not that: a slow peer is not a dead one);
+  T s after its first retransmission, so one retransmission timeout (0.2 s on a
+  LAN) after T s of silence (a zero window that the peer keeps answering probes
+  for is not that: a slow peer is not a dead one);
 - idle, keepalive probes start after `idle` s without a segment from the peer and
   go every `interval` s. With TCP_USER_TIMEOUT set, Linux ends the connection at
   the first probe time at or after T s of silence with a probe unanswered (it then
@@ -19,10 +20,12 @@ in about T seconds, in both of the ways a connection can be waiting:
 
 A stall shorter than T is ridden out as long as a probe or retransmission falls
 between its end and T. Probes go every `interval` s. Retransmissions back off
-exponentially (0.2, 0.6, 1.4, 3.0, 6.2 s on a LAN), which would leave gaps wider
-than T / 2; where the kernel has TCP_RTO_MAX_MS (Linux 6.15) the backoff is capped
-at `interval` (at least the kernel's minimum of 1 s), so a stall up to about
-T - interval is ridden out by a sender too. Older kernels skip that cap.
+exponentially (0.2, 0.6, 1.4, 3.0, 6.2 s into a silence on a LAN), which leaves
+gaps wider than T / 2: with T = 5, a 3.5 s stall would get no retransmission
+before the end at 5.2 s. Where the kernel has TCP_RTO_MAX_MS (Linux 6.15) the
+backoff is capped at `interval` (at least the kernel's minimum of 1 s), so a
+stall up to about T - interval is ridden out by a sender too (tests/unit/
+test_liveness.py shows both). Older kernels skip that cap.
 
 Every call here is one setsockopt: nothing blocks, and the GIL is held only for it.
 UNIX sockets have neither keepalive nor retransmissions; they are left alone (a
