@@ -56,12 +56,16 @@ def test_a_destination_that_falls_silent_in_precopy_is_found_in_time(spawn_vmm: 
                 send.outcome(IO_TIMEOUT_S + 30)
             found_in = time.monotonic() - silent_at
             assert found_in < DEAD_PEER_S + SLACK_S, (found_in, failure.value.message)
-            assert "silent" in failure.value.message, failure.value.message
+            # The kernel's "the peer is silent", or (protocol v3) MAIN's heartbeat "timed out".
+            message = failure.value.message
+            assert "silent" in message or "timed out" in message, message
             info = source.client.migration_info()
             assert (info["active"], info["phase"]) == (False, "failed"), info
 
-            # The destination finds the source silent too and discards what it received.
-            # Until START carries the sender's value (protocol v3) it uses the default.
+            # The destination finds the source silent too and discards what it received:
+            # at the 10 s default here (keepalive on its idle MAIN reader); in about
+            # DEAD_PEER_S where START carries the sender's value (protocol v3: measured
+            # 2.3 s with the integrator's heartbeat timeout on MAIN).
             info = wait_for(lambda: (i := destination.client.info())["state"] == "empty"
                             and i, "the destination to discard the migration",
                             timeout=DEAD_PEER_TIMEOUT_S + SLACK_S + 5)
