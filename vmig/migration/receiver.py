@@ -348,7 +348,7 @@ class MigrationReceiver:
             raise MigrationError("local migration needs a unix: receiver")
         self._start = start
         if start.dead_peer_timeout_s:  # the source sends a heartbeat: silence means it is lost
-            self._pool.set_main_timeout(float(start.dead_peer_timeout_s))
+            self._pool.set_dead_peer_timeout(float(start.dead_peer_timeout_s))
         extras = start.connections - 1
         count = self._pool.close_admission(extras, EXTRA_CONNECTIONS_WAIT_S)
         if count != extras:
