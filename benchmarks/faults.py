@@ -4,8 +4,12 @@
 
 Each run migrates a dirtying guest between two `vmig vmm` processes with one fault:
 a connection cut after some bytes, SIGKILL or SIGSTOP of either VMM at some moment,
-or none. After each run: never two running VMs (exactly one unless the VMM that held
-the only copy was killed), the guest's self-check passes where it runs, the
+an operator's cancel, a network outage (every connection reset, new ones refused for
+0.5-5 s) or a stall of every connection (0.5-5 s) at a seeded moment of a chosen phase
+(post-copy included), or none. After each run: a network fault ended completed (the
+network came back within reconnect_timeout_s), never two running VMs (exactly one
+unless the VMM that held the only copy was killed), the guest's self-check passes
+where it runs, the
 surviving VMMs hold no migration thread, TCP socket, listener or extra fd, and a
 clean migration afterwards succeeds (tests/faults.py has the machinery; the test
 suite runs a few of the same faults). The same seed gives the same faults.
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1), "outcomes": dict(outcomes), "vmig": __version__,
         "commit": commit, "python": platform.python_version(), "kernel": platform.release(),
         "results": [{"fault": r.fault.describe(), "kind": r.fault.kind,
-                     "postcopy": r.fault.postcopy, "outcome": r.outcome,
+                     "postcopy": r.fault.postcopy, "phase": r.fault.phase or None,
+                     "landed": r.landed or None, "outcome": r.outcome,
                      "via_postcopy": r.via_postcopy, "vm_at": r.vm_at, "reason": r.reason,
                      "seconds": round(r.seconds, 2), "checks": r.checks} for r in results],
     }
