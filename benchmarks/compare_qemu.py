@@ -77,7 +77,7 @@ from vmig import __version__
 from vmig.api.process import VmmProcess
 from vmig.proto import ConnectionRole
 from vmig.transport.address import parse_url
-from vmig.transport.channel import SenderChannel, receive_handshake
+from vmig.transport.channel import Identity, SenderChannel, receive_handshake
 from vmig.transport.endpoint import Listener, dial
 from vmig.transport.security import Security, TlsSide, generate_token, load_tls, token_bytes
 from vmig.units import PAGE_SIZE, MiB, format_size, parse_size
@@ -818,8 +818,8 @@ def handshake_costs(ctx: Context, samples: int) -> dict[str, Any]:
             for _ in range(total):
                 began = time.perf_counter()
                 stream = dial(listener.address, client_side)
-                channel = SenderChannel(stream, ConnectionRole.MEMORY, os.urandom(16),
-                                        token=key)
+                channel = SenderChannel(stream, Identity(ConnectionRole.MEMORY, os.urandom(16),
+                                                         index=1), token=key)
                 times.append(time.perf_counter() - began)
                 channel.close()
         finally:

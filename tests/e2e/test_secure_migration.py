@@ -34,7 +34,7 @@ from vmig.api.process import VmmProcess
 from vmig.errors import MigrationError
 from vmig.proto import ConnectionRole, encode_hello, wire
 from vmig.transport.address import parse_url
-from vmig.transport.channel import SenderChannel
+from vmig.transport.channel import Identity, SenderChannel
 from vmig.transport.endpoint import dial
 from vmig.transport.security import Security
 
@@ -201,8 +201,8 @@ def test_a_memory_connection_after_start_is_refused(spawn_vmm: Spawn) -> None:
     migration_id = bytes.fromhex(info["migration_id"])  # the real id, and the real token
     key = auth["token"].encode()
     with pytest.raises(MigrationError, match="no more connections are admitted"):
-        SenderChannel(dial(parse_url(url), Security(token=key)), ConnectionRole.MEMORY,
-                      migration_id, token=key)
+        SenderChannel(dial(parse_url(url), Security(token=key)),
+                      Identity(ConnectionRole.MEMORY, migration_id, index=1), token=key)
     summary = send.outcome()
     assert summary["status"] == "completed" and summary["memory_verified"]
     assert summary["connections"] == 2

@@ -20,6 +20,7 @@ from vmig.config import VmConfig
 from vmig.errors import ConfigError, GuestMemoryError, MigrationError, StateError
 from vmig.memory import GuestMemory, MemoryBacking
 from vmig.migration import receiver as receiver_module
+from vmig.migration.connections import SendConnections
 from vmig.migration.digest import BackgroundDigest
 from vmig.migration.metrics import MigrationMetrics
 from vmig.migration.params import ReceiveParams, SendParams
@@ -40,7 +41,7 @@ from vmig.proto import (
 )
 from vmig.ranges import RangeTable
 from vmig.transport.address import parse_url
-from vmig.transport.channel import SenderChannel, receive_handshake
+from vmig.transport.channel import Identity, SenderChannel, receive_handshake
 from vmig.transport.endpoint import dial
 from vmig.transport.security import Security
 from vmig.transport.stream import PlainStream
@@ -235,8 +236,8 @@ def test_timeout_with_ignore_converges_anyway():
 
 def _raw_main(url: str) -> socket.socket:
     """A MAIN connection that passed the handshake with TOKEN, as a bare socket."""
-    channel = SenderChannel(dial(parse_url(url), Security(token=KEY)), ConnectionRole.MAIN,
-                            bytes(16), token=KEY)
+    channel = SenderChannel(dial(parse_url(url), Security(token=KEY)),
+                            Identity(ConnectionRole.MAIN, bytes(16)), token=KEY)
     sock = channel.stream.sock
     sock.settimeout(5)
     return sock
@@ -424,7 +425,7 @@ def test_cancel_is_refused_once_complete_is_sent(source):
 
     peer = threading.Thread(target=_destination_until_complete, args=(listener, at_complete))
     peer.start()
-    sender = MigrationSender(source, _send(url))
+    sender = MigrationSender(source, _send(url, reconnect_timeout_s=1))  # then: really gone
     result: list[BaseException] = []
 
     def send() -> None:
@@ -575,15 +576,15 @@ def test_a_cancel_at_the_source_after_state_frees_the_destination_vm(source, mon
     threads_before = _threads()
     receiver, outcome, url = _receiver()
     sender = MigrationSender(source, _send(url))
-    real = SenderChannel.request
+    real = SendConnections.request
 
-    def request(self: SenderChannel, event: object, *args: object) -> object:
-        response = real(self, event, *args)
+    def request(self: SendConnections, event: object) -> object:
+        response = real(self, event)
         if isinstance(event, State):
             sender.cancel("the operator changed their mind")
         return response
 
-    monkeypatch.setattr(SenderChannel, "request", request)
+    monkeypatch.setattr(SendConnections, "request", request)
     summary = sender.run()
     assert summary["status"] == "cancelled"
     assert source.state is VmState.RUNNING

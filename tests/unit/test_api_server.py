@@ -44,7 +44,7 @@ from vmig.errors import (
 )
 from vmig.proto import ConnectionRole, encode_hello
 from vmig.transport.address import parse_url
-from vmig.transport.channel import SenderChannel
+from vmig.transport.channel import Identity, SenderChannel
 from vmig.transport.endpoint import dial
 from vmig.transport.security import Security
 from vmig.vmm.machine import VmState
@@ -551,7 +551,7 @@ def test_failed_receive_leaves_the_vmm_empty_with_the_reason(served: Served) -> 
     assert served.client.info()["state"] == "receiving"
     # A source that authenticates, then gives up.
     channel = SenderChannel(dial(parse_url(url), Security(token=token.encode())),
-                            ConnectionRole.MAIN, bytes(16), token=token.encode())
+                            Identity(ConnectionRole.MAIN, bytes(16)), token=token.encode())
     channel.close()
     info = wait_until(lambda: (i := served.client.info())["state"] == "empty" and i,
                       "the receiver to give up")

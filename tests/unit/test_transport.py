@@ -26,7 +26,7 @@ from vmig.proto import (
 )
 from vmig.ranges import RangeTable
 from vmig.transport.address import bind_unix_socket, parse_url
-from vmig.transport.channel import ReceiverChannel, SenderChannel
+from vmig.transport.channel import Identity, ReceiverChannel, SenderChannel
 from vmig.transport.endpoint import dial
 from vmig.transport.receiver_pool import ReceiverPool
 from vmig.transport.security import Security, TlsSide, load_tls
@@ -145,7 +145,8 @@ def _channels(url: str, count: int, security: Security, start: bool = True
     channels = []
     for index in range(count):
         role = ConnectionRole.MAIN if index == 0 else ConnectionRole.MEMORY
-        channels.append(SenderChannel(dial(address, security), role, MID, token=security.token))
+        channels.append(SenderChannel(dial(address, security), Identity(role, MID, index=index),
+                                      token=security.token))
     if start:
         channels[0].request(Start(migration_id=MID, connections=count))
         channels[0].request(Config(b"{}"))
@@ -294,8 +295,8 @@ def test_memory_connection_after_admission_closed_is_refused():
     try:
         main, = _channels(server.url, 1, security)  # START closes admission
         with pytest.raises(MigrationError, match="no more connections are admitted"):
-            SenderChannel(dial(parse_url(server.url), security), ConnectionRole.MEMORY, MID,
-                          token=TOKEN)
+            SenderChannel(dial(parse_url(server.url), security),
+                          Identity(ConnectionRole.MEMORY, MID, index=1), token=TOKEN)
         main.close()
     finally:
         server.close()

@@ -5,13 +5,12 @@ thread that took a chunk from `SenderPool`'s queue: it splits the chunk into dat
 pages and zero pages (the first pass skips zero pages, as the destination starts
 zeroed; a later pass sends them as a ZERO range, no page bytes) and returns the
 writers that put them on the connection: the data as views of guest memory (no copy),
-or as one zstd frame when compression is on and shrinks them. `acked` books a chunk
-in the migration's metrics once the destination has acknowledged it.
+or as one zstd frame when compression is on and shrinks them. The pool's `Chunk` keeps
+what was sent until the chunk is acknowledged; `acked` then books it in the migration's
+metrics.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import zstandard
 
@@ -20,12 +19,10 @@ from vmig.migration.metrics import MigrationMetrics
 from vmig.proto import Memory, MemoryFlags
 from vmig.ranges import RangeTable
 from vmig.transport.channel import SenderChannel
+from vmig.transport.sender_pool import Chunk, Writer
 from vmig.units import PAGE_SIZE
 
 __all__ = ["ChunkSender", "Writer"]
-
-#: Puts (part of) a chunk on one connection, on that connection's thread.
-Writer = Callable[[SenderChannel], None]
 
 
 class ChunkSender:
@@ -39,23 +36,21 @@ class ChunkSender:
         #: The first pass skips zero pages; later passes send them as ZERO ranges.
         self.first_pass = True
         self._compressors: dict[int, zstandard.ZstdCompressor] = {}  # per channel (thread)
-        # id(chunk) -> (page bytes sent, zero pages, [bytes on the wire]) until acknowledged
-        self._accounts: dict[int, tuple[int, int, list[int]]] = {}
 
-    def prepare(self, chunk: RangeTable) -> list[Writer]:
+    def prepare(self, chunk: Chunk) -> None:
         """The requests that carry `chunk`: its zero pages as a ZERO range (not in the
         first pass), then its data pages."""
-        data, zero = self._memory.split_zero_pages(chunk)
-        wire = [0]
+        data, zero = self._memory.split_zero_pages(chunk.ranges)
         writers: list[Writer] = []
         if len(zero) and not self.first_pass:
             writers.append(lambda channel: channel.submit(Memory(zero, MemoryFlags.ZERO)))
         if len(data):
             def write_data(channel: SenderChannel) -> None:
-                wire[0] = self._submit_data(channel, data)
+                chunk.wire = self._submit_data(channel, data)
             writers.append(write_data)
-        self._accounts[id(chunk)] = (data.total_bytes, zero.total_bytes // PAGE_SIZE, wire)
-        return writers
+        chunk.writers = writers
+        chunk.sent, chunk.zero_pages, chunk.wire = data.total_bytes, \
+            zero.total_bytes // PAGE_SIZE, 0
 
     def _submit_data(self, channel: SenderChannel, data: RangeTable) -> int:
         """One MEMORY request with `data`'s pages, zstd-compressed when asked for and when
@@ -82,8 +77,7 @@ class ChunkSender:
             for view in views:
                 view.release()
 
-    def acked(self, index: int, chunk: RangeTable) -> None:
+    def acked(self, index: int, chunk: Chunk) -> None:
         """The destination acknowledged `chunk` on connection `index`: count it."""
-        sent, zero, wire = self._accounts.pop(id(chunk), (chunk.total_bytes, 0, [None]))
-        self._metrics.transferred(index, sent, covered=chunk.total_bytes, zero_pages=zero,
-                                  wire=wire[0])
+        self._metrics.transferred(index, chunk.sent, covered=chunk.ranges.total_bytes,
+                                  zero_pages=chunk.zero_pages, wire=chunk.wire)

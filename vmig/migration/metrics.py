@@ -50,6 +50,9 @@ class Phase(enum.StrEnum):
     PRECOPY = "precopy"  #: sender: copying memory while the guest runs
     RECEIVING = "receiving"  #: receiver: taking memory and state
     POSTCOPY = "postcopy"  #: the destination runs the guest; its last pages follow
+    #: post-copy with a connection down: both sides wait for it (vCPUs that need a missing
+    #: page wait too) and go on when it is back; nothing is rolled back
+    POSTCOPY_PAUSED = "postcopy-paused"
     SWITCHOVER = "switchover"  #: sender: guest paused; last pages and state (cancellable)
     COMPLETING = "completing"  #: sender: COMPLETE sent, the point of no return
     COMPLETED = "completed"  #: the destination runs (or holds, paused) the VM
@@ -67,6 +70,7 @@ class Status(enum.StrEnum):
     SETUP = "setup"
     ACTIVE = "active"
     POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
@@ -76,13 +80,13 @@ _STATUS = {
     Phase.LISTENING: Status.SETUP, Phase.CONNECTING: Status.SETUP,
     Phase.PRECOPY: Status.ACTIVE, Phase.RECEIVING: Status.ACTIVE,
     Phase.SWITCHOVER: Status.ACTIVE, Phase.COMPLETING: Status.ACTIVE,
-    Phase.POSTCOPY: Status.POSTCOPY_ACTIVE,
+    Phase.POSTCOPY: Status.POSTCOPY_ACTIVE, Phase.POSTCOPY_PAUSED: Status.POSTCOPY_PAUSED,
     Phase.COMPLETED: Status.COMPLETED, Phase.CANCELLED: Status.CANCELLED,
     Phase.FAILED: Status.FAILED,
 }
 #: The phases observers hear of as they begin (the final ones come from `finish`).
 _PHASE_EVENTS = {Phase.RECEIVING: "started", Phase.SWITCHOVER: "switchover",
-                 Phase.POSTCOPY: "postcopy"}
+                 Phase.POSTCOPY: "postcopy", Phase.POSTCOPY_PAUSED: "postcopy-paused"}
 
 
 @dataclass
@@ -142,6 +146,10 @@ class MigrationMetrics:
         self.fault_latency_p99_ms: float | None = None
         self.throttle_percent: int | None = 0 if role == "send" else None
         self.connections: list[ConnectionMetrics] = []
+        #: Connections down and being re-dialled (protocol version 3): index -> figures.
+        self._reconnecting: dict[int, dict[str, Any]] = {}
+        #: Connections resumed so far.
+        self.reconnects = 0
         self.warnings: list[str] = []
         self.error: str | None = None
         #: The last pre-copy pass (`iteration_done`), None before the first.
@@ -180,8 +188,9 @@ class MigrationMetrics:
 
     def set_phase(self, phase: Phase) -> None:
         with self._lock:
-            if self.phase.final:
+            if self.phase.final or self.phase is phase:
                 return  # the first ending stands
+            was = self.phase
             self.phase = phase
             now = self._clock()
             if phase is Phase.SWITCHOVER and self.paused_at is None:
@@ -189,6 +198,8 @@ class MigrationMetrics:
             if phase.final:
                 self.ended_at = now
         event = _PHASE_EVENTS.get(phase)
+        if phase is Phase.POSTCOPY and was is Phase.POSTCOPY_PAUSED:
+            event = "postcopy-resumed"
         if event is not None:
             self._notify(event)
 
@@ -243,6 +254,21 @@ class MigrationMetrics:
         with self._lock:
             if index < len(self.connections):
                 self.connections[index].lost = reason
+
+    def reconnecting(self, index: int, role: str, cause: str) -> None:
+        """Connection `index` was lost and is being re-dialled ("reconnecting")."""
+        with self._lock:
+            self._reconnecting[index] = {"index": index, "role": role, "cause": cause,
+                                         "since": self._clock()}
+        self._notify("reconnecting", connection=index, connection_role=role, cause=cause)
+
+    def reconnected(self, index: int) -> None:
+        """Connection `index` is back, resumed ("reconnected")."""
+        with self._lock:
+            down = self._reconnecting.pop(index, None)
+            self.reconnects += 1
+            seconds = None if down is None else round(self._clock() - down["since"], 3)
+        self._notify("reconnected", connection=index, outage_s=seconds)
 
     def warn(self, message: str) -> None:
         with self._lock:
@@ -325,6 +351,11 @@ class MigrationMetrics:
                     "fault_latency_p99_ms": self.fault_latency_p99_ms},
                 "connections": len(self.connections),
                 "connections_lost": self.connections_lost,
+                "reconnecting": [
+                    {"index": r["index"], "role": r["role"], "cause": r["cause"],
+                     "for_s": round(self._clock() - r["since"], 3)}
+                    for r in self._reconnecting.values()],
+                "reconnects": self.reconnects,
                 "per_connection": [
                     {"index": c.index, "role": c.role, "bytes": c.bytes, "chunks": c.chunks,
                      "lost": c.lost} for c in self.connections],

@@ -66,8 +66,12 @@ SEND_TRANSITIONS: dict[SendPhase, frozenset[SendPhase]] = {
                                   SendPhase.FAILED}),
     SendPhase.SWITCHOVER: frozenset({SendPhase.COMPLETING, SendPhase.POSTCOPY,
                                      SendPhase.CANCELLED, SendPhase.FAILED}),
-    SendPhase.POSTCOPY: frozenset({SendPhase.COMPLETING, SendPhase.FAILED}),
-    SendPhase.COMPLETING: frozenset({SendPhase.COMPLETED, SendPhase.FAILED}),
+    # post-copy and its COMPLETE may be cancelled only while paused (a lost connection
+    # not back in time): the explicit rollback to the source's copy (lifecycle.py)
+    SendPhase.POSTCOPY: frozenset({SendPhase.COMPLETING, SendPhase.CANCELLED,
+                                   SendPhase.FAILED}),
+    SendPhase.COMPLETING: frozenset({SendPhase.COMPLETED, SendPhase.CANCELLED,
+                                     SendPhase.FAILED}),
     SendPhase.COMPLETED: frozenset(),
     SendPhase.CANCELLED: frozenset(),
     SendPhase.FAILED: frozenset(),

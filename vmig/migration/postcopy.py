@@ -15,9 +15,12 @@ request from the paused source's memory and asks the push to send the chunks nea
 it next.
 
 Neither side holds the whole VM while this runs: the destination has the newest
-vCPU state and the pages that arrived, the source the rest. If the migration
-fails now, the destination stops its VM (it cannot run without the pages) and the
-source keeps its VM paused, exactly as it was at the switch-over; resuming it
+vCPU state and the pages that arrived, the source the rest. A lost FAULT connection
+(protocol version 3) is resumed: the source re-dials it (`redial`), the destination
+waits for it (`resume`) and then asks again for every page it asked for and still
+lacks; vCPUs that need one of them wait meanwhile, the others run on. Only if the
+migration fails does the destination stop its VM (it cannot run without the pages),
+and the source keeps its VM paused, exactly as it was at the switch-over; resuming it
 rolls the guest back to that moment (docs/protocol.md, "Post-copy").
 """
 
@@ -35,10 +38,8 @@ import numpy as np
 
 from vmig.errors import MigrationError, TransportError, VmigError, describe
 from vmig.memory import GuestMemory
-from vmig.proto import NEED_DATA, ConnectionClosed, EndOfPayload
-from vmig.proto.postcopy import PageRequest, PageRequester, Pages, PageServer
 from vmig.ranges import RangeTable
-from vmig.transport.channel import ReceiverChannel, SenderChannel
+from vmig.transport.channel import DestinationFaultChannel, SourceFaultChannel
 from vmig.uffd import Userfaultfd
 from vmig.units import PAGE_SHIFT, PAGE_SIZE
 
@@ -49,6 +50,10 @@ FAULT_POLL_S = 0.05  # how often the fault thread looks at its stop flag
 PRIORITY_WINDOW_BYTES = 4 << 20
 
 OnServed = Callable[[RangeTable], None]
+#: Source: (the lost FAULT channel, why) -> the resumed one (raises when it cannot be).
+Redial = Callable[[SourceFaultChannel, str], "SourceFaultChannel"]
+#: Destination: (the lost FAULT channel, why) -> the resumed one, or None (ending).
+Resume = Callable[[DestinationFaultChannel, str], "DestinationFaultChannel | None"]
 
 
 def check_userfaultfd() -> str | None:
@@ -63,11 +68,13 @@ def check_userfaultfd() -> str | None:
 class PostcopyService:
     """The destination's side of post-copy for one guest memory (see the module doc)."""
 
-    def __init__(self, memory: GuestMemory, owed: RangeTable, channel: ReceiverChannel,
-                 on_failure: Callable[[str], None]) -> None:
+    def __init__(self, memory: GuestMemory, owed: RangeTable, channel: DestinationFaultChannel,
+                 on_failure: Callable[[str], None], resume: Resume | None = None) -> None:
         self.memory = memory
         self._channel = channel
         self._on_failure = on_failure
+        self._resume = resume
+        self._send_lock = threading.Lock()  # the fault thread asks, the rx thread re-asks
         pages = memory.size >> PAGE_SHIFT
         self._owed = np.zeros(pages, dtype=bool)
         for gpa, length in owed:
@@ -79,7 +86,6 @@ class PostcopyService:
         self._left = self.owed_pages
         self._latencies: list[float] = []
         self._asked_at: dict[int, float] = {}
-        self._requester = PageRequester()
         self._stopping = threading.Event()
         self._uffd: Userfaultfd | None = None
         self._threads: list[threading.Thread] = []
@@ -113,7 +119,7 @@ class PostcopyService:
         released: call this only when the guest no longer needs the pages, or is being
         stopped anyway). Idempotent."""
         self._stopping.set()
-        self._channel.stream.shutdown()
+        self._channel.shutdown()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(10)
@@ -204,50 +210,70 @@ class PostcopyService:
             uffd.zeropage(self.memory.host_addr + (page << PAGE_SHIFT), PAGE_SIZE)
             self.local_zero_pages += 1
         elif not asked:
-            request = self._requester.request(RangeTable([(page << PAGE_SHIFT, PAGE_SIZE)]))
-            self._channel.stream.send_all([request])
+            # a lost connection: the page is asked for again once it is resumed
+            with self._send_lock, contextlib.suppress(TransportError):
+                self._channel.request(RangeTable([(page << PAGE_SHIFT, PAGE_SIZE)]))
 
     def _read_pages(self) -> None:
-        """migrate-fault-rx: the source's answers, installed as they come."""
-        requester, stream = self._requester, self._channel.stream
+        """migrate-fault-rx: the source's answers, installed as they come; a lost
+        connection is waited for (resumed), and what is still missing asked for again."""
         buffer = bytearray(PAGE_SIZE * 16)
         try:
             while not self._stopping.is_set():
-                event = requester.next_event()
-                if event is NEED_DATA:
-                    requester.receive_data(stream.recv_some(max(requester.bytes_wanted(), 1)))
-                    continue
-                if isinstance(event, ConnectionClosed):
-                    if not self._stopping.is_set():
+                try:
+                    pages = self._channel.next_pages()
+                    if pages is None:
                         raise TransportError("the source closed the FAULT connection")
-                    return
-                if isinstance(event, Pages):
-                    if len(buffer) < event.payload_bytes:
-                        buffer = bytearray(event.payload_bytes)
-                    view = memoryview(buffer)[:event.payload_bytes]
-                    stream.recv_into_exact(view)
-                    requester.payload_received(event.payload_bytes)
-                    offset = 0
-                    for gpa, length in event.ranges:
-                        self.install(gpa, view[offset:offset + length])
-                        offset += length
+                    if len(buffer) < pages.payload_bytes:
+                        buffer = bytearray(pages.payload_bytes)
+                    view = memoryview(buffer)[:pages.payload_bytes]
+                    self._channel.receive_pages(view)
+                except TransportError as exc:
+                    if self._stopping.is_set() or not self._resumed(describe(exc)):
+                        return
                     continue
-                assert isinstance(event, EndOfPayload)
+                offset = 0
+                for gpa, length in pages.ranges:
+                    self.install(gpa, view[offset:offset + length])
+                    offset += length
         except BaseException as exc:
             if not self._stopping.is_set():
                 self._on_failure(f"post-copy failed: the FAULT connection was lost "
                                  f"({describe(exc)})")
 
+    def _resumed(self, cause: str) -> bool:
+        """Wait for the lost FAULT connection to be resumed, then ask again for what was
+        asked and has not come. False when it will not be (the migration is ending)."""
+        if self._resume is None:
+            raise TransportError(cause)
+        lost = self._channel
+        channel = self._resume(lost, cause)
+        if channel is None:
+            return False
+        with self._send_lock:
+            self._channel = channel
+            with self._lock:
+                missing = np.flatnonzero(self._requested & ~self._present)
+            for page in missing:
+                with contextlib.suppress(TransportError):  # lost again: the next resume asks
+                    channel.request(RangeTable([(int(page) << PAGE_SHIFT, PAGE_SIZE)]))
+        log.info("post-copy: the FAULT connection is back; %d pages asked for again",
+                 len(missing))
+        return True
+
 
 class FaultResponder:
     """The source's side of the FAULT connection: one thread (``migrate-fault-srv``)
     answers each page request from guest memory and tells `on_served` which pages went.
-    It owns the channel from construction on; `close()` ends the thread and closes it."""
+    It owns the channel from construction on (and the resumed ones `redial` gives);
+    `close()` ends the thread and closes it."""
 
-    def __init__(self, channel: SenderChannel, memory: GuestMemory, on_served: OnServed) -> None:
+    def __init__(self, channel: SourceFaultChannel, memory: GuestMemory, on_served: OnServed,
+                 redial: Redial | None = None) -> None:
         self.channel = channel
         self._memory = memory
         self._on_served = on_served
+        self._redial = redial
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="migrate-fault-srv",
                                         daemon=True)
@@ -256,32 +282,38 @@ class FaultResponder:
         self._thread.start()
 
     def _serve(self) -> None:
-        server = PageServer()
-        stream = self.channel.stream
         try:
-            while True:
-                event = server.next_event()
-                if event is NEED_DATA:
-                    server.receive_data(stream.recv_some(max(server.bytes_wanted(), 1)))
-                    continue
-                if isinstance(event, ConnectionClosed):
-                    return
-                assert isinstance(event, PageRequest)
-                views = self._memory.views(event.ranges)
+            while not self._stopping.is_set():
                 try:
-                    stream.send_all([server.answer(event.ranges), *views])
-                finally:
-                    for view in views:
-                        view.release()
-                self._on_served(event.ranges)
+                    self._answer_requests()
+                    return  # the destination closed it: the end
+                except TransportError as exc:
+                    if self._stopping.is_set() or self._redial is None:
+                        raise
+                    self.channel = self._redial(self.channel, describe(exc))
         except (VmigError, OSError) as exc:
             if not self._stopping.is_set():
                 log.warning("post-copy: the FAULT connection failed: %s", describe(exc))
 
+    def _answer_requests(self) -> None:
+        channel = self.channel
+        while (ranges := channel.next_request()) is not None:
+            views = self._memory.views(ranges)
+            try:
+                channel.answer(ranges, views)
+            finally:
+                for view in views:
+                    view.release()
+            self._on_served(ranges)
+
+    def shutdown(self) -> None:
+        """Wake the thread (from any thread): a cancel."""
+        self._stopping.set()
+        self.channel.shutdown()
+
     def close(self) -> None:
         """Stop answering (the connection is shut down under the thread), join, close."""
-        self._stopping.set()
-        self.channel.stream.shutdown()
+        self.shutdown()
         if self._thread.is_alive():
             self._thread.join(10)
         self.channel.close()

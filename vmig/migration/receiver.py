@@ -12,7 +12,15 @@ into guest memory (vmig.migration.memory_writer). Post-copy's page faults are th
 `PostcopyService`'s (vmig.migration.postcopy). On any failure the pool is shut
 down (every blocked thread wakes), what was received is discarded (guest memory,
 the VM built at STATE), every thread is joined, and `on_finished(None, reason)`
-reports why.
+reports why. `ReceiveLifecycle` owns closing, cancel and the point of no return.
+
+Protocol version 3: a lost connection is waited for while the source re-dials it
+(START says for how long; in post-copy for ever, `postcopy-paused`): the migration,
+its memory and its phase stay. MAIN's coordinator lets go of the lost MAIN and takes
+the resumed one (`ReceiverPool.resumed_main`); a request the source sends again comes
+as `Repeated` and is answered from the record. After COMPLETE is answered the
+coordinator stays a while (`_linger`): if MAIN is lost instead of closed, the answer
+may not have arrived, and the source will re-send COMPLETE on a resumed MAIN.
 """
 
 from __future__ import annotations
@@ -26,10 +34,8 @@ from collections.abc import Callable
 
 from vmig.cpu_compat import missing_features, tsc_change_refusal
 from vmig.errors import (
-    MigrationCancelled,
     MigrationError,
     ProtocolError,
-    StateError,
     TransportError,
     VmigError,
     describe,
@@ -37,6 +43,7 @@ from vmig.errors import (
 from vmig.memory import GuestMemory
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest, memory_digest
 from vmig.migration.documents import CompleteDocument, ConfigDocument, DocumentError
+from vmig.migration.lifecycle import ROLLBACK_WARNING, ReceiveLifecycle
 from vmig.migration.memory_writer import (
     AllocateAhead,
     install_memory,
@@ -59,19 +66,20 @@ from vmig.migration.receive_phases import (
 )
 from vmig.proto import (
     Abandon,
-    Cancel,
     Complete,
     Config,
     ConnectionClosed,
     MemoryFd,
     MemoryFlags,
     MemoryRequest,
+    Ping,
     Postcopy,
+    Repeated,
     Start,
     State,
 )
 from vmig.transport.address import Address
-from vmig.transport.channel import ReceiverChannel
+from vmig.transport.channel import DestinationFaultChannel, ReceiverChannel
 from vmig.transport.receiver_pool import ReceiverPool
 from vmig.units import PAGE_SIZE
 from vmig.vmm.host import host_cpu
@@ -86,6 +94,9 @@ EXTRA_CONNECTIONS_WAIT_S = 10.0
 CANCEL_DRAIN_S = 2.0
 #: A cancel waits this long for a request being received to finish, then cuts MAIN.
 CANCEL_GRACE_S = 2.0
+
+#: The FAULT connection's place in `reconnecting` (after MAIN and up to 127 MEMORY ones).
+FAULT_INDEX = 128
 
 OnFinished = Callable[[Machine | None, str | None], None]
 
@@ -104,15 +115,12 @@ class MigrationReceiver:
         self._pool = ReceiverPool(params.address, params.security,
                                   max_connections=params.params.max_connections,
                                   serve_memory=self._serve_memory)
-        self._lock = threading.Lock()
+        self.lifecycle = ReceiveLifecycle(self.metrics)
+        self._lock = self.lifecycle.lock
         self._phase: ReceivePhase = Listening()
         self._prealloc: GuestMemory | None = None
-        self._error: str | None = None
-        self._closing = False
-        self._cancel_reason: str | None = None
-        self._source_cancelled = False  # ABANDON said an operator cancelled at the source
-        self._committing = False  # COMPLETE is being applied: too late to cancel
-        self._fault_channel: ReceiverChannel | None = None  # post-copy's
+        self._start: Start | None = None
+        self._fault_channel: DestinationFaultChannel | None = None  # post-copy's
         self._grace: threading.Timer | None = None
         self._done = threading.Event()
         self._coordinator: threading.Thread | None = None
@@ -171,18 +179,16 @@ class MigrationReceiver:
         """Stop waiting for, or receiving, the migration (from any thread; never blocks).
 
         What was received is discarded and the source told (it keeps its VM). Raises
-        StateError once COMPLETE is being applied: the VM is (about to be) running here.
+        StateError once COMPLETE is being applied: the VM is (about to be) running here;
+        and in post-copy, but while it is paused, where it is the explicit rollback (the
+        guest stops here; it warns that it is one).
         """
-        with self._lock:
-            if self._committing or isinstance(self._phase, Completed):
-                raise StateError("cannot cancel: the switch-over passed its point of no "
-                                 "return (COMPLETE arrived; the VM runs here)")
-            if isinstance(self._phase, PostcopyActive):
-                raise StateError("cannot cancel: post-copy is under way (the guest runs here "
-                                 "and its memory is split between both hosts)")
-            if self._closing or self._cancel_reason is not None:
-                return
-            self._cancel_reason = reason
+        new, rollback = self.lifecycle.cancel(reason)
+        if rollback:
+            log.warning("%s", ROLLBACK_WARNING)
+            self.metrics.warn(ROLLBACK_WARNING)
+        if not new:
+            return
         self._pool.interrupt()
         grace = threading.Timer(CANCEL_GRACE_S + CANCEL_DRAIN_S, self._pool.shutdown)
         grace.daemon = True
@@ -196,38 +202,107 @@ class MigrationReceiver:
         try:
             channel = self._pool.main()
             if channel is not None:
-                self.metrics.update(started_at=time.monotonic(), peer=channel.stream.peer,
+                self.metrics.update(started_at=time.monotonic(), peer=channel.peer,
                                     migration_id=channel.migration_id.hex())
                 self.metrics.set_phase(Phase.RECEIVING)
                 self.metrics.open_connections(["main"])
-                self._serve_main(channel)
+                channel = self._serve_main(channel)
+                self._linger(channel)
         except BaseException as exc:
             reason = describe(exc)
-            if self._cancel_reason is not None:
-                reason = f"migration cancelled at the destination: {self._cancel_reason}"
+            cancel_reason = self.lifecycle.cancel_reason
+            if cancel_reason is not None:
+                reason = f"migration cancelled at the destination: {cancel_reason}"
                 if channel is not None:  # tell the source, on the one thread that writes MAIN
-                    with contextlib.suppress(Exception):
-                        channel.stream.send_all([channel.conn.send(Cancel(reason))])
-                        channel.drain(CANCEL_DRAIN_S)
+                    channel.send_cancel(reason)
+                    channel.drain(CANCEL_DRAIN_S)
             self._abort(reason)
         finally:
             self._finish()
 
-    def _serve_main(self, channel: ReceiverChannel) -> None:
+    def _serve_main(self, channel: ReceiverChannel) -> ReceiverChannel:
+        """MAIN's requests until COMPLETE is answered; returns the channel that answered it
+        (another one than `channel` when MAIN was resumed)."""
         while True:
-            event = self._next(channel)
-            if isinstance(event, ConnectionClosed):
-                raise MigrationError("the source closed the connection before COMPLETE")
-            if isinstance(event, MemoryRequest):
-                self._receive_memory(channel, event)
-                continue
             try:
-                phase = self._step(channel, event)
-            except VmigError as exc:
-                channel.reject(str(exc))
-                raise
-            self.metrics.update(receiver_state=channel.conn.state.value)
-            if isinstance(phase, Completed):
+                if self._serve_request(channel):
+                    return channel
+            except TransportError as exc:
+                channel = self._resume_main(channel, exc)
+
+    def _serve_request(self, channel: ReceiverChannel) -> bool:
+        """Read and answer one request on MAIN; True once COMPLETE is answered."""
+        event = self._next(channel)
+        if isinstance(event, ConnectionClosed):
+            if channel.version >= 3 and self._start is not None:
+                raise TransportError("the source closed the MAIN connection before COMPLETE")
+            raise MigrationError("the source closed the connection before COMPLETE")
+        if isinstance(event, MemoryRequest):
+            self._receive_memory(channel, event)
+            return False
+        if isinstance(event, Ping):
+            channel.accept()
+            return False
+        if isinstance(event, Repeated):  # re-sent on a resumed MAIN: answered already
+            log.info("the source re-sent %s (sequence %d) after a resume: answering it as "
+                     "the first time", event.command.name, event.seq)
+            channel.answer_repeat()
+            return isinstance(self._phase, Completed)
+        try:
+            phase = self._step(channel, event)
+        except VmigError as exc:
+            if isinstance(exc, TransportError):
+                raise  # the answer could not be written: a lost connection
+            channel.reject(str(exc))
+            raise
+        self.metrics.update(receiver_state=channel.state.value)
+        return isinstance(phase, Completed)
+
+    def _resume_main(self, lost: ReceiverChannel, exc: TransportError) -> ReceiverChannel:
+        """Wait for the source to resume MAIN (version 3); raise `exc` when it is not to be
+        waited for, MigrationError when it did not come in time."""
+        start = self._start
+        if (self.lifecycle.ending or lost.version < 3 or start is None
+                or not start.reconnect_timeout_s):
+            raise exc
+        cause = describe(exc)
+        waiting = self.lifecycle.postcopy and not isinstance(self._phase, Completed)
+        timeout = None if waiting else float(start.reconnect_timeout_s
+                                              + start.dead_peer_timeout_s)
+        log.warning("the MAIN connection was lost (%s); waiting %s for the source to resume "
+                    "it", cause, "for it" if timeout is None else f"up to {timeout:.0f} s")
+        self.lifecycle.connection_lost(0, "main", cause)
+        channel = self._pool.resumed_main(lost, timeout)
+        if channel is None:
+            if self.lifecycle.ending:
+                raise exc
+            raise MigrationError(f"the MAIN connection was lost ({cause}) and the source did "
+                                 f"not resume it within {timeout:.0f} s")
+        self.lifecycle.connection_back(0)
+        return channel
+
+    def _linger(self, channel: ReceiverChannel) -> None:
+        """COMPLETE is answered and the VM is handed over. Wait for the source to close
+        MAIN (it read the answer); if MAIN is lost instead, the answer may be lost too:
+        answer the COMPLETE the source re-sends on a resumed MAIN, from the record."""
+        while True:
+            try:
+                event = channel.next_request()
+                if isinstance(event, ConnectionClosed):
+                    return
+                if isinstance(event, Repeated):
+                    channel.answer_repeat()
+                elif isinstance(event, Ping):
+                    channel.accept()
+                else:
+                    return
+            except TransportError as exc:
+                try:
+                    channel = self._resume_main(channel, exc)
+                except VmigError as gone:
+                    log.info("after the hand-over: %s", describe(gone))
+                    return
+            except ProtocolError:
                 return
 
     def _next(self, channel: ReceiverChannel) -> object:
@@ -243,15 +318,12 @@ class MigrationReceiver:
         if isinstance(event, Abandon):
             what = "cancelled" if event.cancelled else "abandoned"
             reason = f"the source {what} the migration: {event.reason}"
-            self._source_cancelled = event.cancelled
-            channel.accept()  # _finish discards what the phase holds, then says Aborted
+            self.lifecycle.source_cancelled = event.cancelled
+            with contextlib.suppress(TransportError):  # it ends either way
+                channel.accept()  # _finish discards what the phase holds, then says Aborted
             raise MigrationError(reason)
         if isinstance(event, Complete):
-            with self._lock:  # from here on a cancel is refused
-                if self._cancel_reason is not None:
-                    raise MigrationCancelled(f"migration cancelled at the destination: "
-                                             f"{self._cancel_reason}")
-                self._committing = True
+            self.lifecycle.commit_complete()  # from here on a cancel is refused
         handler = _STEPS.get((type(phase), type(event)))
         if handler is None:
             raise MigrationError(f"unexpected {type(event).__name__} while "
@@ -259,6 +331,8 @@ class MigrationReceiver:
         following = handler(self, phase, event, channel)
         self._set_phase(following)
         if isinstance(following, Completed):
+            with self._lock:
+                self.lifecycle.completed = True
             self._hand_over(following.machine)  # before the OK: then the VM is ours
         channel.accept()
         return following
@@ -272,6 +346,9 @@ class MigrationReceiver:
     def _on_start(self, phase: Listening, start: Start, channel: ReceiverChannel) -> Started:
         if start.local and self.address.kind != "unix":
             raise MigrationError("local migration needs a unix: receiver")
+        self._start = start
+        if start.dead_peer_timeout_s:  # the source sends a heartbeat: silence means it is lost
+            self._pool.set_main_timeout(float(start.dead_peer_timeout_s))
         extras = start.connections - 1
         count = self._pool.close_admission(extras, EXTRA_CONNECTIONS_WAIT_S)
         if count != extras:
@@ -358,8 +435,9 @@ class MigrationReceiver:
                      channel: ReceiverChannel) -> PostcopyActive:
         """Switch to post-copy: punch the owed pages out, catch their faults, resume."""
         assert self._fault_channel is not None  # _on_start made sure
+        resume = self._resume_fault if phase.start.reconnect_timeout_s else None
         service = PostcopyService(phase.machine.memory, request.ranges, self._fault_channel,
-                                  on_failure=self._abort)
+                                  on_failure=self._abort, resume=resume)
         try:
             service.start()
             phase.machine.resume()
@@ -368,6 +446,8 @@ class MigrationReceiver:
             raise
         self.metrics.update(postcopy_pages=service.owed_pages,
                             postcopy_pages_left=service.owed_pages)
+        with self._lock:
+            self.lifecycle.postcopy = True
         self.metrics.set_phase(Phase.POSTCOPY)
         log.info("post-copy: the guest runs here; %d pages to come", service.owed_pages)
         return PostcopyActive(phase.start, phase.machine, service)
@@ -382,6 +462,19 @@ class MigrationReceiver:
                                  "missing")
         service.close()
         return Completed(phase.machine)
+
+    def _resume_fault(self, lost: DestinationFaultChannel, cause: str
+                      ) -> DestinationFaultChannel | None:
+        """Post-copy's FAULT connection was lost: wait (for ever) for its resumed one."""
+        if self.lifecycle.ending:
+            return None
+        log.warning("post-copy: the FAULT connection was lost (%s); waiting for the source "
+                    "to resume it", cause)
+        self.lifecycle.connection_lost(FAULT_INDEX, "fault", cause)
+        channel = self._pool.resumed_fault(lost, None)
+        if channel is not None:
+            self.lifecycle.connection_back(FAULT_INDEX)
+        return channel
 
     def _postcopy_figures(self, service: PostcopyService) -> None:
         p50, p99 = service.latency_ms()
@@ -453,6 +546,8 @@ class MigrationReceiver:
 
     def _serve_memory(self, channel: ReceiverChannel) -> None:
         """A MEMORY connection, until it closes (run on its pool thread)."""
+        if channel.hello.resumed:
+            self.lifecycle.connection_back(channel.index)
         try:
             while True:
                 event = self._next(channel)
@@ -466,10 +561,17 @@ class MigrationReceiver:
                                          "connection")
                 self._receive_memory(channel, event)
         except TransportError as exc:
-            if self._closing or self._cancel_reason is not None:
+            if self.lifecycle.ending:
                 return  # ending anyway: the connection was shut on purpose
             # A lost data connection: what it half received was never acknowledged, so the
-            # source sends it again on another connection. The migration goes on.
+            # source sends it again, on this connection resumed (version 3) or another one.
+            # The migration goes on.
+            start = self._start
+            if channel.version >= 3 and start is not None and start.reconnect_timeout_s:
+                log.warning("memory connection %d lost (%s); waiting for the source to "
+                            "resume it", channel.index, exc)
+                self.lifecycle.connection_lost(channel.index, "memory", str(exc))
+                return
             message = f"memory connection {channel.index} lost: {exc}"
             log.warning("%s", message)
             self.metrics.connection_lost(channel.index, str(exc))
@@ -481,12 +583,8 @@ class MigrationReceiver:
 
     def _abort(self, reason: str) -> None:
         """Record the first error and wake every thread blocked on a connection."""
-        with self._lock:
-            if self._closing:
-                return  # already ending: the first reason stands
-            self._closing = True
-            self._error = reason
-        self._pool.shutdown()
+        if self.lifecycle.abort(reason):  # else already ending: the first reason stands
+            self._pool.shutdown()
 
     def _discard_prealloc(self) -> None:
         prealloc, self._prealloc = self._prealloc, None
@@ -504,9 +602,9 @@ class MigrationReceiver:
     def _finish(self) -> None:
         """Close every connection, join the pool's threads, then report the outcome once."""
         with self._lock:
-            self._closing = True
+            self.lifecycle.closing = True
             phase = self._phase
-            error = self._error
+            error = self.lifecycle.error
         if self._grace is not None:
             self._grace.cancel()
         self._pool.close()
@@ -518,11 +616,12 @@ class MigrationReceiver:
             return
         discard(phase)
         if error is None:
+            cancel_reason = self.lifecycle.cancel_reason
             error = ("the receiver was closed before a migration arrived"
-                     if self._cancel_reason is None else
-                     f"migration cancelled at the destination: {self._cancel_reason}")
+                     if cancel_reason is None else
+                     f"migration cancelled at the destination: {cancel_reason}")
         self._set_phase(Aborted(error))
-        cancelled = self._cancel_reason is not None or self._source_cancelled
+        cancelled = self.lifecycle.cancel_reason is not None or self.lifecycle.source_cancelled
         if isinstance(phase, PostcopyActive) and not error.startswith("post-copy failed"):
             # whatever broke, it broke post-copy: the guest had to be stopped here
             error = f"post-copy failed: {error}"

@@ -14,10 +14,14 @@ A cancel (from any thread) is allowed until COMPLETE is sent, and so is any
 failure's recovery: ABANDON where the MAIN connection still carries it, every
 connection closed, the guest resumed if the migration paused it. A cancelled
 migration returns a summary whose status is "cancelled"; a failed one raises
-MigrationError. The one exception to "the source runs again": COMPLETE sent but
-its answer never came: the destination may already run the guest, so the source
-stays paused and the error says so. Losing a MEMORY connection is survived (its
-chunks go to the others); losing MAIN fails the migration.
+MigrationError. `SendLifecycle` owns the phase, the cancel and the point of no
+return; `SendConnections` the connections. With protocol version 3 any lost
+connection is re-dialled for up to `reconnect_timeout_s` and the migration goes on
+where it was, post-copy included (`postcopy-paused` meanwhile). The exceptions to
+"the source runs again": COMPLETE sent and its answer never came, even after MAIN
+was re-dialled (the destination may already run the guest), and a failure after
+the switch to post-copy: the source then stays paused and the error says so. A
+cancel in postcopy-paused is the explicit rollback: the source resumes its copy.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import blake3
 import numpy as np
 
 from vmig.errors import MigrationCancelled as Cancelled
-from vmig.errors import MigrationError, StateError, TransportError, describe
+from vmig.errors import MigrationError, TransportError, describe
 from vmig.memory import GuestMemory
+from vmig.migration.connections import SendConnections
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest
 from vmig.migration.documents import (
     MAX_CONFIG_EXTENTS,
@@ -43,24 +48,23 @@ from vmig.migration.documents import (
     ConfigDocument,
     MemoryDigest,
 )
+from vmig.migration.lifecycle import _PHASE_METRICS, ROLLBACK_WARNING, SendLifecycle
 from vmig.migration.memory_reader import ChunkSender
 from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, ResolvedSend, SendParams
 from vmig.migration.policy import (
-    CANCELLABLE,
     Decision,
     MemoryMigrationStats,
     SendPhase,
     decide_with_reason,
-    next_send_phase,
     next_throttle,
 )
 from vmig.migration.postcopy import PRIORITY_WINDOW_BYTES, FaultResponder, split_owed
 from vmig.proto import (
+    RESUMABLE_VERSION,
     Abandon,
     Complete,
     Config,
-    ConnectionRole,
     MemoryFd,
     Postcopy,
     Start,
@@ -68,11 +72,10 @@ from vmig.proto import (
     State,
 )
 from vmig.ranges import RangeTable
-from vmig.transport.address import Address
+from vmig.transport.address import Address, parse_url
 from vmig.transport.channel import SenderChannel
-from vmig.transport.endpoint import dial
 from vmig.transport.ratelimit import TokenBucket
-from vmig.transport.sender_pool import SenderPool, role_name
+from vmig.transport.sender_pool import Chunk, SenderPool, role_name
 from vmig.units import PAGE_SIZE, MiB, format_rate, format_size
 from vmig.vmm.machine import Machine, VmState
 
@@ -82,11 +85,6 @@ OPERATION = "migrating"
 #: A cancel lets the MAIN connection finish what it writes, so that ABANDON can tell the
 #: destination why; after this long the connection is cut anyway.
 CANCEL_GRACE_S = 2.0
-_PHASE_METRICS = {SendPhase.CONNECTING: Phase.CONNECTING, SendPhase.PRECOPY: Phase.PRECOPY,
-                  SendPhase.SWITCHOVER: Phase.SWITCHOVER, SendPhase.POSTCOPY: Phase.POSTCOPY,
-                  SendPhase.COMPLETING: Phase.COMPLETING,
-                  SendPhase.COMPLETED: Phase.COMPLETED, SendPhase.CANCELLED: Phase.CANCELLED,
-                  SendPhase.FAILED: Phase.FAILED}
 
 
 class MigrationSender:
@@ -108,54 +106,52 @@ class MigrationSender:
             log.warning("%s", warning)
             self.metrics.warn(warning)
         self.stats = MemoryMigrationStats(started_at=clock())
-        self._lock = threading.Lock()
-        self._phase = SendPhase.CONNECTING
-        self._cancel_reason: str | None = None
+        self.lifecycle = SendLifecycle(self.metrics)
+        self.lifecycle.on_cancel(self._interrupt)
+        self.connections = SendConnections(self.resolved, self.migration_id, self.lifecycle,
+                                           clock)
         self._grace: threading.Timer | None = None
         self._limiter: TokenBucket | None = None
         self._throttle_streak = 0
         self._faults: FaultResponder | None = None  # post-copy's FAULT connection
         self._was_running = False
         self._pool: SenderPool | None = None
-        self._channels: list[SenderChannel] = []
         self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
         self._extents: list[tuple[int, int]] = []  # where memory holds data (set by run)
         self._chunks = ChunkSender(machine.memory, self.metrics, self.params.compress_level)
 
     @property
     def phase(self) -> SendPhase:
-        return self._phase
+        return self.lifecycle.phase
 
     @property
     def memory(self) -> GuestMemory:
         return self.machine.memory
 
     def _enter(self, phase: SendPhase) -> None:
-        with self._lock:
-            self._phase = next_send_phase(self._phase, phase)
-        self.metrics.set_phase(_PHASE_METRICS[phase])
+        self.lifecycle.enter(phase)
 
-    # --- cancel --------------------------------------------------------------------------
+    # --- cancel and recover --------------------------------------------------------------
 
     def cancel(self, reason: str = "cancelled by the operator") -> None:
         """Stop the migration (from any thread; never blocks); the source runs on.
 
-        Raises StateError once COMPLETE is sent: the destination may already run the
-        VM. The data connections are cut at once; MAIN gets CANCEL_GRACE_S to take the
-        answer it waits for, so that ABANDON can then tell the destination why.
+        Raises StateError once COMPLETE (or POSTCOPY) is sent: the destination may
+        already run the VM; except in postcopy-paused, where it is the explicit
+        rollback (it warns that it is one). The data connections are cut at once;
+        MAIN gets CANCEL_GRACE_S to take the answer it waits for, so that ABANDON can
+        then tell the destination why.
         """
-        with self._lock:
-            if self._phase not in CANCELLABLE:
-                raise StateError(self._refusal())
-            if self._cancel_reason is None:
-                self._cancel_reason = reason
-        self._interrupt()
+        if self.lifecycle.cancel(reason):
+            log.warning("%s", ROLLBACK_WARNING)
+            self.metrics.warn(ROLLBACK_WARNING)
 
-    def _refusal(self) -> str:
-        if self._phase is SendPhase.COMPLETING:
-            return ("cannot cancel: the switch-over passed its point of no return (COMPLETE "
-                    "was sent; the destination may already run the VM)")
-        return f"cannot cancel: the migration is already {self._phase.value}"
+    def recover(self, url: str | None = None) -> None:
+        """recover-migration: in postcopy-paused, re-dial the lost connections now, at
+        `url` if given (another address of the destination); StateError otherwise."""
+        if url is not None:
+            parse_url(url)  # ConfigError now rather than in the re-dial
+        self.lifecycle.recover(url)
 
     def _interrupt(self) -> None:
         pool = self._pool
@@ -163,17 +159,18 @@ class MigrationSender:
             pool.stop()
         if self._limiter is not None:
             self._limiter.stop()
-        channels = list(self._channels)
+        channels = list(self.connections.channels)
         for channel in channels[1:]:
-            channel.stream.shutdown()
+            channel.shutdown()
+        if self._faults is not None:
+            self._faults.shutdown()
         if channels and self._grace is None:  # MAIN: its answer, then ABANDON; or cut it
-            self._grace = threading.Timer(CANCEL_GRACE_S, channels[0].stream.shutdown)
+            self._grace = threading.Timer(CANCEL_GRACE_S, channels[0].shutdown)
             self._grace.daemon = True
             self._grace.start()
 
     def _check_cancelled(self) -> None:
-        if self._cancel_reason is not None:
-            raise Cancelled(f"migration cancelled: {self._cancel_reason}")
+        self.lifecycle.check_cancelled()
 
     # --- the whole migration -------------------------------------------------------------
 
@@ -201,8 +198,11 @@ class MigrationSender:
         return self.metrics.view()
 
     def _migrate(self) -> None:
-        self._pool = SenderPool(self._open_connections(), on_lost=self._lost)
-        main = self._pool.main
+        links = self.connections
+        self._pool = SenderPool(self._open_connections(), on_lost=self._lost,
+                                resume=links.resume_data, heartbeat=links.ping,
+                                heartbeat_s=links.heartbeat_s)
+        links.channels = self._pool.channels  # one list: a resumed channel takes its place
         cap = self.params.max_bandwidth_bytes
         if cap is not None:
             self._limiter = TokenBucket(cap)
@@ -218,31 +218,39 @@ class MigrationSender:
             flags |= StartFlags.COMPRESS
         if self.params.postcopy:
             flags |= StartFlags.POSTCOPY
-        main.request(Start(migration_id=self.migration_id,
-                           connections=len(self._pool.channels), flags=flags))
+        resumable = links.version >= RESUMABLE_VERSION
+        links.request(Start(
+            migration_id=self.migration_id, connections=len(self._pool.channels),
+            flags=flags, version=links.version,
+            reconnect_timeout_s=self.params.reconnect_timeout_s if resumable else 0,
+            dead_peer_timeout_s=self.params.dead_peer_timeout_s if resumable else 0))
+        links.start_heartbeat()
         if self.params.local:
-            main.submit_with_fd(MemoryFd(GuestMemory.SLOT, 0, self.memory.size), self.memory.fd)
-            SenderChannel.check(main.read_response())
+            main = links.main
+            with links.main_lock:
+                main.submit_with_fd(MemoryFd(GuestMemory.SLOT, 0, self.memory.size),
+                                    self.memory.fd)
+                SenderChannel.check(main.read_response())
         config = ConfigDocument(
             vm=self.machine.config, tsc_khz=self.machine.tsc_khz,
             # where the data is: a fresh destination allocates it ahead of the pages
             data_extents=tuple(RangeTable(self._extents).coarsened(MAX_CONFIG_EXTENTS)),
             cpuid=self.machine.guest_cpuid())
         began = self.clock()
-        main.request(Config(config.to_json()))
+        links.request(Config(config.to_json()))
         self.stats.switchover_overhead_ms = self._switchover_overhead_ms(self.clock() - began)
         self._check_cancelled()
 
         if self.params.local:  # the destination maps this memory: nothing to track or copy
-            self._stop_and_copy(main)
+            self._stop_and_copy()
         else:
             self.machine.start_dirty_log()
             try:
                 self._enter(SendPhase.PRECOPY)
                 if self._precopy() is Decision.POSTCOPY and self._was_running:
-                    self._postcopy(main)
+                    self._postcopy()
                 else:
-                    self._stop_and_copy(main)
+                    self._stop_and_copy()
             finally:
                 self.machine.stop_dirty_log()
         self._enter(SendPhase.COMPLETED)
@@ -281,20 +289,24 @@ class MigrationSender:
 
     def _open_connections(self) -> list[SenderChannel]:
         """MAIN, then up to N-1 MEMORY connections (docs/protocol.md: partial acceptance)."""
-        channels = self._channels
-        channels.append(self._open(ConnectionRole.MAIN))
+        links = self.connections
+        links.open_main()
         wanted = self.params.connections - 1
         failures: list[str] = []
         for _ in range(wanted):
             try:
-                channels.append(self._open(ConnectionRole.MEMORY))
+                links.open_memory()
             except (TransportError, MigrationError) as exc:
                 if isinstance(exc, Cancelled):
                     raise
                 failures.append(str(exc))
+        channels = links.channels
         if self.params.postcopy:  # post-copy's page requests come on a connection of their own
-            self._faults = FaultResponder(self._open(ConnectionRole.FAULT), self.memory,
-                                          self._fault_served)
+            fault_index = self.params.connections
+            self._faults = FaultResponder(
+                links.open_fault(), self.memory, self._fault_served,
+                redial=(lambda lost, cause: links.redial(fault_index, lost, cause))
+                if links.resumable else None)
         opened = len(channels) - 1
         if wanted and opened == 0:
             message = (f"could not open any of {wanted} extra connections ({failures[0]}); "
@@ -306,16 +318,6 @@ class MigrationSender:
                                  f"connections: {failures[0]}")
         self.metrics.open_connections([role_name(c) for c in channels])
         return channels
-
-    def _open(self, role: ConnectionRole) -> SenderChannel:
-        self._check_cancelled()
-        security = self.resolved.security
-        stream = dial(self.address, security)
-        try:
-            return SenderChannel(stream, role, self.migration_id, token=security.token)
-        except BaseException:
-            stream.close()
-            raise
 
     def _lost(self, index: int, channel: SenderChannel, reason: str) -> None:
         message = f"connection {index} ({channel.role.name}) lost: {reason}"
@@ -337,7 +339,8 @@ class MigrationSender:
         chunk = chunk_bytes or min(self.params.chunk_bytes, max(fair_share, MIN_CHUNK_BYTES))
         chunks = ranges.partition(chunk)
         try:
-            sent = self._pool.send_iteration(chunks, self._chunks.prepare, self._acked)
+            with self.connections.main_lock:  # MAIN's worker sends the heartbeat meanwhile
+                sent = self._pool.send_iteration(chunks, self._chunks.prepare, self._acked)
         except TransportError as exc:
             raise TransportError(f"the MAIN connection failed: {exc}") from None
         seconds = self.clock() - began
@@ -347,12 +350,12 @@ class MigrationSender:
         self._chunks.first_pass = False
         return sent
 
-    def _acked(self, index: int, chunk: RangeTable) -> None:
+    def _acked(self, index: int, chunk: Chunk) -> None:
         self._chunks.acked(index, chunk)
-        if self._phase is SendPhase.POSTCOPY:
+        if self.phase is SendPhase.POSTCOPY:
             left = self.metrics.postcopy_pages_left or 0
-            self.metrics.update(postcopy_pages_left=max(left - chunk.total_bytes // PAGE_SIZE,
-                                                        0))
+            pages = chunk.ranges.total_bytes // PAGE_SIZE
+            self.metrics.update(postcopy_pages_left=max(left - pages, 0))
 
     def _precopy(self) -> Decision:
         """Iterate until the policy says CONVERGE (returned), POSTCOPY (returned) or ABORT."""
@@ -406,7 +409,7 @@ class MigrationSender:
 
     # --- stop and copy -------------------------------------------------------------------
 
-    def _stop_and_copy(self, main: SenderChannel) -> None:
+    def _stop_and_copy(self) -> None:
         self._enter(SendPhase.SWITCHOVER)
         if self._was_running:
             self.machine.pause_for(OPERATION)
@@ -423,18 +426,14 @@ class MigrationSender:
         if self._verify:  # hash while STATE travels and the destination hashes
             digest = BackgroundDigest(self.memory)
         try:
-            main.request(State(state.to_json().encode()))
+            self.connections.request(State(state.to_json().encode()))
         finally:
             value = digest.result() if digest is not None else None
         complete = CompleteDocument(
             run=self._was_running,
             memory_digest=None if value is None else MemoryDigest(DIGEST_ALGORITHM, value))
-        with self._lock:  # a cancel either comes before this point, or is refused
-            self._check_cancelled()
-            self._phase = next_send_phase(self._phase, SendPhase.COMPLETING)
-        self.metrics.set_phase(Phase.COMPLETING)
-        main.submit(Complete(complete.to_json()))
-        SenderChannel.check(main.read_response())
+        self.lifecycle.commit(SendPhase.COMPLETING)  # a cancel came before, or is refused
+        self.connections.request(Complete(complete.to_json()))
         self.metrics.update(memory_verified=self._verify)
 
     @property
@@ -446,7 +445,7 @@ class MigrationSender:
 
     # --- post-copy -----------------------------------------------------------------------
 
-    def _postcopy(self, main: SenderChannel) -> None:
+    def _postcopy(self) -> None:
         """Pause, send the state and the list of owed pages; the destination resumes the
         guest at once. Then push every owed page over all data connections (near recent
         faults first) while the fault server answers the pages the guest asks for."""
@@ -461,28 +460,23 @@ class MigrationSender:
             self._send(now)
         state = self.machine.save_state()
         self.metrics.update(heartbeat_at_pause=self.machine.guest_counters()["heartbeat"])
-        main.request(State(state.to_json().encode()))
+        self.connections.request(State(state.to_json().encode()))
         if self.params.verify_memory:
             message = ("memory verification is skipped: after a switch to post-copy the guest "
                        "runs at the destination before all its memory is there")
             log.warning("%s", message)
             self.metrics.warn(message)
-        with self._lock:  # from here the destination runs the guest: no cancel, no resume
-            self._check_cancelled()
-            self._phase = next_send_phase(self._phase, SendPhase.POSTCOPY)
-        self.metrics.set_phase(Phase.POSTCOPY)
+        # from here the destination runs the guest: no cancel (but paused), no resume here
+        self.lifecycle.commit(SendPhase.POSTCOPY)
         self.metrics.update(postcopy_pages=later.total_bytes // PAGE_SIZE,
                             postcopy_pages_left=later.total_bytes // PAGE_SIZE)
-        main.request(Postcopy(later))
+        self.connections.request(Postcopy(later))
         self.metrics.end_downtime()  # the guest runs again, at the destination
         assert self._faults is not None
         self._faults.start()
         self._send(later, chunk_bytes=MIN_CHUNK_BYTES)  # small chunks follow faults closely
-        with self._lock:
-            self._phase = next_send_phase(self._phase, SendPhase.COMPLETING)
-        self.metrics.set_phase(Phase.COMPLETING)
-        main.submit(Complete(CompleteDocument(run=self._was_running).to_json()))
-        SenderChannel.check(main.read_response())
+        self.lifecycle.enter(SendPhase.COMPLETING)
+        self.connections.request(Complete(CompleteDocument(run=self._was_running).to_json()))
         self.metrics.update(postcopy_pages_left=0)
 
     def _fault_served(self, ranges: RangeTable) -> None:
@@ -496,14 +490,21 @@ class MigrationSender:
 
     def _fail(self, exc: BaseException) -> SendPhase:
         """Leave exactly one running VM, say why; return CANCELLED or FAILED."""
-        phase = self._phase
+        self.connections.stop_heartbeat()
+        phase = self.phase
         reason = describe(exc)
-        cancelled = self._cancel_reason is not None or isinstance(exc, Cancelled)
-        if self._cancel_reason is not None:
-            reason = f"migration cancelled: {self._cancel_reason}"
+        cancel_reason = self.lifecycle.cancel_reason
+        cancelled = cancel_reason is not None or isinstance(exc, Cancelled)
+        if cancel_reason is not None:
+            reason = f"migration cancelled: {cancel_reason}"
         in_doubt = phase is SendPhase.COMPLETING and not isinstance(exc, MigrationError)
-        if self.metrics.postcopy_pages is not None and phase in (SendPhase.POSTCOPY,
-                                                                 SendPhase.COMPLETING):
+        rollback = self.lifecycle.postcopy_started and cancel_reason is not None
+        if rollback:  # postcopy-paused, cancelled: the operator chose the source's copy
+            reason = (f"{reason}; {ROLLBACK_WARNING}: the source resumes its copy (stop the "
+                      "destination's, cancel it there)")
+            in_doubt = False
+        elif self.lifecycle.postcopy_started and phase in (SendPhase.POSTCOPY,
+                                                           SendPhase.COMPLETING):
             # The guest ran at the destination, which now lacks pages: neither side has
             # the whole VM. Resuming here would roll the guest back: the operator decides.
             reason = (f"post-copy failed: {reason}; the guest ran at the destination, which "
@@ -518,8 +519,7 @@ class MigrationSender:
                        "destination does not run it)")
             cancelled = False
         outcome = SendPhase.CANCELLED if cancelled else SendPhase.FAILED
-        with self._lock:
-            self._phase = outcome
+        self.lifecycle.end(outcome)
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 self._pool.main.submit(Abandon(reason, cancelled=cancelled))
@@ -539,8 +539,6 @@ class MigrationSender:
         if self._faults is not None:  # first: its thread must not take the end for a fault
             self._faults.close()
             self._faults = None
-        for channel in self._channels:
-            channel.close()
-        self._channels = []
+        self.connections.close()
         self._pool = None
 

@@ -35,8 +35,10 @@ __all__ = [
     "NeedData",
     "Ok",
     "PayloadData",
+    "Ping",
     "Postcopy",
     "ReceiverEvent",
+    "Repeated",
     "Request",
     "Response",
     "SenderEvent",
@@ -68,6 +70,10 @@ class Start:
     connections: int = 1
     flags: StartFlags = StartFlags.NONE
     version: int = PROTOCOL_VERSION
+    #: Version 3: how long the sender re-dials a lost connection (the receiver keeps the
+    #: migration that long), and after how long a silent peer is lost; 0 before.
+    reconnect_timeout_s: int = 0
+    dead_peer_timeout_s: int = 0
 
     @property
     def local(self) -> bool:
@@ -198,6 +204,20 @@ class Abandon:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """PING (version 3, MAIN): the heartbeat; answered OK, changes nothing."""
+
+
+@dataclass(frozen=True)
+class Repeated:
+    """Receiver: a request re-sent on a resumed MAIN that was already answered (its
+    sequence number is the last one answered); `answer_repeat()` gives the same answer."""
+
+    command: Command
+    seq: int
+
+
+@dataclass(frozen=True)
 class Ok:
     """Receiver's answer: the request was applied."""
 
@@ -246,7 +266,7 @@ class ConnectionClosed:
 
 #: Requests as `SenderConnection.send()` takes them.
 Request: TypeAlias = (Start | Config | MemoryFd | Memory | State | Postcopy | Complete
-                      | Abandon)
+                      | Abandon | Ping)
 #: What `ReceiverConnection.next_event()` returns.
 ReceiverEvent: TypeAlias = (
     Start
@@ -259,6 +279,8 @@ ReceiverEvent: TypeAlias = (
     | Postcopy
     | Complete
     | Abandon
+    | Ping
+    | Repeated
     | ConnectionClosed
     | Literal[NeedData.NEED_DATA]
 )

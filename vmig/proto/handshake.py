@@ -14,8 +14,10 @@ Nothing here does I/O or reads a clock; nonces are handed in by the caller
                                       <- ERROR + reason                  wrong proof, or refused
                                       <- OK + proof R                    established
 
-    S = HMAC-SHA256(token, "vmig-2 sender proof"   || hello || Nr || Ns)
-    R = HMAC-SHA256(token, "vmig-2 receiver proof" || hello || Nr || Ns)
+    S = HMAC-SHA256(token, "vmig-V sender proof"   || hello || Nr || Ns)
+    R = HMAC-SHA256(token, "vmig-V receiver proof" || hello || Nr || Ns)
+
+V is the hello's protocol version (2 or 3).
 
 The hello holds the role, the version and the migration id, so every proof is
 bound to them; both nonces make each proof fresh, and the two labels keep one
@@ -46,6 +48,7 @@ from vmig.proto.wire import (
     NO_HEADERS,
     NONCE_SIZE,
     PROOF_SIZE,
+    PROTOCOL_VERSION,
     AuthMethod,
     Command,
     ConnectionRole,
@@ -85,8 +88,10 @@ MIN_TOKEN_BYTES = 16
 #: Longest token: a secret, not a document.
 MAX_TOKEN_BYTES = 1024
 
-_SENDER_LABEL = b"vmig-2 sender proof"
-_RECEIVER_LABEL = b"vmig-2 receiver proof"
+def _labels(version: int) -> tuple[bytes, bytes]:
+    """The sender's and the receiver's proof labels of a protocol version ("vmig-3 sender
+    proof", ...): a proof made for one version never passes for another's."""
+    return (f"vmig-{version} sender proof".encode(), f"vmig-{version} receiver proof".encode())
 
 
 def proof(token: bytes, label: bytes, hello: bytes, receiver_nonce: bytes,
@@ -356,8 +361,8 @@ class ReceiverHandshake:
     def _check_proof(self, payload: bytes) -> Authenticated:
         assert self._token is not None and self._hello is not None
         sender_nonce, claimed = decode_auth(payload)
-        expected = proof(self._token, _SENDER_LABEL, self._hello_bytes, self._nonce,
-                         sender_nonce)
+        expected = proof(self._token, _labels(self._hello.version)[0], self._hello_bytes,
+                         self._nonce, sender_nonce)
         if not hmac.compare_digest(claimed, expected):
             raise AuthenticationError(
                 "authentication failed: the sender does not know this receiver's token"
@@ -382,8 +387,8 @@ class ReceiverHandshake:
         if before is _R.HELLO_RECEIVED:
             return encode_hello_reply(AuthMethod.NONE, bytes(NONCE_SIZE))
         assert self._token is not None and self._hello is not None
-        mine = proof(self._token, _RECEIVER_LABEL, self._hello_bytes, self._nonce,
-                     self._sender_nonce)
+        mine = proof(self._token, _labels(self._hello.version)[1], self._hello_bytes,
+                     self._nonce, self._sender_nonce)
         return encode_response_header(Status.OK, len(mine)) + mine
 
     def refuse(self, reason: str) -> bytes:
@@ -408,8 +413,11 @@ class SenderHandshake:
     """
 
     def __init__(self, role: ConnectionRole, migration_id: bytes, *, token: bytes | None,
-                 nonce: bytes) -> None:
-        self._hello_bytes = encode_hello(role, migration_id)
+                 nonce: bytes, version: int = PROTOCOL_VERSION, index: int = 0,
+                 resume: int = 0) -> None:
+        self.version = version
+        self._hello_bytes = encode_hello(role, migration_id, version, index=index,
+                                         resume=resume)
         self._token = check_token(token)
         self._nonce = _check_nonce(nonce)
         self._state = _S.IDLE
@@ -432,8 +440,8 @@ class SenderHandshake:
         """The AUTH request answering the receiver's challenge."""
         assert self._token is not None  # Challenged is only returned with a token
         self._state = _next(SENDER_STEPS, self._state, _H.AUTH, "sender")
-        mine = proof(self._token, _SENDER_LABEL, self._hello_bytes, self._receiver_nonce,
-                     self._nonce)
+        mine = proof(self._token, _labels(self.version)[0], self._hello_bytes,
+                     self._receiver_nonce, self._nonce)
         return encode_auth(self._nonce, mine)
 
     def bytes_wanted(self) -> int:
@@ -512,8 +520,8 @@ class SenderHandshake:
 
     def _on_proof(self, payload: bytes) -> Established:
         assert self._token is not None
-        expected = proof(self._token, _RECEIVER_LABEL, self._hello_bytes, self._receiver_nonce,
-                         self._nonce)
+        expected = proof(self._token, _labels(self.version)[1], self._hello_bytes,
+                         self._receiver_nonce, self._nonce)
         if len(payload) != PROOF_SIZE or not hmac.compare_digest(payload, expected):
             raise AuthenticationError(
                 "the destination could not prove it knows the token; no guest memory was sent"

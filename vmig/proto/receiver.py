@@ -46,8 +46,10 @@ from vmig.proto.events import (
     MemoryRequest,
     Ok,
     PayloadData,
+    Ping,
     Postcopy,
     ReceiverEvent,
+    Repeated,
     Start,
     State,
 )
@@ -64,8 +66,12 @@ from vmig.proto.wire import (
     MAX_CONNECTIONS,
     MAX_MEMORY_PAYLOAD,
     MAX_RANGES_PER_REQUEST,
+    MAX_STATE_SIZE,
     MEMORY_FD_PAYLOAD_SIZE,
     NO_HEADERS,
+    PROTOCOL_VERSION,
+    RESUMABLE_VERSION,
+    SEQUENCED_COMMANDS,
     START_PAYLOAD_SIZE,
     AbandonFlags,
     Command,
@@ -79,6 +85,7 @@ from vmig.proto.wire import (
     decode_memory_headers,
     decode_range_table,
     decode_request_header,
+    decode_sequenced_headers,
     decode_start_payload,
     encode_response,
     encode_response_header,
@@ -101,12 +108,14 @@ class _Phase(Enum):
 
 
 class _Request(NamedTuple):
-    """The request being parsed or answered."""
+    """The request being parsed or answered (`seq` 0: not sequenced)."""
 
     command: Command
     length: int
     target: ReceiverState
     headers: bytes
+    seq: int = 0
+    repeat: bool = False
 
 
 class ReceiverConnection:
@@ -119,11 +128,16 @@ class ReceiverConnection:
     """
 
     def __init__(
-        self, role: ConnectionRole = ConnectionRole.MAIN, *, migration_id: bytes | None = None
+        self, role: ConnectionRole = ConnectionRole.MAIN, *, migration_id: bytes | None = None,
+        version: int = PROTOCOL_VERSION,
     ) -> None:
         """Start in the role's initial state (the hello has already been read).
 
         If `migration_id` is given (from the hello), START must carry the same id.
+        `version` is the hello's: from version 3 on, MAIN's requests (but MEMORY) carry
+        sequence numbers; one that repeats the last answered comes as `Repeated` and is
+        answered from the record (`answer_repeat`), so a request re-sent on a resumed
+        MAIN (`resumed`) is applied once.
         """
         if role not in INITIAL_STATES:
             raise LocalProtocolError(f"no receiver for connection role {role!r}")
@@ -138,6 +152,28 @@ class ReceiverConnection:
         self._payload_total = 0
         self._payload_done = 0
         self._error: RemoteProtocolError | None = None
+        self._state_before_error = self._state
+        self.version = version
+        self._sequenced = self.role is ConnectionRole.MAIN and version >= RESUMABLE_VERSION
+        self._last_seq = 0
+        self._record = b""  # the answer to request _last_seq
+
+    @classmethod
+    def resumed(cls, lost: ReceiverConnection) -> ReceiverConnection:
+        """The core of a resumed connection in the place of `lost`: the state its answers
+        reached (a request it was reading when its stream failed is forgotten: it was never
+        answered), the last sequence number answered and that answer."""
+        new = cls(lost.role, migration_id=lost._migration_id, version=lost.version)
+        new._state = lost._state_before_error if lost._error is not None else lost._state
+        new._start = lost._start
+        new._last_seq = lost._last_seq
+        new._record = lost._record
+        return new
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last request answered (0: none, or before version 3)."""
+        return self._last_seq
 
     # -- introspection ---------------------------------------------------------------
 
@@ -241,6 +277,7 @@ class ReceiverConnection:
         try:
             return self._parse()
         except RemoteProtocolError as exc:
+            self._state_before_error = self._state
             self._state = ReceiverState.ABORTED
             self._phase = _Phase.FAILED
             self._error = exc
@@ -271,11 +308,28 @@ class ReceiverConnection:
         if not self.awaiting_response:
             raise LocalProtocolError(f"cannot send OK: {self._nothing_to_answer()}")
         assert self._request is not None
+        if self._request.repeat:
+            raise LocalProtocolError("a repeated request is answered with answer_repeat()")
         self._state = self._request.target
         if isinstance(self._event, Start):
             self._start = self._event
+        answer = encode_response_header(Status.OK)
+        self._remember(answer)
         self._finish_request(_Phase.HEADER)
-        return encode_response_header(Status.OK)
+        return answer
+
+    def answer_repeat(self) -> bytes:
+        """The answer the `Repeated` request got the first time (the state stays)."""
+        request = self._request
+        if self._phase is not _Phase.RESPOND or request is None or not request.repeat:
+            raise LocalProtocolError("answer_repeat() called without a repeated request")
+        self._finish_request(_Phase.HEADER)
+        return self._record
+
+    def _remember(self, answer: bytes) -> None:
+        assert self._request is not None
+        if self._request.seq:
+            self._last_seq, self._record = self._request.seq, answer
 
     def _send_error(self, message: str) -> bytes:
         if self._phase is _Phase.FAILED:
@@ -287,8 +341,11 @@ class ReceiverConnection:
         else:
             raise LocalProtocolError(f"cannot send ERROR: {self._nothing_to_answer()}")
         self._state = ReceiverState.ABORTED
+        answer = encode_response(Status.ERROR, message)
+        if self._request is not None and self.awaiting_response:
+            self._remember(answer)
         self._finish_request(next_phase)
-        return encode_response(Status.ERROR, message)
+        return answer
 
     def _send_cancel(self, message: str) -> bytes:
         if self.role is not ConnectionRole.MAIN:
@@ -343,6 +400,9 @@ class ReceiverConnection:
                 ranges = decode_range_table(body, self._payload_total if plain else None)
                 self._phase = _Phase.PAYLOAD
                 self._event = MemoryRequest(ranges, self._payload_total, flags)
+            elif request.repeat:
+                self._phase = _Phase.RESPOND
+                self._event = Repeated(request.command, request.seq)
             else:
                 self._phase = _Phase.RESPOND
                 self._event = self._parse_body(request, body)
@@ -384,13 +444,42 @@ class ReceiverConnection:
             raise RemoteProtocolError(f"sender sent unknown command {value}") from None
         if command is Command.INVALID:
             raise RemoteProtocolError("sender sent the reserved command INVALID (0)")
+        seq = 0
+        if self._sequenced and command in SEQUENCED_COMMANDS:
+            seq, extra = decode_sequenced_headers(headers)
+            if seq == self._last_seq and self._record:
+                request = _Request(command, length, self._state, headers, seq, repeat=True)
+                self._check_length(request, limit=BLOB_LIMITS.get(command, MAX_STATE_SIZE))
+                return request
+            if seq != self._last_seq + 1:
+                raise RemoteProtocolError(
+                    f"sender sent {command.name} with sequence number {seq}; expected "
+                    f"{self._last_seq + 1} (or {self._last_seq} again)")
+            # the rest of the checks see the headers as version 2 had them
+            if command is Command.ABANDON:
+                headers = bytes(4) + headers[4:]
+            elif command is Command.MEMORY_FD:
+                headers = extra.to_bytes(4, "little") + bytes(2)
+            elif command is Command.POSTCOPY:
+                if extra:
+                    raise RemoteProtocolError(f"sender sent POSTCOPY with command headers "
+                                              f"{headers.hex()}")
+                headers = (length // RANGE_ENTRY_SIZE).to_bytes(4, "little") + bytes(2)
+            elif extra:
+                raise RemoteProtocolError(
+                    f"sender sent {command.name} with command headers {headers.hex()}")
+            else:
+                headers = NO_HEADERS
+        elif command is Command.PING:
+            raise RemoteProtocolError(f"sender sent PING, which protocol version "
+                                      f"{self.version} does not have")
         target = TRANSITIONS.get((self._state, command))
         if target is None:
             raise RemoteProtocolError(
                 f"sender sent {command.name} in state {self._state.name}; "
                 f"expected {expected_text(self._state)}"
             )
-        request = _Request(command, length, target, headers)
+        request = _Request(command, length, target, headers, seq)
         if command is Command.MEMORY:
             self._check_memory_header(request)
         elif command is Command.POSTCOPY:
@@ -416,6 +505,8 @@ class ReceiverConnection:
                 )
             if command is Command.START:
                 self._check_length(request, exact=START_PAYLOAD_SIZE)
+            elif command is Command.PING:
+                self._check_length(request, exact=0)
             else:
                 self._check_length(request, limit=BLOB_LIMITS[command])
         return request
@@ -477,12 +568,18 @@ class ReceiverConnection:
             return Complete(body)
         if command is Command.POSTCOPY:
             return Postcopy(decode_range_table(body, None, total_limit=None))
+        if command is Command.PING:
+            return Ping()
         cancelled = bool(decode_abandon_headers(request.headers) & AbandonFlags.CANCELLED)
         return Abandon(body.decode("utf-8", errors="replace"), cancelled)
 
     def _parse_start(self, body: bytes) -> Start:
-        version, flags, migration_id, connections = decode_start_payload(body)
+        version, flags, migration_id, connections, reconnect_s, dead_peer_s = \
+            decode_start_payload(body)
         check_version(version, "sender")
+        if version != self.version:
+            raise RemoteProtocolError(f"sender sent START for protocol version {version} on a "
+                                      f"connection that said hello with version {self.version}")
         if not 1 <= connections <= MAX_CONNECTIONS:
             raise RemoteProtocolError(
                 f"sender asked for {connections} connections; allowed are 1 to {MAX_CONNECTIONS}"
@@ -493,5 +590,6 @@ class ReceiverConnection:
                 f"opened for {self._migration_id.hex()}"
             )
         return Start(
-            migration_id=migration_id, connections=connections, flags=flags, version=version
+            migration_id=migration_id, connections=connections, flags=flags, version=version,
+            reconnect_timeout_s=reconnect_s, dead_peer_timeout_s=dead_peer_s,
         )

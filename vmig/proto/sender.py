@@ -20,6 +20,7 @@ from vmig.proto.events import (
     ConnectionClosed,
     Memory,
     MemoryFd,
+    Ping,
     Postcopy,
     Request,
     Response,
@@ -38,6 +39,9 @@ from vmig.proto.wire import (
     BLOB_LIMITS,
     HEADER_SIZE,
     MAX_MEMORY_PAYLOAD,
+    PROTOCOL_VERSION,
+    RESUMABLE_VERSION,
+    SEQUENCED_COMMANDS,
     AbandonFlags,
     Command,
     ConnectionRole,
@@ -50,6 +54,7 @@ from vmig.proto.wire import (
     encode_memory_fd_payload,
     encode_memory_headers,
     encode_request_header,
+    encode_sequenced_headers,
     encode_start_payload,
     encode_text,
     range_table_problem,
@@ -64,10 +69,12 @@ DEFAULT_PIPELINE_DEPTH = 4
 
 
 class _Outstanding(NamedTuple):
-    """A request sent and not yet answered."""
+    """A request sent and not yet answered (`seq` 0: not sequenced, e.g. MEMORY)."""
 
     command: Command
     target: ReceiverState
+    seq: int = 0
+    event: Request | None = None
 
 
 class SenderConnection:
@@ -80,9 +87,14 @@ class SenderConnection:
     """
 
     def __init__(
-        self, role: ConnectionRole = ConnectionRole.MAIN, *, max_outstanding: int | None = None
+        self, role: ConnectionRole = ConnectionRole.MAIN, *, max_outstanding: int | None = None,
+        version: int = PROTOCOL_VERSION,
     ) -> None:
-        """Raises LocalProtocolError for an unknown role or a pipeline on MAIN."""
+        """Raises LocalProtocolError for an unknown role or a pipeline on MAIN.
+
+        `version` is the one the handshake settled on: from version 3 on, MAIN's requests
+        (but MEMORY) carry sequence numbers, so that one re-sent on a resumed MAIN
+        (`resumed`, `resend`) is answered from the receiver's record."""
         if role not in INITIAL_STATES:
             raise LocalProtocolError(f"no sender for connection role {role!r}")
         self.role = ConnectionRole(role)
@@ -103,6 +115,40 @@ class SenderConnection:
         self._header: ResponseHeader | None = None
         self._error: RemoteProtocolError | None = None
         self._state_before_error = self._state
+        self.version = version
+        self._sequenced = self.role is ConnectionRole.MAIN and version >= RESUMABLE_VERSION
+        self._next_seq = 1
+        self._to_resend: list[_Outstanding] = []
+
+    @classmethod
+    def resumed(cls, lost: SenderConnection) -> SenderConnection:
+        """The core of a resumed connection in the place of `lost` (a connection whose
+        stream failed): the receiver's state as `lost` last confirmed it, the next
+        sequence number, and its unanswered sequenced requests, which `resend()` writes
+        again (unanswered MEMORY requests are dropped: the caller sends them anew)."""
+        if not lost._sequenced and lost.role is ConnectionRole.MAIN:
+            raise LocalProtocolError(f"protocol version {lost.version} cannot resume MAIN")
+        new = cls(lost.role, max_outstanding=lost.max_outstanding, version=lost.version)
+        new._state = lost._state_before_error if lost._error is not None else lost._state
+        if lost._state is ReceiverState.ABORTED and lost._error is None:
+            raise LocalProtocolError("cannot resume a connection the receiver aborted")
+        new._start = lost._start
+        new._next_seq = lost._next_seq
+        new._to_resend = [entry for entry in lost._outstanding if entry.seq]
+        return new
+
+    def resend(self) -> bytes:
+        """The requests `resumed()` took over, as they were first sent (same sequence
+        numbers); they are outstanding again. b"" when there are none."""
+        entries, self._to_resend = self._to_resend, []
+        data = []
+        for entry in entries:
+            assert entry.event is not None
+            data.append(_encode_request(entry.event, entry.seq))
+            self._outstanding.append(entry)
+            if entry.command is Command.ABANDON:
+                self._abandoned = True
+        return b"".join(data)
 
     # -- introspection ---------------------------------------------------------------
 
@@ -180,8 +226,16 @@ class SenderConnection:
             if command is Command.POSTCOPY and (self._start is None
                                                 or not self._start.postcopy):
                 raise LocalProtocolError("cannot send POSTCOPY: START did not set POSTCOPY")
-        data = _encode_request(event)
-        self._outstanding.append(_Outstanding(command, target))
+            if command is Command.PING and not self._sequenced:
+                raise LocalProtocolError(f"cannot send PING: protocol version {self.version} "
+                                         "has no heartbeat")
+        seq = 0
+        if self._sequenced and command in SEQUENCED_COMMANDS:
+            seq = self._next_seq
+        data = _encode_request(event, seq)
+        if seq:
+            self._next_seq += 1
+        self._outstanding.append(_Outstanding(command, target, seq, event if seq else None))
         if isinstance(event, Start):
             self._start = event
         elif isinstance(event, Abandon):
@@ -241,7 +295,7 @@ class SenderConnection:
             self._outstanding.clear()
             self._state = ReceiverState.ABORTED
             return Response(status, message, command)
-        command, target = self._outstanding.popleft()
+        command, target, _, _ = self._outstanding.popleft()
         if status is Status.ERROR or self._state is ReceiverState.ABORTED:
             self._state = ReceiverState.ABORTED
         else:
@@ -276,16 +330,21 @@ _REQUEST_COMMANDS: tuple[tuple[type, Command], ...] = (
     (Postcopy, Command.POSTCOPY),
     (Complete, Command.COMPLETE),
     (Abandon, Command.ABANDON),
+    (Ping, Command.PING),
 )
 
 
-def _encode_request(event: Request) -> bytes:
-    """Header (and payload, except MEMORY's page bytes) of a request."""
+def _encode_request(event: Request, seq: int = 0) -> bytes:
+    """Header (and payload, except MEMORY's page bytes) of a request; `seq` > 0: version
+    3's sequenced command headers (u32 seq, u16 extra)."""
     if isinstance(event, Start):
         payload = encode_start_payload(
-            event.version, event.flags, event.migration_id, event.connections
+            event.version, event.flags, event.migration_id, event.connections,
+            event.reconnect_timeout_s, event.dead_peer_timeout_s
         )
-        return encode_request_header(Command.START, len(payload)) + payload
+        return encode_request_header(Command.START, len(payload), _headers(seq)) + payload
+    if isinstance(event, Ping):
+        return encode_request_header(Command.PING, 0, _headers(seq))
     if isinstance(event, Memory):
         problem = range_table_problem(event.ranges)
         if problem:
@@ -302,17 +361,18 @@ def _encode_request(event: Request) -> bytes:
         if problem:
             raise LocalProtocolError(f"cannot send POSTCOPY: {problem}")
         table = event.ranges.encode()
-        return encode_request_header(Command.POSTCOPY, len(table),
-                                     encode_memory_headers(len(event.ranges))) + table
+        headers = _headers(seq) if seq else encode_memory_headers(len(event.ranges))
+        return encode_request_header(Command.POSTCOPY, len(table), headers) + table
     if isinstance(event, MemoryFd):
         payload = encode_memory_fd_payload(event.gpa, event.size)
-        headers = encode_memory_fd_headers(event.slot)
+        headers = (encode_sequenced_headers(seq, event.slot) if seq
+                   else encode_memory_fd_headers(event.slot))
         return encode_request_header(Command.MEMORY_FD, len(payload), headers) + payload
     if isinstance(event, Abandon):
         payload = encode_text(event.reason)
         flags = AbandonFlags.CANCELLED if event.cancelled else AbandonFlags.NONE
         return encode_request_header(Command.ABANDON, len(payload),
-                                     encode_abandon_headers(flags)) + payload
+                                     encode_abandon_headers(flags, seq)) + payload
     command = _command_of(event)
     payload = bytes(event.data)
     limit = BLOB_LIMITS[command]
@@ -320,4 +380,8 @@ def _encode_request(event: Request) -> bytes:
         raise LocalProtocolError(
             f"cannot send {command.name} with {len(payload)} bytes; the limit is {limit}"
         )
-    return encode_request_header(command, len(payload)) + payload
+    return encode_request_header(command, len(payload), _headers(seq)) + payload
+
+
+def _headers(seq: int) -> bytes:
+    return encode_sequenced_headers(seq) if seq else bytes(6)

@@ -81,6 +81,10 @@ TRANSITIONS: dict[tuple[ReceiverState, Command], ReceiverState] = {
     (_S.STREAMING, _C.MEMORY): _S.STREAMING,
     # ABANDON is accepted in every state that is not final.
     **{(state, _C.ABANDON): _S.ABORTED for state in _S if state not in TERMINAL_STATES},
+    # PING (version 3), the heartbeat on MAIN, changes nothing.
+    **{(state, _C.PING): state for state in (_S.STARTED, _S.MEMORY_FDS_RECEIVED,
+                                             _S.CONFIGURED, _S.STATE_RECEIVED,
+                                             _S.POSTCOPY_ACTIVE)},
 }
 
 

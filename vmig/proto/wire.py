@@ -119,6 +119,8 @@ __all__ = [
     "NO_HEADERS",
     "PROOF_SIZE",
     "PROTOCOL_VERSION",
+    "RESUMABLE_VERSION",
+    "SEQUENCED_COMMANDS",
     "START_PAYLOAD_SIZE",
     "SUPPORTED_VERSIONS",
     "AuthMethod",
@@ -140,6 +142,7 @@ __all__ = [
     "decode_range_table",
     "decode_request_header",
     "decode_response_header",
+    "decode_sequenced_headers",
     "decode_start_payload",
     "encode_auth",
     "encode_hello",
@@ -150,6 +153,7 @@ __all__ = [
     "encode_request_header",
     "encode_response",
     "encode_response_header",
+    "encode_sequenced_headers",
     "encode_start_payload",
     "encode_text",
     "parse_hello",
@@ -157,11 +161,14 @@ __all__ = [
 ]
 
 #: The version this code speaks; START and the hello carry it.
-PROTOCOL_VERSION = 2
-#: Versions a receiver accepts. Normally the current one and the one before it; but
-#: version 1 had no authentication, and a receiver never takes an unauthenticated
-#: peer, so version 2 accepts only itself (docs/protocol.md, "Versioning").
-SUPPORTED_VERSIONS = frozenset({2})
+PROTOCOL_VERSION = 3
+#: Versions a receiver accepts: the current one and the one before it (version 1 had no
+#: authentication, and a receiver never takes an unauthenticated peer). docs/protocol.md,
+#: "Versioning", has the promise.
+SUPPORTED_VERSIONS = frozenset({2, 3})
+#: The first version with resumable connections: the hello's index and resume count,
+#: sequence numbers on MAIN, PING, and START's reconnect and dead-peer timeouts.
+RESUMABLE_VERSION = 3
 
 
 class Command(IntEnum):
@@ -181,6 +188,8 @@ class Command(IntEnum):
     FAULT = 9
     #: Switch to post-copy: the destination runs the guest while these pages come.
     POSTCOPY = 10
+    #: Version 3, MAIN only: the heartbeat, answered OK in any state but a final one.
+    PING = 11
 
 
 class Status(IntEnum):
@@ -254,17 +263,37 @@ class AbandonFlags(IntFlag):
     CANCELLED = 1
 
 
-def encode_abandon_headers(flags: AbandonFlags = AbandonFlags.NONE) -> bytes:
-    """ABANDON command headers: u32 0, u16 flags."""
-    return _pack(_MEMORY_HEADERS, "ABANDON headers", 0, int(flags))
+def encode_abandon_headers(flags: AbandonFlags = AbandonFlags.NONE, seq: int = 0) -> bytes:
+    """ABANDON command headers: u32 sequence number (0 before version 3), u16 flags."""
+    return _pack(_MEMORY_HEADERS, "ABANDON headers", seq, int(flags))
 
 
-def decode_abandon_headers(headers: bytes) -> AbandonFlags:
-    """ABANDON's flags; a non-zero first word or an unknown flag is refused."""
-    zero, flags = _MEMORY_HEADERS.unpack(headers)
-    if zero or flags & ~int(AbandonFlags.CANCELLED):
+def decode_abandon_headers(headers: bytes, *, sequenced: bool = False) -> AbandonFlags:
+    """ABANDON's flags; an unknown flag (or a first word that is not 0 before version 3)
+    is refused."""
+    first, flags = _MEMORY_HEADERS.unpack(headers)
+    if (first and not sequenced) or flags & ~int(AbandonFlags.CANCELLED):
         raise RemoteProtocolError(f"sender sent ABANDON with command headers {headers.hex()}")
     return AbandonFlags(flags)
+
+
+#: Version 3: MAIN's requests but MEMORY carry a sequence number in their command headers
+#: (``u32 seq, u16 extra``: ABANDON's flags, MEMORY_FD's slot, else 0), so a request
+#: re-sent on a resumed MAIN is recognised and answered from the receiver's record.
+SEQUENCED_COMMANDS = frozenset({Command.START, Command.CONFIG, Command.STATE,
+                                Command.COMPLETE, Command.ABANDON, Command.MEMORY_FD,
+                                Command.POSTCOPY, Command.PING})
+
+
+def encode_sequenced_headers(seq: int, extra: int = 0) -> bytes:
+    """Version 3 command headers of a MAIN request: u32 seq, u16 extra."""
+    return _pack(_MEMORY_HEADERS, "command headers", seq, extra)
+
+
+def decode_sequenced_headers(headers: bytes) -> tuple[int, int]:
+    """``(seq, extra)`` of a version 3 MAIN request."""
+    seq, extra = _MEMORY_HEADERS.unpack(headers)
+    return seq, extra
 
 # -- sizes and limits --------------------------------------------------------------
 
@@ -276,8 +305,9 @@ NO_HEADERS = bytes(6)
 
 #: Length of the random migration id in the hello and START.
 MIGRATION_ID_SIZE = 16
-_START = struct.Struct("<II16sII")
-#: START payload: version, flags, migration id, connections, reserved.
+_START = struct.Struct("<II16sIHH")
+#: START payload: version, flags, migration id, connections, then (version 3; zero
+#: before) u16 reconnect timeout and u16 dead-peer timeout, in seconds.
 START_PAYLOAD_SIZE = _START.size
 _MEMORY_HEADERS = struct.Struct("<IH")  # range count, flags
 _MEMORY_FD_HEADERS = struct.Struct("<IH")  # slot, reserved
@@ -285,8 +315,9 @@ _MEMORY_FD_PAYLOAD = struct.Struct("<QQ")  # gpa, size
 #: MEMORY_FD payload: u64 gpa, u64 size.
 MEMORY_FD_PAYLOAD_SIZE = _MEMORY_FD_PAYLOAD.size
 
-_HELLO = struct.Struct("<8sHHI16s")
-#: The connection preamble: magic, role, version, reserved, migration id.
+_HELLO = struct.Struct("<8sHHHH16s")
+#: The connection preamble: magic, role, version, connection index, resume count (those
+#: two zero before version 3), migration id.
 HELLO_SIZE = _HELLO.size
 HELLO_MAGIC = b"VMIGCONN"
 
@@ -351,15 +382,27 @@ class StartPayload(NamedTuple):
     flags: StartFlags
     migration_id: bytes
     connections: int
+    reconnect_timeout_s: int = 0
+    dead_peer_timeout_s: int = 0
 
 
 @dataclass(frozen=True)
 class Hello:
-    """The connection preamble: which role this connection plays in which migration."""
+    """The connection preamble: which role this connection plays in which migration.
+
+    Version 3: `index` is the connection's place (MAIN 0, MEMORY 1..N-1, FAULT 0), and
+    `resume` counts its re-dials (0 on the first); a resumed hello asks the receiver to
+    put this connection in the place of the lost one."""
 
     role: ConnectionRole
     migration_id: bytes
     version: int = PROTOCOL_VERSION
+    index: int = 0
+    resume: int = 0
+
+    @property
+    def resumed(self) -> bool:
+        return self.resume > 0
 
 
 def encode_text(text: str, limit: int = MAX_MESSAGE_SIZE) -> bytes:
@@ -425,7 +468,8 @@ def decode_response_header(data: bytes | bytearray | memoryview) -> ResponseHead
 # -- command payloads and headers -----------------------------------------------------
 
 
-def encode_start_payload(version: int, flags: int, migration_id: bytes, connections: int) -> bytes:
+def encode_start_payload(version: int, flags: int, migration_id: bytes, connections: int,
+                         reconnect_timeout_s: int = 0, dead_peer_timeout_s: int = 0) -> bytes:
     """The 32-byte START payload. Raises LocalProtocolError on a bad id, connection
     count or unknown flags."""
     if len(migration_id) != MIGRATION_ID_SIZE:
@@ -437,7 +481,10 @@ def encode_start_payload(version: int, flags: int, migration_id: bytes, connecti
         )
     if int(flags) & ~_KNOWN_FLAGS:
         raise LocalProtocolError(f"cannot send START with unknown flags {flags!r}")
-    return _pack(_START, "START payload", version, int(flags), migration_id, connections, 0)
+    if version < RESUMABLE_VERSION and (reconnect_timeout_s or dead_peer_timeout_s):
+        raise LocalProtocolError(f"protocol version {version} has no resume timeouts")
+    return _pack(_START, "START payload", version, int(flags), migration_id, connections,
+                 reconnect_timeout_s, dead_peer_timeout_s)
 
 
 def decode_start_payload(data: bytes | bytearray | memoryview) -> StartPayload:
@@ -449,12 +496,14 @@ def decode_start_payload(data: bytes | bytearray | memoryview) -> StartPayload:
         raise RemoteProtocolError(
             f"sender sent a {len(data)}-byte START payload; expected {START_PAYLOAD_SIZE}"
         )
-    version, flags, migration_id, connections, reserved = _START.unpack(data)
-    if reserved:
+    version, flags, migration_id, connections, reconnect_s, dead_peer_s = _START.unpack(data)
+    if version < RESUMABLE_VERSION and (reconnect_s or dead_peer_s):
+        reserved = reconnect_s | dead_peer_s << 16
         raise RemoteProtocolError(f"sender sent START with reserved field {reserved:#x}")
     if flags & ~_KNOWN_FLAGS:
         raise RemoteProtocolError(f"sender sent START with unknown flags {flags:#x}")
-    return StartPayload(version, StartFlags(flags), migration_id, connections)
+    return StartPayload(version, StartFlags(flags), migration_id, connections, reconnect_s,
+                        dead_peer_s)
 
 
 def encode_memory_headers(count: int, flags: MemoryFlags = MemoryFlags.NONE) -> bytes:
@@ -588,14 +637,19 @@ _ROLES = (ConnectionRole.MAIN, ConnectionRole.MEMORY, ConnectionRole.FAULT)
 
 
 def encode_hello(
-    role: ConnectionRole, migration_id: bytes, version: int = PROTOCOL_VERSION
+    role: ConnectionRole, migration_id: bytes, version: int = PROTOCOL_VERSION, *,
+    index: int = 0, resume: int = 0,
 ) -> bytes:
     """The 32-byte preamble the sender writes first on every connection."""
     if role not in _ROLES:
         raise LocalProtocolError(f"cannot send a hello with role {role!r}")
     if len(migration_id) != MIGRATION_ID_SIZE:
         raise LocalProtocolError(f"migration id must be {MIGRATION_ID_SIZE} bytes")
-    return _pack(_HELLO, "hello", HELLO_MAGIC, int(role), version, 0, migration_id)
+    if version < RESUMABLE_VERSION and (index or resume):
+        raise LocalProtocolError(f"protocol version {version} has no connection index or "
+                                 "resume count")
+    return _pack(_HELLO, "hello", HELLO_MAGIC, int(role), version, index, resume,
+                 migration_id)
 
 
 def parse_hello(data: bytes | bytearray | memoryview) -> Hello:
@@ -606,15 +660,19 @@ def parse_hello(data: bytes | bytearray | memoryview) -> Hello:
     """
     if len(data) != HELLO_SIZE:
         raise RemoteProtocolError(f"peer sent a {len(data)}-byte hello; expected {HELLO_SIZE}")
-    magic, role, version, reserved, migration_id = _HELLO.unpack(data)
+    magic, role, version, index, resume, migration_id = _HELLO.unpack(data)
     if magic != HELLO_MAGIC:
         raise RemoteProtocolError(f"peer sent a hello with bad magic {magic!r}")
     if role not in _ROLES:
         raise RemoteProtocolError(f"peer sent a hello with invalid role {role}")
-    if reserved:
-        raise RemoteProtocolError(f"peer sent a hello with reserved field {reserved:#x}")
     check_version(version, "peer")
-    return Hello(ConnectionRole(role), migration_id, version)
+    if version < RESUMABLE_VERSION and (index or resume):
+        reserved = index | resume << 16
+        raise RemoteProtocolError(f"peer sent a hello with reserved field {reserved:#x}")
+    if role != ConnectionRole.MEMORY and index:
+        raise RemoteProtocolError(f"peer sent a {ConnectionRole(role).name} hello with index "
+                                  f"{index}; only MEMORY connections have one")
+    return Hello(ConnectionRole(role), migration_id, version, index, resume)
 
 
 def encode_hello_reply(method: AuthMethod, nonce: bytes) -> bytes:

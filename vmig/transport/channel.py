@@ -3,10 +3,18 @@
 `SenderChannel` says hello, proves the token if the receiver asks (and checks
 the receiver's proof), then writes requests and reads responses.
 `receive_handshake()` is the receiving side of that handshake; the
-`ReceiverChannel` it returns reads requests and writes responses. These are the
-only code that moves bytes between streams and `vmig.proto`: page bytes go
-straight between sockets and the memoryviews the caller passes (guest memory),
-never through the protocol buffer.
+`ReceiverChannel` it returns reads requests and writes responses. Post-copy's FAULT
+connection has channels of its own: `SourceFaultChannel` answers page requests,
+`DestinationFaultChannel` makes them. These are the only code that moves bytes
+between streams and `vmig.proto` (through `pump.pull`): page bytes go straight
+between sockets and the memoryviews the caller passes (guest memory), never
+through the protocol buffer.
+
+Protocol version 3 resumes connections: a channel opened with `lost=` (the channel
+whose stream failed) says a hello with the lost one's index and a higher resume count,
+authenticates afresh, and carries on where the lost one was (`SenderConnection.resumed`,
+`ReceiverConnection.resumed`): MAIN re-sends its unanswered request, which the
+receiver answers from its record if it had answered it already.
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ import select
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from vmig.errors import MigrationCancelled, MigrationError, TransportError
 from vmig.proto import (
-    NEED_DATA,
+    PROTOCOL_VERSION,
     AuthenticationError,
     AuthMethod,
+    Cancel,
     Challenged,
     ConnectionClosed,
     ConnectionRole,
@@ -35,6 +45,7 @@ from vmig.proto import (
     MemoryFd,
     Ok,
     PayloadData,
+    Ping,
     ReceiverConnection,
     ReceiverEvent,
     ReceiverHandshake,
@@ -45,8 +56,11 @@ from vmig.proto import (
     SenderConnection,
     SenderHandshake,
 )
+from vmig.proto.postcopy import PageRequest, PageRequester, Pages, PageServer
+from vmig.proto.state import ReceiverState
 from vmig.proto.wire import NONCE_SIZE
 from vmig.ranges import RangeTable
+from vmig.transport.pump import pull
 from vmig.transport.ratelimit import RateLimitStopped, TokenBucket
 from vmig.transport.stream import Buffer, PlainStream, Stream
 
@@ -63,54 +77,125 @@ class ChannelInterrupted(TransportError):
     """`ReceiverChannel.interrupt()` woke a wait for the next request."""
 
 
+class VersionRefused(MigrationError):
+    """The destination does not speak this side's protocol version (it said which it
+    does); the caller may try again with an older one."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which connection of which migration a channel is: what its hello says."""
+
+    role: ConnectionRole
+    migration_id: bytes
+    version: int = PROTOCOL_VERSION
+    index: int = 0
+    resume: int = 0
+
+    def next_resume(self) -> Identity:
+        """The identity of the connection that resumes this one."""
+        return Identity(self.role, self.migration_id, self.version, self.index,
+                        self.resume + 1)
+
+    @property
+    def name(self) -> str:
+        if self.role is ConnectionRole.MEMORY:
+            return f"MEMORY {self.index}"
+        return self.role.name
+
+
+def sender_handshake(stream: Stream, identity: Identity,
+                     token: bytes | None) -> tuple[AuthMethod, bytes]:
+    """The sending side of a connection's handshake: hello, then the token proof if the
+    receiver asks (both nonces fresh). Returns the method and any bytes read beyond it.
+
+    VersionRefused when the receiver does not speak `identity.version`; MigrationError
+    for other refusals and failed proofs; TransportError when the connection fails."""
+    handshake = SenderHandshake(identity.role, identity.migration_id, token=token,
+                                nonce=os.urandom(NONCE_SIZE), version=identity.version,
+                                index=identity.index, resume=identity.resume)
+    name = identity.name
+    try:
+        stream.send_all([handshake.hello()])
+        while True:
+            event = pull(handshake, stream.recv_some)
+            if isinstance(event, Challenged):
+                stream.send_all([handshake.authenticate()])
+            elif isinstance(event, Refused):
+                if "speaks protocol version" in event.reason:
+                    raise VersionRefused(f"the destination refused protocol version "
+                                         f"{identity.version}: {event.reason}")
+                raise MigrationError(f"destination refused the {name} connection: "
+                                     f"{event.reason}")
+            elif isinstance(event, Established):
+                return event.method, handshake.unused_data()
+    except AuthenticationError as exc:
+        raise MigrationError(f"{stream.peer}: {exc}") from None
+    except RemoteProtocolError as exc:
+        raise MigrationError(f"handshake with {stream.peer} failed: {exc}"
+                             f"{_hint(stream)}") from None
+    except TransportError as exc:
+        raise TransportError(f"handshake on the {name} connection failed: {exc}"
+                             f"{_hint(stream)}") from None
+
+
 class SenderChannel:
-    """The sending end of one connection: handshake, then requests and their responses."""
+    """The sending end of one MAIN or MEMORY connection: handshake, then requests and
+    their responses. With `lost`, it resumes that channel (protocol version 3)."""
 
-    def __init__(self, stream: Stream, role: ConnectionRole, migration_id: bytes, *,
-                 token: bytes | None = None, max_outstanding: int | None = None) -> None:
+    def __init__(self, stream: Stream, identity: Identity, *, token: bytes | None = None,
+                 max_outstanding: int | None = None,
+                 lost: SenderChannel | None = None) -> None:
         self.stream = stream
-        self.role = role
-        # A FAULT connection carries no requests after its handshake (vmig.proto.postcopy).
-        self.conn = SenderConnection(
-            ConnectionRole.MEMORY if role is ConnectionRole.FAULT else role,
-            max_outstanding=max_outstanding)
+        self.identity = identity
+        self.role = identity.role
+        if lost is not None:
+            self.conn = SenderConnection.resumed(lost.conn)
+        else:
+            self.conn = SenderConnection(identity.role, max_outstanding=max_outstanding,
+                                         version=identity.version)
         #: The migration's bandwidth cap, shared by all its channels (None: no cap).
-        self.limiter: TokenBucket | None = None
-        self.method = self._handshake(migration_id, token)
-
-    def _handshake(self, migration_id: bytes, token: bytes | None) -> AuthMethod:
-        handshake = SenderHandshake(self.role, migration_id, token=token,
-                                    nonce=os.urandom(NONCE_SIZE))
-        name = self.role.name
-        try:
-            self.stream.send_all([handshake.hello()])
-            while True:
-                event = handshake.next_event()
-                if event is NEED_DATA:
-                    handshake.receive_data(self.stream.recv_some(max(handshake.bytes_wanted(),
-                                                                     1)))
-                elif isinstance(event, Challenged):
-                    self.stream.send_all([handshake.authenticate()])
-                elif isinstance(event, Refused):
-                    raise MigrationError(f"destination refused the {name} connection: "
-                                         f"{event.reason}")
-                elif isinstance(event, Established):
-                    leftover = handshake.unused_data()
-                    if leftover:
-                        self.conn.receive_data(leftover)
-                    return event.method
-        except AuthenticationError as exc:
-            raise MigrationError(f"{self.stream.peer}: {exc}") from None
-        except RemoteProtocolError as exc:
-            raise MigrationError(f"handshake with {self.stream.peer} failed: {exc}"
-                                 f"{_hint(self.stream)}") from None
-        except TransportError as exc:
-            raise TransportError(f"handshake on the {name} connection failed: {exc}"
-                                 f"{_hint(self.stream)}") from None
+        self.limiter: TokenBucket | None = lost.limiter if lost is not None else None
+        self.method, leftover = sender_handshake(stream, identity, token)
+        if leftover:
+            self.conn.receive_data(leftover)
+        if lost is not None:
+            again = self.conn.resend()  # MAIN's unanswered request, same sequence number
+            if again:
+                self.stream.send_all([again])
 
     @property
     def max_outstanding(self) -> int:
         return self.conn.max_outstanding
+
+    @property
+    def peer(self) -> str:
+        return self.stream.peer
+
+    @property
+    def receiver_state(self) -> ReceiverState:
+        """The receiver's state as its answers on this connection confirmed it."""
+        return self.conn.state
+
+    @property
+    def outstanding(self) -> int:
+        """Requests written and not yet answered."""
+        return len(self.conn.outstanding)
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on this connection (from any thread)."""
+        self.stream.shutdown()
+
+    def ping(self, timeout: float | None = None) -> None:
+        """The heartbeat (version 3, MAIN): PING, and wait for its OK (`timeout`: at most
+        that long; a silent peer is then a TransportError)."""
+        before = self.stream.sock.gettimeout()
+        if timeout is not None:
+            self.stream.settimeout(timeout)
+        try:
+            self.request(Ping())
+        finally:
+            self.stream.settimeout(before)
 
     def submit(self, event: Request, payload: Sequence[Buffer] = ()) -> None:
         """Write one request (and, for Memory, its page bytes) without waiting for its
@@ -145,21 +230,23 @@ class SenderChannel:
         lost), not a protocol error.
         """
         closed = False
-        while True:
-            try:
-                event = self.conn.next_event()
-            except RemoteProtocolError as exc:
-                if closed:
-                    raise TransportError(f"receiving from {self.stream.peer}: {exc}") from None
-                raise
-            if isinstance(event, Response):
-                return event
-            if isinstance(event, ConnectionClosed):
-                raise TransportError(f"{self.stream.peer} closed the connection")
-            wanted = max(self.conn.bytes_wanted(), 1)
+
+        def read(wanted: int) -> bytes:
+            nonlocal closed
             data = self.stream.recv_some(wanted)
             closed = not data
-            self.conn.receive_data(data)
+            return data
+
+        try:
+            event = pull(self.conn, read)
+        except RemoteProtocolError as exc:
+            if closed:
+                raise TransportError(f"receiving from {self.stream.peer}: {exc}") from None
+            raise
+        if isinstance(event, ConnectionClosed):
+            raise TransportError(f"{self.stream.peer} closed the connection")
+        assert isinstance(event, Response)
+        return event
 
     def request(self, event: Request, payload: Sequence[memoryview] = ()) -> Response:
         """Write a request and wait for its response; an ERROR answer raises MigrationError."""
@@ -181,6 +268,44 @@ class SenderChannel:
         self.stream.close()
 
 
+class SourceFaultChannel:
+    """Post-copy's FAULT connection at the source: it reads the destination's page
+    requests and answers each with the pages (vmig.proto.postcopy). With `lost`, it
+    resumes that channel: the destination asks again for what it still lacks."""
+
+    def __init__(self, stream: Stream, identity: Identity, *,
+                 token: bytes | None = None) -> None:
+        self.stream = stream
+        self.identity = identity
+        self.role = identity.role
+        self._server = PageServer()
+        self.method, leftover = sender_handshake(stream, identity, token)
+        if leftover:
+            self._server.receive_data(leftover)
+
+    @property
+    def peer(self) -> str:
+        return self.stream.peer
+
+    def next_request(self) -> RangeTable | None:
+        """The pages the destination asks for next; None when it closed the connection."""
+        event = pull(self._server, self.stream.recv_some)
+        if isinstance(event, ConnectionClosed):
+            return None
+        assert isinstance(event, PageRequest)
+        return event.ranges
+
+    def answer(self, ranges: RangeTable, views: Sequence[memoryview]) -> None:
+        """Send the pages of `ranges` (the views of them, in order)."""
+        self.stream.send_all([self._server.answer(ranges), *views])
+
+    def shutdown(self) -> None:
+        self.stream.shutdown()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 def _hint(stream: Stream) -> str:
     """What a handshake that broke off most likely means, given how this side connected."""
     if stream.encrypted:  # our TLS handshake passed; the destination then ended the session
@@ -192,7 +317,8 @@ def _hint(stream: Stream) -> str:
 
 
 def receive_handshake(stream: Stream, *, token: bytes | None, admit: Admit,
-                      accept_fds: bool = False) -> ReceiverChannel:
+                      accept_fds: bool = False
+                      ) -> ReceiverChannel | DestinationFaultChannel:
     """Run the receiving side of the handshake on `stream`; return the admitted channel.
 
     `admit(hello)` is asked once the peer is authenticated (after its proof with a
@@ -204,14 +330,11 @@ def receive_handshake(stream: Stream, *, token: bytes | None, admit: Admit,
     handshake = ReceiverHandshake(token=token, nonce=os.urandom(NONCE_SIZE))
     while True:
         try:
-            event = handshake.next_event()
+            event = pull(handshake, stream.recv_some)
         except RemoteProtocolError as exc:
             with contextlib.suppress(TransportError):
                 stream.send_all([handshake.refuse(str(exc))])
             raise HandshakeRefused(str(exc)) from None
-        if event is NEED_DATA:
-            handshake.receive_data(stream.recv_some(max(handshake.bytes_wanted(), 1)))
-            continue
         if isinstance(event, ConnectionClosed):
             raise TransportError("the peer closed the connection before its hello")
         if isinstance(event, HelloReceived) and handshake.method is AuthMethod.TOKEN:
@@ -224,49 +347,88 @@ def receive_handshake(stream: Stream, *, token: bytes | None, admit: Admit,
                 stream.send_all([handshake.refuse(refusal)])
             raise HandshakeRefused(refusal)
         stream.send_all([handshake.admit()])
-        channel = ReceiverChannel(stream, hello.role, hello.migration_id,
-                                  accept_fds=accept_fds)
-        leftover = handshake.unused_data()
-        if leftover:
-            channel.conn.receive_data(leftover)
+        channel: ReceiverChannel | DestinationFaultChannel
+        if hello.role is ConnectionRole.FAULT:
+            channel = DestinationFaultChannel(stream, hello)
+        else:
+            channel = ReceiverChannel(stream, hello, accept_fds=accept_fds)
+        channel.receive_data(handshake.unused_data())
         return channel
 
 
 class ReceiverChannel:
-    """The receiving end of one connection, after its handshake admitted it."""
+    """The receiving end of one MAIN or MEMORY connection, after its handshake admitted
+    it."""
 
-    def __init__(self, stream: Stream, role: ConnectionRole, migration_id: bytes,
-                 accept_fds: bool = False) -> None:
+    def __init__(self, stream: Stream, hello: Hello, accept_fds: bool = False) -> None:
         self.stream = stream
-        self.role = role
-        self.migration_id = migration_id
-        #: Its place in the migration: MAIN is 0, MEMORY connections 1, 2, ... as admitted.
-        self.index = 0
-        # A FAULT connection carries no requests after its handshake (vmig.proto.postcopy).
-        self.conn = ReceiverConnection(
-            ConnectionRole.MEMORY if role is ConnectionRole.FAULT else role,
-            migration_id=migration_id)
+        self.hello = hello
+        self.role = hello.role
+        self.migration_id = hello.migration_id
+        self.version = hello.version
+        #: Its place in the migration: MAIN is 0, MEMORY connections 1, 2, ... (version 3:
+        #: the hello's; version 2: as admitted).
+        self.index = hello.index
+        self.conn = ReceiverConnection(hello.role, migration_id=hello.migration_id,
+                                       version=hello.version)
         self._accept_fds = accept_fds and isinstance(stream, PlainStream) and stream.passes_fds
         self.fds: list[int] = []
         self._scratch = bytearray()
         # MAIN can be woken while it waits for the next request (a cancel), without
         # touching the connection, which then still carries the answer to the source.
         self._wake: tuple[int, int] | None = None
-        if role is ConnectionRole.MAIN:
+        if self.role is ConnectionRole.MAIN:
             self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    @property
+    def peer(self) -> str:
+        return self.stream.peer
+
+    @property
+    def state(self) -> ReceiverState:
+        return self.conn.state
+
+    @property
+    def last_seq(self) -> int:
+        return self.conn.last_seq
+
+    def resume_from(self, lost: ReceiverChannel) -> None:
+        """Carry on where `lost` (the connection this one resumes) was: its state, the last
+        request it answered and that answer (a request it was reading is forgotten)."""
+        self.conn = ReceiverConnection.resumed(lost.conn)
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            self.conn.receive_data(data)
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on this connection (from any thread)."""
+        self.stream.shutdown()
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.stream.settimeout(seconds)
 
     def next_request(self) -> ReceiverEvent:
         """Read until the next complete request (a MemoryRequest leaves its payload unread).
 
         Raises RemoteProtocolError (from the protocol core) if the peer broke the
-        rules; answer it with `reject()`.
+        rules; answer it with `reject()`. The peer closing the connection in the middle
+        of a request is a TransportError (the connection was lost), not a broken rule.
         """
-        while True:
-            event = self.conn.next_event()
-            if event is NEED_DATA:
-                self._fill(self.conn.bytes_wanted())
-                continue
-            return event
+        closed = False
+
+        def read(wanted: int) -> bytes:
+            nonlocal closed
+            data = self._read(wanted)
+            closed = not data
+            return data
+
+        try:
+            return pull(self.conn, read)
+        except RemoteProtocolError as exc:
+            if closed:
+                raise TransportError(f"receiving from {self.stream.peer}: {exc}") from None
+            raise
 
     def interrupt(self) -> None:
         """Wake `next_request()` (from any thread): it raises ChannelInterrupted."""
@@ -299,16 +461,15 @@ class ReceiverChannel:
                 if not self.stream.recv_some(1 << 20):
                     return
 
-    def _fill(self, wanted: int) -> None:
+    def _read(self, wanted: int) -> bytes:
         if self._wake is not None:
             self._wait_readable()
         if self._accept_fds:
             assert isinstance(self.stream, PlainStream)
-            data, fds = self.stream.recv_some_with_fds(max(wanted, 1))
+            data, fds = self.stream.recv_some_with_fds(wanted)
             self.fds.extend(fds)
-        else:
-            data = self.stream.recv_some(max(wanted, 1))
-        self.conn.receive_data(data)
+            return data
+        return self.stream.recv_some(wanted)
 
     def receive_payload(self, views: Sequence[memoryview]) -> None:
         """Read the current Memory request's page bytes straight into `views`."""
@@ -328,6 +489,15 @@ class ReceiverChannel:
 
     def accept(self) -> None:
         self.stream.send_all([self.conn.send(Ok())])
+
+    def answer_repeat(self) -> None:
+        """Answer a request re-sent on a resumed MAIN as it was answered the first time."""
+        self.stream.send_all([self.conn.answer_repeat()])
+
+    def send_cancel(self, reason: str) -> None:
+        """The destination's unprompted end (CANCELLED, MAIN only), best effort."""
+        with contextlib.suppress(Exception):
+            self.stream.send_all([self.conn.send(Cancel(reason))])
 
     def reject(self, message: str) -> None:
         """Answer with ERROR (best effort: the peer may already be gone)."""
@@ -349,4 +519,53 @@ class ReceiverChannel:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._wake = None
+        self.stream.close()
+
+
+class DestinationFaultChannel:
+    """Post-copy's FAULT connection at the destination: it asks the source for the pages
+    a faulting guest needs and reads the answers (vmig.proto.postcopy)."""
+
+    def __init__(self, stream: Stream, hello: Hello) -> None:
+        self.stream = stream
+        self.hello = hello
+        self.role = hello.role
+        self.migration_id = hello.migration_id
+        self.version = hello.version
+        self.index = 0
+        self._requester = PageRequester()
+
+    @property
+    def peer(self) -> str:
+        return self.stream.peer
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            self._requester.receive_data(data)
+
+    def request(self, ranges: RangeTable) -> None:
+        """Ask for `ranges` (answers come in order)."""
+        self.stream.send_all([self._requester.request(ranges)])
+
+    def next_pages(self) -> Pages | None:
+        """The next answer's header (its ranges and size); None when the source closed
+        the connection. Read its bytes with `receive_pages`."""
+        event = pull(self._requester, self.stream.recv_some)
+        if isinstance(event, ConnectionClosed):
+            return None
+        assert isinstance(event, Pages)
+        return event
+
+    def receive_pages(self, view: memoryview) -> None:
+        """Read the current answer's page bytes into `view` (exactly its size)."""
+        self.stream.recv_into_exact(view)
+        self._requester.payload_received(len(view))
+        event = self._requester.next_event()
+        if not isinstance(event, EndOfPayload):
+            raise MigrationError(f"expected the end of the pages, got {event!r}")
+
+    def shutdown(self) -> None:
+        self.stream.shutdown()
+
+    def close(self) -> None:
         self.stream.close()

@@ -17,6 +17,16 @@ coordinator); each admitted MEMORY connection's thread goes on to serve it with
 the `serve_memory` the migration layer handed in. Threads (all joined by `close()`):
 ``migrate-accept``, ``migrate-hs-N`` per connection in its handshake, which
 becomes ``migrate-mem-N`` once its MEMORY connection is admitted.
+
+Protocol version 3 resumes connections. A hello with the migration's id, the index of
+a connection admitted before and a resume count above the last one admitted for it
+is a *resumed* connection, admitted at any point until the pool is shut down (a
+lower or equal count is refused: a replayed handshake). Before its handshake is
+answered OK the pool *fences* the connection it replaces: the old stream is shut
+down and the old connection's user has let go of it (a MEMORY connection's worker
+has ended, dropping a chunk it had half received; MAIN's coordinator and the FAULT
+connection's user have called `resumed_main` / `resumed_fault`), so nothing read
+from the old connection can be written after what comes on the new one.
 """
 
 from __future__ import annotations
@@ -32,7 +42,12 @@ from collections.abc import Callable
 from vmig.errors import TransportError, describe
 from vmig.proto import ConnectionRole, Hello
 from vmig.transport.address import Address
-from vmig.transport.channel import HandshakeRefused, ReceiverChannel, receive_handshake
+from vmig.transport.channel import (
+    DestinationFaultChannel,
+    HandshakeRefused,
+    ReceiverChannel,
+    receive_handshake,
+)
 from vmig.transport.endpoint import Listener
 from vmig.transport.security import Security
 from vmig.transport.stream import IO_TIMEOUT_S, Stream
@@ -70,9 +85,18 @@ class ReceiverPool:
         self._main: ReceiverChannel | None = None
         self._migration_id: bytes | None = None
         self._extras: list[ReceiverChannel] = []
+        self._admitted_memory = 0  # MEMORY connections admitted so far (version 2's index)
         self._reserved = 0  # MEMORY connections admitted, not yet in _extras
-        self._fault: ReceiverChannel | None = None  # post-copy's FAULT connection
+        self._fault: DestinationFaultChannel | None = None  # post-copy's FAULT connection
         self._fault_claimed = False
+        # Version 3: the last resume count admitted per (role, index); the threads serving
+        # MEMORY connections by index; the MAIN and FAULT channels their users let go of.
+        self._resumes: dict[tuple[ConnectionRole, int], int] = {}
+        self._workers: dict[int, tuple[ReceiverChannel, threading.Thread]] = {}
+        self._released: list[object] = []
+        self._main_timeout: float | None = IO_TIMEOUT_S
+        #: Connections resumed so far.
+        self.resumed = 0
         self._admitting = True
         self._closing = False
         self._interrupted = False
@@ -111,12 +135,49 @@ class ReceiverPool:
             self._admitting = False
             return len(self._extras)
 
-    def fault_channel(self, timeout: float) -> ReceiverChannel | None:
+    def fault_channel(self, timeout: float) -> DestinationFaultChannel | None:
         """Post-copy's FAULT connection, waiting up to `timeout` s for it to be admitted."""
         with self._changed:
             self._changed.wait_for(lambda: self._fault is not None or self._closing
                                    or self._interrupted, timeout)
             return self._fault
+
+    def set_main_timeout(self, seconds: float | None) -> None:
+        """How long MAIN's reader waits for a request (the dead-peer timeout, from START);
+        a resumed MAIN gets it too."""
+        with self._lock:
+            self._main_timeout = seconds
+            main = self._main
+        if main is not None:
+            main.settimeout(seconds)
+
+    def resumed_main(self, lost: ReceiverChannel, timeout: float | None
+                     ) -> ReceiverChannel | None:
+        """Let go of the lost MAIN connection and wait up to `timeout` s (None: for ever)
+        for the sender to resume it; None when it did not (or the pool is shutting down)."""
+        self._release(lost)
+        try:
+            channel = self._main_queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if channel is None:
+            self._main_queue.put(None)
+        return channel
+
+    def resumed_fault(self, lost: DestinationFaultChannel, timeout: float | None
+                      ) -> DestinationFaultChannel | None:
+        """Let go of the lost FAULT connection and wait up to `timeout` s (None: for ever)
+        for its resumed one; None when it did not come (or the pool is shutting down)."""
+        self._release(lost)
+        with self._changed:
+            self._changed.wait_for(lambda: (self._fault is not lost and self._fault is not None)
+                                   or self._closing or self._interrupted, timeout)
+            return None if self._fault is lost or self._closing else self._fault
+
+    def _release(self, lost: object) -> None:
+        with self._changed:
+            self._released.append(lost)
+            self._changed.notify_all()
 
     @property
     def extras(self) -> list[ReceiverChannel]:
@@ -140,8 +201,7 @@ class ReceiverPool:
             channel.stream.shutdown()
         if main is not None:
             main.interrupt()
-        else:
-            self._main_queue.put(None)
+        self._main_queue.put(None)  # a coordinator waiting for MAIN, or for MAIN resumed
 
     def shutdown(self) -> None:
         """Stop accepting and wake every thread blocked on a connection; never blocks."""
@@ -176,6 +236,7 @@ class ReceiverPool:
             channels = [*self._extras, *([self._main] if self._main else []),
                         *([self._fault] if self._fault else [])]
             self._extras, self._main, self._fault = [], None, None
+            self._workers.clear()
         for channel in channels:
             channel.close()
         while True:  # a MAIN handed over but never taken
@@ -242,35 +303,53 @@ class ReceiverPool:
                 self._pending -= 1
         self._install(channel, serial)
 
-    def _install(self, channel: ReceiverChannel, serial: int) -> None:
+    def _install(self, channel: ReceiverChannel | DestinationFaultChannel,
+                 serial: int) -> None:
         """Hand an admitted connection to its user."""
-        if channel.role is ConnectionRole.MAIN:
-            channel.stream.settimeout(IO_TIMEOUT_S)
+        resumed = channel.hello.resumed
+        if isinstance(channel, DestinationFaultChannel):  # post-copy's: the migration drives it
+            channel.stream.settimeout(None)
             with self._lock:
                 closing = self._closing or self._interrupted
                 if not closing:
-                    self._main = channel
+                    old, self._fault = self._fault, channel
+                    if old is not None:
+                        self._retire(old)
+                    self._resumes[(channel.role, 0)] = channel.hello.resume
+                    self.resumed += resumed
+                    self._changed.notify_all()
+            if closing:
+                channel.close()
+            return
+        if channel.role is ConnectionRole.MAIN:
+            with self._lock:
+                closing = self._closing or self._interrupted
+                if not closing:
+                    old, self._main = self._main, channel
+                    if old is not None:
+                        channel.resume_from(old)
+                        self._retire(old)
+                    channel.settimeout(self._main_timeout)
+                    self._resumes[(channel.role, 0)] = channel.hello.resume
+                    self.resumed += resumed
             if closing:
                 channel.close()
                 return
             self._main_queue.put(channel)
             return
         channel.stream.settimeout(None)  # the sender drives; shutdown() wakes it
-        if channel.role is ConnectionRole.FAULT:  # post-copy's: the migration drives it
-            with self._lock:
-                closing = self._closing or self._interrupted
-                if not closing:
-                    self._fault = channel
-                    self._changed.notify_all()
-            if closing:
-                channel.close()
-            return
         with self._lock:
-            self._reserved -= 1
+            if not resumed:
+                self._reserved -= 1
+                self._admitted_memory += 1
+                if channel.version < 3:
+                    channel.index = self._admitted_memory
             closing = self._closing or self._interrupted
             if not closing:
                 self._extras.append(channel)
-                channel.index = len(self._extras)
+                self._workers[channel.index] = (channel, threading.current_thread())
+                self._resumes[(channel.role, channel.index)] = channel.hello.resume
+                self.resumed += resumed
                 self._changed.notify_all()
         if closing:
             channel.close()
@@ -285,10 +364,20 @@ class ReceiverPool:
                 if channel in self._extras:
                     self._extras.remove(channel)
                     self._changed.notify_all()
+                if self._workers.get(channel.index, (None,))[0] is channel:
+                    del self._workers[channel.index]
             channel.close()
+
+    def _retire(self, old: ReceiverChannel | DestinationFaultChannel) -> None:
+        """A replaced connection (under the lock): closed once its user let go of it."""
+        if old in self._released:
+            self._released.remove(old)
+        old.close()
 
     def _admit(self, hello: Hello, claimed: list[str]) -> str | None:
         """None to take an authenticated connection, or why it is refused."""
+        if hello.resumed:
+            return self._admit_resumed(hello)
         with self._lock:
             if self._closing or self._interrupted:
                 return "the receiver is closing"
@@ -312,9 +401,50 @@ class ReceiverPool:
                 return None
             if len(self._extras) + self._reserved + 1 >= self._max_connections:
                 return f"this receiver takes at most {self._max_connections} connections"
+            if hello.version >= 3:
+                if not hello.index or (hello.role, hello.index) in self._resumes:
+                    return f"MEMORY connection index {hello.index} is taken or invalid"
+                self._resumes[(hello.role, hello.index)] = 0
             self._reserved += 1
             claimed.append("memory")
             return None
+
+    def _admit_resumed(self, hello: Hello) -> str | None:
+        """A resumed connection (version 3): refused, or admitted once the connection it
+        replaces is fenced (see the module doc)."""
+        key = (hello.role, hello.index)
+        name = f"MEMORY {hello.index}" if hello.role is ConnectionRole.MEMORY else hello.role.name
+        with self._lock:
+            if self._closing or self._interrupted:
+                return "the receiver is closing"
+            if self._migration_id is None or hello.migration_id != self._migration_id:
+                return "no migration with this id is in progress"
+            last = self._resumes.get(key)
+            if last is None:
+                return f"this migration has no {name} connection to resume"
+            if hello.resume <= last:
+                return (f"stale resume count {hello.resume} for the {name} connection (it was "
+                        f"resumed {last} times already): a replayed handshake?")
+            self._resumes[key] = hello.resume
+            old: object = None
+            if hello.role is ConnectionRole.MAIN:
+                old = self._main
+            elif hello.role is ConnectionRole.FAULT:
+                old = self._fault
+            worker = self._workers.get(hello.index) if hello.role is ConnectionRole.MEMORY \
+                else None
+        log.info("resuming the %s connection (resume %d)", name, hello.resume)
+        if worker is not None:  # its thread ends, dropping a chunk it had half received
+            worker[0].shutdown()
+            if worker[1] is not threading.current_thread():
+                worker[1].join()
+        elif old is not None:  # MAIN, FAULT: until their user lets go
+            old.shutdown()  # type: ignore[attr-defined]
+            with self._changed:
+                self._changed.wait_for(lambda: old in self._released or self._closing)
+                if self._closing:
+                    return "the receiver is closing"
+        return None
 
     def _unclaim(self, claimed: list[str]) -> None:
         """An admitted connection never got its answer: undo its admission (a MAIN's claim
