@@ -61,8 +61,8 @@ NETWORK_KINDS = ("outage", "stall")
 #: the phase began (the phase lasts about that long with FAULT_GUEST over loopback).
 PHASE_DELAY_S = {"connecting": 0.02, "precopy": 0.5, "switchover": 0.02, "postcopy": 0.2}
 #: The phases in the order a migration goes through them (one of these is the next).
-PHASE_ORDER = ("connecting", "precopy", "switchover", "postcopy", "completing", "completed",
-               "cancelled", "failed")
+PHASE_ORDER = ("connecting", "precopy", "switchover", "postcopy", "postcopy-paused",
+               "completing", "completed", "cancelled", "failed")
 #: How long the network is down (outage) or silent (stall): well within the default
 #: reconnect_timeout_s (30 s) and dead_peer_timeout_s (10 s).
 NETWORK_S = (0.5, 5.0)

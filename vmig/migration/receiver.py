@@ -516,6 +516,8 @@ class MigrationReceiver:
         if isinstance(phase, PostcopyActive):
             try:
                 install_memory(channel, phase.service, request)
+            except TransportError:
+                raise  # lost in the middle: no answer (see below)
             except VmigError as exc:
                 channel.reject(str(exc))
                 raise
@@ -533,6 +535,10 @@ class MigrationReceiver:
             phase.allocator.received(request.ranges)
         try:
             write_memory(channel, phase.memory, request, compress=phase.start.compress)
+        except TransportError:
+            # The connection was lost in the middle of the request: it is not answered (an
+            # ERROR would leave the core ABORTED, and a resumed connection takes its state on).
+            raise
         except VmigError as exc:
             channel.reject(str(exc))
             raise
