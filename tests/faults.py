@@ -43,6 +43,9 @@ from vmig.errors import ApiError
 from vmig.transport.address import parse_url
 
 SETTLE_S = 30.0
+#: The sender's re-dial window: twice the longest network fault (NETWORK_S), so that every
+#: network fault is within it, and a dead peer costs 10 s of re-dialling, not the default 30.
+RECONNECT_TIMEOUT_S = 10
 #: How long a destination may stay listening after the send ended before the harness
 #: calls it waiting for nobody (a handshake in flight ends within its own deadline).
 HANDSHAKE_GRACE_S = 1.0
@@ -218,7 +221,7 @@ class Harness:
                     if fault.postcopy else {"verify_memory": True, "downtime_ms": 100})
                 box["summary"] = source.client.send_migration(
                     destination_url=url, token=token, connections=fault.connections,
-                    timeout_s=20, **mode)
+                    timeout_s=20, reconnect_timeout_s=RECONNECT_TIMEOUT_S, **mode)
             except ApiError as exc:
                 box["error"] = exc
 

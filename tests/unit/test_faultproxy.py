@@ -167,8 +167,8 @@ def test_an_outage_resets_everything_and_refuses_redials_for_a_while(
         wait_for(lambda: [r["end"] for r in destination.seen] == ["reset", "reset"],
                  "the destination to see both reset")
         began = time.monotonic()
-        redial = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-        with pytest.raises(ConnectionResetError):
+        with (pytest.raises(ConnectionResetError),  # in connect() or just after it
+              socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as redial):
             redial.sendall(hello(MAIN, resume=1))
             redial.recv(1)
         assert time.monotonic() - began < 0.3, "a refused re-dial must fail at once"
