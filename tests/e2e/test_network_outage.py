@@ -27,6 +27,7 @@ from helpers import Background, Spawn, migration_info_or_none, receive, wait_for
 
 from vmig.api.client import ApiClient
 from vmig.api.process import VmmProcess
+from vmig.errors import ApiError
 from vmig.transport.address import parse_url
 
 #: 128 MiB, 32 MiB of it rewritten at 2,000 pages/s (8 MB/s): at CAP the first pass takes
@@ -211,3 +212,21 @@ def test_a_stall_shorter_than_dead_peer_timeout_is_ridden_out(spawn_vmm: Spawn) 
         assert proxy.cuts == 0 and proxy.stalls == 1
     _assert_completed(summary, source, destination)
     assert summary["connections_lost"] == 0 and summary["reconnects"] == 0, summary
+
+
+@pytest.mark.parametrize("connections", [1, 3])
+def test_an_outage_longer_than_reconnect_timeout_fails_cleanly(spawn_vmm: Spawn,
+                                                              connections: int) -> None:
+    """The window runs out in pre-copy: the migration fails, saying why, and the source
+    runs on (no connection's loss may pass for a finished pass of memory)."""
+    source, _destination, proxy, auth = _proxied(spawn_vmm)
+    with proxy:
+        send = _send(source, proxy, auth, connections=connections, reconnect_timeout_s=1)
+        _wait_bytes(source, 8 << 20)
+        proxy.outage(OUTAGE_S)
+        with pytest.raises(ApiError) as failed:
+            send.outcome(60)
+    message = failed.value.message
+    assert "could not be re-dialled within 1 s" in message, message
+    wait_for(lambda: source.client.info()["state"] == "running", "the source to run on")
+    assert source.client.check_guest(60)["ok"]
