@@ -62,7 +62,7 @@ PROCESS_KINDS = KINDS[:8]
 NETWORK_KINDS = ("outage", "stall")
 #: The source's phases a network fault is injected in, and the longest seeded delay after
 #: the phase began (the phase lasts about that long with FAULT_GUEST over loopback).
-PHASE_DELAY_S = {"connecting": 0.02, "precopy": 0.5, "switchover": 0.02, "postcopy": 0.2}
+PHASE_DELAY_S = {"connecting": 0.02, "precopy": 0.25, "switchover": 0.02, "postcopy": 0.2}
 #: The phases in the order a migration goes through them (one of these is the next).
 PHASE_ORDER = ("connecting", "precopy", "switchover", "postcopy", "postcopy-paused",
                "completing", "completed", "cancelled", "failed")
