@@ -96,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())))
     print(summary)
     if args.markdown is not None:
-        rows = ["| # | fault | outcome | VM at | reason |", "|---:|---|---|---|---|"]
+        rows = ["| # | fault | began in | outcome | VM at | reason |",
+                "|---:|---|---|---|---|---|"]
         for number, result in enumerate(results, 1):
             reason = result.reason.replace("|", "\\|")[:160]
-            rows.append(f"| {number} | {result.fault.describe()} | {result.shown_outcome} | "
-                        f"{result.vm_at} | {reason} |")
+            landing = result.shown_landing.removeprefix(", ").removeprefix("began in ")
+            rows.append(f"| {number} | {result.fault.describe()} | {landing} | "
+                        f"{result.shown_outcome} | {result.vm_at} | {reason} |")
         args.markdown.write_text(summary + "\n\n" + "\n".join(rows) + "\n")
     return 0 if not failures and len(results) == args.runs else 1
 
