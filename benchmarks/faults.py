@@ -4,8 +4,12 @@
 
 Each run migrates a dirtying guest between two `vmig vmm` processes with one fault:
 a connection cut after some bytes, SIGKILL or SIGSTOP of either VMM at some moment,
-or none. After each run: never two running VMs (exactly one unless the VMM that held
-the only copy was killed), the guest's self-check passes where it runs, the
+an operator's cancel, a network outage (every connection reset, new ones refused for
+0.5-5 s) or a stall of every connection (0.5-5 s) at a seeded moment of a chosen phase
+(post-copy included), or none. After each run: a network fault ended completed (the
+network came back within reconnect_timeout_s), never two running VMs (exactly one
+unless the VMM that held the only copy was killed), the guest's self-check passes
+where it runs, the
 surviving VMMs hold no migration thread, TCP socket, listener or extra fd, and a
 clean migration afterwards succeeds (tests/faults.py has the machinery; the test
 suite runs a few of the same faults). The same seed gives the same faults.
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1), "outcomes": dict(outcomes), "vmig": __version__,
         "commit": commit, "python": platform.python_version(), "kernel": platform.release(),
         "results": [{"fault": r.fault.describe(), "kind": r.fault.kind,
-                     "postcopy": r.fault.postcopy, "outcome": r.outcome,
+                     "postcopy": r.fault.postcopy, "phase": r.fault.phase or None,
+                     "landed": r.landed or None, "outcome": r.outcome,
                      "via_postcopy": r.via_postcopy, "vm_at": r.vm_at, "reason": r.reason,
                      "seconds": round(r.seconds, 2), "checks": r.checks} for r in results],
     }
@@ -91,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())))
     print(summary)
     if args.markdown is not None:
-        rows = ["| # | fault | outcome | VM at | reason |", "|---:|---|---|---|---|"]
+        rows = ["| # | fault | began in | outcome | VM at | reason |",
+                "|---:|---|---|---|---|---|"]
         for number, result in enumerate(results, 1):
             reason = result.reason.replace("|", "\\|")[:160]
-            rows.append(f"| {number} | {result.fault.describe()} | {result.shown_outcome} | "
-                        f"{result.vm_at} | {reason} |")
+            landing = result.shown_landing.removeprefix(", ").removeprefix("began in ")
+            rows.append(f"| {number} | {result.fault.describe()} | {landing} | "
+                        f"{result.shown_outcome} | {result.vm_at} | {reason} |")
         args.markdown.write_text(summary + "\n\n" + "\n".join(rows) + "\n")
     return 0 if not failures and len(results) == args.runs else 1
 

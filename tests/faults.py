@@ -2,12 +2,17 @@
 
 A `Fault` is one thing that goes wrong during a migration: a connection cut after
 some bytes (through `CutProxy`), SIGKILL or SIGSTOP (for a while) of either VMM at
-some moment, an operator's cancel on either side at some moment, or nothing (a
-control run). `plan(seed, runs)` draws a reproducible
+some moment, an operator's cancel on either side at some moment, a network outage
+(every connection reset and new ones refused for 0.5-5 s) or a stall of every
+connection (open, 0.5-5 s) in a chosen phase (pre-copy, the switch-over, post-copy,
+or while connecting; the harness waits for it in the source's migration-info, then a
+seeded delay), or nothing (a control run). `plan(seed, runs)` draws a reproducible
 list of them. `Harness.run(fault)` migrates the VM between two VMMs with that fault
 injected, waits for both sides to settle, then checks what must hold after every
 fault:
 
+- a network outage or stall ends completed: the network came back well within
+  `reconnect_timeout_s`, and every lost connection was re-dialled;
 - never two running VMs; exactly one when the VMM holding the only copy was not
   killed (the one exception: COMPLETE sent and unanswered leaves the source paused,
   and says so; the harness then resumes it, as an operator would);
@@ -38,6 +43,9 @@ from vmig.errors import ApiError
 from vmig.transport.address import parse_url
 
 SETTLE_S = 30.0
+#: The sender's re-dial window: twice the longest network fault (NETWORK_S), so that every
+#: network fault is within it, and a dead peer costs 10 s of re-dialling, not the default 30.
+RECONNECT_TIMEOUT_S = 10
 #: How long a destination may stay listening after the send ended before the harness
 #: calls it waiting for nobody (a handshake in flight ends within its own deadline).
 HANDSHAKE_GRACE_S = 1.0
@@ -46,10 +54,24 @@ HANDSHAKE_GRACE_S = 1.0
 FAULT_GUEST = ("--memory", "256M", "--cpus", "2", "--workload", "dirty", "--working-set",
                "96M", "--dirty-rate", "20000")
 KINDS = ("none", "cut", "kill-source", "kill-destination", "stop-source", "stop-destination",
-         "cancel-source", "cancel-destination")
-WEIGHTS = (1, 4, 1, 1.5, 1, 1.5, 1, 1)
-#: The share of runs that go to post-copy.
+         "cancel-source", "cancel-destination", "outage", "stall")
+WEIGHTS = (1, 4, 1, 1.5, 1, 1.5, 1, 1, 5, 2.5)
+#: The kinds before network outages existed: `plan(seed, runs, kinds=PROCESS_KINDS)` draws
+#: the same faults as it did then.
+PROCESS_KINDS = KINDS[:8]
+NETWORK_KINDS = ("outage", "stall")
+#: The source's phases a network fault is injected in, and the longest seeded delay after
+#: the phase began (the phase lasts about that long with FAULT_GUEST over loopback).
+PHASE_DELAY_S = {"connecting": 0.02, "precopy": 0.25, "switchover": 0.02, "postcopy": 0.2}
+#: The phases in the order a migration goes through them (one of these is the next).
+PHASE_ORDER = ("connecting", "precopy", "switchover", "postcopy", "postcopy-paused",
+               "completing", "completed", "cancelled", "failed")
+#: How long the network is down (outage) or silent (stall): well within the default
+#: reconnect_timeout_s (30 s) and dead_peer_timeout_s (10 s).
+NETWORK_S = (0.5, 5.0)
+#: The share of runs that go to post-copy (of network faults: NETWORK_POSTCOPY_SHARE).
 POSTCOPY_SHARE = 0.3
+NETWORK_POSTCOPY_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,10 @@ class Fault:
     cut_after: int = 0
     delay_s: float = 0.0  # kill/stop this long after the send began
     stop_s: float = 0.0  # how long a SIGSTOP lasts
+    #: Network faults: the source's phase to wait for, then `delay_s`, then the network is
+    #: down (outage) or silent (stall) for `network_s`.
+    phase: str = ""
+    network_s: float = 0.0
     #: The migration goes to post-copy after its first pass (a 1 ms budget that pre-copy
     #: never meets); its FAULT connection is the last one (index `connections`).
     postcopy: bool = False
@@ -68,6 +94,11 @@ class Fault:
         return self._what() + (", post-copy" if self.postcopy else "")
 
     def _what(self) -> str:
+        if self.kind in NETWORK_KINDS:
+            what = ("reset every connection, network down" if self.kind == "outage"
+                    else "stall every connection")
+            return (f"{what} {self.network_s:.1f} s, {self.phase} +{self.delay_s * 1000:.0f}"
+                    f" ms ({self.connections} conn)")
         if self.kind == "cut":
             total = self.connections + self.postcopy
             return f"cut connection {self.cut_index} of {total} after {self.cut_after} bytes"
@@ -82,16 +113,20 @@ class Fault:
         return f"no fault ({self.connections} conn)"
 
 
-def plan(seed: int, runs: int) -> list[Fault]:
-    """`runs` faults drawn from `seed` (the same seed gives the same faults)."""
+def plan(seed: int, runs: int, kinds: tuple[str, ...] = KINDS) -> list[Fault]:
+    """`runs` faults of `kinds` (a prefix of KINDS) drawn from `seed` (the same seed gives
+    the same faults)."""
     rng = random.Random(seed)
     faults = []
     for _ in range(runs):
-        kind = rng.choices(KINDS, WEIGHTS)[0]
+        kind = rng.choices(kinds, WEIGHTS[:len(kinds)])[0]
         connections = rng.choice((1, 2, 4))
         delay = math.exp(rng.uniform(math.log(0.01), math.log(0.8)))
         postcopy = rng.random() < POSTCOPY_SHARE
-        if kind == "cut":
+        if kind in NETWORK_KINDS:
+            postcopy = rng.random() < NETWORK_POSTCOPY_SHARE
+            faults.append(network_fault(rng, kind, connections, postcopy))
+        elif kind == "cut":
             index = rng.randrange(connections + postcopy)
             after = int(math.exp(rng.uniform(math.log(64), math.log(48 << 20))))
             faults.append(Fault(kind, connections, cut_index=index, cut_after=after,
@@ -104,6 +139,17 @@ def plan(seed: int, runs: int) -> list[Fault]:
     return faults
 
 
+def network_fault(rng: random.Random, kind: str, connections: int, postcopy: bool,
+                  phase: str = "") -> Fault:
+    """An outage or a stall in a phase drawn from `rng` (or `phase`), at a seeded moment."""
+    phases = ("connecting", "precopy", "postcopy") if postcopy else (
+        "connecting", "precopy", "switchover")
+    phase = phase or rng.choices(phases, (1, 3, 3))[0]
+    delay = math.exp(rng.uniform(math.log(0.001), math.log(PHASE_DELAY_S[phase])))
+    return Fault(kind, connections, delay_s=delay, postcopy=postcopy, phase=phase,
+                 network_s=rng.uniform(*NETWORK_S))
+
+
 @dataclass
 class Result:
     fault: Fault
@@ -113,6 +159,8 @@ class Result:
     seconds: float = 0.0
     checks: list[str] = field(default_factory=list)
     via_postcopy: bool = False  # the guest resumed at the destination before its last pages
+    #: Network faults: the source's phase when the fault began ("" if it came too late).
+    landed: str = ""
 
     @property
     def shown_outcome(self) -> str:
@@ -121,7 +169,13 @@ class Result:
     def line(self) -> str:
         why = f": {self.reason}" if self.reason else ""
         return (f"{self.fault.describe():<52} -> {self.shown_outcome}, VM at {self.vm_at}"
-                f" ({self.seconds:.1f} s){why}")
+                f"{self.shown_landing} ({self.seconds:.1f} s){why}")
+
+    @property
+    def shown_landing(self) -> str:
+        if self.fault.kind not in NETWORK_KINDS:
+            return ""
+        return f", began in {self.landed}" if self.landed else ", came after the end"
 
 
 class Harness:
@@ -149,10 +203,11 @@ class Harness:
         reply = destination.client.receive_migration("tcp:127.0.0.1:0")
         url, token = reply["receiver_url"], reply["token"]
         proxy = None
-        if fault.kind == "cut":
+        if fault.kind == "cut" or fault.kind in NETWORK_KINDS:
             address = parse_url(url)
-            proxy = CutProxy((address.host, address.port), cut_index=fault.cut_index,
-                             cut_after=fault.cut_after)
+            cut = {"cut_index": fault.cut_index, "cut_after": fault.cut_after} if (
+                fault.kind == "cut") else {}
+            proxy = CutProxy((address.host, address.port), **cut)
             url = proxy.url
         result = Result(fault, outcome="?")
         self._cancel_refused = ""
@@ -166,12 +221,17 @@ class Harness:
                     if fault.postcopy else {"verify_memory": True, "downtime_ms": 100})
                 box["summary"] = source.client.send_migration(
                     destination_url=url, token=token, connections=fault.connections,
-                    timeout_s=20, **mode)
+                    timeout_s=20, reconnect_timeout_s=RECONNECT_TIMEOUT_S, **mode)
             except ApiError as exc:
                 box["error"] = exc
 
+        before = _migration_info(source)  # the last migration's, if any
         thread = threading.Thread(target=send, daemon=True)
         thread.start()
+        if fault.kind in NETWORK_KINDS:
+            assert proxy is not None
+            result.landed = self._break_network(fault, proxy, source,
+                                                before and before.get("migration_id"))
         killed = self._inject(fault, source, destination)
         thread.join(120)
         if proxy is not None:
@@ -192,9 +252,36 @@ class Harness:
         result.seconds = time.monotonic() - began
         return result
 
+    def _break_network(self, fault: Fault, proxy: CutProxy, source: VmmProcess,
+                       previous: str | None) -> str:
+        """Wait for `fault.phase` (or a later one) at the source, then `fault.delay_s`, then
+        take the network down or silence it. Returns the phase it began in ("" if the
+        migration was over by then)."""
+        target = PHASE_ORDER.index(fault.phase)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = _migration_info(source)
+            if info is None or info.get("migration_id") in (previous, None):
+                time.sleep(0.002)  # this send has not begun yet
+                continue
+            if not info.get("active"):
+                return ""  # over before it could be hit
+            if PHASE_ORDER.index(info["phase"]) >= target:
+                break
+            time.sleep(0.002)
+        time.sleep(fault.delay_s)
+        info = _migration_info(source)
+        if info is None or not info.get("active"):
+            return ""
+        if fault.kind == "outage":
+            proxy.outage(fault.network_s)
+        else:
+            proxy.stall(fault.network_s)
+        return str(info["phase"])
+
     def _inject(self, fault: Fault, source: VmmProcess,
                 destination: VmmProcess) -> VmmProcess | None:
-        if fault.kind in ("none", "cut"):
+        if fault.kind in ("none", "cut", *NETWORK_KINDS):
             return None
         victim = source if fault.kind.endswith("source") else destination
         time.sleep(fault.delay_s)
@@ -242,6 +329,11 @@ class Harness:
         elif error is not None:
             result.outcome = "failed"
             result.reason = str(error)
+        if result.fault.kind in NETWORK_KINDS:
+            assert result.outcome == "completed", (
+                f"{result.fault.describe()}: the network came back within "
+                f"reconnect_timeout_s, yet the migration ended {result.outcome}: "
+                f"{result.reason} (states {states})")
         if killed is source:
             result.outcome = "source killed"
             result.vm_at = "destination" if running == ["destination"] else "lost"
@@ -341,6 +433,13 @@ def _listening(vmm: VmmProcess) -> bool:
         if time.monotonic() >= deadline:
             return True
         time.sleep(0.05)
+
+
+def _migration_info(vmm: VmmProcess) -> dict[str, Any] | None:
+    try:
+        return vmm.client.migration_info()
+    except ApiError:  # none yet (404)
+        return None
 
 
 def _active(vmm: VmmProcess) -> bool:

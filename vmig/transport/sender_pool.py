@@ -196,7 +196,12 @@ class SenderPool:
                     if work.stopped:
                         errors.append(exc)
                         return
-                    resumed = self._resume(index, channel, exc) if self._resume else None
+                    try:
+                        resumed = self._resume(index, channel, exc) if self._resume else None
+                    except BaseException as failed:  # the window ran out, refused, cancelled
+                        errors.append(failed)  # (raised in a handler: the clause below
+                        work.stop()  # would not see it, and the thread would just die)
+                        return
                     if resumed is not None:  # fenced: the old copies cannot land any more
                         self.channels[index] = resumed
                         work.requeue(list(in_flight))
