@@ -4,6 +4,7 @@ refused. The end-to-end outages through VMM processes are in tests/e2e."""
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
 import threading
@@ -120,10 +121,18 @@ class _Recorder(CutProxy):
         super().__init__(*args, **kwargs)
 
     def _pump(self, carried, source, sink, upstream):  # type: ignore[override]
-        if upstream:
+        if upstream:  # the proxy's sockets are non-blocking
             head = b""
-            while len(head) < 96:
-                data = source.recv(96 - len(head))
+            ready = select.poll()
+            ready.register(source, select.POLLIN)
+            deadline = time.monotonic() + 10
+            while len(head) < 96 and time.monotonic() < deadline:
+                if not ready.poll(100):
+                    continue
+                try:
+                    data = source.recv(96 - len(head))
+                except BlockingIOError:
+                    continue
                 if not data:
                     break
                 head += data
