@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from oldrelease import OldRelease, OldReleaseError, checkout
 from tlsfiles import TlsDirs, make_tls_dirs
 
 from vmig.api.process import VmmProcess
@@ -108,6 +109,18 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsDirs:
 def other_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsDirs:
     """The same layout from another CA, which the `tls` directories do not trust."""
     return make_tls_dirs(tmp_path_factory.mktemp("tls"), "other")
+
+
+@pytest.fixture(scope="session")
+def old_release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OldRelease]:
+    """db2c624, the last protocol-2 release, in a git worktree of this repository's
+    history (tests/oldrelease.py); removed at the end of the session. No such commit (a
+    shallow clone) fails the test: a skip would hide that compatibility went untested."""
+    try:
+        with checkout(tmp_path_factory.mktemp("old-release")) as release:
+            yield release
+    except OldReleaseError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture

@@ -539,6 +539,19 @@ def cancel_migration(target: _Remote, as_json: bool) -> None:
     _print_json(target.client.cancel_migration(), as_json)
 
 
+@remote.command("recover-migration")
+@click.argument("url", required=False)
+@json_option()
+@click.pass_obj
+def recover_migration(target: _Remote, url: str | None, as_json: bool) -> None:
+    """At the source: re-dial a post-copy migration stuck in postcopy-paused now.
+
+    URL is another address of the same destination (default: the one it used). Both
+    sides then go on where they were; nothing is rolled back.
+    """
+    _print_json(target.client.recover_migration(url), as_json)
+
+
 @remote.command("migration-info")
 @json_option()
 @click.pass_obj

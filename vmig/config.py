@@ -32,6 +32,11 @@ DEFAULT_DIRTY_RATE = 10_000  # pages/s: 40 MB/s, well within one loopback connec
 DEFAULT_ORDER = "random"
 DEFAULT_SEED = 0x5EED
 
+#: The fields of the configuration vmig wrote before boot images (CONFIG and state
+#: version 1, as db2c624 reads them): a version-1 peer knows these and no others.
+V1_FIELDS = ("memory_bytes", "cpus", "workload", "working_set_bytes", "dirty_rate", "order",
+             "seed", "memory_file", "serial_log")
+
 #: The fields that only vmig's own guest reads (from its config page); an image guest has
 #: none of them, so giving one with a boot image is an error.
 OWN_GUEST_FIELDS = ("workload", "working_set", "dirty_rate", "order", "seed")
@@ -168,9 +173,25 @@ class VmConfig:
         data["boot_format"] = None if self.boot_format is None else self.boot_format.value
         return data
 
+    def to_v1_dict(self) -> dict[str, Any]:
+        """The form version 1 (vmig before boot images) wrote: V1_FIELDS only.
+
+        A field version 1 did not have is left out while it holds its default; one that
+        does not (a boot image, say) is a ConfigError naming it, since a version-1 peer
+        would drop it and build another guest.
+        """
+        data = self.to_dict()
+        for item in dataclasses.fields(self):
+            if item.name not in V1_FIELDS and getattr(self, item.name) != item.default:
+                raise ConfigError(
+                    f"{item.name} cannot be expressed in configuration version 1 (vmig before "
+                    f"boot images, which runs only its own guest): it is "
+                    f"{data[item.name]!r}")
+        return {name: data[name] for name in V1_FIELDS}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VmConfig:
-        """Inverse of `to_dict`; validates."""
+        """Inverse of `to_dict` (and of `to_v1_dict`); validates."""
         try:
             fields = {f.name for f in dataclasses.fields(cls)}
             config = cls(**{k: v for k, v in data.items() if k in fields})

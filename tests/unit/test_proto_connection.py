@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
-from proto_helpers import MID, PAGES, TABLE, ConnectionPair, default_request, drain, raw_request
+from proto_helpers import (
+    MID,
+    PAGES,
+    TABLE,
+    VERSIONS,
+    ConnectionPair,
+    default_request,
+    drain,
+    raw_request,
+)
 
 from vmig.errors import ProtocolError as BaseProtocolError
 from vmig.proto import (
@@ -13,6 +23,7 @@ from vmig.proto import (
     MAX_RANGES_PER_REQUEST,
     NEED_DATA,
     PROTOCOL_VERSION,
+    RESUMABLE_VERSION,
     TRANSITIONS,
     Abandon,
     Cancel,
@@ -42,9 +53,11 @@ from vmig.proto import (
 )
 from vmig.proto.state import shortest_paths
 from vmig.proto.wire import (
+    NO_HEADERS,
     encode_memory_headers,
     encode_request_header,
     encode_response_header,
+    encode_sequenced_headers,
     encode_start_payload,
 )
 from vmig.ranges import RangeTable
@@ -56,9 +69,10 @@ S = ReceiverState
 # -- happy paths ----------------------------------------------------------------------
 
 
-def test_full_sequence_on_main():
-    pair = ConnectionPair()
-    start = Start(migration_id=MID, connections=4)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_full_sequence_on_main(version):
+    pair = ConnectionPair(version=version)
+    start = Start(version=version, migration_id=MID, connections=4)
     events, response = pair.exchange(start)
     assert events == [start]
     assert response == Response(Status.OK, "", Command.START)
@@ -91,9 +105,10 @@ def test_full_sequence_on_main():
     assert pair.sender.next_event() == ConnectionClosed()
 
 
-def test_local_mode_sequence_with_memory_fds():
-    pair = ConnectionPair()
-    pair.exchange(Start(migration_id=MID, flags=StartFlags.LOCAL))
+@pytest.mark.parametrize("version", VERSIONS)
+def test_local_mode_sequence_with_memory_fds(version):
+    pair = ConnectionPair(version=version)
+    pair.exchange(Start(version=version, migration_id=MID, flags=StartFlags.LOCAL))
     for slot in range(3):
         fd_event = MemoryFd(slot, slot * 64 * MiB, 64 * MiB)
         events, response = pair.exchange(fd_event)
@@ -103,8 +118,9 @@ def test_local_mode_sequence_with_memory_fds():
     assert pair.receiver.state is S.COMPLETED is pair.sender.state
 
 
-def test_abandon_moves_both_sides_to_aborted():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_abandon_moves_both_sides_to_aborted(version):
+    pair = ConnectionPair(version=version)
     pair.advance((Command.START, Command.CONFIG))
     events, response = pair.exchange(Abandon("operator cancelled"))
     assert events == [Abandon("operator cancelled")] and response.ok
@@ -112,13 +128,14 @@ def test_abandon_moves_both_sides_to_aborted():
     with pytest.raises(LocalProtocolError):
         pair.sender.send(Memory(TABLE))
     # A request after ABANDON is a protocol error, still answerable with Error.
-    pair.receiver.receive_data(raw_request(Command.STATE))
+    pair.receiver.receive_data(pair.raw_request(Command.STATE))
     with pytest.raises(RemoteProtocolError, match="in state ABORTED"):
         pair.receiver.next_event()
 
 
-def test_receiver_error_answer_aborts_both_sides():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_receiver_error_answer_aborts_both_sides(version):
+    pair = ConnectionPair(version=version)
     pair.advance((Command.START,))
     pair.request(Config(b"{}"))
     response = pair.respond(Error("unsupported machine type"))
@@ -132,6 +149,7 @@ def test_receiver_error_answer_aborts_both_sides():
 # -- round trip of every request ------------------------------------------------------
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize(
     "event",
     [
@@ -151,7 +169,7 @@ def test_receiver_error_answer_aborts_both_sides():
     ],
     ids=repr,
 )
-def test_request_round_trip(event):
+def test_request_round_trip(event, version):
     command = {
         Start: Command.START,
         Config: Command.CONFIG,
@@ -163,15 +181,18 @@ def test_request_round_trip(event):
     path = next(
         p for s, p in shortest_paths(ConnectionRole.MAIN).items() if (s, command) in TRANSITIONS
     )
-    pair = ConnectionPair()
+    if isinstance(event, Start):
+        event = replace(event, version=version)
+    pair = ConnectionPair(version=version)
     pair.advance(path)
     events, response = pair.exchange(event)
     assert events == [event]
     assert response.ok and response.command is command
 
 
-def test_memory_round_trip_various_tables():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_memory_round_trip_various_tables(version):
+    pair = ConnectionPair(version=version)
     pair.advance((Command.START, Command.CONFIG))
     for table in (
         RangeTable(),
@@ -186,8 +207,9 @@ def test_memory_round_trip_various_tables():
         assert response.ok
 
 
-def test_abandon_reason_is_cut_to_4k():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_abandon_reason_is_cut_to_4k(version):
+    pair = ConnectionPair(version=version)
     events, _ = pair.exchange(Abandon("\u00e9" * 5000))
     (abandon,) = events
     assert abandon.reason == "\u00e9" * 2048
@@ -211,32 +233,34 @@ def _request_cases():
     return cases
 
 
-def _expected_events(command):
-    event, _ = default_request(command)
+def _expected_events(command, version):
+    event, _ = default_request(command, version)
     if command is Command.MEMORY:
         return [MemoryRequest(TABLE, len(PAGES)), PayloadData(PAGES, 0), EndOfPayload()]
     return [event]
 
 
 def _request_bytes(pair, command):
-    event, payload = default_request(command)
+    event, payload = default_request(command, pair.version)
     return pair.sender.send(event) + payload
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize(("command", "path"), _request_cases())
-def test_request_fed_whole(command, path):
-    pair = ConnectionPair()
+def test_request_fed_whole(command, path, version):
+    pair = ConnectionPair(version=version)
     pair.advance(path)
     pair.receiver.receive_data(_request_bytes(pair, command))
-    assert drain(pair.receiver) == _expected_events(command)
+    assert drain(pair.receiver) == _expected_events(command, version)
     assert pair.receiver.awaiting_response
     assert pair.receiver.bytes_wanted() == 0
     assert pair.respond().ok
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize(("command", "path"), _request_cases())
-def test_request_fed_byte_by_byte(command, path):
-    pair = ConnectionPair()
+def test_request_fed_byte_by_byte(command, path, version):
+    pair = ConnectionPair(version=version)
     pair.advance(path)
     data = _request_bytes(pair, command)
     events = []
@@ -262,17 +286,18 @@ def test_request_fed_byte_by_byte(command, path):
         assert b"".join(e.data for e in data_events) == PAGES
         assert events[-1] == EndOfPayload()
     else:
-        assert events == _expected_events(command)
+        assert events == _expected_events(command, version)
     assert pair.respond().ok
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize(("command", "path"), _request_cases())
-def test_trailing_bytes_are_left_unconsumed(command, path):
-    pair = ConnectionPair()
+def test_trailing_bytes_are_left_unconsumed(command, path, version):
+    pair = ConnectionPair(version=version)
     pair.advance(path)
     trailing = b"\x02\x00rest-of-next-request"
     pair.receiver.receive_data(_request_bytes(pair, command) + trailing)
-    assert drain(pair.receiver) == _expected_events(command)
+    assert drain(pair.receiver) == _expected_events(command, version)
     # The next request is not parsed until this one is answered ...
     with pytest.raises(LocalProtocolError, match="answer"):
         pair.receiver.next_event()
@@ -283,12 +308,13 @@ def test_trailing_bytes_are_left_unconsumed(command, path):
         pair.receiver.next_event()
 
 
-def test_back_to_back_requests_in_one_buffer():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_back_to_back_requests_in_one_buffer(version):
+    pair = ConnectionPair(version=version)
     sender = pair.sender
-    data = sender.send(Start(migration_id=MID))
+    data = sender.send(Start(version=version, migration_id=MID))
     pair.receiver.receive_data(data)
-    assert drain(pair.receiver) == [Start(migration_id=MID)]
+    assert drain(pair.receiver) == [Start(version=version, migration_id=MID)]
     pair.sender.receive_data(pair.receiver.send(Ok()))
     assert pair.sender.next_event().ok
     # Two requests at once (as a pipelining peer would send) are parsed one at a time.
@@ -303,8 +329,8 @@ def test_back_to_back_requests_in_one_buffer():
 # -- MEMORY payload handling ----------------------------------------------------------
 
 
-def _memory_pair():
-    pair = ConnectionPair()
+def _memory_pair(version=PROTOCOL_VERSION):
+    pair = ConnectionPair(version=version)
     pair.advance((Command.START, Command.CONFIG))
     return pair
 
@@ -337,8 +363,9 @@ def test_memory_payload_via_payload_received():
         receiver.payload_received(1)
 
 
-def test_ok_may_follow_payload_received_without_end_of_payload():
-    pair = _memory_pair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_ok_may_follow_payload_received_without_end_of_payload(version):
+    pair = _memory_pair(version)
     pair.receiver.receive_data(pair.sender.send(Memory(TABLE)))
     assert isinstance(pair.receiver.next_event(), MemoryRequest)
     pair.receiver.payload_received(len(PAGES))
@@ -369,13 +396,14 @@ def test_mixed_payload_data_and_payload_received_offsets():
     assert pair.receiver.next_event() == EndOfPayload()
 
 
-def test_reading_bytes_wanted_keeps_pages_out_of_the_buffer():
+@pytest.mark.parametrize("version", VERSIONS)
+def test_reading_bytes_wanted_keeps_pages_out_of_the_buffer(version):
     """An I/O layer that reads exactly bytes_wanted() never sees PayloadData."""
-    sender = SenderConnection()
-    receiver = ReceiverConnection()
+    sender = SenderConnection(version=version)
+    receiver = ReceiverConnection(version=version)
     stream = bytearray()
     requests = [
-        (Start(migration_id=MID), b""),
+        (Start(version=version, migration_id=MID), b""),
         (Config(b"{}"), b""),
         (Memory(TABLE), PAGES),
         (Memory(RangeTable.full(3 * PAGE_SIZE)), bytes(range(256)) * 48),
@@ -412,8 +440,9 @@ def test_reading_bytes_wanted_keeps_pages_out_of_the_buffer():
     assert receiver.state is S.STATE_RECEIVED
 
 
-def test_receiver_error_in_the_middle_of_a_payload_kills_the_connection():
-    pair = _memory_pair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_receiver_error_in_the_middle_of_a_payload_kills_the_connection(version):
+    pair = _memory_pair(version)
     pair.receiver.receive_data(pair.sender.send(Memory(TABLE)))
     assert isinstance(pair.receiver.next_event(), MemoryRequest)
     data = pair.receiver.send(Error("range outside guest memory"))
@@ -450,17 +479,21 @@ def _assert_rejected(receiver: ReceiverConnection, data: bytes, match: str) -> N
     assert receiver.bytes_wanted() == 0
 
 
+# The raw bytes below are version 2's (no sequence numbers); version 3's own rules are in
+# test_proto_resume.py, and what both share runs against either in the tests above.
+
+
 def _established():
-    return ReceiverConnection(migration_id=MID)
+    return ReceiverConnection(migration_id=MID, version=2)
 
 
 def _configured():
-    pair = ConnectionPair()
+    pair = ConnectionPair(version=2)
     pair.advance((Command.START, Command.CONFIG))
     return pair.receiver
 
 
-def _start_bytes(version=PROTOCOL_VERSION, flags=0, mid=MID, connections=1, reserved=0):
+def _start_bytes(version=2, flags=0, mid=MID, connections=1, reserved=0):
     payload = struct.pack("<II16sII", version, flags, mid, connections, reserved)
     return encode_request_header(Command.START, len(payload)) + payload
 
@@ -484,7 +517,9 @@ def _memory_bytes(pairs, page_bytes=None, count=None, reserved=0, length=None):
         (_established, encode_request_header(0xFFFF, 0), "unknown command 65535"),
         (_established, encode_request_header(Command.CONFIG, 2) + b"{}", "CONFIG in state ESTAB"),
         (_established, _start_bytes(version=1), "version 1"),
-        (_established, _start_bytes(version=3), "version 3"),
+        (_established, _start_bytes(version=3), "START for protocol version 3 on a connection "
+                                                "that said hello with version 2"),
+        (_established, _start_bytes(version=4), "version 4"),
         (_established, _start_bytes(version=0), "version 0"),
         (_established, _start_bytes(flags=16), "unknown flags"),
         (_established, _start_bytes(reserved=1), "reserved"),
@@ -563,8 +598,8 @@ def test_receiver_rejects(make, data, match):
 
 
 def _started(flags):
-    pair = ConnectionPair()
-    pair.exchange(Start(migration_id=MID, flags=flags))
+    pair = ConnectionPair(version=2)
+    pair.exchange(Start(migration_id=MID, flags=flags, version=2))
     return pair.receiver
 
 
@@ -575,9 +610,9 @@ def test_memory_role_rejects_everything_but_memory_and_abandon():
 
 
 def test_receiver_without_migration_id_accepts_any_start():
-    receiver = ReceiverConnection()
+    receiver = ReceiverConnection(version=2)
     receiver.receive_data(_start_bytes(mid=bytes(16)))
-    assert receiver.next_event() == Start(migration_id=bytes(16))
+    assert receiver.next_event() == Start(migration_id=bytes(16), version=2)
 
 
 @pytest.mark.parametrize(
@@ -598,7 +633,7 @@ def test_receiver_without_migration_id_accepts_any_start():
     ],
 )
 def test_eof_in_the_middle_of_a_request(setup, data, match):
-    pair = ConnectionPair()
+    pair = ConnectionPair(version=2)
     pair.advance(setup)
     receiver = pair.receiver
     receiver.receive_data(data)
@@ -632,7 +667,7 @@ def test_receiver_refuses_answers_with_nothing_to_answer():
 
 
 def test_error_message_is_cut_to_4k_on_the_wire():
-    receiver = ReceiverConnection()
+    receiver = ReceiverConnection(version=2)
     receiver.receive_data(raw_request(Command.START))
     receiver.next_event()
     data = receiver.send(Error("x" * 10000))
@@ -643,11 +678,12 @@ def test_error_message_is_cut_to_4k_on_the_wire():
 # -- sender: ordering and arguments ---------------------------------------------------
 
 
-def test_sender_refuses_out_of_order_requests():
-    sender = SenderConnection()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sender_refuses_out_of_order_requests(version):
+    sender = SenderConnection(version=version)
     with pytest.raises(LocalProtocolError, match="cannot send CONFIG in state ESTABLISHED"):
         sender.send(Config(b"{}"))
-    sender.send(Start(migration_id=MID))
+    sender.send(Start(version=version, migration_id=MID))
     with pytest.raises(LocalProtocolError, match="waiting for the response to START"):
         sender.send(Config(b"{}"))
     sender.receive_data(encode_response_header(Status.OK))
@@ -681,7 +717,7 @@ def test_sender_memory_returns_header_and_table_only():
         (Start(migration_id=MID, connections=129), "connections"),
         (Start(migration_id=b"short"), "16 bytes"),
         (Start(migration_id=MID, flags=StartFlags(16)), "flags"),
-        (Start(migration_id=MID, version=1 << 32), "cannot encode"),
+        (Start(migration_id=MID, version=1 << 32), "version 4294967296 on a version 3"),
     ],
 )
 def test_sender_refuses_bad_start(event, match):
@@ -735,8 +771,9 @@ def test_sender_refuses_non_requests_and_bad_roles():
         SenderConnection(ConnectionRole.MEMORY, max_outstanding=0)
 
 
-def test_abandon_queues_behind_an_outstanding_request():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_abandon_queues_behind_an_outstanding_request(version):
+    pair = ConnectionPair(version=version)
     pair.advance((Command.START,))
     data = pair.sender.send(Config(b"{}")) + pair.sender.send(Abandon("stop"))
     assert pair.sender.outstanding == (Command.CONFIG, Command.ABANDON)
@@ -753,14 +790,15 @@ def test_abandon_queues_behind_an_outstanding_request():
     assert pair.sender.state is S.ABORTED is pair.receiver.state
 
 
-def test_abandon_refused_after_complete_or_abort():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_abandon_refused_after_complete_or_abort(version):
+    pair = ConnectionPair(version=version)
     pair.advance((Command.START, Command.CONFIG, Command.STATE))
     pair.sender.send(Complete())
     with pytest.raises(LocalProtocolError, match="ABANDON in state COMPLETED"):
         pair.sender.send(Abandon())
-    pair = ConnectionPair()
-    pair.request(Start(migration_id=MID))
+    pair = ConnectionPair(version=version)
+    pair.request(Start(version=version, migration_id=MID))
     pair.respond(Error("no"))
     with pytest.raises(LocalProtocolError, match="ABORTED"):
         pair.sender.send(Abandon())
@@ -769,9 +807,9 @@ def test_abandon_refused_after_complete_or_abort():
 # -- sender: reading responses --------------------------------------------------------
 
 
-def _waiting_sender():
-    sender = SenderConnection()
-    sender.send(Start(migration_id=MID))
+def _waiting_sender(version=PROTOCOL_VERSION):
+    sender = SenderConnection(version=version)
+    sender.send(Start(migration_id=MID, version=version))
     return sender
 
 
@@ -789,6 +827,7 @@ def test_response_fed_byte_by_byte_and_with_message():
     assert sender.bytes_wanted() == 0
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize(
     ("data", "match"),
     [
@@ -798,8 +837,8 @@ def test_response_fed_byte_by_byte_and_with_message():
         (struct.pack("<H6sQ", 2, bytes(6), 4097), "limit"),
     ],
 )
-def test_sender_rejects_malformed_responses(data, match):
-    sender = _waiting_sender()
+def test_sender_rejects_malformed_responses(data, match, version):
+    sender = _waiting_sender(version)
     sender.receive_data(data)
     with pytest.raises(RemoteProtocolError, match=match):
         sender.next_event()
@@ -809,8 +848,9 @@ def test_sender_rejects_malformed_responses(data, match):
     with pytest.raises(LocalProtocolError, match="failed"):
         sender.send(Config(b"{}"))
     # Reading failed, writing may not have: ABANDON can still tell the receiver why, once.
+    headers = encode_sequenced_headers(2) if version >= RESUMABLE_VERSION else NO_HEADERS
     assert sender.send(Abandon("bye")).startswith(
-        encode_request_header(Command.ABANDON, 3))
+        encode_request_header(Command.ABANDON, 3, headers))
     with pytest.raises(LocalProtocolError, match="ABANDON was already sent"):
         sender.send(Abandon())
 
@@ -932,8 +972,9 @@ def test_start_payload_helper_matches_sender():
 # --- a receiver that cancels -------------------------------------------------------------------
 
 
-def test_receiver_cancels_between_requests_and_the_sender_reads_it_unprompted():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_receiver_cancels_between_requests_and_the_sender_reads_it_unprompted(version):
+    pair = ConnectionPair(version=version)
     pair.advance((Command.START,))
     data = pair.receiver.send(Cancel("operator said stop"))
     assert pair.receiver.state is ReceiverState.ABORTED
@@ -948,8 +989,9 @@ def test_receiver_cancels_between_requests_and_the_sender_reads_it_unprompted():
         pair.receiver.send(Cancel("again"))  # the connection is over
 
 
-def test_a_cancel_answers_whatever_is_outstanding():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_cancel_answers_whatever_is_outstanding(version):
+    pair = ConnectionPair(version=version)
     pair.advance((Command.START, Command.CONFIG))
     pair.request(Memory(TABLE), PAGES)  # answered by the cancel instead of OK
     pair.sender.receive_data(pair.receiver.send(Cancel("stop")))
@@ -971,17 +1013,19 @@ def test_only_main_cancels_and_an_unprompted_error_is_still_a_protocol_error():
 # --- zero ranges and compressed frames -------------------------------------------------------
 
 
-def test_a_zero_range_carries_no_page_bytes():
-    pair = ConnectionPair()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_zero_range_carries_no_page_bytes(version):
+    pair = ConnectionPair(version=version)
     pair.advance((Command.START, Command.CONFIG))
     events = pair.request(Memory(TABLE, MemoryFlags.ZERO))
     assert events == [MemoryRequest(TABLE, 0, MemoryFlags.ZERO), EndOfPayload()]
     assert pair.respond().ok
 
 
-def test_a_compressed_frame_needs_compress_in_start_and_is_handed_over_as_bytes():
-    pair = ConnectionPair()
-    start = Start(migration_id=MID, connections=1, flags=StartFlags.COMPRESS)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_compressed_frame_needs_compress_in_start_and_is_handed_over_as_bytes(version):
+    pair = ConnectionPair(version=version)
+    start = Start(version=version, migration_id=MID, connections=1, flags=StartFlags.COMPRESS)
     _, response = pair.exchange(start)
     assert response.ok and pair.receiver.start.compress
     pair.advance((Command.CONFIG,))

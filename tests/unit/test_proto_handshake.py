@@ -3,6 +3,8 @@ property-based fuzz of the exchange (hypothesis)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -287,3 +289,116 @@ def test_docs_contain_the_rendered_handshake_diagrams():
     text = DOCS.read_text()
     for diagram in render_handshake_mermaid():
         assert f"```mermaid\n{diagram}```" in text
+
+
+# -- version 3: proof labels, the hello's index and resume count ---------------------------
+
+
+def _forged_auth(label: bytes, hello: bytes, receiver_nonce: bytes, nonce: bytes) -> bytes:
+    """An AUTH whose proof is made by hand, under `label`."""
+    mine = hmac.new(TOKEN, label + hello + receiver_nonce + nonce, hashlib.sha256).digest()
+    return wire.encode_auth(nonce, mine)
+
+
+@settings(max_examples=40, deadline=None)
+@given(version=st.sampled_from(sorted(wire.SUPPORTED_VERSIONS)), role=roles, n1=nonces,
+       n2=nonces, chunk=st.integers(0, 7))
+def test_both_versions_establish_and_the_receiver_sees_index_and_resume(version, role, n1, n2,
+                                                                         chunk):
+    index, resume = (3, 2) if version >= wire.RESUMABLE_VERSION else (0, 0)
+    index = index if role is ConnectionRole.MEMORY else 0
+    sender = SenderHandshake(role, MID, token=TOKEN, nonce=n1, version=version, index=index,
+                             resume=resume)
+    receiver = ReceiverHandshake(token=TOKEN, nonce=n2)
+    result, event = run(sender, receiver, chunk=chunk)
+    assert result == Established(AuthMethod.TOKEN)
+    assert event.hello == wire.Hello(role, MID, version, index, resume)
+
+
+@pytest.mark.parametrize("version", sorted(wire.SUPPORTED_VERSIONS))
+def test_the_proof_labels_name_the_version(version):
+    n1, n2 = os.urandom(16), os.urandom(16)
+    hello = encode_hello(ConnectionRole.MAIN, MID, version)
+    for label, passes in ((f"vmig-{version} sender proof".encode(), True),
+                          *((f"vmig-{other} sender proof".encode(), False)
+                            for other in wire.SUPPORTED_VERSIONS if other != version),
+                          (f"vmig-{version} receiver proof".encode(), False)):
+        receiver = ReceiverHandshake(token=TOKEN, nonce=n2)
+        receiver.receive_data(hello)
+        receiver.next_event()
+        receiver.challenge()
+        receiver.receive_data(_forged_auth(label, hello, n2, n1))
+        if passes:
+            assert isinstance(receiver.next_event(), Authenticated)
+            assert receiver.admit()[wire.HEADER_SIZE:] == hmac.new(
+                TOKEN, f"vmig-{version} receiver proof".encode() + hello + n2 + n1,
+                hashlib.sha256).digest()
+        else:  # a version 2 proof does not pass for version 3, nor the other way round
+            with pytest.raises(AuthenticationError, match="does not know"):
+                receiver.next_event()
+
+
+def test_a_receiver_proof_for_another_version_fails_the_sender():
+    n1, n2 = os.urandom(16), os.urandom(16)
+    sender = SenderHandshake(ConnectionRole.MAIN, MID, token=TOKEN, nonce=n1, version=3)
+    hello = sender.hello()
+    sender.receive_data(wire.encode_hello_reply(AuthMethod.TOKEN, n2))
+    assert isinstance(sender.next_event(), Challenged)
+    sender.authenticate()
+    v2_proof = hmac.new(TOKEN, b"vmig-2 receiver proof" + hello + n2 + n1,
+                        hashlib.sha256).digest()
+    sender.receive_data(wire.encode_response_header(wire.Status.OK, 32) + v2_proof)
+    with pytest.raises(AuthenticationError, match="could not prove"):
+        sender.next_event()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n1=nonces, first=nonces, second=nonces, resume=st.integers(1, 0xFFFF))
+def test_a_recorded_resume_handshake_replayed_fails(n1, first, second, resume):
+    """Someone who recorded a resumed connection's hello and AUTH cannot open another with
+    them: the new receiver's fresh nonce makes the recorded proof worthless."""
+    if first == second:
+        return
+    sender = SenderHandshake(ConnectionRole.MEMORY, MID, token=TOKEN, nonce=n1, index=1,
+                             resume=resume)
+    receiver = ReceiverHandshake(token=TOKEN, nonce=first)
+    hello = sender.hello()
+    receiver.receive_data(hello)
+    assert receiver.next_event().hello.resume == resume
+    sender.receive_data(receiver.challenge())
+    sender.next_event()
+    auth = sender.authenticate()
+    receiver.receive_data(auth)
+    assert isinstance(receiver.next_event(), Authenticated)
+    replayed = ReceiverHandshake(token=TOKEN, nonce=second)
+    replayed.receive_data(hello)
+    assert isinstance(replayed.next_event(), HelloReceived)
+    replayed.challenge()
+    replayed.receive_data(auth)
+    with pytest.raises(AuthenticationError, match="does not know"):
+        replayed.next_event()
+    assert replayed.state is ReceiverHandshakeState.FAILED
+
+
+@pytest.mark.parametrize(("offset", "value"), [(12, 2), (14, 2), (14, 0)])
+def test_the_proof_binds_the_index_and_the_resume_count(offset, value):
+    """A hello whose index or resume count was changed in transit fails authentication."""
+    n1, n2 = os.urandom(16), os.urandom(16)
+    sender = SenderHandshake(ConnectionRole.MEMORY, MID, token=TOKEN, nonce=n1, index=1,
+                             resume=1)
+    hello = bytearray(sender.hello())
+    hello[offset:offset + 2] = value.to_bytes(2, "little")
+    receiver = ReceiverHandshake(token=TOKEN, nonce=n2)
+    receiver.receive_data(bytes(hello))
+    receiver.next_event()
+    sender.receive_data(receiver.challenge())
+    sender.next_event()
+    receiver.receive_data(sender.authenticate())
+    with pytest.raises(AuthenticationError):
+        receiver.next_event()
+
+
+def test_a_v2_sender_cannot_say_index_or_resume():
+    with pytest.raises(LocalProtocolError, match="version 2 has no connection index"):
+        SenderHandshake(ConnectionRole.MEMORY, MID, token=TOKEN, nonce=bytes(16), version=2,
+                        index=1)

@@ -6,10 +6,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from proto_helpers import ConnectionPair, default_request, drain, raw_request
+from proto_helpers import VERSIONS, ConnectionPair, default_request, drain
 
 from vmig.proto import (
     INITIAL_STATES,
+    RESUMABLE_VERSION,
     TERMINAL_STATES,
     TRANSITIONS,
     Command,
@@ -62,10 +63,16 @@ def test_main_sequence_follows_the_table():
     assert TRANSITIONS[(state, Command.COMPLETE)] is ReceiverState.COMPLETED
 
 
-def _invalid_cases(*, raw: bool = True):
-    """(role, path, command) for every reachable state and command it refuses.
+def _allowed(state: ReceiverState, command: Command, version: int) -> bool:
+    """Whether `state` takes `command` at `version` (PING, the heartbeat, from version 3)."""
+    if command is Command.PING and version < RESUMABLE_VERSION:
+        return False
+    return (state, command) in TRANSITIONS
 
-    With `raw`, also the values no event type can produce (INVALID, unknown).
+
+def _invalid_cases(*, raw: bool = True):
+    """(version, role, path, command) for every version, reachable state and command it
+    refuses. With `raw`, also the values no event type can produce (INVALID, unknown).
     """
     # AUTH belongs to the handshake, before any of these states (test_proto_handshake.py),
     # FAULT to the FAULT connection (test_proto_postcopy.py);
@@ -73,33 +80,40 @@ def _invalid_cases(*, raw: bool = True):
     commands = [*Command, UNKNOWN_COMMAND] if raw else [
         c for c in Command if c not in (Command.INVALID, Command.AUTH, Command.FAULT)]
     cases = []
-    for role, state, path in _reachable():
-        for command in commands:
-            if (state, command) not in TRANSITIONS:
-                name = getattr(command, "name", str(command))
-                cases.append(pytest.param(role, path, command, id=f"{state.name}-{name}"))
+    for version in VERSIONS:
+        for role, state, path in _reachable():
+            for command in commands:
+                if not (isinstance(command, Command) and _allowed(state, command, version)):
+                    name = getattr(command, "name", str(command))
+                    cases.append(pytest.param(version, role, path, command,
+                                              id=f"v{version}-{role.name}-{state.name}-{name}"))
     return cases
 
 
 def _valid_cases():
     return [
-        pytest.param(role, path, command, id=f"{state.name}-{command.name}")
+        pytest.param(version, role, path, command,
+                     id=f"v{version}-{role.name}-{state.name}-{command.name}")
+        for version in VERSIONS
         for role, state, path in _reachable()
         for command in allowed_commands(state)
+        if _allowed(state, command, version)
     ]
 
 
-@pytest.mark.parametrize(("role", "path", "command"), _invalid_cases())
-def test_receiver_rejects_every_invalid_pair(role, path, command):
-    pair = ConnectionPair(role)
+@pytest.mark.parametrize(("version", "role", "path", "command"), _invalid_cases())
+def test_receiver_rejects_every_invalid_pair(version, role, path, command):
+    pair = ConnectionPair(role, version=version)
     pair.advance(path)
     state = pair.receiver.state
-    pair.receiver.receive_data(raw_request(command))
+    pair.receiver.receive_data(pair.raw_request(command))
     with pytest.raises(RemoteProtocolError) as info:
         drain(pair.receiver)
     message = info.value.message
     if command in (Command.INVALID, UNKNOWN_COMMAND):
         assert ("INVALID" in message) or ("unknown command" in message)
+    elif command is Command.PING and version < RESUMABLE_VERSION:
+        assert message == "sender sent PING, which protocol version 2 does not have"
     else:
         assert f"sender sent {command.name} in state {state.name}" in message
         assert f"expected {expected_text(state)}" in message
@@ -113,40 +127,50 @@ def test_receiver_rejects_every_invalid_pair(role, path, command):
         pair.receiver.next_event()
 
 
-@pytest.mark.parametrize(("role", "path", "command"), _invalid_cases(raw=False))
-def test_sender_refuses_every_invalid_pair(role, path, command):
-    pair = ConnectionPair(role)
+@pytest.mark.parametrize(("version", "role", "path", "command"), _invalid_cases(raw=False))
+def test_sender_refuses_every_invalid_pair(version, role, path, command):
+    pair = ConnectionPair(role, version=version)
     pair.advance(path)
-    event, _ = default_request(command)
+    event, _ = default_request(command, version)
     with pytest.raises(LocalProtocolError, match=command.name):
         pair.sender.send(event)
     assert pair.sender.outstanding == ()
 
 
-@pytest.mark.parametrize(("role", "path", "command"), _valid_cases())
-def test_every_valid_pair_is_accepted(role, path, command):
-    pair = ConnectionPair(role)
+@pytest.mark.parametrize(("version", "role", "path", "command"), _valid_cases())
+def test_every_valid_pair_is_accepted(version, role, path, command):
+    pair = ConnectionPair(role, version=version)
     pair.advance(path)
     before = pair.receiver.state
-    event, payload = default_request(command)
+    event, payload = default_request(command, version)
     _, response = pair.exchange(event, payload)
     assert response.ok
     assert pair.receiver.state is TRANSITIONS[(before, command)] is pair.sender.state
 
 
-@pytest.mark.parametrize(("role", "path", "command"), _valid_cases())
-def test_error_answer_always_aborts(role, path, command):
-    pair = ConnectionPair(role)
+@pytest.mark.parametrize(("version", "role", "path", "command"), _valid_cases())
+def test_error_answer_always_aborts(version, role, path, command):
+    pair = ConnectionPair(role, version=version)
     pair.advance(path)
-    event, payload = default_request(command)
+    event, payload = default_request(command, version)
     _, response = pair.exchange(event, payload, answer=Error("refused"))
     assert response == Response(Status.ERROR, "refused", command)
     assert pair.receiver.state is ReceiverState.ABORTED is pair.sender.state
 
 
-def test_ok_leaves_the_receiver_in_step():
-    pair = ConnectionPair()
-    pair.receiver.receive_data(raw_request(Command.START))
+def test_ping_changes_nothing_and_only_where_the_table_says():
+    assert {state for (state, command) in TRANSITIONS if command is Command.PING} == {
+        ReceiverState.STARTED, ReceiverState.MEMORY_FDS_RECEIVED, ReceiverState.CONFIGURED,
+        ReceiverState.STATE_RECEIVED, ReceiverState.POSTCOPY_ACTIVE}
+    for (state, command), target in TRANSITIONS.items():
+        if command is Command.PING:
+            assert target is state
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_ok_leaves_the_receiver_in_step(version):
+    pair = ConnectionPair(version=version)
+    pair.receiver.receive_data(pair.raw_request(Command.START))
     drain(pair.receiver)
     assert pair.receiver.send(Ok()) == struct.pack("<H6sQ", Status.OK, bytes(6), 0)
 

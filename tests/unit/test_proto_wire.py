@@ -5,10 +5,13 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vmig.proto import (
     HELLO_SIZE,
     PROTOCOL_VERSION,
+    RESUMABLE_VERSION,
     SUPPORTED_VERSIONS,
     Command,
     ConnectionRole,
@@ -39,6 +42,7 @@ def test_enum_values_are_fixed():
         ("AUTH", 8),
         ("FAULT", 9),
         ("POSTCOPY", 10),
+        ("PING", 11),
     ]
     assert [s.value for s in Status] == [0, 1, 2, 3]
     assert [r.value for r in ConnectionRole] == [0, 1, 2, 3]
@@ -46,9 +50,9 @@ def test_enum_values_are_fixed():
 
 
 def test_versions():
-    assert PROTOCOL_VERSION == 2
+    assert PROTOCOL_VERSION == 3 == RESUMABLE_VERSION
     # version 1 had no authentication: a receiver takes no unauthenticated peer
-    assert frozenset({2}) == SUPPORTED_VERSIONS
+    assert frozenset({2, 3}) == SUPPORTED_VERSIONS
 
 
 def test_request_header_layout():
@@ -72,7 +76,7 @@ def test_response_layout_and_checks():
 def test_start_payload_round_trip_and_checks():
     payload = wire.encode_start_payload(1, wire.StartFlags.VERIFY_MEMORY, MID, 8)
     assert len(payload) == wire.START_PAYLOAD_SIZE == 32
-    assert wire.decode_start_payload(payload) == (1, wire.StartFlags.VERIFY_MEMORY, MID, 8)
+    assert wire.decode_start_payload(payload) == (1, wire.StartFlags.VERIFY_MEMORY, MID, 8, 0, 0)
     with pytest.raises(RemoteProtocolError, match="unknown flags"):
         wire.decode_start_payload(struct.pack("<II16sII", 1, 0x80, MID, 1, 0))
     with pytest.raises(RemoteProtocolError, match="reserved"):
@@ -107,13 +111,19 @@ def test_decode_range_table():
 
 
 def test_hello_round_trip():
-    data = encode_hello(ConnectionRole.MEMORY, MID)
+    data = encode_hello(ConnectionRole.MEMORY, MID, 2)
     assert len(data) == HELLO_SIZE == 32
     assert data[:8] == b"VMIGCONN"
     assert data[8:16] == bytes.fromhex("0200020000000000")
     assert data[16:] == MID
-    assert parse_hello(data) == Hello(ConnectionRole.MEMORY, MID, PROTOCOL_VERSION)
+    assert parse_hello(data) == Hello(ConnectionRole.MEMORY, MID, 2)
     assert parse_hello(encode_hello(ConnectionRole.MAIN, MID)).role is ConnectionRole.MAIN
+    # version 3: the same layout, the reserved word now u16 index, u16 resume count
+    data = encode_hello(ConnectionRole.MEMORY, MID, index=2, resume=1)
+    assert data[8:16] == bytes.fromhex("0200030002000100")
+    assert parse_hello(data) == Hello(ConnectionRole.MEMORY, MID, PROTOCOL_VERSION, 2, 1)
+    assert parse_hello(data).resumed
+    assert not parse_hello(encode_hello(ConnectionRole.MEMORY, MID, index=2)).resumed
 
 
 def _hello(magic=b"VMIGCONN", role=1, version=2, reserved=0, mid=MID):
@@ -128,8 +138,12 @@ def _hello(magic=b"VMIGCONN", role=1, version=2, reserved=0, mid=MID):
         (_hello(role=0), "invalid role 0"),
         (_hello(role=4), "invalid role 4"),
         (_hello(reserved=1), "reserved"),
+        (_hello(reserved=1 << 16), "reserved"),  # a version 2 hello has no resume count
+        (_hello(role=2, reserved=1), "reserved"),  # ... and no connection index
         (_hello(version=1), "version 1"),
-        (_hello(version=3), "version 3"),
+        (_hello(version=4), "version 4"),
+        (_hello(version=3, reserved=1), "MAIN hello with index 1; only MEMORY"),
+        (_hello(version=3, role=3, reserved=2), "FAULT hello with index 2; only MEMORY"),
         (_hello()[:31], "31-byte hello"),
     ],
 )
@@ -145,8 +159,97 @@ def test_encode_hello_checks_arguments():
         encode_hello(ConnectionRole.MAIN, b"short")
 
 
+ROLES = (ConnectionRole.MAIN, ConnectionRole.MEMORY, ConnectionRole.FAULT)
+u16 = st.integers(0, 0xFFFF)
+
+
+@given(role=st.sampled_from(ROLES), mid=st.binary(min_size=16, max_size=16), index=u16,
+       resume=u16)
+def test_v3_hello_round_trip(role, mid, index, resume):
+    if role is not ConnectionRole.MEMORY:
+        index = 0  # only MEMORY connections have an index
+    data = encode_hello(role, mid, 3, index=index, resume=resume)
+    assert struct.unpack("<HH", data[12:16]) == (index, resume)
+    assert parse_hello(data) == Hello(role, mid, 3, index, resume)
+    assert parse_hello(data).resumed is (resume > 0)
+
+
+@given(role=st.sampled_from(ROLES), index=u16, resume=u16)
+def test_v2_hello_has_no_index_or_resume(role, index, resume):
+    if index or resume:
+        with pytest.raises(LocalProtocolError, match="version 2 has no connection index"):
+            encode_hello(role, MID, 2, index=index, resume=resume)
+        with pytest.raises(RemoteProtocolError, match="reserved field"):
+            parse_hello(_hello(role=role, reserved=index | resume << 16))
+    else:
+        assert parse_hello(encode_hello(role, MID, 2)) == Hello(role, MID, 2)
+
+
+@given(index=st.integers(1, 0xFFFF), role=st.sampled_from([ConnectionRole.MAIN,
+                                                             ConnectionRole.FAULT]))
+def test_only_memory_hellos_have_an_index(index, role):
+    with pytest.raises(RemoteProtocolError, match="only MEMORY connections have one"):
+        parse_hello(_hello(role=role, version=3, reserved=index))
+
+
+@given(reconnect=u16, dead_peer=u16, connections=st.integers(1, 128))
+def test_v3_start_carries_the_timeouts(reconnect, dead_peer, connections):
+    payload = wire.encode_start_payload(3, wire.StartFlags.NONE, MID, connections, reconnect,
+                                        dead_peer)
+    assert len(payload) == wire.START_PAYLOAD_SIZE
+    assert payload[28:] == struct.pack("<HH", reconnect, dead_peer)
+    decoded = wire.decode_start_payload(payload)
+    assert decoded == (3, wire.StartFlags.NONE, MID, connections, reconnect, dead_peer)
+    assert (decoded.reconnect_timeout_s, decoded.dead_peer_timeout_s) == (reconnect, dead_peer)
+
+
+@given(reconnect=u16, dead_peer=u16)
+def test_v2_start_has_no_timeouts(reconnect, dead_peer):
+    if not (reconnect or dead_peer):
+        assert wire.decode_start_payload(wire.encode_start_payload(2, 0, MID, 1))[4:] == (0, 0)
+        return
+    with pytest.raises(LocalProtocolError, match="version 2 has no resume timeouts"):
+        wire.encode_start_payload(2, 0, MID, 1, reconnect, dead_peer)
+    raw = struct.pack("<II16sIHH", 2, 0, MID, 1, reconnect, dead_peer)
+    with pytest.raises(RemoteProtocolError, match="reserved field"):
+        wire.decode_start_payload(raw)
+
+
+def test_start_timeouts_must_fit_u16():
+    with pytest.raises(LocalProtocolError, match="cannot encode"):
+        wire.encode_start_payload(3, 0, MID, 1, 1 << 16, 10)
+
+
+@given(seq=st.integers(0, 0xFFFF_FFFF), extra=u16)
+def test_sequenced_headers_layout(seq, extra):
+    headers = wire.encode_sequenced_headers(seq, extra)
+    assert headers == struct.pack("<IH", seq, extra)
+    assert wire.decode_sequenced_headers(headers) == (seq, extra)
+
+
+def test_sequenced_commands_are_mains_but_memory():
+    assert Command.MEMORY not in wire.SEQUENCED_COMMANDS
+    assert {Command.AUTH, Command.FAULT, Command.INVALID}.isdisjoint(wire.SEQUENCED_COMMANDS)
+    assert {
+        Command.START, Command.CONFIG, Command.STATE, Command.COMPLETE, Command.ABANDON,
+        Command.MEMORY_FD, Command.POSTCOPY, Command.PING} == wire.SEQUENCED_COMMANDS
+    # ABANDON's flags keep their place; before version 3 the first word is 0
+    assert wire.encode_abandon_headers(wire.AbandonFlags.CANCELLED, 7) == struct.pack("<IH", 7, 1)
+    assert wire.decode_abandon_headers(struct.pack("<IH", 7, 1), sequenced=True) \
+        is wire.AbandonFlags.CANCELLED
+    with pytest.raises(RemoteProtocolError, match="ABANDON with command headers"):
+        wire.decode_abandon_headers(struct.pack("<IH", 7, 1))
+
+
 def test_encode_text_cuts_on_a_character_boundary():
     assert wire.encode_text("abc") == b"abc"
     cut = wire.encode_text("\u20ac" * 2000)  # 3 bytes each
     assert len(cut) == 4095
     assert cut.decode() == "\u20ac" * 1365
+
+
+@pytest.mark.parametrize("role", [ConnectionRole.MAIN, ConnectionRole.FAULT])
+def test_encode_hello_refuses_an_index_parse_hello_would_refuse(role):
+    with pytest.raises(LocalProtocolError, match="only MEMORY connections have one"):
+        encode_hello(role, MID, 3, index=1)
+    assert parse_hello(encode_hello(role, MID, 3, resume=4)).resume == 4

@@ -166,7 +166,7 @@ def _move_16m(server_security: Security, client_security: Security) -> None:
         return [memoryview(source)[gpa:gpa + n] for gpa, n in ranges]
 
     sent = pool.send_iteration(table.partition(64 * 1024), plain_memory(views_for),
-                               lambda index, chunk: acked.append(chunk.total_bytes))
+                               lambda index, chunk: acked.append(chunk.ranges.total_bytes))
     for channel in channels:
         channel.close()
     server.close()

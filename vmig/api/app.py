@@ -14,6 +14,7 @@ Routes (all under /api/v1)::
     PUT  vm.receive-migration  listen for an incoming migration (empty VMM) -> receiver_url
     PUT  vm.send-migration     live-migrate the VM; blocks until done -> MigrationSummary
     PUT  vm.cancel-migration   cancel the running migration, on either side -> MigrationInfo
+    PUT  vm.recover-migration  re-dial a post-copy migration in postcopy-paused (source)
     GET  vm.migration-info     progress of the running (or last) migration -> MigrationInfo
 
 and, outside /api/v1, ``GET /metrics``: Prometheus' text format (vmig.api.prometheus).
@@ -55,6 +56,7 @@ from vmig.api.models import (
     PingResponse,
     ReceiveMigrationRequest,
     ReceiveMigrationResponse,
+    RecoverMigrationRequest,
     ResourcesResponse,
     RestoreRequest,
     SendMigrationRequest,
@@ -317,6 +319,13 @@ def _routes(vmm: Vmm) -> APIRouter:
                         "once COMPLETE was sent); answers its figures once it has ended")
     def vm_cancel_migration() -> dict[str, Any]:
         return vmm.cancel_migration()
+
+    @router.put("/vm.recover-migration", tags=["migration"], response_model=MigrationInfo,
+                summary="At the source, a post-copy migration in postcopy-paused whose "
+                        "re-dial window ran out: re-dial now, at another address of the "
+                        "destination if given (409 otherwise)")
+    def vm_recover_migration(body: RecoverMigrationRequest | None = None) -> dict[str, Any]:
+        return vmm.recover_migration(body.destination_url if body is not None else None)
 
     @router.get("/vm.migration-info", tags=["migration"], response_model=MigrationInfo,
                 responses={404: {"model": ErrorBody,

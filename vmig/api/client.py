@@ -115,6 +115,11 @@ class ApiClient:
         none runs, or when it is past the point of no return)."""
         return self._request("PUT", "vm.cancel-migration", timeout=self.long_timeout)
 
+    def recover_migration(self, destination_url: str | None = None) -> dict[str, Any]:
+        """Re-dial the post-copy migration in postcopy-paused now (the source's VMM)."""
+        body = {} if destination_url is None else {"destination_url": destination_url}
+        return self._request("PUT", "vm.recover-migration", body)
+
     def migration_info(self) -> dict[str, Any]:
         """Progress of the running (or last) migration, with "active"; 404 if none ran."""
         return self._request("GET", "vm.migration-info")

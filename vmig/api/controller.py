@@ -307,6 +307,19 @@ class Vmm:
             return None
         return {**metrics.view(), "active": active}
 
+    def recover_migration(self, url: str | None = None) -> dict[str, Any]:
+        """Re-dial the outgoing migration in postcopy-paused now (at `url`, if given);
+        StateError when there is none."""
+        with self._mig_lock:
+            sender = self._sender
+        if sender is None:
+            raise StateError("nothing to recover: no outgoing migration is running here "
+                             "(recover-migration is given at the source)")
+        sender.recover(url)
+        info = self.migration_info()
+        assert info is not None
+        return info
+
     def cancel_migration(self, reason: str = "cancelled by the operator") -> dict[str, Any]:
         """Cancel the running migration, on either side; return its figures once it ended.
 

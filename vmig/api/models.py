@@ -376,6 +376,23 @@ class ConnectionFigures(BaseModel):
     lost: str | None = Field(None, description="Why the connection was lost mid-migration.")
 
 
+class ReconnectingFigures(BaseModel):
+    """A connection lost and being re-dialled (protocol version 3)."""
+
+    index: int = Field(description="Its place: 0 MAIN, 1.. MEMORY; FAULT after them.")
+    role: str = Field(description="`main`, `memory` or `fault`.")
+    cause: str = Field(description="Why it was lost.")
+    for_s: float = Field(description="How long it has been down.")
+
+
+class RecoverMigrationRequest(BaseModel):
+    """`vm.recover-migration`: re-dial a post-copy migration in postcopy-paused now."""
+
+    model_config = ConfigDict(extra="forbid")
+    destination_url: str | None = Field(None, description="Another address of the same "
+                                        "destination to re-dial (default: the one it used).")
+
+
 class MigrationSummary(BaseModel):
     """A migration's figures: `vm.send-migration`'s answer, and `vm.migration-info`.
 
@@ -402,10 +419,13 @@ class MigrationSummary(BaseModel):
 
     role: str = Field(description="`send` (this VMM is the source) or `receive`.")
     status: str = Field(description="As QEMU's query-migrate: `setup`, `active`, "
-                        "`completed`, `cancelled` or `failed`.")
+                        "`postcopy-active`, `postcopy-paused`, `completed`, `cancelled` or "
+                        "`failed`.")
     phase: str = Field(description="Sender: `connecting`, `precopy`, `switchover` (guest "
                        "paused), `completing` (COMPLETE sent: no cancel any more); receiver: "
-                       "`listening`, `receiving`; both: `completed`, `cancelled`, `failed`.")
+                       "`listening`, `receiving`; both: `postcopy`, `postcopy-paused` (a "
+                       "connection is down; both wait for it), `completed`, `cancelled`, "
+                       "`failed`.")
     migration_id: str | None = Field(None, description="The migration's random id (hex), the "
                                      "same on both sides; null while listening.")
     peer: str | None = Field(None, description="The destination's URL (sender) or the "
@@ -453,6 +473,10 @@ class MigrationSummary(BaseModel):
     connections: int = Field(description="Connections the migration opened.")
     connections_lost: int = Field(0, description="Data connections lost mid-migration (their "
                                   "chunks went over the others).")
+    reconnecting: list[ReconnectingFigures] = Field(
+        default_factory=list, description="Connections lost and being re-dialled now, with "
+        "the cause (protocol version 3).")
+    reconnects: int = Field(0, description="Connections resumed so far.")
     per_connection: list[ConnectionFigures] = Field(
         default_factory=list, description="Bytes and chunks per connection (MAIN first).")
     memory_verified: bool = Field(False, description="Both sides' memory digests matched.")

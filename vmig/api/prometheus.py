@@ -66,6 +66,8 @@ _MIGRATION_FIGURES: tuple[tuple[str, str, str, str, float], ...] = (
     ("connections", "vmig_migration_connections", "Connections opened", "gauge", 1),
     ("connections_lost", "vmig_migration_connections_lost", "Connections lost mid-migration",
      "gauge", 1),
+    ("reconnects", "vmig_migration_reconnects", "Connections resumed after a loss", "gauge",
+     1),
 )
 _POSTCOPY_FIGURES = (
     ("pages", "vmig_migration_postcopy_pages", "Pages owed at the switch to post-copy",

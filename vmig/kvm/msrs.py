@@ -12,6 +12,11 @@ MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
 
+#: The MSRs state version 1 carried (vmig up to db2c624): SYSENTER_CS/ESP/EIP, CR_PAT,
+#: STAR, LSTAR, CSTAR, SYSCALL_MASK, KERNEL_GS_BASE, TSC_AUX and the TSC.
+V1_MSRS = (0x174, 0x175, 0x176, 0x277, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,
+           0xC0000102, 0xC0000103, MSR_IA32_TSC)
+
 #: Names of the MSRs seen in this KVM's index list (and the common architectural ones),
 #: so that an error can say which MSR it is about.
 MSR_NAMES: dict[int, str] = {

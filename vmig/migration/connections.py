@@ -114,7 +114,8 @@ class SendConnections:
     def _connect(self, identity: Identity, lost: Channel | None = None) -> Channel:
         self.lifecycle.check_cancelled()
         security = self.resolved.security
-        stream = dial(self.address, security)
+        stream = dial(self.address, security,
+                      dead_peer_timeout_s=self.params.dead_peer_timeout_s)
         try:
             if identity.role is ConnectionRole.FAULT:
                 return SourceFaultChannel(stream, identity, token=security.token)

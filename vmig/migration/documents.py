@@ -4,7 +4,8 @@ The sender builds a `ConfigDocument` / `CompleteDocument` and sends `to_json()`;
 receiver turns the payload back with `from_json()`, which checks every field and raises
 `DocumentError` naming it (the peer broke the rules). Version 1 is what senders sent
 before these documents existed: the same fields, untyped, without a ``version`` key; it
-still parses (without CPUID, which version 1 did not carry).
+still parses (without CPUID, which version 1 did not carry), and `to_json(version=1)`
+still writes it, for a peer that speaks protocol version 2 (`document_version_for`).
 
 Pure: plain data in, plain data out; no sockets, clocks or KVM.
 """
@@ -22,17 +23,41 @@ from vmig.errors import ConfigError, VmigError
 from vmig.proto.wire import range_table_problem
 from vmig.ranges import RangeTable
 
-__all__ = ["COMPLETE_VERSION", "CONFIG_VERSION", "MAX_CONFIG_EXTENTS", "CompleteDocument",
-           "ConfigDocument", "DocumentError", "MemoryDigest"]
+__all__ = ["COMPLETE_VERSION", "CONFIG_VERSION", "DOCUMENT_VERSION", "MAX_CONFIG_EXTENTS",
+           "CompleteDocument", "ConfigDocument", "DocumentError", "MemoryDigest",
+           "document_version_for"]
 
 CONFIG_VERSION = 2
 COMPLETE_VERSION = 2
+#: The version this vmig writes CONFIG, STATE (vmig.vmm.state.STATE_VERSION) and COMPLETE
+#: in, one number for the three.
+DOCUMENT_VERSION = 2
+#: Protocol version -> the version of the documents it carries. Protocol 2's receivers
+#: (vmig up to db2c624) read documents version 1 only: no ``version``, no ``cpuid``, the
+#: configuration without boot images, state version 1.
+DOCUMENT_VERSIONS = {2: 1, 3: DOCUMENT_VERSION}
 #: Most data extents CONFIG lists (the sender coarsens its table to fit).
 MAX_CONFIG_EXTENTS = 4096
 
 
 class DocumentError(VmigError):
     """A CONFIG or COMPLETE payload that does not follow docs/protocol.md."""
+
+
+def document_version_for(protocol_version: int) -> int:
+    """The version of CONFIG, STATE and COMPLETE to send to a peer speaking
+    `protocol_version` (2 -> 1, 3 -> DOCUMENT_VERSION); ValueError for another one."""
+    try:
+        return DOCUMENT_VERSIONS[protocol_version]
+    except KeyError:
+        raise ValueError(f"no documents for protocol version {protocol_version} (this vmig "
+                         f"speaks {', '.join(map(str, sorted(DOCUMENT_VERSIONS)))})") from None
+
+
+def _check_writable(version: int, newest: int, what: str) -> None:
+    if version not in range(1, newest + 1):
+        raise ValueError(f"cannot write {what} version {version}: this vmig writes 1 to "
+                         f"{newest}")
 
 
 def _object(data: bytes, what: str) -> dict[str, Any]:
@@ -74,12 +99,20 @@ class ConfigDocument:
     cpuid: tuple[Mapping[str, int], ...] | None = None
     version: int = CONFIG_VERSION
 
-    def to_json(self) -> bytes:
+    def to_json(self, version: int = CONFIG_VERSION) -> bytes:
+        """The payload in `version`. Version 1 (for a protocol-2 peer) has no ``version``
+        and no ``cpuid``, and its ``vm`` only the fields version 1 knew: a guest it cannot
+        express (a boot image) is a ConfigError naming the field."""
+        _check_writable(version, CONFIG_VERSION, "CONFIG")
+        extents = [[gpa, length] for gpa, length in self.data_extents]
+        if version == 1:
+            return json.dumps({"vm": self.vm.to_v1_dict(), "tsc_khz": self.tsc_khz,
+                               "data_extents": extents}).encode()
         document: dict[str, Any] = {
-            "version": CONFIG_VERSION,
+            "version": version,
             "vm": self.vm.to_dict(),
             "tsc_khz": self.tsc_khz,
-            "data_extents": [[gpa, length] for gpa, length in self.data_extents],
+            "data_extents": extents,
         }
         if self.cpuid is not None:
             document["cpuid"] = [dict(entry) for entry in self.cpuid]
@@ -155,8 +188,12 @@ class CompleteDocument:
     memory_digest: MemoryDigest | None = None
     version: int = COMPLETE_VERSION
 
-    def to_json(self) -> bytes:
-        document: dict[str, Any] = {"version": COMPLETE_VERSION, "run": self.run}
+    def to_json(self, version: int = COMPLETE_VERSION) -> bytes:
+        """The payload in `version` (version 1: the same without ``version``)."""
+        _check_writable(version, COMPLETE_VERSION, "COMPLETE")
+        document: dict[str, Any] = {"run": self.run}
+        if version >= 2:
+            document["version"] = version
         if self.memory_digest is not None:
             document["memory_digest"] = {"algorithm": self.memory_digest.algorithm,
                                          "hex": self.memory_digest.hex}

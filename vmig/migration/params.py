@@ -20,6 +20,7 @@ from vmig.errors import ConfigError
 from vmig.migration.policy import TimeoutStrategy
 from vmig.proto import MAX_CONNECTIONS
 from vmig.transport.address import Address, parse_url
+from vmig.transport.liveness import DEAD_PEER_TIMEOUT_S
 from vmig.transport.security import (
     Security,
     TlsSide,
@@ -55,7 +56,7 @@ DEFAULT_RECONNECT_TIMEOUT_S = 30
 MAX_RECONNECT_TIMEOUT_S = 3600
 #: A peer silent this long is lost: TCP keepalive and TCP_USER_TIMEOUT on every connection,
 #: and MAIN's heartbeat. Longer than the stalls a busy link or host shows (6-7 s were seen).
-DEFAULT_DEAD_PEER_TIMEOUT_S = 10
+DEFAULT_DEAD_PEER_TIMEOUT_S = DEAD_PEER_TIMEOUT_S
 MAX_DEAD_PEER_TIMEOUT_S = 600
 
 

@@ -348,7 +348,7 @@ class MigrationReceiver:
             raise MigrationError("local migration needs a unix: receiver")
         self._start = start
         if start.dead_peer_timeout_s:  # the source sends a heartbeat: silence means it is lost
-            self._pool.set_main_timeout(float(start.dead_peer_timeout_s))
+            self._pool.set_dead_peer_timeout(float(start.dead_peer_timeout_s))
         extras = start.connections - 1
         count = self._pool.close_admission(extras, EXTRA_CONNECTIONS_WAIT_S)
         if count != extras:
@@ -517,7 +517,7 @@ class MigrationReceiver:
             try:
                 install_memory(channel, phase.service, request)
             except TransportError:
-                raise  # lost in the middle: no answer (see below)
+                raise  # a lost connection: the chunk comes again
             except VmigError as exc:
                 channel.reject(str(exc))
                 raise
@@ -536,9 +536,7 @@ class MigrationReceiver:
         try:
             write_memory(channel, phase.memory, request, compress=phase.start.compress)
         except TransportError:
-            # The connection was lost in the middle of the request: it is not answered (an
-            # ERROR would leave the core ABORTED, and a resumed connection takes its state on).
-            raise
+            raise  # a lost connection: the chunk comes again
         except VmigError as exc:
             channel.reject(str(exc))
             raise

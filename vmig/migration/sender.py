@@ -47,6 +47,7 @@ from vmig.migration.documents import (
     CompleteDocument,
     ConfigDocument,
     MemoryDigest,
+    document_version_for,
 )
 from vmig.migration.lifecycle import _PHASE_METRICS, ROLLBACK_WARNING, SendLifecycle
 from vmig.migration.memory_reader import ChunkSender
@@ -172,6 +173,12 @@ class MigrationSender:
     def _check_cancelled(self) -> None:
         self.lifecycle.check_cancelled()
 
+    @property
+    def _document_version(self) -> int:
+        """CONFIG's and STATE's version for the protocol the destination took (a version-2
+        destination reads version-1 documents only)."""
+        return document_version_for(self.connections.version)
+
     # --- the whole migration -------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -237,7 +244,7 @@ class MigrationSender:
             data_extents=tuple(RangeTable(self._extents).coarsened(MAX_CONFIG_EXTENTS)),
             cpuid=self.machine.guest_cpuid())
         began = self.clock()
-        links.request(Config(config.to_json()))
+        links.request(Config(config.to_json(version=document_version_for(links.version))))
         self.stats.switchover_overhead_ms = self._switchover_overhead_ms(self.clock() - began)
         self._check_cancelled()
 
@@ -426,7 +433,7 @@ class MigrationSender:
         if self._verify:  # hash while STATE travels and the destination hashes
             digest = BackgroundDigest(self.memory)
         try:
-            self.connections.request(State(state.to_json().encode()))
+            self.connections.request(State(state.to_json(version=self._document_version).encode()))
         finally:
             value = digest.result() if digest is not None else None
         complete = CompleteDocument(
@@ -460,7 +467,7 @@ class MigrationSender:
             self._send(now)
         state = self.machine.save_state()
         self.metrics.update(heartbeat_at_pause=self.machine.guest_counters()["heartbeat"])
-        self.connections.request(State(state.to_json().encode()))
+        self.connections.request(State(state.to_json(version=self._document_version).encode()))
         if self.params.verify_memory:
             message = ("memory verification is skipped: after a switch to post-copy the guest "
                        "runs at the destination before all its memory is there")

@@ -211,7 +211,8 @@ class Ping:
 @dataclass(frozen=True)
 class Repeated:
     """Receiver: a request re-sent on a resumed MAIN that was already answered (its
-    sequence number is the last one answered); `answer_repeat()` gives the same answer."""
+    sequence number is one of the last two answered: a request and an ABANDON queued
+    behind it); `answer_repeat()` gives the same answer."""
 
     command: Command
     seq: int

@@ -28,6 +28,7 @@ I/O layer then sends ``conn.send(Error(str(exc)))`` and closes.
 
 from __future__ import annotations
 
+from collections import deque
 from enum import Enum, auto
 from typing import NamedTuple
 
@@ -118,6 +119,19 @@ class _Request(NamedTuple):
     repeat: bool = False
 
 
+class _Answered(NamedTuple):
+    """A numbered request's answer, kept to answer it again if it is re-sent."""
+
+    seq: int
+    command: Command
+    answer: bytes
+
+
+#: Answers kept: MAIN has at most two requests unanswered (one, and an ABANDON queued behind
+#: it), so a resumed sender re-sends at most two, both perhaps answered already.
+_RECORDS = 2
+
+
 class ReceiverConnection:
     """The receiving end of one migration connection (MAIN or MEMORY role).
 
@@ -155,8 +169,7 @@ class ReceiverConnection:
         self._state_before_error = self._state
         self.version = version
         self._sequenced = self.role is ConnectionRole.MAIN and version >= RESUMABLE_VERSION
-        self._last_seq = 0
-        self._record = b""  # the answer to request _last_seq
+        self._records: deque[_Answered] = deque(maxlen=_RECORDS)  # the last answered
 
     @classmethod
     def resumed(cls, lost: ReceiverConnection) -> ReceiverConnection:
@@ -166,14 +179,13 @@ class ReceiverConnection:
         new = cls(lost.role, migration_id=lost._migration_id, version=lost.version)
         new._state = lost._state_before_error if lost._error is not None else lost._state
         new._start = lost._start
-        new._last_seq = lost._last_seq
-        new._record = lost._record
+        new._records = deque(lost._records, maxlen=_RECORDS)
         return new
 
     @property
     def last_seq(self) -> int:
         """The sequence number of the last request answered (0: none, or before version 3)."""
-        return self._last_seq
+        return self._records[-1].seq if self._records else 0
 
     # -- introspection ---------------------------------------------------------------
 
@@ -324,12 +336,13 @@ class ReceiverConnection:
         if self._phase is not _Phase.RESPOND or request is None or not request.repeat:
             raise LocalProtocolError("answer_repeat() called without a repeated request")
         self._finish_request(_Phase.HEADER)
-        return self._record
+        return next(entry.answer for entry in self._records if entry.seq == request.seq)
 
     def _remember(self, answer: bytes) -> None:
-        assert self._request is not None
-        if self._request.seq:
-            self._last_seq, self._record = self._request.seq, answer
+        request = self._request
+        assert request is not None
+        if request.seq:
+            self._records.append(_Answered(request.seq, request.command, answer))
 
     def _send_error(self, message: str) -> bytes:
         if self._phase is _Phase.FAILED:
@@ -447,14 +460,20 @@ class ReceiverConnection:
         seq = 0
         if self._sequenced and command in SEQUENCED_COMMANDS:
             seq, extra = decode_sequenced_headers(headers)
-            if seq == self._last_seq and self._record:
+            recorded = next((entry for entry in self._records if entry.seq == seq), None)
+            if recorded is not None:
+                if recorded.command is not command:
+                    raise RemoteProtocolError(
+                        f"sender sent {command.name} with sequence number {seq}, the number "
+                        f"of {recorded.command.name}")
                 request = _Request(command, length, self._state, headers, seq, repeat=True)
                 self._check_length(request, limit=BLOB_LIMITS.get(command, MAX_STATE_SIZE))
                 return request
-            if seq != self._last_seq + 1:
+            if seq != self.last_seq + 1:
+                again = " or ".join(str(entry.seq) for entry in self._records)
                 raise RemoteProtocolError(
                     f"sender sent {command.name} with sequence number {seq}; expected "
-                    f"{self._last_seq + 1} (or {self._last_seq} again)")
+                    f"{self.last_seq + 1}" + (f" (or {again} again)" if again else ""))
             # the rest of the checks see the headers as version 2 had them
             if command is Command.ABANDON:
                 headers = bytes(4) + headers[4:]
@@ -470,7 +489,8 @@ class ReceiverConnection:
                     f"sender sent {command.name} with command headers {headers.hex()}")
             else:
                 headers = NO_HEADERS
-        elif command is Command.PING:
+        elif command is Command.PING and self.version < RESUMABLE_VERSION:
+            # (a version 3 MEMORY connection refuses it by its state, as any command)
             raise RemoteProtocolError(f"sender sent PING, which protocol version "
                                       f"{self.version} does not have")
         target = TRANSITIONS.get((self._state, command))

@@ -190,6 +190,9 @@ class SenderConnection:
         range; nothing is recorded then.
         """
         command = _command_of(event)
+        if self._to_resend:  # a new request would be numbered before them
+            raise LocalProtocolError(f"cannot send {command.name}: resend() first the "
+                                     "requests the lost connection left unanswered")
         if self._error is not None and command is not Command.ABANDON:
             raise LocalProtocolError(
                 f"cannot send {command.name}: the connection failed ({self._error})"
@@ -226,6 +229,10 @@ class SenderConnection:
             if command is Command.POSTCOPY and (self._start is None
                                                 or not self._start.postcopy):
                 raise LocalProtocolError("cannot send POSTCOPY: START did not set POSTCOPY")
+            if isinstance(event, Start) and event.version != self.version:
+                raise LocalProtocolError(
+                    f"cannot send START for protocol version {event.version} on a version "
+                    f"{self.version} connection")
             if command is Command.PING and not self._sequenced:
                 raise LocalProtocolError(f"cannot send PING: protocol version {self.version} "
                                          "has no heartbeat")

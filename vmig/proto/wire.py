@@ -648,6 +648,9 @@ def encode_hello(
     if version < RESUMABLE_VERSION and (index or resume):
         raise LocalProtocolError(f"protocol version {version} has no connection index or "
                                  "resume count")
+    if role is not ConnectionRole.MEMORY and index:
+        raise LocalProtocolError(f"cannot send a {ConnectionRole(role).name} hello with index "
+                                 f"{index}; only MEMORY connections have one")
     return _pack(_HELLO, "hello", HELLO_MAGIC, int(role), version, index, resume,
                  migration_id)
 

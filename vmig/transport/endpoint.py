@@ -4,12 +4,17 @@
 handshake with the receiver's certificate checked against the CA and the URL's
 host), and `Listener` accepts them and runs the server side of TLS under a
 deadline. The protocol's own handshake (hello, token) follows in
-`vmig.transport.channel`; this module only moves and secures bytes.
+`vmig.transport.channel`; this module only moves and secures bytes. Every TCP
+connection is watched for a silent peer from its first byte on
+(`vmig.transport.liveness`): a dialled one with the sender's `dead_peer_timeout_s`,
+an accepted one with the default until the receiver learns the sender's value
+(`Stream.set_dead_peer_timeout`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -17,22 +22,40 @@ import time
 
 from vmig.errors import TransportError
 from vmig.transport.address import Address, bound_address, connect, listen, tune
+from vmig.transport.liveness import DEAD_PEER_TIMEOUT_S, set_dead_peer_timeout
 from vmig.transport.security import Security
 from vmig.transport.stream import IO_TIMEOUT_S, PlainStream, Stream, TlsStream, tls_reason
 
 __all__ = ["Listener", "dial"]
 
+log = logging.getLogger(__name__)
+
 ACCEPT_POLL_S = 0.2  # how often a blocked accept looks at the closing flag
 
 
-def dial(address: Address, security: Security, *, timeout: float = IO_TIMEOUT_S) -> Stream:
-    """Connect to the receiver at `address`; return a plain or TLS stream.
+def dial(address: Address, security: Security, *, timeout: float = IO_TIMEOUT_S,
+         dead_peer_timeout_s: float = DEAD_PEER_TIMEOUT_S) -> Stream:
+    """Connect to the receiver at `address`; return a plain or TLS stream that finds a
+    silent peer in `dead_peer_timeout_s` (TCP only; the TLS handshake included).
 
     TransportError says why it failed, with a hint where the cause is likely a
     mismatch (TLS on one side only, a certificate from another CA).
     """
     sock = connect(address)
     peer = str(address)
+    try:
+        set_dead_peer_timeout(sock, dead_peer_timeout_s)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot watch the connection to {peer} for a silent peer: "
+                             f"{exc.strerror or exc}") from None
+    stream = _dial_secured(sock, peer, address, security, timeout)
+    stream.dead_peer_timeout_s = dead_peer_timeout_s
+    return stream
+
+
+def _dial_secured(sock: socket.socket, peer: str, address: Address, security: Security,
+                  timeout: float) -> Stream:
     if security.tls is None:
         return PlainStream(sock, peer, timeout)
     try:
@@ -77,8 +100,10 @@ class Listener:
             self._identity = (info.st_dev, info.st_ino)
 
     def accept(self) -> tuple[socket.socket, str] | None:
-        """The next connection and a name for its peer; None after a poll interval with
-        none. Raises TransportError once the listener is closed."""
+        """The next connection and a name for its peer, watched for a silent peer with
+        the default dead-peer timeout; None after a poll interval with none (or with
+        one that could not be watched, closed). Raises TransportError once the
+        listener is closed."""
         try:
             sock, peer = self._sock.accept()
         except TimeoutError:
@@ -89,7 +114,15 @@ class Listener:
             raise TransportError(f"accepting on {self.address}: "
                                  f"{exc.strerror or exc}") from None
         sock.settimeout(None)
-        return sock, _peer_name(peer, self.address)
+        name = _peer_name(peer, self.address)
+        try:  # the sender's own value comes with START: Stream.set_dead_peer_timeout
+            set_dead_peer_timeout(sock, DEAD_PEER_TIMEOUT_S)
+        except OSError as exc:
+            log.warning("closing the connection from %s: cannot watch it for a silent "
+                        "peer: %s", name, exc.strerror or exc)
+            sock.close()
+            return None
+        return sock, name
 
     def secure(self, sock: socket.socket, peer: str, deadline: float) -> Stream:
         """The stream for an accepted socket: TLS handshake (by `deadline`, a monotonic

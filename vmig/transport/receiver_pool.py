@@ -95,6 +95,7 @@ class ReceiverPool:
         self._workers: dict[int, tuple[ReceiverChannel, threading.Thread]] = {}
         self._released: list[object] = []
         self._main_timeout: float | None = IO_TIMEOUT_S
+        self._dead_peer_s: float | None = None  # the sender's, once START said it
         #: Connections resumed so far.
         self.resumed = 0
         self._admitting = True
@@ -142,14 +143,20 @@ class ReceiverPool:
                                    or self._interrupted, timeout)
             return self._fault
 
-    def set_main_timeout(self, seconds: float | None) -> None:
-        """How long MAIN's reader waits for a request (the dead-peer timeout, from START);
-        a resumed MAIN gets it too."""
+    def set_dead_peer_timeout(self, seconds: float) -> None:
+        """The sender's dead-peer timeout (from START): every connection's keepalive and
+        TCP_USER_TIMEOUT, and how long MAIN's reader waits for a request (the sender's
+        heartbeat keeps it busy); connections admitted later (resumed) get it too."""
         with self._lock:
             self._main_timeout = seconds
+            self._dead_peer_s = seconds
             main = self._main
+            channels = [*self._extras, *([self._fault] if self._fault else [])]
         if main is not None:
             main.settimeout(seconds)
+        for channel in [*channels, *([main] if main else [])]:
+            with contextlib.suppress(TransportError):
+                channel.stream.set_dead_peer_timeout(seconds)
 
     def resumed_main(self, lost: ReceiverChannel, timeout: float | None
                      ) -> ReceiverChannel | None:
@@ -307,6 +314,9 @@ class ReceiverPool:
                  serial: int) -> None:
         """Hand an admitted connection to its user."""
         resumed = channel.hello.resumed
+        if self._dead_peer_s is not None:
+            with contextlib.suppress(TransportError):
+                channel.stream.set_dead_peer_timeout(self._dead_peer_s)
         if isinstance(channel, DestinationFaultChannel):  # post-copy's: the migration drives it
             channel.stream.settimeout(None)
             with self._lock:

@@ -7,7 +7,9 @@ memory with `recvmsg_into`. Python's `SSLSocket` has neither, so the TLS one wri
 each buffer with `SSL_write` (small ones gathered first, so that scattered pages do
 not become one TLS record each) and reads with `recv_into`, record by record;
 encryption needs a copy anyway, and `ssl` releases the GIL while it works. Socket
-and TLS errors become TransportError naming the peer and what failed.
+and TLS errors become TransportError naming the peer and what failed. Every TCP
+stream finds a silent peer in its `dead_peer_timeout_s` (`vmig.transport.liveness`;
+`set_dead_peer_timeout()` changes it): a blocked read or write then fails.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ import ssl
 from collections.abc import Iterator, Sequence
 
 from vmig.errors import TransportError
+from vmig.transport.liveness import (
+    DEAD_PEER_TIMEOUT_S,
+    gave_up,
+    is_dead_peer,
+    set_dead_peer_timeout,
+)
 
 IOV_MAX = 1024  # Linux UIO_MAXIOV: most buffers one sendmsg takes
 IO_TIMEOUT_S = 60.0  # a peer silent this long is gone
@@ -41,10 +49,22 @@ class Stream:
     def __init__(self, sock: socket.socket, peer: str, timeout: float | None = IO_TIMEOUT_S):
         self.sock = sock
         self.peer = peer
+        #: Seconds of silence after which the kernel gives up on the peer (TCP only);
+        #: set where the socket was made (`dial`, `Listener.accept`).
+        self.dead_peer_timeout_s: float = DEAD_PEER_TIMEOUT_S
         sock.settimeout(timeout)
 
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
+
+    def set_dead_peer_timeout(self, seconds: float) -> None:
+        """Find a silent peer in `seconds` from now on (keepalive and TCP_USER_TIMEOUT,
+        see `vmig.transport.liveness`; nothing on a UNIX socket). The receiver calls it
+        with the sender's value from START. Safe while another thread is blocked on
+        the socket: it is a few setsockopt calls. ValueError unless `seconds` > 0."""
+        with self.errors("setting the dead-peer timeout for"):
+            set_dead_peer_timeout(self.sock, seconds)
+        self.dead_peer_timeout_s = seconds
 
     def pending(self) -> int:
         """Bytes already read off the socket and buffered above it (TLS records)."""
@@ -55,21 +75,39 @@ class Stream:
         """OSError and ssl.SSLError -> TransportError("ACTION PEER: why")."""
         try:
             yield
-        except TimeoutError:
+        except TimeoutError as exc:
+            if is_dead_peer(exc):  # the kernel's keepalive or TCP_USER_TIMEOUT
+                raise self._silent(action) from None
             raise TransportError(f"{action} {self.peer}: timed out") from None
         except ssl.SSLError as exc:
+            if gave_up(self.sock):  # ssl reports a kernel ETIMEDOUT as an EOF
+                raise self._silent(action) from None
             raise TransportError(f"{action} {self.peer}: TLS: {tls_reason(exc)}") from None
         except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
             raise TransportError(f"{action} {self.peer}: the peer closed the connection") from None
         except OSError as exc:
             raise TransportError(f"{action} {self.peer}: {exc.strerror or exc}") from None
 
+    def _silent(self, action: str) -> TransportError:
+        return TransportError(f"{action} {self.peer}: the peer is silent (nothing heard "
+                              f"for {self.dead_peer_timeout_s:g} s)")
+
+    def _ended(self, action: str, what: str) -> TransportError:
+        """The error for an end of stream where bytes were expected (`what`: which)."""
+        if self.encrypted and gave_up(self.sock):  # ssl's view of a kernel ETIMEDOUT
+            return self._silent(action)
+        return TransportError(f"{action} {self.peer}: the peer closed the connection{what}")
+
     # --- reading --------------------------------------------------------------------
 
     def recv_some(self, limit: int) -> bytes:
-        """Up to `limit` bytes; b"" at end of stream."""
+        """Up to `limit` bytes; b"" at end of stream. TransportError if the peer fell
+        silent (TLS too, where `ssl` would report an end of stream)."""
         with self.errors("receiving from"):
-            return self.sock.recv(limit)
+            data = self.sock.recv(limit)
+        if not data and self.encrypted and gave_up(self.sock):
+            raise self._silent("receiving from")
+        return data
 
     def recv_into_exact(self, view: memoryview) -> None:
         """Fill `view` completely from the socket (zero-copy into e.g. guest memory)."""
@@ -79,8 +117,7 @@ class Stream:
                 with view[done:] as rest:
                     n = self.sock.recv_into(rest)
                 if n == 0:
-                    raise TransportError(f"receiving from {self.peer}: the peer closed the "
-                                         f"connection ({size - done} bytes missing)")
+                    raise self._ended("receiving from", f" ({size - done} bytes missing)")
                 done += n
 
     def recv_into_all(self, views: Sequence[memoryview]) -> None:

@@ -8,6 +8,13 @@ offset, and the devices' registers (format version 2; docs/architecture.md descr
 it, and version 1 still loads). It serialises to a JSON document; KVM structs
 appear as nested objects whose field names are those of linux/kvm.h, so the
 document can be read by a person.
+
+`to_json(version=1)` writes the version-1 document a protocol-2 destination (vmig up
+to db2c624) restores: per vCPU regs, sregs (from sregs2, as KVM_GET_SREGS would give
+them), the legacy FPU area (from the XSAVE area's FXSAVE region, as KVM_GET_FPU would),
+the 11 MSRs version 1 carried and the events. What version 1 cannot carry and a guest
+would miss is refused by name (`v1_problem`); the rest (CPUID, the other MSRs, TSC
+offset, kvmclock) is left behind, as version 1 always did.
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmig.config import VmConfig
 from vmig.errors import SnapshotError
 from vmig.kvm import bindings as b
+from vmig.kvm.msrs import V1_MSRS
 
 STATE_FORMAT = "vmig-vm-state"
 STATE_VERSION = 2
@@ -153,6 +162,27 @@ class VcpuState:
     def xsave_bytes(self) -> bytes | None:
         return None if self.xsave is None else bytes.fromhex(self.xsave)
 
+    def to_v1_dict(self) -> dict[str, Any]:
+        """This vCPU as state version 1 wrote it (see the module's docstring); a part
+        version 1 cannot carry is a SnapshotError naming it."""
+        problem = v1_problem(self)
+        if problem is not None:
+            raise SnapshotError(f"VM state version 1 cannot carry vCPU {self.vcpu_id}'s "
+                                f"{problem}")
+        sregs = self.sregs
+        if sregs is None:
+            assert self.sregs2 is not None  # check(): version 2 has one of them
+            sregs = sregs_from_sregs2(self.sregs2, self.events)
+        fpu = self.fpu
+        if fpu is None:
+            xsave = self.xsave_bytes()
+            assert xsave is not None
+            fpu = fpu_from_xsave(xsave)
+        return {"vcpu_id": self.vcpu_id, "regs": self.regs, "sregs": sregs, "fpu": fpu,
+                "msrs": {f"{index:#x}": self.msrs[index] for index in V1_MSRS
+                         if index in self.msrs},
+                "events": self.events}
+
     def check(self, version: int) -> None:
         """Build every struct once, so a bad document fails now, not halfway through a
         restore; version 2 must have all of its parts."""
@@ -189,16 +219,38 @@ class MachineState:
     clock: dict[str, int] | None = None
     version: int = STATE_VERSION
 
-    def to_json(self) -> str:
+    def to_json(self, version: int | None = None) -> str:
+        """The document in `version` (default: the state's own). Version 1 is what a
+        protocol-2 destination reads (see the module's docstring): ConfigError or
+        SnapshotError, naming the field, for a VM it cannot express."""
+        version = self.version if version is None else version
+        if version == 1:
+            return self._to_v1_json()
+        if version != STATE_VERSION:
+            raise SnapshotError(f"cannot write VM state version {version}: this vmig writes "
+                                f"1 and {STATE_VERSION}")
         document = {
             "format": STATE_FORMAT,
-            "version": self.version,
+            "version": version,
             "config": self.config.to_dict(),
             "tsc_khz": self.tsc_khz,
             "vcpus": [vcpu.to_dict() for vcpu in self.vcpus],
             "devices": self.devices,
             "guest": self.guest,
             "clock": self.clock,
+        }
+        return json.dumps(document, indent=1, sort_keys=True)
+
+    def _to_v1_json(self) -> str:
+        document = {
+            "format": STATE_FORMAT,
+            "version": 1,
+            "config": self.config.to_v1_dict(),
+            "tsc_khz": self.tsc_khz,
+            "vcpus": [vcpu.to_v1_dict() for vcpu in self.vcpus],
+            "devices": {"serial": self.devices.get("serial", {"regs": {}})},
+            "guest": {name: self.guest[name] for name in ("layout", "booted_cpus")
+                      if name in self.guest},
         }
         return json.dumps(document, indent=1, sort_keys=True)
 
@@ -241,6 +293,82 @@ class MachineState:
         for vcpu in state.vcpus:
             vcpu.check(version)
         return state
+
+
+# --- version 1 from version 2 ---------------------------------------------------------------
+
+#: FXSAVE's legacy region (the first 512 bytes of an XSAVE area): FCW, FSW, abridged
+#: FTW, a reserved byte, FOP, FIP, FDP, MXCSR, MXCSR_MASK; then ST0-7 at 32 and
+#: XMM0-15 at 160, 16 bytes each (Intel SDM vol. 1, 10.5.1).
+_FXSAVE_HEADER = struct.Struct("<HHBxHQQII")
+_FXSAVE_ST, _FXSAVE_XMM = 32, 160
+_XSTATE_BV = struct.Struct("<Q")  # at 512: which components are not in their init state
+_XSAVE_HEADER_OFFSET = 512
+_XFEATURE_X87, _XFEATURE_SSE = 1, 2
+_FCW_INIT = 0x37F  # FNINIT's control word: the x87 component's init state
+#: XCR0 bits for the x87 and SSE components: what FXSAVE's region holds. A guest that
+#: enabled more (AVX, AVX-512, PKRU...) has state that version 1 would lose.
+_V1_XCR0 = 0x3
+_DR7_ENABLE_BITS = 0xFF  # L0-L3 and G0-G3: a breakpoint is armed
+_MP_STATE_RUNNABLE = 0
+
+
+def sregs_from_sregs2(sregs2: dict[str, Any], events: dict[str, Any] | None
+                      ) -> dict[str, Any]:
+    """kvm_sregs from kvm_sregs2, as KVM_GET_SREGS gives them: no flags or PDPTRs
+    (KVM_SET_SREGS reloads those from CR3), and the interrupt bitmap holding the
+    injected external interrupt of `events`, if any (the kernel's __get_sregs)."""
+    sregs = {name: value for name, value in sregs2.items() if name not in ("flags", "pdptrs")}
+    words = [0] * len(b.kvm_sregs().interrupt_bitmap)
+    interrupt = (events or {}).get("interrupt") or {}
+    if interrupt.get("injected") and not interrupt.get("soft"):
+        nr = int(interrupt["nr"])
+        words[nr // 64] |= 1 << (nr % 64)
+    sregs["interrupt_bitmap"] = words
+    return sregs
+
+
+def fpu_from_xsave(xsave: bytes) -> dict[str, Any]:
+    """kvm_fpu from an XSAVE area (standard format), as KVM_GET_FPU reads the same state:
+    the FXSAVE region, with a component the XSAVE header says is in its init state read
+    as that state (x87: FCW 0x37F, the rest 0; SSE: XMM registers 0)."""
+    if len(xsave) < _XSAVE_HEADER_OFFSET + _XSTATE_BV.size:
+        raise SnapshotError(f"XSAVE area is {len(xsave)} bytes, too short for its header")
+    fcw, fsw, ftw, fop, fip, fdp, mxcsr, _ = _FXSAVE_HEADER.unpack_from(xsave)
+    (in_use,) = _XSTATE_BV.unpack_from(xsave, _XSAVE_HEADER_OFFSET)
+    fpu = b.kvm_fpu(mxcsr=mxcsr)
+    if in_use & _XFEATURE_X87:
+        fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode = fcw, fsw, ftw, fop
+        fpu.last_ip, fpu.last_dp = fip, fdp
+        ctypes.memmove(fpu.fpr, xsave[_FXSAVE_ST:_FXSAVE_ST + 128], 128)
+    else:
+        fpu.fcw = _FCW_INIT
+    if in_use & _XFEATURE_SSE:
+        ctypes.memmove(fpu.xmm, xsave[_FXSAVE_XMM:_FXSAVE_XMM + 256], 256)
+    return struct_to_dict(fpu)
+
+
+def v1_problem(vcpu: VcpuState) -> str | None:
+    """What of `vcpu`'s state version 1 cannot carry although the guest depends on it,
+    in a few words naming the field; None when version 1 can carry it.
+
+    Version 1 restores regs, sregs, the FPU area, V1_MSRS and events into a vCPU with
+    the host's CPUID: XCR0 stays at its reset value (x87 only; SSE needs no XCR0 bit),
+    debug registers at theirs, and the vCPU runnable.
+    """
+    if vcpu.xcrs is not None:
+        xcrs = vcpu.xcrs["xcrs"][:int(vcpu.xcrs["nr_xcrs"])]
+        xcr0 = next((int(x["value"]) for x in xcrs if int(x["xcr"]) == 0), 1)
+        if xcr0 & ~_V1_XCR0:
+            return (f"xcrs: XCR0 is {xcr0:#x}, enabling XSAVE state beyond x87 and SSE "
+                    "(AVX or later), which version 1 has no room for")
+    if vcpu.debugregs is not None and int(vcpu.debugregs["dr7"]) & _DR7_ENABLE_BITS:
+        return (f"debugregs: DR7 is {int(vcpu.debugregs['dr7']):#x}, arming hardware "
+                "breakpoints, which version 1 does not save")
+    if vcpu.mp_state is not None and int(vcpu.mp_state["mp_state"]) != _MP_STATE_RUNNABLE:
+        return (f"mp_state: {int(vcpu.mp_state['mp_state'])} (not runnable); version 1 "
+                "restores every vCPU runnable")
+    return None
 
 
 def _clock(data: dict[str, Any] | None) -> dict[str, int] | None:

@@ -18,7 +18,13 @@ from vmig.errors import KvmError
 from vmig.kvm import Kvm, Vcpu, Vm, buffers
 from vmig.kvm import bindings as b
 from vmig.kvm.msrs import MSR_IA32_TSC, msr_name, msrs_to_save, restore_order
-from vmig.vmm.state import CLOCK_FIELDS, VcpuState, dict_to_struct, struct_to_dict
+from vmig.vmm.state import (
+    CLOCK_FIELDS,
+    VcpuState,
+    dict_to_struct,
+    sregs_from_sregs2,
+    struct_to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -98,11 +104,8 @@ def _load_sregs(vcpu: Vcpu, state: VcpuState, support: StateSupport) -> None:
         return
     sregs = state.kvm_sregs()
     if sregs is None:  # sregs2 saved, but this KVM has only KVM_SET_SREGS
-        assert state.sregs2 is not None
-        common = {name: value for name, value in state.sregs2.items()
-                  if name not in ("flags", "pdptrs")}
-        common["interrupt_bitmap"] = [0] * len(b.kvm_sregs().interrupt_bitmap)
-        sregs = dict_to_struct(b.kvm_sregs, common)
+        assert state.sregs2 is not None  # (the events, set last, carry any interrupt)
+        sregs = dict_to_struct(b.kvm_sregs, sregs_from_sregs2(state.sregs2, None))
     vcpu.set_sregs(sregs)
 
 
