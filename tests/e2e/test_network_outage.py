@@ -232,9 +232,6 @@ def test_an_outage_longer_than_reconnect_timeout_fails_cleanly(spawn_vmm: Spawn,
     assert source.client.check_guest(60)["ok"]
 
 
-@pytest.mark.xfail(strict=True, reason="integrator: a MAIN lost before START is accepted is "
-                   "not resumable at the destination (Receiver._resume_main: start is None), "
-                   "while the source re-dials it as a resume for the whole window")
 def test_main_cut_in_the_middle_of_start_is_redialled(spawn_vmm: Spawn) -> None:
     """4 bytes into START (after the 32-byte hello and the 64-byte AUTH)."""
     source, destination, proxy, auth = _proxied(spawn_vmm, cut_index=0,

@@ -197,6 +197,10 @@ class SendConnections:
         MigrationError), resuming MAIN as often as it is lost while the window allows."""
         with self.main_lock:
             channel = self.main
+            if channel.outstanding:  # a heartbeat that was never answered: MAIN is dead
+                channel = self._resume_main(channel, TransportError(
+                    "MAIN's heartbeat was not answered"))
+                channel.settle()
             try:
                 channel.submit(event)
             except TransportError as exc:

@@ -50,7 +50,11 @@ from vmig.migration.memory_writer import (
     write_memory,
 )
 from vmig.migration.metrics import MigrationMetrics, Phase
-from vmig.migration.params import ResolvedReceive
+from vmig.migration.params import (
+    DEFAULT_DEAD_PEER_TIMEOUT_S,
+    DEFAULT_RECONNECT_TIMEOUT_S,
+    ResolvedReceive,
+)
 from vmig.migration.postcopy import PostcopyService, check_userfaultfd
 from vmig.migration.receive_phases import (
     Aborted,
@@ -262,13 +266,14 @@ class MigrationReceiver:
         """Wait for the source to resume MAIN (version 3); raise `exc` when it is not to be
         waited for, MigrationError when it did not come in time."""
         start = self._start
-        if (self.lifecycle.ending or lost.version < 3 or start is None
-                or not start.reconnect_timeout_s):
+        # before START the source's window is not known yet: the default one
+        window = DEFAULT_RECONNECT_TIMEOUT_S if start is None else start.reconnect_timeout_s
+        dead_peer = DEFAULT_DEAD_PEER_TIMEOUT_S if start is None else start.dead_peer_timeout_s
+        if self.lifecycle.ending or lost.version < 3 or not window:
             raise exc
         cause = describe(exc)
         waiting = self.lifecycle.postcopy and not isinstance(self._phase, Completed)
-        timeout = None if waiting else float(start.reconnect_timeout_s
-                                              + start.dead_peer_timeout_s)
+        timeout = None if waiting else float(window + dead_peer)
         log.warning("the MAIN connection was lost (%s); waiting %s for the source to resume "
                     "it", cause, "for it" if timeout is None else f"up to {timeout:.0f} s")
         self.lifecycle.connection_lost(0, "main", cause)

@@ -186,6 +186,11 @@ class SenderChannel:
         """Wake any thread blocked on this connection (from any thread)."""
         self.stream.shutdown()
 
+    def settle(self) -> None:
+        """Read the answers to every outstanding request (a resumed MAIN's re-sent PING)."""
+        while self.conn.outstanding:
+            self.check(self.read_response())
+
     def ping(self, timeout: float | None = None) -> None:
         """The heartbeat (version 3, MAIN): PING, and wait for its OK (`timeout`: at most
         that long; a silent peer is then a TransportError)."""

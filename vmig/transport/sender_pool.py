@@ -204,6 +204,10 @@ class SenderPool:
                         return
                     if resumed is not None:  # fenced: the old copies cannot land any more
                         self.channels[index] = resumed
+                        try:
+                            resumed.settle()  # MAIN: a heartbeat re-sent with its number
+                        except TransportError:
+                            continue  # lost again: resumed again
                         work.requeue(list(in_flight))
                         in_flight.clear()
                         continue
