@@ -22,23 +22,17 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from vmig.errors import MigrationCancelled, MigrationError, TransportError
 from vmig.proto import (
-    PROTOCOL_VERSION,
-    AuthenticationError,
     AuthMethod,
     Cancel,
-    Challenged,
     ConnectionClosed,
     ConnectionRole,
     EndOfPayload,
     Error,
-    Established,
     Hello,
     HelloReceived,
     Memory,
@@ -49,20 +43,23 @@ from vmig.proto import (
     ReceiverConnection,
     ReceiverEvent,
     ReceiverHandshake,
-    Refused,
     RemoteProtocolError,
     Request,
     Response,
     SenderConnection,
-    SenderHandshake,
 )
-from vmig.proto.postcopy import PageRequest, PageRequester, Pages, PageServer
 from vmig.proto.state import ReceiverState
 from vmig.proto.wire import NONCE_SIZE
 from vmig.ranges import RangeTable
+from vmig.transport.fault_channel import DestinationFaultChannel, SourceFaultChannel
+from vmig.transport.hello import Identity, VersionRefused, sender_handshake
 from vmig.transport.pump import pull
 from vmig.transport.ratelimit import RateLimitStopped, TokenBucket
 from vmig.transport.stream import Buffer, PlainStream, Stream
+
+__all__ = ["ChannelInterrupted", "DestinationFaultChannel", "HandshakeRefused", "Identity",
+           "ReceiverChannel", "SenderChannel", "SourceFaultChannel", "VersionRefused",
+           "receive_handshake", "sender_handshake"]
 
 ViewsFor = Callable[[RangeTable], list[memoryview]]
 #: Admission: None to take the connection, or the reason it is refused.
@@ -75,68 +72,6 @@ class HandshakeRefused(TransportError):
 
 class ChannelInterrupted(TransportError):
     """`ReceiverChannel.interrupt()` woke a wait for the next request."""
-
-
-class VersionRefused(MigrationError):
-    """The destination does not speak this side's protocol version (it said which it
-    does); the caller may try again with an older one."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Which connection of which migration a channel is: what its hello says."""
-
-    role: ConnectionRole
-    migration_id: bytes
-    version: int = PROTOCOL_VERSION
-    index: int = 0
-    resume: int = 0
-
-    def next_resume(self) -> Identity:
-        """The identity of the connection that resumes this one."""
-        return Identity(self.role, self.migration_id, self.version, self.index,
-                        self.resume + 1)
-
-    @property
-    def name(self) -> str:
-        if self.role is ConnectionRole.MEMORY:
-            return f"MEMORY {self.index}"
-        return self.role.name
-
-
-def sender_handshake(stream: Stream, identity: Identity,
-                     token: bytes | None) -> tuple[AuthMethod, bytes]:
-    """The sending side of a connection's handshake: hello, then the token proof if the
-    receiver asks (both nonces fresh). Returns the method and any bytes read beyond it.
-
-    VersionRefused when the receiver does not speak `identity.version`; MigrationError
-    for other refusals and failed proofs; TransportError when the connection fails."""
-    handshake = SenderHandshake(identity.role, identity.migration_id, token=token,
-                                nonce=os.urandom(NONCE_SIZE), version=identity.version,
-                                index=identity.index, resume=identity.resume)
-    name = identity.name
-    try:
-        stream.send_all([handshake.hello()])
-        while True:
-            event = pull(handshake, stream.recv_some)
-            if isinstance(event, Challenged):
-                stream.send_all([handshake.authenticate()])
-            elif isinstance(event, Refused):
-                if "speaks protocol version" in event.reason:
-                    raise VersionRefused(f"the destination refused protocol version "
-                                         f"{identity.version}: {event.reason}")
-                raise MigrationError(f"destination refused the {name} connection: "
-                                     f"{event.reason}")
-            elif isinstance(event, Established):
-                return event.method, handshake.unused_data()
-    except AuthenticationError as exc:
-        raise MigrationError(f"{stream.peer}: {exc}") from None
-    except RemoteProtocolError as exc:
-        raise MigrationError(f"handshake with {stream.peer} failed: {exc}"
-                             f"{_hint(stream)}") from None
-    except TransportError as exc:
-        raise TransportError(f"handshake on the {name} connection failed: {exc}"
-                             f"{_hint(stream)}") from None
 
 
 class SenderChannel:
@@ -271,54 +206,6 @@ class SenderChannel:
 
     def close(self) -> None:
         self.stream.close()
-
-
-class SourceFaultChannel:
-    """Post-copy's FAULT connection at the source: it reads the destination's page
-    requests and answers each with the pages (vmig.proto.postcopy). With `lost`, it
-    resumes that channel: the destination asks again for what it still lacks."""
-
-    def __init__(self, stream: Stream, identity: Identity, *,
-                 token: bytes | None = None) -> None:
-        self.stream = stream
-        self.identity = identity
-        self.role = identity.role
-        self._server = PageServer()
-        self.method, leftover = sender_handshake(stream, identity, token)
-        if leftover:
-            self._server.receive_data(leftover)
-
-    @property
-    def peer(self) -> str:
-        return self.stream.peer
-
-    def next_request(self) -> RangeTable | None:
-        """The pages the destination asks for next; None when it closed the connection."""
-        event = pull(self._server, self.stream.recv_some)
-        if isinstance(event, ConnectionClosed):
-            return None
-        assert isinstance(event, PageRequest)
-        return event.ranges
-
-    def answer(self, ranges: RangeTable, views: Sequence[memoryview]) -> None:
-        """Send the pages of `ranges` (the views of them, in order)."""
-        self.stream.send_all([self._server.answer(ranges), *views])
-
-    def shutdown(self) -> None:
-        self.stream.shutdown()
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-def _hint(stream: Stream) -> str:
-    """What a handshake that broke off most likely means, given how this side connected."""
-    if stream.encrypted:  # our TLS handshake passed; the destination then ended the session
-        return (" (the destination does not accept this side's certificate: is "
-                "client-cert.pem signed by the CA the destination trusts?)")
-    if stream.sock.family in (socket.AF_INET, socket.AF_INET6):
-        return " (does the destination expect TLS? then pass --tls-dir)"
-    return ""
 
 
 def receive_handshake(stream: Stream, *, token: bytes | None, admit: Admit,
@@ -524,53 +411,4 @@ class ReceiverChannel:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._wake = None
-        self.stream.close()
-
-
-class DestinationFaultChannel:
-    """Post-copy's FAULT connection at the destination: it asks the source for the pages
-    a faulting guest needs and reads the answers (vmig.proto.postcopy)."""
-
-    def __init__(self, stream: Stream, hello: Hello) -> None:
-        self.stream = stream
-        self.hello = hello
-        self.role = hello.role
-        self.migration_id = hello.migration_id
-        self.version = hello.version
-        self.index = 0
-        self._requester = PageRequester()
-
-    @property
-    def peer(self) -> str:
-        return self.stream.peer
-
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            self._requester.receive_data(data)
-
-    def request(self, ranges: RangeTable) -> None:
-        """Ask for `ranges` (answers come in order)."""
-        self.stream.send_all([self._requester.request(ranges)])
-
-    def next_pages(self) -> Pages | None:
-        """The next answer's header (its ranges and size); None when the source closed
-        the connection. Read its bytes with `receive_pages`."""
-        event = pull(self._requester, self.stream.recv_some)
-        if isinstance(event, ConnectionClosed):
-            return None
-        assert isinstance(event, Pages)
-        return event
-
-    def receive_pages(self, view: memoryview) -> None:
-        """Read the current answer's page bytes into `view` (exactly its size)."""
-        self.stream.recv_into_exact(view)
-        self._requester.payload_received(len(view))
-        event = self._requester.next_event()
-        if not isinstance(event, EndOfPayload):
-            raise MigrationError(f"expected the end of the pages, got {event!r}")
-
-    def shutdown(self) -> None:
-        self.stream.shutdown()
-
-    def close(self) -> None:
         self.stream.close()
