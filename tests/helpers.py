@@ -73,10 +73,10 @@ def receive(destination: VmmProcess, url: str = ANY_PORT, **params: Any
 
 
 def send_in_precopy(source: VmmProcess, url: str, auth: dict[str, str],
-                    connections: int = 1) -> Background:
+                    connections: int = 1, **params: object) -> Background:
     """Start a send that cannot converge on its own; return once it is in pre-copy."""
     send = Background(lambda: source.client.send_migration(
-        destination_url=url, **auth, connections=connections, **NEVER_CONVERGES))
+        destination_url=url, **auth, connections=connections, **NEVER_CONVERGES, **params))
     send.start()
     wait_for(lambda: (info := migration_info_or_none(source.client)) and info["active"]
              and info["phase"] == "precopy", "the source to start pre-copy")

@@ -146,8 +146,10 @@ def test_a_paused_vm_arrives_paused_and_runs_after_resume(spawn_vmm: Spawn) -> N
 
 @pytest.mark.parametrize("verify_memory", [True, False], ids=["verify", "no-verify"])
 def test_a_cut_data_connection_is_survived(spawn_vmm: Spawn, verify_memory: bool) -> None:
-    """Its chunks go to the others; memory is verified even when not asked for (the
-    destination might still write the rest of the lost chunk after its second copy)."""
+    """Not re-dialled (reconnect_timeout_s 0, as version 2): its chunks go to the others;
+    memory is verified even when not asked for (the destination might still write the
+    rest of the lost chunk after its second copy: no fence). Resumed connections:
+    tests/e2e/test_network_outage.py."""
     destination = spawn_vmm()
     source = spawn_vmm(*BIG_GUEST)
     url, auth = receive(destination)
@@ -155,7 +157,8 @@ def test_a_cut_data_connection_is_survived(spawn_vmm: Spawn, verify_memory: bool
     # The third connection (MAIN is the first) is cut after 8 MiB of its data.
     with CutProxy((address.host, address.port), cut_index=2, cut_after=8 << 20) as proxy:
         summary = source.client.send_migration(destination_url=proxy.url, **auth,
-                                               connections=4, verify_memory=verify_memory)
+                                               connections=4, verify_memory=verify_memory,
+                                               reconnect_timeout_s=0)
         assert proxy.cuts == 1
     assert summary["status"] == "completed" and summary["memory_verified"]
     assert summary["connections"] == 4 and summary["connections_lost"] == 1
@@ -170,13 +173,15 @@ def test_a_cut_data_connection_is_survived(spawn_vmm: Spawn, verify_memory: bool
 
 
 def test_a_cut_main_connection_fails_cleanly(spawn_vmm: Spawn) -> None:
+    """Without a re-dial window (reconnect_timeout_s 0) a lost MAIN ends the migration."""
     destination = spawn_vmm()
     source = spawn_vmm(*BIG_GUEST)
     url, auth = receive(destination)
     address = parse_url(url)
     with CutProxy((address.host, address.port), cut_index=0, cut_after=4 << 20) as proxy:
         message = expect_api_error(500, source.client.send_migration,
-                                   destination_url=proxy.url, **auth, connections=4)
+                                   destination_url=proxy.url, **auth, connections=4,
+                                   reconnect_timeout_s=0)
         assert proxy.cuts == 1
     assert "MAIN connection" in message or "main" in message.lower()
     assert_source_still_healthy(source)

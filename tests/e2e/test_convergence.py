@@ -123,8 +123,10 @@ def test_postcopy_completes_over_four_connections(spawn_vmm: Spawn, tmp_path: Pa
 
 
 def test_postcopy_with_its_fault_connection_cut_fails_as_documented(spawn_vmm: Spawn) -> None:
-    """Neither side has the whole VM: the destination stops its VM, the source keeps its
-    VM paused as at the switch-over, and both say so. Never two running VMs."""
+    """Without a re-dial window (reconnect_timeout_s 0; with one it is resumed:
+    tests/e2e/test_network_outage.py): neither side has the whole VM, the destination
+    stops its VM, the source keeps its VM paused as at the switch-over, and both say so.
+    Never two running VMs."""
     destination = spawn_vmm()
     source = spawn_vmm(*FAST_GUEST)
     url, auth = receive(destination)
@@ -133,7 +135,8 @@ def test_postcopy_with_its_fault_connection_cut_fails_as_documented(spawn_vmm: S
     with CutProxy((address.host, address.port), cut_index=2, cut_after=1200) as proxy:
         message = expect_api_error(500, source.client.send_migration, destination_url=proxy.url,
                                    **auth, connections=2, max_bandwidth=CAP, postcopy=True,
-                                   postcopy_after_iterations=2, timeout_s=60)
+                                   postcopy_after_iterations=2, timeout_s=60,
+                                   reconnect_timeout_s=0)
         assert proxy.cuts == 1
     assert "post-copy failed:" in message
     assert "the source keeps the VM paused as it was at the switch-over" in message

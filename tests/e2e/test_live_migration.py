@@ -255,7 +255,9 @@ def test_source_killed_mid_migration_leaves_the_destination_empty_and_reusable(
     destination = spawn_vmm()
     doomed = spawn_vmm(*BUSY_GUEST)
     url, auth = receive(destination, ANY_PORT)
-    send = send_in_precopy(doomed, url, auth, connections=4)
+    # the destination waits for the source to resume for reconnect + dead-peer timeouts
+    send = send_in_precopy(doomed, url, auth, connections=4, reconnect_timeout_s=2,
+                           dead_peer_timeout_s=2)
     kill(doomed)
     with pytest.raises(ApiError):
         send.outcome()

@@ -33,6 +33,7 @@ from vmig.transport.channel import (
     VersionRefused,
 )
 from vmig.transport.endpoint import dial
+from vmig.transport.stream import IO_TIMEOUT_S
 
 __all__ = ["SendConnections"]
 
@@ -111,19 +112,26 @@ class SendConnections:
         assert isinstance(channel, SourceFaultChannel)
         return channel
 
-    def _connect(self, identity: Identity, lost: Channel | None = None) -> Channel:
+    def _connect(self, identity: Identity, lost: Channel | None = None,
+                 timeout: float = IO_TIMEOUT_S) -> Channel:
+        """Dial and say hello; `timeout` bounds the connect and the handshake (a re-dial's
+        is short: a destination that does not answer is tried again)."""
         self.lifecycle.check_cancelled()
         security = self.resolved.security
-        stream = dial(self.address, security,
+        stream = dial(self.address, security, timeout=timeout,
                       dead_peer_timeout_s=self.params.dead_peer_timeout_s)
         try:
+            channel: Channel
             if identity.role is ConnectionRole.FAULT:
-                return SourceFaultChannel(stream, identity, token=security.token)
-            assert lost is None or isinstance(lost, SenderChannel)
-            return SenderChannel(stream, identity, token=security.token, lost=lost)
+                channel = SourceFaultChannel(stream, identity, token=security.token)
+            else:
+                assert lost is None or isinstance(lost, SenderChannel)
+                channel = SenderChannel(stream, identity, token=security.token, lost=lost)
         except BaseException:
             stream.close()
             raise
+        stream.settimeout(IO_TIMEOUT_S)
+        return channel
 
     # --- resuming --------------------------------------------------------------------------
 
@@ -143,8 +151,9 @@ class SendConnections:
         last = cause
         while True:
             identity = identity.next_resume()  # every attempt: a fresh resume count
+            attempt_s = max(min(deadline - self.clock(), self.params.dead_peer_timeout_s), 0.5)
             try:
-                channel = self._connect(identity, lost)
+                channel = self._connect(identity, lost, attempt_s)
             except MigrationCancelled:
                 raise
             except MigrationError as exc:  # refused: the destination cannot resume it
