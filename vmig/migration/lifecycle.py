@@ -20,14 +20,15 @@ from vmig.errors import MigrationCancelled, StateError
 from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.policy import CANCELLABLE, SendPhase, next_send_phase
 
-__all__ = ["ROLLBACK_WARNING", "ReceiveLifecycle", "SendLifecycle"]
+__all__ = ["PHASE_METRICS", "ROLLBACK_WARNING", "ReceiveLifecycle", "SendLifecycle"]
 
 #: What a cancel in postcopy-paused means, said when it is given.
 ROLLBACK_WARNING = ("cancelling post-copy is a rollback: the guest goes back to the source's "
                     "copy, paused at the switch-over, and loses what it did at the destination "
                     "since then")
 
-_PHASE_METRICS = {SendPhase.CONNECTING: Phase.CONNECTING, SendPhase.PRECOPY: Phase.PRECOPY,
+#: The metrics' phase of each of the sender's phases.
+PHASE_METRICS = {SendPhase.CONNECTING: Phase.CONNECTING, SendPhase.PRECOPY: Phase.PRECOPY,
                   SendPhase.SWITCHOVER: Phase.SWITCHOVER, SendPhase.POSTCOPY: Phase.POSTCOPY,
                   SendPhase.COMPLETING: Phase.COMPLETING,
                   SendPhase.COMPLETED: Phase.COMPLETED, SendPhase.CANCELLED: Phase.CANCELLED,
@@ -80,7 +81,7 @@ class SendLifecycle:
             self._phase = next_send_phase(self._phase, phase)
             paused = self.postcopy_started and bool(self._connections.down)
         self.metrics.set_phase(Phase.POSTCOPY_PAUSED if paused and not phase_final(phase)
-                               else _PHASE_METRICS[phase])
+                               else PHASE_METRICS[phase])
 
     def commit(self, phase: SendPhase) -> None:
         """Move past a point of no return (POSTCOPY, COMPLETING): a cancel either came
@@ -90,7 +91,7 @@ class SendLifecycle:
             self._phase = next_send_phase(self._phase, phase)
             if phase is SendPhase.POSTCOPY:
                 self.postcopy_started = True
-        self.metrics.set_phase(_PHASE_METRICS[phase])
+        self.metrics.set_phase(PHASE_METRICS[phase])
 
     def end(self, phase: SendPhase) -> None:
         """The outcome (CANCELLED or FAILED) after a failure, whatever the phase was."""
@@ -151,7 +152,7 @@ class SendLifecycle:
                        and not phase_final(self._phase))
             phase = self._phase
         if resumed:
-            self.metrics.set_phase(_PHASE_METRICS[phase])
+            self.metrics.set_phase(PHASE_METRICS[phase])
 
     def postcopy_paused_locked(self) -> bool:
         return self.postcopy_started and bool(self._connections.down) \

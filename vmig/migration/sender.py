@@ -49,7 +49,7 @@ from vmig.migration.documents import (
     MemoryDigest,
     document_version_for,
 )
-from vmig.migration.lifecycle import _PHASE_METRICS, ROLLBACK_WARNING, SendLifecycle
+from vmig.migration.lifecycle import PHASE_METRICS, ROLLBACK_WARNING, SendLifecycle
 from vmig.migration.memory_reader import ChunkSender
 from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, ResolvedSend, SendParams
@@ -539,7 +539,7 @@ class MigrationSender:
             self.machine.resume_for(OPERATION)
         (log.info if cancelled else log.warning)("outgoing migration %s: %s", outcome.value,
                                                  reason)
-        self.metrics.finish(_PHASE_METRICS[outcome], error=reason)
+        self.metrics.finish(PHASE_METRICS[outcome], error=reason)
         return outcome
 
     def _close(self) -> None:

@@ -49,6 +49,7 @@ from vmig.transport.channel import (
     receive_handshake,
 )
 from vmig.transport.endpoint import Listener
+from vmig.transport.hello import Identity
 from vmig.transport.security import Security
 from vmig.transport.stream import IO_TIMEOUT_S, Stream
 
@@ -423,7 +424,7 @@ class ReceiverPool:
         """A resumed connection (version 3): refused, or admitted once the connection it
         replaces is fenced (see the module doc)."""
         key = (hello.role, hello.index)
-        name = f"MEMORY {hello.index}" if hello.role is ConnectionRole.MEMORY else hello.role.name
+        name = Identity(hello.role, hello.migration_id, hello.version, hello.index).name
         with self._lock:
             if self._closing or self._interrupted:
                 return "the receiver is closing"
