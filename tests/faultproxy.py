@@ -28,11 +28,18 @@ connection's index and resume count: bytes 12..16), so MAIN is known however man
 times it was re-dialled. It needs plain TCP (token auth, not TLS) to parse
 anything; cuts, stalls and outages work on any stream. Every thread is joined and
 every socket closed by `close()`.
+
+Either side may be a UNIX socket, as with KubeVirt's migration proxies (a VMM dials a
+socket file, the proxy carries the bytes over TCP): `listen_path=` listens on a socket
+file instead of 127.0.0.1 (`url` is then `unix:PATH`), and a target `"unix:PATH"`
+dials one. A reset of a UNIX socket is a plain close (UNIX sockets have no RST: the
+peer reads an end of stream, or a write fails with EPIPE).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import struct
@@ -138,11 +145,19 @@ class Carried:
         return role == ROLE_MAIN if role is not None else self.index == 0
 
 
-class CutProxy:
-    """Forwards 127.0.0.1:<port> to `target`, breaking connections when told to."""
+#: Where the proxy forwards to: (host, port) over TCP, or "unix:PATH".
+Target = tuple[str, int] | str
 
-    def __init__(self, target: tuple[str, int], *, cut_index: int | None = None,
-                 cut_after: int = 0, lose_complete_answer: bool = False) -> None:
+
+class CutProxy:
+    """Forwards 127.0.0.1:<port> (or the socket file `listen_path`) to `target`, breaking
+    connections when told to."""
+
+    def __init__(self, target: Target, *, listen_path: str | None = None,
+                 cut_index: int | None = None, cut_after: int = 0,
+                 lose_complete_answer: bool = False) -> None:
+        if isinstance(target, str) and not target.startswith("unix:"):
+            raise ValueError(f"a string target is unix:PATH, not {target!r}")
         self.target = target
         self.cut_index = cut_index
         self.cut_after = cut_after
@@ -154,10 +169,18 @@ class CutProxy:
         #: Outages and stalls begun.
         self.outages = 0
         self.stalls = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listen_path = listen_path
+        if listen_path is None:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+            self.port = self.listener.getsockname()[1]
+            self.url = f"tcp:127.0.0.1:{self.port}"
+        else:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(listen_path)
+            self.listener.listen(128)
+            self.port = 0
+            self.url = f"unix:{listen_path}"
         self.listener.settimeout(TICK_S * 5)
-        self.port = self.listener.getsockname()[1]
-        self.url = f"tcp:127.0.0.1:{self.port}"
         self.connections: list[Carried] = []
         self._lock = threading.Lock()
         self._closing = False
@@ -225,13 +248,14 @@ class CutProxy:
                 self._refuse(client)
                 continue
             try:
-                server = socket.create_connection(self.target, timeout=5)
+                server = self._dial()
             except OSError:
                 _hard_close(client)
                 continue
             for sock in (client, server):
                 sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if sock.family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 carried = Carried(len(self.connections), client, server)
                 self.connections.append(carried)
@@ -248,6 +272,19 @@ class CutProxy:
             if carried.dead:
                 _hard_close(client)
                 _hard_close(server)
+
+    def _dial(self) -> socket.socket:
+        """A new connection to the target."""
+        if isinstance(self.target, tuple):
+            return socket.create_connection(self.target, timeout=5)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(5)
+            sock.connect(self.target.removeprefix("unix:"))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _refuse(self, client: socket.socket) -> None:
         with self._lock:
@@ -377,6 +414,9 @@ class CutProxy:
         self._closing = True
         self.listener.close()
         self._acceptor.join(5)
+        if self.listen_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.listen_path)
         with self._lock:
             connections = list(self.connections)
         for carried in connections:

@@ -474,8 +474,9 @@ def receive_migration(target: _Remote, url: str, as_json: bool, **params: Any) -
     """Have an empty VMM listen for one incoming migration on URL; print where to send it.
 
     URL is tcp:HOST:PORT (port 0: any free port; IPv6 hosts in brackets) or
-    unix:PATH. Over tcp: every connection is authenticated: with --tls-dir
-    (mutual TLS), or with a token. Without --token/--token-file (and without
+    unix:PATH (mode 0600; each of the source's --connections is a new connection
+    to it, so a proxy may carry each over TCP). Over tcp: every connection is
+    authenticated: with --tls-dir (mutual TLS), or with a token. Without --token/--token-file (and without
     --tls-dir) the VMM makes a random token and prints it: give it to
     send-migration. The command returns once the VMM listens; the VM appears
     there when the migration completes (`vmig remote info` shows state

@@ -165,7 +165,6 @@ def test_local_migration_passes_memory_fd(source, tmp_path):
     ({"connections": 0}, "connections: must be between 1 and 128"),
     ({"connections": 129}, "connections: must be between 1 and 128"),
     ({"token": None}, "token: a tcp: destination needs the token"),
-    ({"connections": 2, "destination_url": "unix:/tmp/x"}, "connections: must be 1 with a unix"),
     ({"connections": 2, "local": True, "destination_url": "unix:/tmp/x"},
      "connections: must be 1"),
     ({"local": True}, "local: needs a unix"),

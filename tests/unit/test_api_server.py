@@ -613,8 +613,8 @@ def test_cli_migration_commands(served: Served) -> None:
         result = runner.invoke(cli, [*base, "send-migration", *args])
         assert result.exit_code == 2 and result.stdout == "", (args, result.stdout)
         assert text in result.stderr
-    for args, text in ((["unix:/x", "--connections", "2"], "connections: must be 1 with a "
-                                                           "unix: destination_url"),
+    for args, text in ((["unix:/x", "--connections", "2", "--local"],
+                        "connections: must be 1 when local is true"),
                        (["tcp:h:1", "--json"], "token: a tcp: destination needs the token"),
                        (["tcp:h:1", "--json", "--token", TOKEN],
                         "cannot send a migration: no VM yet")):

@@ -4,11 +4,13 @@ rely on (a reset is an RST on both sides, not a FIN; a refused re-dial fails at 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from faultproxy import HEADER, HELLO, CutProxy
@@ -41,9 +43,15 @@ class Destination:
     """Answers as a receiver frames them: the hello with OK + 24 bytes, every request with
     OK + 0 bytes; records each connection's (role, commands) and how it ended."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
+    def __init__(self, path: str | None = None) -> None:
+        if path is None:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+            self.address: tuple[str, int] | str = self.listener.getsockname()
+        else:  # a UNIX socket file: `address` is the proxy target "unix:PATH"
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(path)
+            self.listener.listen()
+            self.address = f"unix:{path}"
         self.seen: list[dict[str, object]] = []
         self.sockets: list[socket.socket] = []
         self.threads: list[threading.Thread] = []
@@ -84,6 +92,8 @@ class Destination:
             sock.close()
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes a blocked accept() (a UNIX one too)
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         for sock in self.sockets:
             sock.close()
@@ -99,7 +109,12 @@ def destination() -> Iterator[Destination]:
 
 
 def dial(proxy: CutProxy, role: int, index: int = 0) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    if proxy.listen_path is None:
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        sock.connect(proxy.listen_path)
     sock.sendall(hello(role, index))
     status, _, length = HEADER.unpack(recv_exact(sock, HEADER.size))
     assert status == OK
@@ -227,6 +242,39 @@ def test_completes_answer_is_lost_when_requests_come_in_pieces(
         assert HEADER.unpack(answers[:HEADER.size])[2] == 24
         assert_reset(main)
         assert destination.seen[0]["commands"] == [AUTH, COMPLETE]
+
+
+def test_unix_to_tcp_to_unix_as_kubevirts_proxies_do(tmp_path: Path) -> None:
+    """A socket file in, TCP between two proxies, a socket file out: every connection is
+    carried on its own, and a cut on the first proxy ends the same connection at the
+    destination (an end of stream there: a UNIX socket has no RST) while the others go on."""
+    destination = Destination(str(tmp_path / "dst.sock"))
+    try:
+        with (CutProxy(destination.address) as inbound,
+              CutProxy(("127.0.0.1", inbound.port), listen_path=str(tmp_path / "src.sock"),
+                       cut_index=2, cut_after=HELLO.size + 100) as outbound):
+            assert outbound.url == f"unix:{tmp_path}/src.sock"
+            socks = [dial(outbound, MAIN), *(dial(outbound, MEMORY, index=i) for i in (1, 2, 3))]
+            for sock in socks[:2]:
+                assert ask(sock, 4, b"m" * 500_000) == OK
+            socks[2].sendall(request(4, b"c" * 1000))
+            wait_for(lambda: len(destination.seen) == 4
+                     and destination.seen[2]["end"] == "eof", "the cut to reach the destination")
+            assert ask(socks[3], 4, b"n" * 1000) == OK
+            assert [c.hello_index for c in outbound.connections] == [0, 1, 2, 3]
+            assert [c.role for c in inbound.connections] == [MAIN, MEMORY, MEMORY, MEMORY]
+            assert outbound.cuts == 1 and inbound.cuts == 0
+            assert [r["end"] for r in destination.seen] == [None, None, "eof", None]
+            for sock in socks:
+                sock.close()
+        assert not (tmp_path / "src.sock").exists()  # close() removes its socket file
+    finally:
+        destination.close()
+
+
+def test_a_string_target_must_be_unix() -> None:
+    with pytest.raises(ValueError, match="unix:PATH"):
+        CutProxy("tcp:127.0.0.1:1")
 
 
 def test_close_joins_everything(destination: Destination) -> None:

@@ -295,12 +295,14 @@ class _ReceiveBase(_Model):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"receiver_url": "tcp:0.0.0.0:6000"},
         {"receiver_url": "tcp:0.0.0.0:6000", "tls_dir": "/etc/vmig/tls"},
-        {"receiver_url": "unix:/run/vmig/mig.sock", "max_connections": 1},
+        {"receiver_url": "unix:/run/vmig/mig.sock"},
     ]})
 
     receiver_url: str = Field(description="`tcp:HOST:PORT` (port 0: any free port; the reply "
                               "names the one chosen; IPv6 hosts in brackets) or `unix:PATH` "
-                              "(created with mode 0600).", examples=["tcp:0.0.0.0:6000"])
+                              "(created with mode 0600; a sender's connections, several or "
+                              "one, are each a new connection to it).",
+                              examples=["tcp:0.0.0.0:6000"])
 
     _url = field_validator("receiver_url")(_check_migration_url)
 
@@ -346,10 +348,13 @@ class _SendBase(_Model):
         {"destination_url": "tcp:dst.example:6000", "connections": 8,
          "tls_dir": "/etc/vmig/tls"},
         {"destination_url": "unix:/run/vmig/mig.sock", "local": True},
+        {"destination_url": "unix:/run/vmig/proxy.sock", "connections": 4},
     ]})
 
     destination_url: str = Field(description="The receiver's URL: `tcp:HOST:PORT` or "
-                                 "`unix:PATH`.", examples=["tcp:192.0.2.7:6000"])
+                                 "`unix:PATH` (each connection dialled anew to PATH, so a "
+                                 "proxy may carry each one over TCP, as KubeVirt's does).",
+                                 examples=["tcp:192.0.2.7:6000"])
 
     _url = field_validator("destination_url")(_check_migration_url)
 

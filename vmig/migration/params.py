@@ -114,8 +114,9 @@ _TLS_HELP = ("Directory with ca-cert.pem, {side}-cert.pem and {side}-key.pem: mu
 
 #: Parameters of `vm.send-migration` (besides `destination_url`), in CLI order.
 SEND_PARAMETERS: tuple[Param, ...] = (
-    Param("connections", "int", 1, "TCP connections to copy memory over, the main one "
-          "included; 1 with a unix: destination or with local.", 1, MAX_CONNECTIONS,
+    Param("connections", "int", 1, "Connections to copy memory over, the main one "
+          "included: each one dialled anew to the destination (tcp: or unix:); 1 with "
+          "local.", 1, MAX_CONNECTIONS,
           metavar="N"),
     Param("local", "bool", False, "Same host: hand guest memory over as a file descriptor "
           "instead of copying it; needs a unix: destination."),
@@ -269,9 +270,6 @@ class SendParams:
             raise ConfigError(f"destination_url: {exc}") from None
         for param in SEND_PARAMETERS:
             param.check(getattr(self, param.name))
-        if self.connections > 1 and address.kind == "unix":
-            raise ConfigError("connections: must be 1 with a unix: destination_url "
-                              "(several connections need tcp:)")
         if self.connections > 1 and self.local:
             raise ConfigError("connections: must be 1 when local is true "
                               "(memory is shared, not copied)")
