@@ -22,6 +22,7 @@ from vmig.config import (
 )
 from vmig.guest import layout
 from vmig.migration.params import (
+    CHANGEABLE_PARAMETERS,
     RECEIVE_PARAMETERS,
     SEND_PARAMETERS,
     Param,
@@ -366,6 +367,37 @@ SendMigrationRequest = create_model(
     **{p.name: _param_field(p) for p in SEND_PARAMETERS})
 
 
+def _change_field(param: Param) -> tuple[Any, Any]:
+    """`_param_field`, optional (absent: unchanged); a size may be a byte count too."""
+    kind, field = _param_field(param)
+    if param.kind == "size":
+        kind = str | int | None
+    field.default = None
+    return kind | None, field
+
+
+class _ChangesBase(BaseModel):
+    # Other fields are let through to `check_changes`: a send parameter that cannot
+    # change mid-flight is a 409 that says so, an unknown field a 400.
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"downtime_ms": 500}, {"max_bandwidth": "50M"},
+        {"auto_converge": True, "auto_converge_initial": 30, "auto_converge_step": 20},
+    ]})
+
+    def to_changes(self) -> dict[str, Any]:
+        """The fields given (null included: max_bandwidth null lifts the cap)."""
+        return {**self.model_dump(exclude_unset=True), **(self.model_extra or {})}
+
+
+MigrationSetParametersRequest = create_model(
+    "MigrationSetParametersRequest", __base__=_ChangesBase,
+    __doc__="`vm.migration-set-parameters`: new values for the running send (any of these "
+            "fields; the others keep theirs). They apply from the next chunk or iteration. "
+            "Any other send parameter cannot change mid-flight (409).",
+    __validators__=_validators(CHANGEABLE_PARAMETERS),
+    **{p.name: _change_field(p) for p in CHANGEABLE_PARAMETERS})
+
+
 class ConnectionFigures(BaseModel):
     """What went over one connection (QEMU's multifd counters)."""
 
@@ -470,6 +502,12 @@ class MigrationSummary(BaseModel):
                                                   "cap; null for none.")
     throttle_percent: int | None = Field(None, description="Sender: how much auto-converge "
                                          "slows the guest's vCPUs now (0: not at all).")
+    parameters: dict[str, Any] | None = Field(
+        None, description="Sender: the parameters vm.migration-set-parameters may change, "
+        "with the values now in force.",
+        examples=[{"downtime_ms": 300, "timeout_s": 3600, "max_bandwidth": "50M",
+                   "auto_converge": False, "auto_converge_initial": 20,
+                   "auto_converge_step": 10, "auto_converge_max": 99}])
     connections: int = Field(description="Connections the migration opened.")
     connections_lost: int = Field(0, description="Data connections lost mid-migration (their "
                                   "chunks went over the others).")
