@@ -154,3 +154,24 @@ def test_a_bandwidth_cap_added_mid_flight_holds_and_can_change(spawn_vmm: Spawn)
     except ApiError as exc:
         assert exc.status == 409, exc
     assert send.outcome()["status"] in ("cancelled", "completed")
+
+
+def test_auto_converge_turned_on_mid_flight_throttles_with_its_new_steps(spawn_vmm: Spawn
+                                                                         ) -> None:
+    destination = spawn_vmm()
+    source = spawn_vmm(*BUSY_GUEST)
+    url, auth = receive(destination)
+    send = send_in_precopy(source, url, auth, max_bandwidth=CAP)
+    assert source.client.migration_info()["throttle_percent"] == 0
+    info = source.client.migration_set_parameters(auto_converge=True, auto_converge_initial=45)
+    assert info["parameters"]["auto_converge"] is True
+    # two passes in which the guest outruns the cap, then the first step: 45%, not 20%
+    throttled = wait_for(lambda: (i := source.client.migration_info())["throttle_percent"]
+                         and i, "the throttle")
+    assert throttled["throttle_percent"] == 45 and throttled["phase"] == "precopy"
+    assert source.client.info()["throttle_percent"] == 45
+    source.client.migration_set_parameters(auto_converge=False)  # lifted at the next pass
+    wait_for(lambda: source.client.info()["throttle_percent"] == 0, "the throttle lifted")
+    assert source.client.migration_info()["active"]
+    source.client.cancel_migration()
+    assert send.outcome()["status"] == "cancelled"
