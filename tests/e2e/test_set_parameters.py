@@ -19,10 +19,12 @@ from helpers import (
     BUSY_GUEST,
     NEVER_CONVERGES,
     Spawn,
+    assert_one_line_error,
     assert_source_still_healthy,
     expect_api_error,
     receive,
     send_in_precopy,
+    vmig,
     wait_for,
 )
 
@@ -115,6 +117,13 @@ def test_refusals_name_the_field_or_say_why(spawn_vmm: Spawn) -> None:
     info = source.client.migration_info()  # nothing was changed by the refusals
     assert info["active"] and info["phase"] == "precopy"
     assert info["parameters"]["downtime_ms"] == 0 and info["connections"] == 1
+    # the CLI: the same refusal in one line, and a change that goes through
+    remote = ("remote", "--api-socket", source.socket_path, "migration-set")
+    assert_one_line_error(vmig(*remote, "--max-bandwidth", "fast"), "max_bandwidth: bad size")
+    result = vmig(*remote, "--timeout-s", "25", "--auto-converge", "--json")
+    assert result.returncode == 0, result.stderr
+    parameters = json.loads(result.stdout)["parameters"]
+    assert (parameters["timeout_s"], parameters["auto_converge"]) == (25, True)
     source.client.cancel_migration()
     assert send.outcome()["status"] == "cancelled"
     message = expect_api_error(409, source.client.migration_set_parameters, downtime_ms=500)

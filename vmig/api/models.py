@@ -261,17 +261,21 @@ _KINDS: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, 
                           "size": str}
 
 
-def _param_field(param: Param) -> tuple[Any, Any]:
-    """A pydantic field for one migration parameter (vmig.migration.params is the source)."""
+def _param_field(param: Param, change: bool = False) -> tuple[Any, Any]:
+    """A pydantic field for one migration parameter (vmig.migration.params is the source);
+    `change`: for vm.migration-set-parameters (optional: absent is unchanged; a size may
+    be a byte count too)."""
     kind: Any = Literal[param.choices] if param.kind == "choice" else _KINDS[param.kind]
-    if param.default is None:
+    if change and param.kind == "size":
+        kind = str | int
+    if param.default is None or change:
         kind = kind | None
     limits: dict[str, Any] = {}
     if param.minimum is not None:
         limits["gt" if param.minimum_open else "ge"] = param.minimum
     if param.maximum is not None:
         limits["le"] = param.maximum
-    return kind, Field(param.default, description=param.help, **limits)
+    return kind, Field(None if change else param.default, description=param.help, **limits)
 
 
 def _check_size(value: str | None) -> str | None:
@@ -367,15 +371,6 @@ SendMigrationRequest = create_model(
     **{p.name: _param_field(p) for p in SEND_PARAMETERS})
 
 
-def _change_field(param: Param) -> tuple[Any, Any]:
-    """`_param_field`, optional (absent: unchanged); a size may be a byte count too."""
-    kind, field = _param_field(param)
-    if param.kind == "size":
-        kind = str | int | None
-    field.default = None
-    return kind | None, field
-
-
 class _ChangesBase(BaseModel):
     # Other fields are let through to `check_changes`: a send parameter that cannot
     # change mid-flight is a 409 that says so, an unknown field a 400.
@@ -395,7 +390,7 @@ MigrationSetParametersRequest = create_model(
             "fields; the others keep theirs). They apply from the next chunk or iteration. "
             "Any other send parameter cannot change mid-flight (409).",
     __validators__=_validators(CHANGEABLE_PARAMETERS),
-    **{p.name: _change_field(p) for p in CHANGEABLE_PARAMETERS})
+    **{p.name: _param_field(p, change=True) for p in CHANGEABLE_PARAMETERS})
 
 
 class ConnectionFigures(BaseModel):
