@@ -131,7 +131,9 @@ def test_refusals_name_the_field_or_say_why(spawn_vmm: Spawn) -> None:
 
 
 def _rate(client: ApiClient, seconds: float) -> float:
-    """Guest memory bytes acknowledged per second over the next `seconds`."""
+    """Guest memory bytes acknowledged per second over the next `seconds`. Chunks are
+    megabytes each and their answers may come in bursts: only a window of seconds
+    tells a cap from none."""
     before, began = client.migration_info()["bytes_transferred"], time.monotonic()
     time.sleep(seconds)
     after = client.migration_info()["bytes_transferred"]
@@ -148,13 +150,13 @@ def test_a_bandwidth_cap_added_mid_flight_holds_and_can_change(spawn_vmm: Spawn)
     assert info["max_bandwidth_bytes_per_s"] == low
     assert info["parameters"]["max_bandwidth"] == "10M"
     time.sleep(0.5)  # chunks written before the change are not held back
-    capped = _rate(source.client, 3.0)
-    assert capped <= 1.3 * low, capped
+    capped = _rate(source.client, 4.0)
+    assert capped <= 1.5 * low, capped  # uncapped: about ten times that
     info = source.client.migration_set_parameters(max_bandwidth=high)  # bytes, raised
     assert info["max_bandwidth_bytes_per_s"] == high
     time.sleep(0.5)
     raised = _rate(source.client, 2.0)
-    assert 2 * low < raised <= 1.3 * high, (capped, raised)
+    assert 2 * low < raised <= 1.5 * high, (capped, raised)
     # lifted: pre-copy may now catch the guest with nothing dirty and complete
     info = source.client.migration_set_parameters(max_bandwidth=0)
     assert info["max_bandwidth_bytes_per_s"] is None
