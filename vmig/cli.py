@@ -30,6 +30,7 @@ from vmig.guest.layout import MAX_CPUS
 from vmig.logs import FORMATS, open_log_file
 from vmig.logs import configure as configure_logging
 from vmig.migration.params import (
+    CHANGEABLE_PARAMETERS,
     RECEIVE_PARAMETERS,
     SEND_PARAMETERS,
     Param,
@@ -443,17 +444,20 @@ def _option_help(param: Param) -> str:
     return f"{param.help}  [default: {shown}]"
 
 
-def parameter_options(table: tuple[Param, ...]) -> Callable[[F], F]:
+def parameter_options(table: tuple[Param, ...], changes: bool = False) -> Callable[[F], F]:
     """One click option per migration parameter (vmig.migration.params is the source);
-    an option not given is None and is not sent, so the VMM's default applies."""
+    an option not given is None and is not sent, so the VMM's default applies. With
+    `changes` (migration-set) no default is shown and a flag has a --no- form."""
     def decorate(command: F) -> F:
         for param in reversed(table):
+            help_text = param.help if changes else _option_help(param)
             if param.kind == "bool":
-                option = click.option(param.flag, param.name, is_flag=True, default=None,
-                                      help=_option_help(param))
+                flag = f"{param.flag}/--no-{param.flag[2:]}" if changes else param.flag
+                option = click.option(flag, param.name, is_flag=True, default=None,
+                                      help=help_text)
             else:
                 option = click.option(param.flag, param.name, type=_click_type(param),
-                                      metavar=param.metavar or None, help=_option_help(param))
+                                      metavar=param.metavar or None, help=help_text)
             command = option(command)
         return command
     return decorate
@@ -551,6 +555,23 @@ def recover_migration(target: _Remote, url: str | None, as_json: bool) -> None:
     sides then go on where they were; nothing is rolled back.
     """
     _print_json(target.client.recover_migration(url), as_json)
+
+
+@remote.command("migration-set")
+@parameter_options(CHANGEABLE_PARAMETERS, changes=True)
+@json_option()
+@click.pass_obj
+def migration_set(target: _Remote, as_json: bool, **params: Any) -> None:
+    """At the source: change parameters of the running migration; print its figures (JSON).
+
+    Each value applies from the next chunk (--max-bandwidth; 0 lifts the cap) or the
+    next pre-copy iteration (the others), and is reported as a "parameters-changed"
+    event. Any other send-migration parameter cannot change while it runs.
+    """
+    changes = {name: value for name, value in params.items() if value is not None}
+    if not changes:
+        raise click.UsageError("give at least one parameter to change, e.g. --downtime-ms 500")
+    _print_json(target.client.migration_set_parameters(**changes), as_json)
 
 
 @remote.command("migration-info")

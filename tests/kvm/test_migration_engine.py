@@ -438,6 +438,9 @@ def test_cancel_is_refused_once_complete_is_sent(source):
     assert got_complete.wait(20)
     with pytest.raises(StateError, match="passed its point of no return"):
         sender.cancel()
+    with pytest.raises(StateError, match="cannot change parameters: the migration is "
+                                         "completing"):
+        sender.set_parameters({"downtime_ms": 5})  # nothing left for it to change
     release.set()
     run.join(20)
     peer.join(10)

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from vmig.api.app import error_response, status_for, validation_message
 from vmig.api.models import (
     CheckGuestRequest,
+    MigrationSetParametersRequest,
     ReceiveMigrationRequest,
     RestoreRequest,
     SendMigrationRequest,
@@ -31,7 +32,12 @@ from vmig.errors import (
     VmigError,
     one_line,
 )
-from vmig.migration.params import SendParams
+from vmig.migration.params import (
+    CHANGEABLE_PARAMETERS,
+    SEND_PARAMETERS,
+    SendParams,
+    check_changes,
+)
 from vmig.migration.policy import TimeoutStrategy
 from vmig.units import MiB
 
@@ -204,3 +210,51 @@ def test_receive_migration_request() -> None:
         "max_connections: input should be greater than or equal to 1")
     assert errors_of(ReceiveMigrationRequest, receiver_url="h").startswith(
         "receiver_url: bad migration URL 'h'")
+
+
+def test_set_parameters_fields_are_the_changeable_send_parameters() -> None:
+    fields = set(MigrationSetParametersRequest.model_fields)
+    assert fields == {p.name for p in SEND_PARAMETERS if p.changeable}
+    assert {"downtime_ms", "max_bandwidth", "timeout_s", "auto_converge",
+            "auto_converge_initial", "auto_converge_step", "auto_converge_max"} == fields
+    assert all(field.default is None
+               for field in MigrationSetParametersRequest.model_fields.values())
+    changes = MigrationSetParametersRequest(downtime_ms=500, max_bandwidth=None).to_changes()
+    assert changes == {"downtime_ms": 500, "max_bandwidth": None}  # null: lift the cap
+    assert MigrationSetParametersRequest(max_bandwidth=1 << 20).to_changes() == {
+        "max_bandwidth": 1 << 20}  # a size may be a byte count
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"downtime_ms": -1}, "downtime_ms: input should be greater than or equal to 0"),
+    ({"auto_converge_max": 100}, "auto_converge_max: input should be less than or equal "
+                                 "to 99"),
+    ({"max_bandwidth": "fast"}, "max_bandwidth: bad size 'fast'"),
+])
+def test_set_parameters_messages_name_the_field(data: dict[str, object], expected: str
+                                                ) -> None:
+    message = errors_of(MigrationSetParametersRequest, **data)
+    assert message.startswith(expected), message
+
+
+@pytest.mark.parametrize(("changes", "error", "expected"), [
+    ({"connections": 4}, StateError, "connections cannot change while a migration runs"),
+    ({"tls_dir": "/x", "downtime_ms": 5}, StateError, "tls_dir cannot change"),
+    ({"speed": 1}, ConfigError, "speed: unknown field"),
+    ({}, ConfigError, "no parameter to change"),
+    ({"downtime_ms": None}, ConfigError, "downtime_ms: must have a value"),
+    ({"downtime_ms": 10**9}, ConfigError, "downtime_ms: must be between 0 and 600000"),
+    ({"timeout_s": 0}, ConfigError, "timeout_s: must be > 0"),
+    ({"max_bandwidth": "1Q"}, ConfigError, "max_bandwidth: bad max_bandwidth '1Q'"),
+])
+def test_check_changes_refuses_with_the_right_status(changes: dict[str, object],
+                                                     error: type[Exception], expected: str
+                                                     ) -> None:
+    with pytest.raises(error, match=f"^{expected}"):
+        check_changes(changes)
+    assert status_for(error("x")) == (409 if error is StateError else 400)
+
+
+def test_check_changes_passes_what_may_change() -> None:
+    changes = {p.name: p.default for p in CHANGEABLE_PARAMETERS}
+    assert check_changes(changes) == changes

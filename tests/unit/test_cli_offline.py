@@ -141,3 +141,16 @@ def test_vmm_names_an_unusable_log_or_event_file(tmp_path: Path, option: str, te
     assert code == 1
     assert_one_line_error(stderr, f"{text} {target}: No such file or directory")
     assert not socket_path.exists()
+
+
+def test_migration_set_has_an_option_per_changeable_parameter() -> None:
+    from vmig.migration.params import CHANGEABLE_PARAMETERS
+
+    command = cli.commands["remote"].commands["migration-set"]  # type: ignore[attr-defined]
+    flags = {opt for param in command.params for opt in param.opts}
+    assert {p.flag for p in CHANGEABLE_PARAMETERS} <= flags
+    assert "--no-auto-converge" in command.params[
+        [p.name for p in command.params].index("auto_converge")].secondary_opts
+    assert "--connections" not in flags
+    code, _, stderr = run("remote", "--api-socket", "/nonexistent.sock", "migration-set")
+    assert code == 2 and "give at least one parameter to change" in stderr

@@ -13,6 +13,7 @@ from vmig.migration.policy import (
     TimeoutStrategy,
     decide,
     decide_with_reason,
+    next_throttle,
 )
 from vmig.units import MiB
 
@@ -172,3 +173,35 @@ def test_a_converging_workload_simulated():
     assert decisions[-1] is Decision.CONVERGE
     assert stats.expected_downtime_ms <= 300
     assert 2 <= stats.iteration <= 5
+
+
+FAST_GUEST = (300.0, 100.0)  # dirty rate and send rate: the guest outruns pre-copy
+
+
+def _steps(iterations: int, **steps: int) -> list[int]:
+    """The throttle after each of `iterations` iterations of a guest that outruns us."""
+    percent, streak, seen = 0, 0, []
+    for _ in range(iterations):
+        percent, streak = next_throttle(percent, streak, *FAST_GUEST, **steps)
+        seen.append(percent)
+    return seen
+
+
+def test_auto_converge_steps_by_default_as_qemu():
+    assert _steps(8) == [0, 20, 20, 30, 30, 40, 40, 50]
+    assert _steps(40)[-1] == 99  # and stays there
+
+
+def test_auto_converge_steps_are_parameters():
+    assert _steps(8, initial=50, step=25, maximum=90) == [0, 50, 50, 75, 75, 90, 90, 90]
+    assert _steps(4, initial=60, maximum=40) == [0, 40, 40, 40]  # never above the maximum
+
+
+def test_a_slow_guest_resets_the_streak_and_keeps_the_throttle():
+    assert next_throttle(30, 1, 10.0, 100.0) == (30, 0)
+    assert next_throttle(0, 1, 300.0, 0.0) == (0, 0)  # no bandwidth measured yet
+
+
+def test_a_maximum_lowered_below_the_throttle_brings_it_down():
+    assert next_throttle(70, 1, *FAST_GUEST, maximum=50) == (50, 1)
+    assert next_throttle(70, 0, 10.0, 100.0, maximum=50) == (50, 0)  # slow guest too

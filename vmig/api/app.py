@@ -15,6 +15,7 @@ Routes (all under /api/v1)::
     PUT  vm.send-migration     live-migrate the VM; blocks until done -> MigrationSummary
     PUT  vm.cancel-migration   cancel the running migration, on either side -> MigrationInfo
     PUT  vm.recover-migration  re-dial a post-copy migration in postcopy-paused (source)
+    PUT  vm.migration-set-parameters  change the running send's parameters -> MigrationInfo
     GET  vm.migration-info     progress of the running (or last) migration -> MigrationInfo
 
 and, outside /api/v1, ``GET /metrics``: Prometheus' text format (vmig.api.prometheus).
@@ -52,6 +53,7 @@ from vmig.api.models import (
     CheckResult,
     ErrorBody,
     MigrationInfo,
+    MigrationSetParametersRequest,
     MigrationSummary,
     PingResponse,
     ReceiveMigrationRequest,
@@ -326,6 +328,16 @@ def _routes(vmm: Vmm) -> APIRouter:
                         "destination if given (409 otherwise)")
     def vm_recover_migration(body: RecoverMigrationRequest | None = None) -> dict[str, Any]:
         return vmm.recover_migration(body.destination_url if body is not None else None)
+
+    @router.put("/vm.migration-set-parameters", tags=["migration"],
+                response_model=MigrationInfo,
+                summary="At the source, change parameters of the running migration "
+                        "(downtime_ms, max_bandwidth, timeout_s, auto-converge): they apply "
+                        "from the next chunk or iteration. 400: a value out of range or an "
+                        "unknown field; 409: a parameter that cannot change mid-flight, or "
+                        "no send running here")
+    def vm_migration_set_parameters(body: MigrationSetParametersRequest) -> dict[str, Any]:
+        return vmm.migration_set_parameters(body.to_changes())
 
     @router.get("/vm.migration-info", tags=["migration"], response_model=MigrationInfo,
                 responses={404: {"model": ErrorBody,

@@ -120,6 +120,13 @@ class ApiClient:
         body = {} if destination_url is None else {"destination_url": destination_url}
         return self._request("PUT", "vm.recover-migration", body)
 
+    def migration_set_parameters(self, **changes: Any) -> dict[str, Any]:
+        """Change parameters of the send running on this VMM (MigrationSetParametersRequest's
+        fields, e.g. downtime_ms=500, max_bandwidth="50M"; None is sent as null, which
+        lifts a bandwidth cap). Returns migration-info, with the values now in force
+        under "parameters"."""
+        return self._request("PUT", "vm.migration-set-parameters", changes)
+
     def migration_info(self) -> dict[str, Any]:
         """Progress of the running (or last) migration, with "active"; 404 if none ran."""
         return self._request("GET", "vm.migration-info")

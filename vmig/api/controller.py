@@ -33,7 +33,7 @@ from vmig.api.events import EventBus
 from vmig.config import VmConfig
 from vmig.errors import ConfigError, GuestMemoryError, StateError, TransportError
 from vmig.migration.metrics import MigrationMetrics
-from vmig.migration.params import ReceiveParams, SendParams
+from vmig.migration.params import ReceiveParams, SendParams, check_changes
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
 from vmig.transport.address import dialable
@@ -316,6 +316,25 @@ class Vmm:
             raise StateError("nothing to recover: no outgoing migration is running here "
                              "(recover-migration is given at the source)")
         sender.recover(url)
+        info = self.migration_info()
+        assert info is not None
+        return info
+
+    def migration_set_parameters(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change parameters of the outgoing migration running here; return its figures
+        (`parameters` holds the values now in force).
+
+        ConfigError (unknown field, value out of range) comes before StateError: a
+        parameter that cannot change mid-flight, no send running here, or one past
+        the point where a change matters (COMPLETE sent).
+        """
+        changes = check_changes(changes)
+        with self._mig_lock:
+            sender = self._sender
+        if sender is None:
+            raise StateError("cannot change parameters: no outgoing migration is running "
+                             "here (migration-set is given at the source)")
+        sender.set_parameters(changes)
         info = self.migration_info()
         assert info is not None
         return info

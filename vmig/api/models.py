@@ -22,6 +22,7 @@ from vmig.config import (
 )
 from vmig.guest import layout
 from vmig.migration.params import (
+    CHANGEABLE_PARAMETERS,
     RECEIVE_PARAMETERS,
     SEND_PARAMETERS,
     Param,
@@ -260,17 +261,21 @@ _KINDS: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, 
                           "size": str}
 
 
-def _param_field(param: Param) -> tuple[Any, Any]:
-    """A pydantic field for one migration parameter (vmig.migration.params is the source)."""
+def _param_field(param: Param, change: bool = False) -> tuple[Any, Any]:
+    """A pydantic field for one migration parameter (vmig.migration.params is the source);
+    `change`: for vm.migration-set-parameters (optional: absent is unchanged; a size may
+    be a byte count too)."""
     kind: Any = Literal[param.choices] if param.kind == "choice" else _KINDS[param.kind]
-    if param.default is None:
+    if change and param.kind == "size":
+        kind = str | int
+    if param.default is None or change:
         kind = kind | None
     limits: dict[str, Any] = {}
     if param.minimum is not None:
         limits["gt" if param.minimum_open else "ge"] = param.minimum
     if param.maximum is not None:
         limits["le"] = param.maximum
-    return kind, Field(param.default, description=param.help, **limits)
+    return kind, Field(None if change else param.default, description=param.help, **limits)
 
 
 def _check_size(value: str | None) -> str | None:
@@ -369,6 +374,28 @@ SendMigrationRequest = create_model(
             "VmSendMigrationData).",
     __validators__=_validators(SEND_PARAMETERS),
     **{p.name: _param_field(p) for p in SEND_PARAMETERS})
+
+
+class _ChangesBase(BaseModel):
+    # Other fields are let through to `check_changes`: a send parameter that cannot
+    # change mid-flight is a 409 that says so, an unknown field a 400.
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"downtime_ms": 500}, {"max_bandwidth": "50M"},
+        {"auto_converge": True, "auto_converge_initial": 30, "auto_converge_step": 20},
+    ]})
+
+    def to_changes(self) -> dict[str, Any]:
+        """The fields given (null included: max_bandwidth null lifts the cap)."""
+        return {**self.model_dump(exclude_unset=True), **(self.model_extra or {})}
+
+
+MigrationSetParametersRequest = create_model(
+    "MigrationSetParametersRequest", __base__=_ChangesBase,
+    __doc__="`vm.migration-set-parameters`: new values for the running send (any of these "
+            "fields; the others keep theirs). They apply from the next chunk or iteration. "
+            "Any other send parameter cannot change mid-flight (409).",
+    __validators__=_validators(CHANGEABLE_PARAMETERS),
+    **{p.name: _param_field(p, change=True) for p in CHANGEABLE_PARAMETERS})
 
 
 class ConnectionFigures(BaseModel):
@@ -475,6 +502,12 @@ class MigrationSummary(BaseModel):
                                                   "cap; null for none.")
     throttle_percent: int | None = Field(None, description="Sender: how much auto-converge "
                                          "slows the guest's vCPUs now (0: not at all).")
+    parameters: dict[str, Any] | None = Field(
+        None, description="Sender: the parameters vm.migration-set-parameters may change, "
+        "with the values now in force.",
+        examples=[{"downtime_ms": 300, "timeout_s": 3600, "max_bandwidth": "50M",
+                   "auto_converge": False, "auto_converge_initial": 20,
+                   "auto_converge_step": 10, "auto_converge_max": 99}])
     connections: int = Field(description="Connections the migration opened.")
     connections_lost: int = Field(0, description="Data connections lost mid-migration (their "
                                   "chunks went over the others).")

@@ -17,8 +17,9 @@ every time. Figures one side cannot know are absent (None), not zero.
 Observers (`subscribe`) hear of what happens, with the view at that moment: the
 receiver's "started" (a source connected), each pre-copy "iteration" (QMP's
 MIGRATION_PASS, with that pass's figures under "last_iteration"), "switchover",
-"postcopy", and the ending, "completed", "cancelled" or "failed", announced once by
-`finish()`, when the side has its last figures (the downtime, say).
+"postcopy", the sender's "parameters-changed" (vm.migration-set-parameters, with the
+values under "changed"), and the ending, "completed", "cancelled" or "failed",
+announced once by `finish()`, when the side has its last figures (the downtime, say).
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ class MigrationMetrics:
         self.fault_latency_p50_ms: float | None = None
         self.fault_latency_p99_ms: float | None = None
         self.throttle_percent: int | None = 0 if role == "send" else None
+        #: Sender: the parameters a running send may change, as they are now.
+        self.parameters: dict[str, Any] | None = None
         self.connections: list[ConnectionMetrics] = []
         #: Connections down and being re-dialled (protocol version 3): index -> figures.
         self._reconnecting: dict[int, dict[str, Any]] = {}
@@ -220,6 +223,13 @@ class MigrationMetrics:
             self.last_iteration = figures
         self._notify("iteration", last_iteration=figures)
         return figures
+
+    def parameters_changed(self, changed: dict[str, Any], current: dict[str, Any]) -> None:
+        """vm.migration-set-parameters changed `changed`; `current` are the values now in
+        force. Observers hear "parameters-changed" (with `changed`)."""
+        with self._lock:
+            self.parameters = dict(current)
+        self._notify("parameters-changed", changed=dict(changed))
 
     def open_connections(self, roles: list[str]) -> None:
         with self._lock:
@@ -344,6 +354,7 @@ class MigrationMetrics:
                 "dirty_rate_bytes_per_s": _round(self.dirty_rate_bytes_per_s, 0),
                 "max_bandwidth_bytes_per_s": self.max_bandwidth_bytes_per_s,
                 "throttle_percent": self.throttle_percent,
+                "parameters": None if self.parameters is None else dict(self.parameters),
                 "postcopy": None if self.postcopy_pages is None else {
                     "pages": self.postcopy_pages, "pages_left": self.postcopy_pages_left,
                     "faults_served": self.faults_served,

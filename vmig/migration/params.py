@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmig.cpu_compat import TSC_TOLERANCE_PPM
-from vmig.errors import ConfigError
-from vmig.migration.policy import TimeoutStrategy
+from vmig.errors import ConfigError, StateError
+from vmig.migration.policy import (
+    THROTTLE_INITIAL_PERCENT,
+    THROTTLE_MAX_PERCENT,
+    THROTTLE_STEP_PERCENT,
+    TimeoutStrategy,
+)
 from vmig.proto import MAX_CONNECTIONS
 from vmig.transport.address import Address, parse_url
 from vmig.transport.liveness import DEAD_PEER_TIMEOUT_S
@@ -76,6 +81,8 @@ class Param:
     metavar: str = ""
     #: Kept out of logs and echoes (a secret).
     secret: bool = False
+    #: May change while the migration runs (vm.migration-set-parameters).
+    changeable: bool = False
 
     @property
     def flag(self) -> str:
@@ -122,9 +129,10 @@ SEND_PARAMETERS: tuple[Param, ...] = (
           "instead of copying it; needs a unix: destination."),
     Param("downtime_ms", "int", DEFAULT_DOWNTIME_MS, "Pause budget: pre-copy goes on until "
           "the pages left are expected to move within this many milliseconds.", 0,
-          MAX_DOWNTIME_MS, metavar="MS"),
+          MAX_DOWNTIME_MS, metavar="MS", changeable=True),
     Param("timeout_s", "float", DEFAULT_TIMEOUT_S, "Longest pre-copy, in seconds, before "
-          "timeout_strategy applies.", 0, MAX_TIMEOUT_S, minimum_open=True, metavar="S"),
+          "timeout_strategy applies.", 0, MAX_TIMEOUT_S, minimum_open=True, metavar="S",
+          changeable=True),
     Param("timeout_strategy", "choice", TimeoutStrategy.CANCEL.value, "At the timeout: cancel "
           "gives up (the VM keeps running here), ignore switches over anyway, accepting a "
           "longer pause.", choices=tuple(s.value for s in TimeoutStrategy)),
@@ -133,10 +141,22 @@ SEND_PARAMETERS: tuple[Param, ...] = (
           "connection was lost)."),
     Param("max_bandwidth", "size", None, "Cap on the bytes per second all connections send "
           "together, e.g. 50M (K, M, G suffixes; 0 or absent: no cap). It holds for the "
-          "post-copy push too.", metavar="RATE"),
+          "post-copy push too.", metavar="RATE", changeable=True),
     Param("auto_converge", "bool", False, "When the guest dirties memory faster than it can "
-          "be sent for two iterations in a row, throttle its vCPUs: 20%, then 10% more each "
-          "time, up to 99%. The destination runs it unthrottled."),
+          "be sent for two iterations in a row, throttle its vCPUs: auto_converge_initial "
+          "percent, then auto_converge_step more each time, up to auto_converge_max. The "
+          "destination runs it unthrottled; turned off mid-flight, the throttle is lifted.",
+          changeable=True),
+    Param("auto_converge_initial", "int", THROTTLE_INITIAL_PERCENT, "With auto_converge: the "
+          "first throttle step, in percent of the vCPUs' time.", 1, THROTTLE_MAX_PERCENT,
+          metavar="PERCENT", changeable=True),
+    Param("auto_converge_step", "int", THROTTLE_STEP_PERCENT, "With auto_converge: how many "
+          "percent each later step adds.", 1, THROTTLE_MAX_PERCENT, metavar="PERCENT",
+          changeable=True),
+    Param("auto_converge_max", "int", THROTTLE_MAX_PERCENT, "With auto_converge: the most "
+          "the throttle reaches, in percent (lowered below the throttle mid-flight, the "
+          "throttle comes down to it).", 1, THROTTLE_MAX_PERCENT, metavar="PERCENT",
+          changeable=True),
     Param("postcopy", "bool", False, "Allow post-copy: when pre-copy has not converged after "
           "postcopy_after_iterations (or at the timeout, with timeout_strategy postcopy), the "
           "destination runs the guest at once and takes its last pages on demand and in the "
@@ -190,6 +210,44 @@ def parameter(table: tuple[Param, ...], name: str) -> Param:
     return next(p for p in table if p.name == name)
 
 
+#: The send parameters a running migration may change (vm.migration-set-parameters).
+CHANGEABLE_PARAMETERS: tuple[Param, ...] = tuple(p for p in SEND_PARAMETERS if p.changeable)
+
+
+def check_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    """The changes asked of a running send, checked; returns them.
+
+    ConfigError (400) names an unknown field or a value out of its limits; StateError
+    (409) names a send parameter that cannot change while a migration runs.
+    """
+    if not changes:
+        raise ConfigError("no parameter to change: give at least one of "
+                          + ", ".join(p.name for p in CHANGEABLE_PARAMETERS))
+    known = {p.name: p for p in SEND_PARAMETERS}
+    for name in changes:
+        if name not in known:
+            raise ConfigError(f"{name}: unknown field")
+    for name in changes:
+        if not known[name].changeable:
+            raise StateError(f"{name} cannot change while a migration runs")
+    for name, value in changes.items():
+        param = known[name]
+        if value is None and param.default is not None:
+            raise ConfigError(f"{name}: must have a value")
+        param.check(value)
+        if param.kind == "size" and value is not None:
+            try:
+                parse_size(value, name)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+    return dict(changes)
+
+
+def changeable_values(params: SendParams) -> dict[str, Any]:
+    """What a running send's changeable parameters are now (migration-info's `parameters`)."""
+    return {p.name: getattr(params, p.name) for p in CHANGEABLE_PARAMETERS}
+
+
 def _security(address: Address, tls_dir: str | None, token: str | None,
               token_file: str | None, side: TlsSide) -> tuple[Security, str | None, list[str]]:
     """The connection security the fields ask for, the token text, and warnings."""
@@ -226,6 +284,9 @@ class SendParams:
     verify_memory: bool = False
     max_bandwidth: str | None = None
     auto_converge: bool = False
+    auto_converge_initial: int = THROTTLE_INITIAL_PERCENT
+    auto_converge_step: int = THROTTLE_STEP_PERCENT
+    auto_converge_max: int = THROTTLE_MAX_PERCENT
     postcopy: bool = False
     postcopy_after_iterations: int = DEFAULT_POSTCOPY_AFTER
     reconnect_timeout_s: int = DEFAULT_RECONNECT_TIMEOUT_S

@@ -88,7 +88,9 @@ def next_send_phase(current: SendPhase, wanted: SendPhase) -> SendPhase:
     return wanted
 
 
-#: Auto-converge (QEMU's defaults): the first step, each step after it, the most.
+#: Auto-converge (QEMU's defaults): the first step, each step after it, the most. They are
+#: the defaults of the send parameters auto_converge_initial/_step/_max, which the sender
+#: passes in (and may change mid-flight).
 THROTTLE_INITIAL_PERCENT = 20
 THROTTLE_STEP_PERCENT = 10
 THROTTLE_MAX_PERCENT = 99
@@ -98,24 +100,28 @@ THROTTLE_AFTER_ITERATIONS = 2
 THROTTLE_DIRTY_SHARE = 0.5
 
 
-def next_throttle(current: int, streak: int, dirty_rate: float, bandwidth: float
-                  ) -> tuple[int, int]:
+def next_throttle(current: int, streak: int, dirty_rate: float, bandwidth: float, *,
+                  initial: int = THROTTLE_INITIAL_PERCENT, step: int = THROTTLE_STEP_PERCENT,
+                  maximum: int = THROTTLE_MAX_PERCENT) -> tuple[int, int]:
     """Auto-converge after an iteration: the new throttle percent and streak.
 
     The streak counts iterations in a row in which the guest dirtied memory faster than
     half the measured send rate (as QEMU: pre-copy then cannot catch up, and a small
     working set caps the dirty rate it can show); once it reaches
-    THROTTLE_AFTER_ITERATIONS the throttle steps up (to 20%, then by 10 up to 99%) and
-    the streak starts again. A slower guest resets it; the throttle stays where it is.
+    THROTTLE_AFTER_ITERATIONS the throttle steps up (to `initial`, then by `step`, never
+    above `maximum`) and the streak starts again. A slower guest resets it; the throttle
+    stays where it is. A throttle above `maximum` (lowered mid-flight) comes down to it.
     """
+    if current > maximum:
+        return maximum, streak
     if bandwidth <= 0 or dirty_rate <= THROTTLE_DIRTY_SHARE * bandwidth:
         return current, 0
     streak += 1
     if streak < THROTTLE_AFTER_ITERATIONS:
         return current, streak
     if current == 0:
-        return THROTTLE_INITIAL_PERCENT, 0
-    return min(current + THROTTLE_STEP_PERCENT, THROTTLE_MAX_PERCENT), 0
+        return min(initial, maximum), 0
+    return min(current + step, maximum), 0
 
 
 class Decision(Enum):

@@ -27,6 +27,7 @@ cancel in postcopy-paused is the explicit rollback: the source resumes its copy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -38,7 +39,7 @@ import blake3
 import numpy as np
 
 from vmig.errors import MigrationCancelled as Cancelled
-from vmig.errors import MigrationError, TransportError, describe
+from vmig.errors import MigrationError, StateError, TransportError, describe
 from vmig.memory import GuestMemory
 from vmig.migration.connections import SendConnections
 from vmig.migration.digest import DIGEST_ALGORITHM, BackgroundDigest
@@ -52,7 +53,14 @@ from vmig.migration.documents import (
 from vmig.migration.lifecycle import PHASE_METRICS, ROLLBACK_WARNING, SendLifecycle
 from vmig.migration.memory_reader import ChunkSender
 from vmig.migration.metrics import MigrationMetrics, Phase
-from vmig.migration.params import MAX_ITERATIONS, MIN_CHUNK_BYTES, ResolvedSend, SendParams
+from vmig.migration.params import (
+    MAX_ITERATIONS,
+    MIN_CHUNK_BYTES,
+    ResolvedSend,
+    SendParams,
+    changeable_values,
+    check_changes,
+)
 from vmig.migration.policy import (
     Decision,
     MemoryMigrationStats,
@@ -86,6 +94,9 @@ OPERATION = "migrating"
 #: A cancel lets the MAIN connection finish what it writes, so that ABANDON can tell the
 #: destination why; after this long the connection is cut anyway.
 CANCEL_GRACE_S = 2.0
+#: Phases in which a parameter change still matters (until COMPLETE is sent).
+_CHANGEABLE_PHASES = frozenset({SendPhase.CONNECTING, SendPhase.PRECOPY, SendPhase.SWITCHOVER,
+                                SendPhase.POSTCOPY})
 
 
 class MigrationSender:
@@ -113,6 +124,8 @@ class MigrationSender:
                                            clock)
         self._grace: threading.Timer | None = None
         self._limiter: TokenBucket | None = None
+        self._params_lock = threading.Lock()  # set_parameters() against the cap's setup
+        self.metrics.update(parameters=changeable_values(self.params))
         self._throttle_streak = 0
         self._faults: FaultResponder | None = None  # post-copy's FAULT connection
         self._was_running = False
@@ -210,12 +223,8 @@ class MigrationSender:
                                 resume=links.resume_data, heartbeat=links.ping,
                                 heartbeat_s=links.heartbeat_s)
         links.channels = self._pool.channels  # one list: a resumed channel takes its place
-        cap = self.params.max_bandwidth_bytes
-        if cap is not None:
-            self._limiter = TokenBucket(cap)
-            for channel in self._pool.channels:
-                channel.limiter = self._limiter
-            self.metrics.update(max_bandwidth_bytes_per_s=cap)
+        with self._params_lock:
+            self._apply_bandwidth_cap()
         flags = StartFlags.NONE
         if self.params.local:
             flags |= StartFlags.LOCAL
@@ -379,10 +388,11 @@ class MigrationSender:
             now = self.clock()
             self.stats.record_dirty(ranges.total_bytes, now - last_collect)
             last_collect = now
+            params = self.params  # one set of values per decision (set_parameters swaps it)
             decision, why = decide_with_reason(
-                self.stats, self.params.downtime_ms, self.params.timeout_s,
-                self.params.timeout_strategy, now, MAX_ITERATIONS,
-                self.params.postcopy_after_iterations if self.params.postcopy else None)
+                self.stats, params.downtime_ms, params.timeout_s,
+                params.timeout_strategy, now, MAX_ITERATIONS,
+                params.postcopy_after_iterations if params.postcopy else None)
             self.metrics.update(bytes_remaining=ranges.total_bytes,
                                 dirty_rate_bytes_per_s=self.stats.dirty_rate_bytes_per_s,
                                 expected_downtime_ms=self.stats.expected_downtime_ms)
@@ -395,24 +405,69 @@ class MigrationSender:
                      format_rate(done["dirty_rate_bytes_per_s"]),
                      format_size(done["bytes_remaining"] or 0), done["elapsed_s"], why,
                      decision.value, extra=done)
-            if decision is Decision.CONTINUE and self.params.auto_converge:
-                self._auto_converge()
+            if decision is Decision.CONTINUE:
+                self._auto_converge(params)
             if decision in (Decision.CONVERGE, Decision.POSTCOPY):
                 self._unsent_dirty = dirty
                 return decision
             if decision is Decision.ABORT:
                 raise Cancelled(f"migration cancelled: {why}")
 
-    def _auto_converge(self) -> None:
-        """Step the vCPU throttle up while the guest dirties faster than we send."""
+    def _auto_converge(self, params: SendParams) -> None:
+        """Step the vCPU throttle up while the guest dirties faster than we send (with
+        auto_converge; turned off mid-flight, the throttle is lifted)."""
         current = self.machine.throttle.percent
-        percent, self._throttle_streak = next_throttle(
-            current, self._throttle_streak, self.stats.dirty_rate_bytes_per_s,
-            self.stats.bandwidth_bytes_per_s)
+        if params.auto_converge:
+            percent, self._throttle_streak = next_throttle(
+                current, self._throttle_streak, self.stats.dirty_rate_bytes_per_s,
+                self.stats.bandwidth_bytes_per_s, initial=params.auto_converge_initial,
+                step=params.auto_converge_step, maximum=params.auto_converge_max)
+        else:
+            percent, self._throttle_streak = 0, 0
         if percent != current:
             log.info("auto-converge: throttling the vCPUs to %d%%", percent)
             self.machine.throttle.set(percent)
             self.metrics.update(throttle_percent=percent)
+
+    # --- parameters changed while migrating (vm.migration-set-parameters) -----------------
+
+    def set_parameters(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change parameters of this running send (from any thread); returns the values
+        now in force. They apply from the next chunk (max_bandwidth) or the next
+        iteration's decision (downtime_ms, timeout_s, auto-converge), and are announced
+        as a "parameters-changed" event.
+
+        ConfigError / StateError as `check_changes`; StateError once COMPLETE was sent
+        (or the migration ended): nothing is left for them to change.
+        """
+        changes = check_changes(changes)
+        with self._params_lock:
+            if self.phase not in _CHANGEABLE_PHASES:
+                raise StateError(f"cannot change parameters: the migration is "
+                                 f"{self.phase.value}")
+            self.params = dataclasses.replace(self.params, **changes)
+            if "max_bandwidth" in changes and self._pool is not None:
+                self._apply_bandwidth_cap()
+            current = changeable_values(self.params)
+        log.info("migration parameters changed: %s",
+                 ", ".join(f"{name}={value}" for name, value in changes.items()))
+        self.metrics.parameters_changed(changes, current)
+        return current
+
+    def _apply_bandwidth_cap(self) -> None:
+        """Make the connections keep to `params.max_bandwidth` (under _params_lock): a
+        new cap gets a bucket shared by every channel, a changed one a new rate."""
+        assert self._pool is not None
+        cap = self.params.max_bandwidth_bytes
+        if self._limiter is not None:
+            self._limiter.set_rate(cap)
+        elif cap is not None:
+            self._limiter = TokenBucket(cap)
+            if self.lifecycle.stopped.is_set():  # cancelled meanwhile: never wait for it
+                self._limiter.stop()
+            for channel in self._pool.channels:
+                channel.limiter = self._limiter
+        self.metrics.update(max_bandwidth_bytes_per_s=cap)
 
     # --- stop and copy -------------------------------------------------------------------
 
