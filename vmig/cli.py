@@ -552,6 +552,30 @@ def recover_migration(target: _Remote, url: str | None, as_json: bool) -> None:
     _print_json(target.client.recover_migration(url), as_json)
 
 
+@remote.command("migration-start-postcopy")
+@json_option()
+@click.pass_obj
+def migration_start_postcopy(target: _Remote, as_json: bool) -> None:
+    """At the source: switch a migration that allows post-copy to it now (JSON figures).
+
+    The switch comes at the end of the pre-copy pass under way; send-migration then
+    returns as for any post-copy. Refused, with the reason, without --postcopy.
+    """
+    _print_json(target.client.migration_start_postcopy(), as_json)
+
+
+@remote.command("migration-force-complete")
+@json_option()
+@click.pass_obj
+def migration_force_complete(target: _Remote, as_json: bool) -> None:
+    """At the source: pause the guest and switch over now, whatever the downtime (JSON).
+
+    The switch comes at the end of the pre-copy pass under way: the guest is paused
+    while the pages left go, which may take long on a slow link.
+    """
+    _print_json(target.client.migration_force_complete(), as_json)
+
+
 @remote.command("migration-info")
 @json_option()
 @click.pass_obj

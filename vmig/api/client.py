@@ -120,6 +120,14 @@ class ApiClient:
         body = {} if destination_url is None else {"destination_url": destination_url}
         return self._request("PUT", "vm.recover-migration", body)
 
+    def migration_start_postcopy(self) -> dict[str, Any]:
+        """Switch the outgoing migration to post-copy now (the source's VMM); its figures."""
+        return self._request("PUT", "vm.migration-start-postcopy")
+
+    def migration_force_complete(self) -> dict[str, Any]:
+        """Pause and switch the outgoing migration over now (the source's VMM); its figures."""
+        return self._request("PUT", "vm.migration-force-complete")
+
     def migration_info(self) -> dict[str, Any]:
         """Progress of the running (or last) migration, with "active"; 404 if none ran."""
         return self._request("GET", "vm.migration-info")
