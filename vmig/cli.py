@@ -480,11 +480,11 @@ def receive_migration(target: _Remote, url: str, as_json: bool, **params: Any) -
     URL is tcp:HOST:PORT (port 0: any free port; IPv6 hosts in brackets) or
     unix:PATH (mode 0600; each of the source's --connections is a new connection
     to it, so a proxy may carry each over TCP). Over tcp: every connection is
-    authenticated: with --tls-dir (mutual TLS), or with a token. Without --token/--token-file (and without
-    --tls-dir) the VMM makes a random token and prints it: give it to
-    send-migration. The command returns once the VMM listens; the VM appears
-    there when the migration completes (`vmig remote info` shows state
-    "receiving" until then).
+    authenticated: with --tls-dir (mutual TLS), or with a token. Without
+    --token/--token-file (and without --tls-dir) the VMM makes a random token and
+    prints it: give it to send-migration. The command returns once the VMM
+    listens; the VM appears there when the migration completes (`vmig remote
+    info` shows state "receiving" until then).
     """
     reply = target.client.receive_migration(url, **_absolute_paths(RECEIVE_PARAMETERS, params))
     if as_json:
@@ -572,6 +572,30 @@ def migration_set(target: _Remote, as_json: bool, **params: Any) -> None:
     if not changes:
         raise click.UsageError("give at least one parameter to change, e.g. --downtime-ms 500")
     _print_json(target.client.migration_set_parameters(**changes), as_json)
+
+
+@remote.command("migration-start-postcopy")
+@json_option()
+@click.pass_obj
+def migration_start_postcopy(target: _Remote, as_json: bool) -> None:
+    """At the source: switch a migration that allows post-copy to it now (JSON figures).
+
+    The switch comes at the end of the pre-copy pass under way; send-migration then
+    returns as for any post-copy. Refused, with the reason, without --postcopy.
+    """
+    _print_json(target.client.migration_start_postcopy(), as_json)
+
+
+@remote.command("migration-force-complete")
+@json_option()
+@click.pass_obj
+def migration_force_complete(target: _Remote, as_json: bool) -> None:
+    """At the source: pause the guest and switch over now, whatever the downtime (JSON).
+
+    The switch comes at the end of the pre-copy pass under way: the guest is paused
+    while the pages left go, which may take long on a slow link.
+    """
+    _print_json(target.client.migration_force_complete(), as_json)
 
 
 @remote.command("migration-info")

@@ -28,6 +28,8 @@ ROUTES = {
     ("put", "/api/v1/vm.cancel-migration"),
     ("put", "/api/v1/vm.recover-migration"),
     ("put", "/api/v1/vm.migration-set-parameters"),
+    ("put", "/api/v1/vm.migration-start-postcopy"),
+    ("put", "/api/v1/vm.migration-force-complete"),
     ("get", "/api/v1/vm.migration-info"),
     ("get", "/api/v1/vmm.events"),
     ("get", "/metrics"),

@@ -5,15 +5,23 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmig.errors import ConfigError
 from vmig.migration.policy import (
+    STALL_DECISIONS,
+    SWITCHOVER_COMMANDS,
     Decision,
     MemoryMigrationStats,
+    StallDetector,
+    StallStrategy,
+    Switchover,
     TimeoutStrategy,
     decide,
     decide_with_reason,
     next_throttle,
+    switchover_cause,
 )
 from vmig.units import MiB
 
@@ -205,3 +213,118 @@ def test_a_slow_guest_resets_the_streak_and_keeps_the_throttle():
 def test_a_maximum_lowered_below_the_throttle_brings_it_down():
     assert next_throttle(70, 1, *FAST_GUEST, maximum=50) == (50, 1)
     assert next_throttle(70, 0, 10.0, 100.0, maximum=50) == (50, 0)  # slow guest too
+
+
+# --- stall detection and the switch-over's cause -----------------------------------------
+
+
+def test_a_flat_bytes_left_stalls_after_the_timeout_and_is_reported_once_per_timeout():
+    detector = StallDetector(timeout_s=10.0, margin=0.1)
+    assert not detector.observe(0.0, 100 * MiB)  # the first observation is the best so far
+    assert not detector.observe(5.0, 100 * MiB)
+    assert not detector.observe(9.9, 95 * MiB)  # 5% down: not enough
+    assert detector.observe(10.0, 100 * MiB)
+    assert detector.stalls == 1 and detector.stalled_for(10.0) == 10.0
+    assert not detector.observe(15.0, 100 * MiB)  # reported: the next needs another 10 s
+    assert detector.observe(20.0, 99 * MiB)
+    assert detector.stalls == 2 and detector.stalled_for(20.0) == 20.0
+    assert detector.best_bytes == 100 * MiB
+
+
+def test_falling_by_the_margin_is_progress_and_restarts_the_timeout():
+    detector = StallDetector(timeout_s=10.0, margin=0.1)
+    detector.observe(0.0, 100 * MiB)
+    assert not detector.observe(9.0, 89 * MiB)  # below 90 MiB: progress
+    assert detector.best_bytes == 89 * MiB and detector.progress_at == 9.0
+    assert not detector.observe(18.0, 200 * MiB)  # worse, but within 10 s of progress
+    assert detector.observe(19.0, 81 * MiB)  # 81 > 89 * 0.9 = 80.1: no progress for 10 s
+    assert detector.best_bytes == 89 * MiB
+
+
+def test_a_steady_slow_fall_is_never_a_stall():
+    """4% per pass with a 10% margin: progress every third pass, never 10 s without."""
+    detector = StallDetector(timeout_s=10.0, margin=0.1)
+    left = 1024.0 * MiB
+    for second in range(200):
+        assert not detector.observe(float(second), int(left)), second
+        left *= 0.96
+
+
+def test_reaching_zero_is_progress_whatever_the_margin():
+    detector = StallDetector(timeout_s=1.0, margin=1.0)
+    detector.observe(0.0, MiB)
+    assert detector.observe(1.0, 1)  # margin 1: only 0 is progress
+    assert not detector.observe(5.0, 0)
+    assert not detector.observe(5.5, 0)
+    assert detector.observe(6.0, 0) is False  # 0 stays progress
+
+
+def test_restart_counts_as_progress():
+    detector = StallDetector(timeout_s=10.0, margin=0.1)
+    detector.observe(0.0, 100 * MiB)
+    detector.restart(8.0, 120 * MiB)  # auto-converge stepped the throttle up
+    assert not detector.observe(17.0, 120 * MiB)
+    assert detector.observe(18.0, 120 * MiB)
+
+
+def test_stall_detector_refuses_bad_settings():
+    for timeout, margin in ((0.0, 0.1), (-1.0, 0.1), (1.0, -0.1), (1.0, 1.5)):
+        with pytest.raises(ConfigError):
+            StallDetector(timeout, margin)
+
+
+@settings(max_examples=300, deadline=None)
+@given(timeout=st.floats(0.5, 100.0), margin=st.floats(0.0, 1.0),
+       samples=st.lists(st.tuples(st.floats(0.0, 50.0), st.integers(0, 1 << 30)),
+                        min_size=1, max_size=40))
+def test_a_stall_is_found_exactly_when_no_progress_came_within_the_timeout(
+        timeout: float, margin: float, samples: list[tuple[float, int]]) -> None:
+    """Against a direct reading of the rule: a stall is an observation with no progress
+    (0, or below the best by the margin) at least `timeout` after the last progress or
+    the last stall."""
+    detector = StallDetector(timeout, margin)
+    now = 0.0
+    best: int | None = None
+    window = 0.0
+    for step, left in samples:
+        now += step
+        progress = best is None or left == 0 or left < best * (1 - margin)
+        expected = not progress and now - window >= timeout
+        if progress:
+            best, window = left, now
+        elif expected:
+            window = now
+        assert detector.observe(now, left) is expected
+        assert detector.best_bytes == best
+
+
+@settings(max_examples=300, deadline=None)
+@given(remaining=st.integers(0, 1 << 30), bandwidth=st.floats(1.0, 1e10),
+       downtime=st.integers(0, 1000), overhead=st.floats(0.0, 2000.0),
+       elapsed=st.floats(0.0, 200.0), iterations=st.integers(1, 20),
+       strategy=st.sampled_from([TimeoutStrategy.IGNORE, TimeoutStrategy.POSTCOPY]),
+       postcopy_after=st.one_of(st.none(), st.integers(1, 20)))
+def test_switchover_cause_names_the_rule_decide_applied(
+        remaining: int, bandwidth: float, downtime: int, overhead: float, elapsed: float,
+        iterations: int, strategy: TimeoutStrategy, postcopy_after: int | None) -> None:
+    stats = MemoryMigrationStats(started_at=0.0, iteration=iterations, remaining_bytes=remaining,
+                                 bandwidth_bytes_per_s=bandwidth,
+                                 switchover_overhead_ms=overhead)
+    decision, why = decide_with_reason(stats, downtime, 100.0, strategy, elapsed, 10,
+                                       postcopy_after)
+    if decision not in (Decision.CONVERGE, Decision.POSTCOPY):
+        return
+    cause = switchover_cause(decision, stats, downtime, 100.0, elapsed, postcopy_after)
+    if "timeout strategy" in why:
+        assert cause is Switchover.TIMEOUT, why
+    elif decision is Decision.POSTCOPY:
+        assert cause is Switchover.POSTCOPY_AFTER_ITERATIONS, why
+    else:
+        assert cause is Switchover.CONVERGED, why
+
+
+def test_every_stall_strategy_and_command_has_a_decision():
+    assert set(STALL_DECISIONS) == set(StallStrategy)
+    assert STALL_DECISIONS[StallStrategy.CANCEL] is Decision.ABORT
+    assert SWITCHOVER_COMMANDS == {Switchover.START_POSTCOPY: Decision.POSTCOPY,
+                                   Switchover.FORCE_COMPLETE: Decision.CONVERGE}

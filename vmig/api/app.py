@@ -16,6 +16,8 @@ Routes (all under /api/v1)::
     PUT  vm.cancel-migration   cancel the running migration, on either side -> MigrationInfo
     PUT  vm.recover-migration  re-dial a post-copy migration in postcopy-paused (source)
     PUT  vm.migration-set-parameters  change the running send's parameters -> MigrationInfo
+    PUT  vm.migration-start-postcopy  switch the send to post-copy now (source) -> MigrationInfo
+    PUT  vm.migration-force-complete  pause and switch the send over now (source) -> MigrationInfo
     GET  vm.migration-info     progress of the running (or last) migration -> MigrationInfo
 
 and, outside /api/v1, ``GET /metrics``: Prometheus' text format (vmig.api.prometheus).
@@ -338,6 +340,22 @@ def _routes(vmm: Vmm) -> APIRouter:
                         "no send running here")
     def vm_migration_set_parameters(body: MigrationSetParametersRequest) -> dict[str, Any]:
         return vmm.migration_set_parameters(body.to_changes())
+
+    @router.put("/vm.migration-start-postcopy", tags=["migration"],
+                response_model=MigrationInfo,
+                summary="At the source, a migration that allows post-copy: switch to it at the "
+                        "end of the current pre-copy pass (libvirt's "
+                        "virDomainMigrateStartPostCopy); 409 with the reason where it cannot")
+    def vm_migration_start_postcopy() -> dict[str, Any]:
+        return vmm.migration_start_postcopy()
+
+    @router.put("/vm.migration-force-complete", tags=["migration"],
+                response_model=MigrationInfo,
+                summary="At the source: pause the guest and switch over at the end of the "
+                        "current pre-copy pass, whatever the expected downtime (Nova's "
+                        "force_complete); 409 with the reason where it cannot")
+    def vm_migration_force_complete() -> dict[str, Any]:
+        return vmm.migration_force_complete()
 
     @router.get("/vm.migration-info", tags=["migration"], response_model=MigrationInfo,
                 responses={404: {"model": ErrorBody,

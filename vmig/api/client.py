@@ -127,6 +127,14 @@ class ApiClient:
         under "parameters"."""
         return self._request("PUT", "vm.migration-set-parameters", changes)
 
+    def migration_start_postcopy(self) -> dict[str, Any]:
+        """Switch the outgoing migration to post-copy now (the source's VMM); its figures."""
+        return self._request("PUT", "vm.migration-start-postcopy")
+
+    def migration_force_complete(self) -> dict[str, Any]:
+        """Pause and switch the outgoing migration over now (the source's VMM); its figures."""
+        return self._request("PUT", "vm.migration-force-complete")
+
     def migration_info(self) -> dict[str, Any]:
         """Progress of the running (or last) migration, with "active"; 404 if none ran."""
         return self._request("GET", "vm.migration-info")

@@ -329,12 +329,31 @@ class Vmm:
         the point where a change matters (COMPLETE sent).
         """
         changes = check_changes(changes)
+        self._outgoing("change parameters").set_parameters(changes)
+        return self._info()
+
+    def migration_start_postcopy(self) -> dict[str, Any]:
+        """Switch the outgoing migration to post-copy at the end of its current pass; its
+        figures. StateError when none runs here or it cannot (MigrationSender says why)."""
+        self._outgoing("start post-copy").start_postcopy()
+        return self._info()
+
+    def migration_force_complete(self) -> dict[str, Any]:
+        """Pause the guest and switch the outgoing migration over at the end of its current
+        pass, whatever the expected downtime; its figures. StateError as for start-postcopy."""
+        self._outgoing("force the switch-over").force_complete()
+        return self._info()
+
+    def _outgoing(self, action: str) -> MigrationSender:
+        """The send running here; StateError naming `action` when there is none."""
         with self._mig_lock:
             sender = self._sender
         if sender is None:
-            raise StateError("cannot change parameters: no outgoing migration is running "
-                             "here (migration-set is given at the source)")
-        sender.set_parameters(changes)
+            raise StateError(f"cannot {action}: no outgoing migration is running here (it is "
+                             "asked for at the source)")
+        return sender
+
+    def _info(self) -> dict[str, Any]:
         info = self.migration_info()
         assert info is not None
         return info

@@ -417,6 +417,19 @@ class ReconnectingFigures(BaseModel):
     for_s: float = Field(description="How long it has been down.")
 
 
+class StallFigures(BaseModel):
+    """The last stall of pre-copy found (stall detection, `stall_timeout_s`)."""
+
+    action: str = Field(description="The stall_strategy applied: `postcopy`, "
+                        "`force-complete`, `cancel` or `none` (only reported).")
+    stalled_s: float = Field(description="Seconds without progress when it was found.")
+    elapsed_s: float = Field(description="Seconds into the migration when it was found.")
+    bytes_remaining: int = Field(description="Bytes left after the last pass.")
+    best_bytes_remaining: int = Field(description="Bytes left when progress was last seen.")
+    stalls: int = Field(description="Stalls found so far (more than one only with `none`).")
+    reason: str = Field(description="The stall, in one line.")
+
+
 class RecoverMigrationRequest(BaseModel):
     """`vm.recover-migration`: re-dial a post-copy migration in postcopy-paused now."""
 
@@ -522,6 +535,12 @@ class MigrationSummary(BaseModel):
                                            "source paused it; the destination goes on from it.")
     receiver_state: str | None = Field(None, description="Receiver: the protocol state of the "
                                        "main connection.")
+    switchover: str | None = Field(None, description="Sender: why pre-copy ended: "
+                                   "`converged`, `postcopy-after-iterations`, `timeout`, "
+                                   "`stall`, `start-postcopy` or `force-complete` (commanded); "
+                                   "null before, and for a local migration.")
+    stall: StallFigures | None = Field(None, description="Sender: the last stall of "
+                                       "pre-copy found, and what was done; null if none.")
     warnings: list[str] = Field(default_factory=list, description="Things that went less well "
                                 "than asked (fewer connections, a lost connection, a downtime "
                                 "over the budget).")

@@ -18,7 +18,13 @@ from collections.abc import Callable
 
 from vmig.errors import MigrationCancelled, StateError
 from vmig.migration.metrics import MigrationMetrics, Phase
-from vmig.migration.policy import CANCELLABLE, SendPhase, next_send_phase
+from vmig.migration.policy import (
+    CANCELLABLE,
+    SWITCHOVER_COMMANDS,
+    SendPhase,
+    Switchover,
+    next_send_phase,
+)
 
 __all__ = ["PHASE_METRICS", "ROLLBACK_WARNING", "ReceiveLifecycle", "SendLifecycle"]
 
@@ -33,6 +39,11 @@ PHASE_METRICS = {SendPhase.CONNECTING: Phase.CONNECTING, SendPhase.PRECOPY: Phas
                   SendPhase.COMPLETING: Phase.COMPLETING,
                   SendPhase.COMPLETED: Phase.COMPLETED, SendPhase.CANCELLED: Phase.CANCELLED,
                   SendPhase.FAILED: Phase.FAILED}
+
+
+#: How a refused switch-over command names the phase the migration is already in.
+_PAST_PRECOPY = {SendPhase.SWITCHOVER: "switching over", SendPhase.POSTCOPY: "in post-copy",
+                 SendPhase.COMPLETING: "completing (COMPLETE was sent)"}
 
 
 class _Connections:
@@ -67,6 +78,8 @@ class SendLifecycle:
         self._recoveries = 0
         self._interrupt: Callable[[], None] = lambda: None
         self.postcopy_started = False
+        #: The switch-over an operator asked for, taken at the end of the current pass.
+        self.switchover_command: Switchover | None = None
 
     @property
     def phase(self) -> SendPhase:
@@ -135,6 +148,31 @@ class SendLifecycle:
     def _check_cancelled(self) -> None:
         if self.cancel_reason is not None:
             raise MigrationCancelled(f"migration cancelled: {self.cancel_reason}")
+
+    # --- switch-over on command ----------------------------------------------------------
+
+    def command_switchover(self, command: Switchover) -> None:
+        """Record start-postcopy or force-complete for the pre-copy loop to take at the end
+        of its current pass (from any thread, never blocks). StateError with the reason when
+        it cannot apply: cancelled, past pre-copy, the other one asked already, or (post-copy)
+        still connecting. Asking twice for the same is the same as once."""
+        assert command in SWITCHOVER_COMMANDS
+        what = ("start post-copy" if command is Switchover.START_POSTCOPY
+                else "force the switch-over")
+        with self._lock:
+            if self.cancel_reason is not None:
+                raise StateError(f"cannot {what}: the migration is being cancelled")
+            if command is Switchover.START_POSTCOPY and self._phase is SendPhase.CONNECTING:
+                raise StateError(f"cannot {what} yet: the migration is still connecting (the "
+                                 "destination has not taken the memory yet); ask again once "
+                                 "it is in pre-copy")
+            if self._phase not in (SendPhase.CONNECTING, SendPhase.PRECOPY):
+                raise StateError(f"cannot {what}: the migration is already "
+                                 f"{_PAST_PRECOPY.get(self._phase, self._phase.value)}")
+            asked = self.switchover_command
+            if asked is not None and asked is not command:
+                raise StateError(f"cannot {what}: {asked.value} was asked for already")
+            self.switchover_command = command
 
     # --- connections lost and resumed ----------------------------------------------------
 

@@ -16,10 +16,12 @@ every time. Figures one side cannot know are absent (None), not zero.
 
 Observers (`subscribe`) hear of what happens, with the view at that moment: the
 receiver's "started" (a source connected), each pre-copy "iteration" (QMP's
-MIGRATION_PASS, with that pass's figures under "last_iteration"), "switchover",
-"postcopy", the sender's "parameters-changed" (vm.migration-set-parameters, with the
-values under "changed"), and the ending, "completed", "cancelled" or "failed",
-announced once by `finish()`, when the side has its last figures (the downtime, say).
+MIGRATION_PASS, with that pass's figures under "last_iteration"), a "stalled" pre-copy
+(with what was done, under "stall"), "switchover", "postcopy", the sender's
+"parameters-changed" (vm.migration-set-parameters, with the values under "changed"),
+and the ending,
+"completed", "cancelled" or "failed", announced once by `finish()`, when the side has its
+last figures (the downtime, say).
 """
 
 from __future__ import annotations
@@ -155,6 +157,10 @@ class MigrationMetrics:
         self.reconnects = 0
         self.warnings: list[str] = []
         self.error: str | None = None
+        #: Sender: why pre-copy ended (policy.Switchover's value); None before, or local.
+        self.switchover: str | None = None
+        #: Sender: the last stall found (`stalled`), None while there was none.
+        self.stall: dict[str, Any] | None = None
         #: The last pre-copy pass (`iteration_done`), None before the first.
         self.last_iteration: dict[str, Any] | None = None
         self._observers: list[Observer] = []
@@ -230,6 +236,13 @@ class MigrationMetrics:
         with self._lock:
             self.parameters = dict(current)
         self._notify("parameters-changed", changed=dict(changed))
+
+    def stalled(self, figures: dict[str, Any]) -> None:
+        """Pre-copy stalled (`figures`: the action taken and why); tell the observers
+        ("stalled")."""
+        with self._lock:
+            self.stall = dict(figures)
+        self._notify("stalled", stall=dict(figures))
 
     def open_connections(self, roles: list[str]) -> None:
         with self._lock:
@@ -373,6 +386,8 @@ class MigrationMetrics:
                 "memory_verified": self.memory_verified,
                 "heartbeat_at_pause": self.heartbeat_at_pause,
                 "receiver_state": self.receiver_state,
+                "switchover": self.switchover,
+                "stall": None if self.stall is None else dict(self.stall),
                 "warnings": list(self.warnings),
                 "error": self.error,
             }

@@ -21,6 +21,7 @@ from vmig.migration.policy import (
     THROTTLE_INITIAL_PERCENT,
     THROTTLE_MAX_PERCENT,
     THROTTLE_STEP_PERCENT,
+    StallStrategy,
     TimeoutStrategy,
 )
 from vmig.proto import MAX_CONNECTIONS
@@ -63,6 +64,14 @@ MAX_RECONNECT_TIMEOUT_S = 3600
 #: and MAIN's heartbeat. Longer than the stalls a busy link or host shows (6-7 s were seen).
 DEFAULT_DEAD_PEER_TIMEOUT_S = DEAD_PEER_TIMEOUT_S
 MAX_DEAD_PEER_TIMEOUT_S = 600
+#: Stall detection (KubeVirt VEP 248): KubeVirt's progress timeout, 150 s. A fleet wants a
+#: stalled pre-copy caught long before the hour of timeout_s, yet a slow link's passes still
+#: show their progress well within it.
+DEFAULT_STALL_TIMEOUT_S = 150.0
+#: Progress is the bytes left falling 10% below the best so far: more than the jitter of a
+#: pre-copy that keeps re-sending the same working set, less than what a pass of a
+#: converging one gains.
+DEFAULT_STALL_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,23 @@ SEND_PARAMETERS: tuple[Param, ...] = (
     Param("postcopy_after_iterations", "int", DEFAULT_POSTCOPY_AFTER, "With postcopy: "
           "pre-copy iterations before switching to post-copy.", 1, MAX_ITERATIONS,
           metavar="N"),
+    Param("stall_timeout_s", "float", DEFAULT_STALL_TIMEOUT_S, "Stall detection: when "
+          "the bytes left after a pre-copy pass have not fallen stall_margin below the "
+          "best so far for this many seconds, stall_strategy applies (checked after each "
+          "pass; a step of auto_converge's throttle counts as progress; 0: off). 150 s, "
+          "KubeVirt's progress timeout: a stalled pre-copy is caught long before timeout_s, "
+          "and a slow one still shows progress within it.", 0,
+          MAX_TIMEOUT_S, metavar="S"),
+    Param("stall_margin", "float", DEFAULT_STALL_MARGIN, "Stall detection: the share by "
+          "which the bytes left must fall below the best so far to count as progress "
+          "(0.1: by 10%, more than the jitter of a pre-copy re-sending the same pages).",
+          0, 1, metavar="FRACTION"),
+    Param("stall_strategy", "choice", StallStrategy.CANCEL.value, "What a stall does: "
+          "cancel (the VM keeps running here, and the link and CPU are free for a retry; "
+          "a safe default that needs no other choice), force-complete (pause and switch "
+          "over now, however long the pause), postcopy (needs postcopy, refused "
+          "otherwise), none (only report it: a `stalled` event and `stall` in "
+          "migration-info).", choices=tuple(s.value for s in StallStrategy)),
     Param("reconnect_timeout_s", "int", DEFAULT_RECONNECT_TIMEOUT_S, "A connection lost "
           "before the end (MAIN, MEMORY or FAULT, in any phase) is re-dialled with backoff "
           "for up to this many seconds, and the migration goes on where it was; 0: a lost "
@@ -289,6 +315,9 @@ class SendParams:
     auto_converge_max: int = THROTTLE_MAX_PERCENT
     postcopy: bool = False
     postcopy_after_iterations: int = DEFAULT_POSTCOPY_AFTER
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+    stall_margin: float = DEFAULT_STALL_MARGIN
+    stall_strategy: StallStrategy = StallStrategy.CANCEL
     reconnect_timeout_s: int = DEFAULT_RECONNECT_TIMEOUT_S
     dead_peer_timeout_s: int = DEFAULT_DEAD_PEER_TIMEOUT_S
     compress: str | None = None
@@ -321,6 +350,18 @@ class SendParams:
                 raise ConfigError(f"timeout_strategy: must be {choices}, "
                                   f"got {self.timeout_strategy!r}") from None
             object.__setattr__(self, "timeout_strategy", strategy)
+        self._check_stall_strategy()
+
+    def _check_stall_strategy(self) -> None:
+        """stall_strategy as a StallStrategy (ConfigError for an unknown one)."""
+        if not isinstance(self.stall_strategy, StallStrategy):
+            try:
+                strategy = StallStrategy(self.stall_strategy)
+            except ValueError:
+                choices = " or ".join(repr(s.value) for s in StallStrategy)
+                raise ConfigError(f"stall_strategy: must be {choices}, "
+                                  f"got {self.stall_strategy!r}") from None
+            object.__setattr__(self, "stall_strategy", strategy)
 
     def validate(self) -> Address:
         """Check every rule that needs no file; return the parsed destination. ConfigError
@@ -351,6 +392,9 @@ class SendParams:
                 raise ConfigError("compress: not with local (memory is shared, not copied)")
         if self.timeout_strategy is TimeoutStrategy.POSTCOPY and not self.postcopy:
             raise ConfigError("timeout_strategy: postcopy needs postcopy to be allowed")
+        if self.stall_strategy is StallStrategy.POSTCOPY and not self.postcopy \
+                and self.stall_timeout_s > 0:
+            raise ConfigError("stall_strategy: postcopy needs postcopy to be allowed")
         if self.postcopy and self.local:
             raise ConfigError("postcopy: not with local (memory is shared, not copied)")
         if self.chunk_bytes < PAGE_SIZE or self.chunk_bytes % PAGE_SIZE:

@@ -18,14 +18,20 @@ __all__ = [
     "CANCELLABLE",
     "DEFAULT_SMOOTHING",
     "SEND_TRANSITIONS",
+    "STALL_DECISIONS",
+    "SWITCHOVER_COMMANDS",
     "Decision",
     "MemoryMigrationStats",
     "SendPhase",
+    "StallDetector",
+    "StallStrategy",
+    "Switchover",
     "TimeoutStrategy",
     "decide",
     "decide_with_reason",
     "next_send_phase",
     "next_throttle",
+    "switchover_cause",
 ]
 
 #: Weight of the newest sample in the bandwidth and dirty-rate averages. 0.5
@@ -311,3 +317,113 @@ def decide(
     """
     return decide_with_reason(stats, downtime_ms, timeout_s, strategy, now, max_iterations,
                               postcopy_after)[0]
+
+
+# --- switch-over on command, and stall detection ---------------------------------------
+
+
+class Switchover(Enum):
+    """Why pre-copy ended and the switch-over began (the summary's `switchover`)."""
+
+    #: The pages left fit the downtime budget (or nothing was left).
+    CONVERGED = "converged"
+    #: post-copy after `postcopy_after_iterations` passes.
+    POSTCOPY_AFTER_ITERATIONS = "postcopy-after-iterations"
+    #: The timeout (or the iteration limit), with timeout_strategy ignore or postcopy.
+    TIMEOUT = "timeout"
+    #: A stall, with stall_strategy force-complete or postcopy.
+    STALL = "stall"
+    #: vm.migration-start-postcopy.
+    START_POSTCOPY = "start-postcopy"
+    #: vm.migration-force-complete.
+    FORCE_COMPLETE = "force-complete"
+
+
+#: The switch-overs an operator can ask for, and the decision each one is.
+SWITCHOVER_COMMANDS = {Switchover.START_POSTCOPY: Decision.POSTCOPY,
+                       Switchover.FORCE_COMPLETE: Decision.CONVERGE}
+
+
+def switchover_cause(decision: Decision, stats: MemoryMigrationStats, downtime_ms: float,
+                     timeout_s: float, now: float, postcopy_after: int | None = None
+                     ) -> Switchover:
+    """Which of `decide`'s rules gave `decision` (CONVERGE or POSTCOPY), in its order:
+    the budget met (rules 1-2b), post-copy after its iterations (2c), else the timeout
+    or the iteration limit (3)."""
+    if decision is Decision.POSTCOPY:
+        if postcopy_after is not None and stats.iteration >= postcopy_after \
+                and stats.elapsed(now) < timeout_s:
+            return Switchover.POSTCOPY_AFTER_ITERATIONS
+        return Switchover.TIMEOUT
+    fixed_cost_bound = (stats.switchover_overhead_ms >= downtime_ms
+                        and stats.page_transfer_ms <= downtime_ms)
+    if stats.remaining_bytes == 0 or stats.expected_downtime_ms <= downtime_ms \
+            or fixed_cost_bound:
+        return Switchover.CONVERGED
+    return Switchover.TIMEOUT
+
+
+class StallStrategy(Enum):
+    """What a stalled pre-copy does (params.py says why cancel is the default)."""
+
+    #: Switch to post-copy (the migration must allow it).
+    POSTCOPY = "postcopy"
+    #: Pause the guest and switch over now, whatever the downtime.
+    FORCE_COMPLETE = "force-complete"
+    #: Give up: the source VM keeps running.
+    CANCEL = "cancel"
+    #: Only report it (an event, and `stall` in migration-info); pre-copy goes on.
+    NONE = "none"
+
+
+#: The decision each stall strategy makes.
+STALL_DECISIONS = {StallStrategy.POSTCOPY: Decision.POSTCOPY,
+                   StallStrategy.FORCE_COMPLETE: Decision.CONVERGE,
+                   StallStrategy.CANCEL: Decision.ABORT, StallStrategy.NONE: Decision.CONTINUE}
+
+
+class StallDetector:
+    """Pre-copy that stopped making progress (KubeVirt VEP 248's progress timeout).
+
+    Fed the bytes left after each pass (`observe`): progress is bytes left below the
+    best so far (`best_bytes`, where progress was last seen) by `margin`, i.e. under
+    ``best_bytes * (1 - margin)``; reaching 0 is always progress. A stall is `timeout_s`
+    without progress. Each stall is reported once: the next one needs another
+    `timeout_s` without progress. `restart` counts as progress (auto-converge stepped
+    the throttle up: it is still acting). No clock is read: callers pass ``now``.
+    """
+
+    def __init__(self, timeout_s: float, margin: float) -> None:
+        if timeout_s <= 0 or not 0.0 <= margin <= 1.0:
+            raise ConfigError(f"a stall needs a timeout > 0 s and a margin in [0, 1] (got "
+                              f"{timeout_s} s, {margin})")
+        self.timeout_s = timeout_s
+        self.margin = margin
+        #: Bytes left when progress was last seen; None before the first observation.
+        self.best_bytes: int | None = None
+        #: When progress was last seen.
+        self.progress_at = 0.0
+        #: Stalls reported so far.
+        self.stalls = 0
+        self._window_start = 0.0  # progress, or the last stall reported
+
+    def observe(self, now: float, bytes_left: int) -> bool:
+        """Record the bytes left at `now`; True when this observation finds a stall."""
+        if self.best_bytes is None or bytes_left == 0 \
+                or bytes_left < self.best_bytes * (1.0 - self.margin):
+            self.restart(now, bytes_left)
+            return False
+        if now - self._window_start < self.timeout_s:
+            return False
+        self.stalls += 1
+        self._window_start = now  # the next report needs another timeout without progress
+        return True
+
+    def restart(self, now: float, bytes_left: int) -> None:
+        """Count `bytes_left` at `now` as progress: the timeout starts again from here."""
+        self.best_bytes = bytes_left
+        self.progress_at = self._window_start = now
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since progress was last seen."""
+        return now - self.progress_at

@@ -62,11 +62,16 @@ from vmig.migration.params import (
     check_changes,
 )
 from vmig.migration.policy import (
+    STALL_DECISIONS,
+    SWITCHOVER_COMMANDS,
     Decision,
     MemoryMigrationStats,
     SendPhase,
+    StallDetector,
+    Switchover,
     decide_with_reason,
     next_throttle,
+    switchover_cause,
 )
 from vmig.migration.postcopy import PRIORITY_WINDOW_BYTES, FaultResponder, split_owed
 from vmig.proto import (
@@ -133,6 +138,7 @@ class MigrationSender:
         self._unsent_dirty: np.ndarray | None = None  # dirty bitmap pre-copy left for downtime
         self._extents: list[tuple[int, int]] = []  # where memory holds data (set by run)
         self._chunks = ChunkSender(machine.memory, self.metrics, self.params.compress_level)
+        self._stall: StallDetector | None = None  # set when pre-copy begins, if asked for
 
     @property
     def phase(self) -> SendPhase:
@@ -380,6 +386,7 @@ class MigrationSender:
         # of those only the pages that are not all zeros (`ChunkSender.prepare`).
         ranges = RangeTable(self._extents)
         last_collect = self.clock()
+        self._watch_for_stalls(last_collect, ranges.total_bytes)
         while True:
             self.metrics.update(bytes_remaining=ranges.total_bytes)
             self._send(ranges)
@@ -393,6 +400,7 @@ class MigrationSender:
                 self.stats, params.downtime_ms, params.timeout_s,
                 params.timeout_strategy, now, MAX_ITERATIONS,
                 params.postcopy_after_iterations if params.postcopy else None)
+            decision, why = self._switchover(decision, why, now)
             self.metrics.update(bytes_remaining=ranges.total_bytes,
                                 dirty_rate_bytes_per_s=self.stats.dirty_rate_bytes_per_s,
                                 expected_downtime_ms=self.stats.expected_downtime_ms)
@@ -428,6 +436,78 @@ class MigrationSender:
             log.info("auto-converge: throttling the vCPUs to %d%%", percent)
             self.machine.throttle.set(percent)
             self.metrics.update(throttle_percent=percent)
+            if self._stall is not None:  # auto-converge is still acting: not a stall
+                self._stall.restart(self.clock(), self.stats.remaining_bytes)
+
+    # --- switch-over on command, and stall detection -------------------------------------
+
+    def start_postcopy(self) -> None:
+        """vm.migration-start-postcopy: switch to post-copy at the end of the current pass
+        (from any thread; never blocks). StateError says why when it cannot apply: post-copy
+        not allowed, still connecting, past pre-copy, force-complete asked already."""
+        if not self.params.postcopy:
+            raise StateError("cannot start post-copy: this migration does not allow it "
+                             "(send it with postcopy)")
+        self.lifecycle.command_switchover(Switchover.START_POSTCOPY)
+
+    def force_complete(self) -> None:
+        """vm.migration-force-complete: pause the guest and switch over at the end of the
+        current pass, whatever the expected downtime (from any thread; never blocks).
+        StateError says why when it cannot apply: local (no pre-copy), past pre-copy,
+        start-postcopy asked already."""
+        if self.params.local:
+            raise StateError("cannot force the switch-over: a local migration has no "
+                             "pre-copy, it switches over at once")
+        self.lifecycle.command_switchover(Switchover.FORCE_COMPLETE)
+
+    def _watch_for_stalls(self, now: float, bytes_left: int) -> None:
+        """Start stall detection (unless stall_timeout_s is 0) from the first pass's bytes."""
+        if self.params.stall_timeout_s > 0:
+            self._stall = StallDetector(self.params.stall_timeout_s, self.params.stall_margin)
+            self._stall.observe(now, bytes_left)
+
+    def _switchover(self, decision: Decision, why: str, now: float) -> tuple[Decision, str]:
+        """The pass's decision after the operator's command and the stall check; a pre-copy
+        that ends says why in the metrics (`switchover`). The policy's own switch-over wins;
+        a command overrides going on and the timeout's cancel; a stall, going on."""
+        command = self.lifecycle.switchover_command
+        stalled = self._stall is not None and self._stall.observe(now,
+                                                                   self.stats.remaining_bytes)
+        cause: Switchover | None = None
+        if decision in (Decision.CONVERGE, Decision.POSTCOPY):
+            cause = switchover_cause(
+                decision, self.stats, self.params.downtime_ms, self.params.timeout_s, now,
+                self.params.postcopy_after_iterations if self.params.postcopy else None)
+        elif command is not None:
+            decision, cause = SWITCHOVER_COMMANDS[command], command
+            why = f"{command.value} asked for by the operator"
+        elif stalled and decision is Decision.CONTINUE:
+            decision, why = self._stalled(now, why)
+            cause = Switchover.STALL
+        if cause is not None and decision in (Decision.CONVERGE, Decision.POSTCOPY):
+            self.metrics.update(switchover=cause.value)
+            log.info("switching over (%s): %s", cause.value, why)
+        return decision, why
+
+    def _stalled(self, now: float, why: str) -> tuple[Decision, str]:
+        """A stall was found: report it (event "stalled", `stall`) and apply the strategy."""
+        detector = self._stall
+        assert detector is not None and detector.best_bytes is not None
+        strategy = self.params.stall_strategy
+        left = self.stats.remaining_bytes
+        stalled_s = detector.stalled_for(now)
+        reason = (f"stalled: the bytes left ({format_size(left)}) have not fallen "
+                  f"{detector.margin:.0%} below the best so far "
+                  f"({format_size(detector.best_bytes)}) in {stalled_s:.1f} s; stall "
+                  f"strategy {strategy.value}")
+        log.warning("%s", reason)
+        self.metrics.stalled({"action": strategy.value, "stalled_s": round(stalled_s, 3),
+                              "elapsed_s": round(self.metrics.elapsed_s(), 3),
+                              "bytes_remaining": left,
+                              "best_bytes_remaining": detector.best_bytes,
+                              "stalls": detector.stalls, "reason": reason})
+        decision = STALL_DECISIONS[strategy]
+        return decision, (reason if decision is not Decision.CONTINUE else f"{why}; {reason}")
 
     # --- parameters changed while migrating (vm.migration-set-parameters) -----------------
 
