@@ -152,6 +152,9 @@ class MigrationMetrics:
         self.reconnects = 0
         self.warnings: list[str] = []
         self.error: str | None = None
+        #: How the side's run ended once it has settled (`settle`): "completed", "cancelled"
+        #: or "failed"; None while it runs.
+        self.outcome: str | None = None
         #: The last pre-copy pass (`iteration_done`), None before the first.
         self.last_iteration: dict[str, Any] | None = None
         self._observers: list[Observer] = []
@@ -292,6 +295,17 @@ class MigrationMetrics:
             event = self.phase.value
         self._notify(event)
 
+    def settle(self, error: str | None = None) -> None:
+        """The run is over and its side has settled (the VM handed over, or running here
+        again): the outcome is the final phase, or "failed" with `error`, the one-line
+        reason a run that raised gave (it replaces `error`)."""
+        if error is not None:
+            self.finish(Phase.FAILED, error=error)  # a run that raised before it ended
+        with self._lock:
+            if error is not None:
+                self.error = error
+            self.outcome = Phase.FAILED.value if error is not None else self.phase.value
+
     def end_downtime(self) -> None:
         """The guest runs again, at the destination: COMPLETE (or POSTCOPY) was
         acknowledged. The pause ends once; a later call changes nothing."""
@@ -364,6 +378,7 @@ class MigrationMetrics:
                 "receiver_state": self.receiver_state,
                 "warnings": list(self.warnings),
                 "error": self.error,
+                "outcome": self.outcome,
             }
 
 
