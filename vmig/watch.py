@@ -88,6 +88,8 @@ def send_and_watch(client: ApiClient, params: dict[str, Any], *,
     until it has wound down. Raises ApiError with the VMM's reason if it failed.
     """
     started = client.send_migration(wait=False, **params)
+    if "id" not in started:  # a VMM older than the 202 answer: this is the summary
+        return started
     return watch_migration(client, started["id"], console=console, on_poll=on_poll)
 
 

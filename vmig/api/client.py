@@ -22,9 +22,12 @@ API_PREFIX = "/api/v1"
 METRICS_URL = "http://localhost/metrics"  # outside API_PREFIX
 DEFAULT_TIMEOUT_S = 30.0
 LONG_TIMEOUT_S = 600.0  # create/restore/snapshot move the whole guest memory
+SEND_TIMEOUT_S = 3600.0  # the VMM's default pre-copy timeout (vm.send-migration's timeout_s)
 #: wait_for_migration's polls: the first interval, doubled up to the longest.
 FOLLOW_FIRST_S = 0.01
 FOLLOW_MAX_S = 0.25
+#: migration-info's fields about following a migration, not in its summary.
+FOLLOW_ONLY = ("active", "outcome")
 
 
 class ApiClient:
@@ -107,13 +110,20 @@ class ApiClient:
         that answer: {"id", **migration-info}. `wait=True` follows the migration
         (`wait_for_migration`) and returns its summary once it is over (status
         "completed" or "cancelled"); a failed migration raises ApiError(500, the one-line
-        reason), as the VMM's blocking answer did before.
+        reason), as the VMM's blocking answer did before. (A VMM older than the 202
+        answer still blocks, and its answer, the summary, is returned either way.)
         """
         body = {name: value for name, value in params.items() if value is not None}
-        started = self._request("PUT", "vm.send-migration", body, timeout=self.long_timeout)
-        if not wait:
-            return started
-        return self.wait_for_migration(started["id"])
+        # A VMM older than the 202 answer blocks until the migration is over and answers
+        # the summary: it may take the pre-copy timeout plus the final copy.
+        timeout_s = body.get("timeout_s")
+        precopy = float(timeout_s) if isinstance(timeout_s, int | float) else SEND_TIMEOUT_S
+        response = self._send("PUT", "vm.send-migration", body,
+                              timeout=precopy + self.long_timeout)
+        answer = self._decode(response)
+        if response.status_code != 202 or not wait:  # (the older VMM's answer: a summary)
+            return answer
+        return self.wait_for_migration(answer["id"])
 
     def wait_for_migration(self, migration_id: str, *,
                            on_info: Callable[[dict[str, Any]], None] | None = None,
@@ -123,7 +133,8 @@ class ApiClient:
         Each poll is a short request of its own, so a long migration never meets an HTTP
         timeout. `on_info(info)` sees every poll; `poll_s` is the interval (default: from
         10 ms up to FOLLOW_MAX_S, so a short migration is not waited on for long).
-        Returns the summary (migration-info without "active"); raises ApiError(500, its
+        Returns the summary (migration-info but FOLLOW_ONLY: the metrics' final view, as
+        the "completed" or "cancelled" event carries it); raises ApiError(500, its
         reason) if it failed, ApiError(None, ...) if another migration took its place.
         """
         delay = poll_s or FOLLOW_FIRST_S
@@ -141,7 +152,7 @@ class ApiClient:
             delay = poll_s or min(delay * 2, FOLLOW_MAX_S)
         if info.get("outcome") == "failed" or info.get("status") == "failed":
             raise ApiError(500, info.get("error") or "migration failed")
-        return {name: value for name, value in info.items() if name != "active"}
+        return {name: value for name, value in info.items() if name not in FOLLOW_ONLY}
 
     def cancel_migration(self) -> dict[str, Any]:
         """Cancel the running migration on this side; its figures once it ended (409 when
@@ -184,7 +195,9 @@ class ApiClient:
 
     def _request(self, method: str, endpoint: str, body: dict[str, Any] | None = None, *,
                  timeout: float | None = None) -> Any:
-        response = self._send(method, endpoint, body, timeout=timeout)
+        return self._decode(self._send(method, endpoint, body, timeout=timeout))
+
+    def _decode(self, response: httpx.Response) -> Any:
         if response.status_code == 204 or not response.content:
             return None
         try:

@@ -9,10 +9,11 @@ Machine's, which raises `StateError` itself.
 
 Migrations are the exception to "one command at a time": they take minutes, and
 vm.info and vm.migration-info must answer meanwhile. A send is admitted under
-the command lock and then runs without it (the Machine's `busy` flag keeps user
-pause/resume/snapshot away, and this class refuses shutdown and a second
-migration); a receive only starts a listener, whose thread later installs the
-received Machine. The migration bookkeeping has its own small lock, never held
+the command lock and then runs without it, on a thread of its own that no request
+waits for: vm.send-migration answers once it has started (the Machine's `busy`
+flag keeps user pause/resume/snapshot away, and this class refuses shutdown and a
+second migration). A receive only starts a listener, whose thread later installs
+the received Machine. The migration bookkeeping has its own small lock, never held
 while anything blocks, so the receiver's callback can never deadlock with a
 command.
 
@@ -305,7 +306,7 @@ class Vmm:
                      params.connections)
             self._migration_event("started", metrics.view())
             thread.start()
-        return {"id": sender.migration_id.hex(), **metrics.view(), "active": not done.is_set()}
+        return {"id": sender.migration_id.hex(), **_info(metrics, not done.is_set())}
 
     def _run_send(self, sender: MigrationSender, done: threading.Event) -> None:
         """The send's thread: run it, keep its outcome with its metrics, say it is over."""
@@ -326,7 +327,8 @@ class Vmm:
             done.set()
 
     def migration_info(self) -> dict[str, Any] | None:
-        """The running (or last) migration's figures plus "active"; None if none ever ran."""
+        """The running (or last) migration's figures plus "active" and "outcome"; None if
+        none ever ran."""
         with self._mig_lock:
             metrics = self._metrics
             receiver = self._receiver
@@ -335,7 +337,7 @@ class Vmm:
                 receiver is not None and receiver.metrics is metrics and not receiver.finished)
         if metrics is None:
             return None
-        return {**metrics.view(), "active": active}
+        return _info(metrics, active)
 
     def recover_migration(self, url: str | None = None) -> dict[str, Any]:
         """Re-dial the outgoing migration in postcopy-paused now (at `url`, if given);
@@ -441,6 +443,11 @@ class Vmm:
             if thread.is_alive():
                 log.error("the outgoing migration did not end within %.0f s of the VMM "
                           "stopping", timeout)
+
+
+def _info(metrics: MigrationMetrics, active: bool) -> dict[str, Any]:
+    """vm.migration-info: the metrics' view, whether the migration runs, how it ended."""
+    return {**metrics.view(), "active": active, "outcome": metrics.outcome}
 
 
 def _refuse_cancel(last: MigrationMetrics | None) -> None:

@@ -488,10 +488,6 @@ class MigrationSummary(BaseModel):
                                 "than asked (fewer connections, a lost connection, a downtime "
                                 "over the budget).")
     error: str | None = Field(None, description="Why it failed or was cancelled.")
-    outcome: str | None = Field(None, description="How it ended, once this side has settled "
-                                "(the VM handed over, or running here again): `completed`, "
-                                "`cancelled` or `failed` (then `error` is the one-line "
-                                "reason); null while it runs.")
 
 
 class MigrationInfo(MigrationSummary):
@@ -499,6 +495,10 @@ class MigrationInfo(MigrationSummary):
 
     active: bool = Field(description="A migration is running now; false: these are the last "
                          "one's final figures.")
+    outcome: str | None = Field(None, description="How it ended, once this side has settled "
+                                "(the VM handed over, or running here again): `completed`, "
+                                "`cancelled` or `failed` (then `error` is the one-line "
+                                "reason); null while it runs.")
 
 
 class MigrationStarted(MigrationInfo):

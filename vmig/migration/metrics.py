@@ -2,7 +2,7 @@
 
 `MigrationMetrics` is what the sender or the receiver updates as it works and
 what the API reads meanwhile (thread-safe). `view()` renders it: `vm.migration-info`
-is the view (plus "active"), a send's summary is the view at the end, and the
+is the view (plus "active" and "outcome"), a send's summary is the view at the end, and the
 Prometheus metrics and events (vmig.api) read the same object, so no figure is
 copied by hand from one to another. Each rate is defined once, here:
 
@@ -153,7 +153,7 @@ class MigrationMetrics:
         self.warnings: list[str] = []
         self.error: str | None = None
         #: How the side's run ended once it has settled (`settle`): "completed", "cancelled"
-        #: or "failed"; None while it runs.
+        #: or "failed"; None while it runs. vm.migration-info shows it beside the view.
         self.outcome: str | None = None
         #: The last pre-copy pass (`iteration_done`), None before the first.
         self.last_iteration: dict[str, Any] | None = None
@@ -378,7 +378,6 @@ class MigrationMetrics:
                 "receiver_state": self.receiver_state,
                 "warnings": list(self.warnings),
                 "error": self.error,
-                "outcome": self.outcome,
             }
 
 
