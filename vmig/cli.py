@@ -503,16 +503,21 @@ def receive_migration(target: _Remote, url: str, as_json: bool, **params: Any) -
 @remote.command("send-migration")
 @click.argument("url")
 @parameter_options(SEND_PARAMETERS)
+@click.option("--detach", is_flag=True,
+              help="Return once the migration has started: print the VMM's answer (its id "
+                   "and migration-info) and exit 0. Follow it with migration-info.")
 @json_option("Print only the summary, as one JSON object on one line (no progress bar).")
 @click.pass_obj
-def send_migration(target: _Remote, url: str, as_json: bool, **params: Any) -> None:
+def send_migration(target: _Remote, url: str, detach: bool, as_json: bool,
+                   **params: Any) -> None:
     """Live-migrate the VM to the VMM receiving at URL (tcp:HOST:PORT or unix:PATH).
 
     Over tcp: pass the destination's token (--token/--token-file) or a TLS
-    directory (--tls-dir). On a terminal a progress bar follows the migration;
-    then a summary is printed. Ctrl-C cancels the migration (until its point of
-    no return). If it fails or is cancelled the VM keeps running here and the
-    reason is printed (exit status 1).
+    directory (--tls-dir). The migration runs in the VMM: this command follows it
+    (a progress bar on a terminal), then prints a summary; stopping the command any
+    other way than Ctrl-C leaves the migration running. Ctrl-C cancels the migration
+    (until its point of no return). If it fails or is cancelled the VM keeps running
+    here and the reason is printed (exit status 1).
     """
     from rich.console import Console
 
@@ -520,6 +525,9 @@ def send_migration(target: _Remote, url: str, as_json: bool, **params: Any) -> N
 
     client = target.client
     request = {"destination_url": url, **_absolute_paths(SEND_PARAMETERS, params)}
+    if detach:
+        _print_json(client.send_migration(wait=False, **request), as_json)
+        return
     console = None if as_json or not sys.stdout.isatty() else Console()
     summary = send_and_watch(client, request, console=console)  # Ctrl-C cancels it
     if as_json:

@@ -1,18 +1,17 @@
 """Watch a live migration from the client side: a progress bar, then a readable summary.
 
-`vm.send-migration` blocks until the migration is over, so `send_and_watch` runs it
-in a thread and draws the bar from `vm.migration-info`, polled on a second API
-connection. The bar counts the bytes still to send: the memory that holds data at
-first, then the pages dirtied meanwhile, so it grows while pre-copy chases a busy
-guest. Ctrl-C cancels the migration through the API (`vm.cancel-migration`) and
-waits for the send to wind down. Used by `vmig remote send-migration` and `vmig demo`;
-it talks to VMMs only through `ApiClient`.
+`vm.send-migration` answers as soon as the migration has started; `send_and_watch`
+then follows it through `vm.migration-info` (`ApiClient.wait_for_migration`) and draws
+the bar from each poll. The bar counts the bytes still to send: the memory that holds
+data at first, then the pages dirtied meanwhile, so it grows while pre-copy chases a
+busy guest. Ctrl-C cancels the migration through the API (`vm.cancel-migration`) and
+follows it on until it has wound down. Used by `vmig remote send-migration` and `vmig
+demo`; it talks to VMMs only through `ApiClient`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -29,28 +28,6 @@ POLL_S = 0.1  # progress refresh: often enough to see iterations, cheap for the 
 
 def format_ms(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:,.1f} ms"
-
-
-class _Send(threading.Thread):
-    """`client.send_migration(**params)` on a thread; keeps the reply or the exception."""
-
-    def __init__(self, client: ApiClient, params: dict[str, Any]) -> None:
-        super().__init__(name="send-migration", daemon=True)
-        self.client = client
-        self.params = params
-        self.summary: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-        # Waited on instead of join(): a join that Ctrl-C interrupts can leave the thread
-        # looking finished while it still runs (CPython before 3.13).
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self.summary = self.client.send_migration(**self.params)
-        except BaseException as exc:  # handed to the caller's thread
-            self.error = exc
-        finally:
-            self.done.set()
 
 
 def progress_position(info: dict[str, Any]) -> tuple[int, int | None]:
@@ -103,43 +80,59 @@ def send_and_watch(client: ApiClient, params: dict[str, Any], *,
                    console: Console | None = None,
                    on_poll: Callable[[dict[str, Any] | None], None] | None = None
                    ) -> dict[str, Any]:
-    """Send the migration `params` describe; return the summary (status "completed" or
-    "cancelled").
+    """Start the migration `params` describe and follow it; return the summary (status
+    "completed" or "cancelled").
 
-    With a `console` a progress bar is drawn from vm.migration-info (polled on a
-    second API connection); `on_poll(info)` is called on every poll (None until this
-    migration shows up). Ctrl-C cancels the migration through the API and waits for
-    the send's answer. Raises what the send raised (ApiError with the VMM's reason).
+    With a `console` a progress bar is drawn from vm.migration-info; `on_poll(info)` is
+    called on every poll. Ctrl-C cancels the migration through the API and follows it
+    until it has wound down. Raises ApiError with the VMM's reason if it failed.
     """
-    send = _Send(client, params)
-    with ApiClient(client.socket_path, client.timeout) as watcher:
-        send.start()
-        if console is None:
-            _wait(send, watcher, lambda: None, on_poll)
-        else:
-            _draw(send, watcher, console, on_poll)
-    if send.error is not None:
-        raise send.error
-    assert send.summary is not None
-    return send.summary
+    started = client.send_migration(wait=False, **params)
+    if "id" not in started:  # a VMM older than the 202 answer: this is the summary
+        return started
+    return watch_migration(client, started["id"], console=console, on_poll=on_poll)
 
 
-def _wait(send: _Send, watcher: ApiClient, poll: Callable[[], None],
-          on_poll: Callable[[dict[str, Any] | None], None] | None) -> None:
-    cancelled = False
-    while not send.done.is_set():
-        try:
+def watch_migration(client: ApiClient, migration_id: str, *, console: Console | None = None,
+                    on_poll: Callable[[dict[str, Any] | None], None] | None = None
+                    ) -> dict[str, Any]:
+    """Follow the running migration `migration_id` as `send_and_watch` does."""
+    if console is None:
+        return _follow(client, migration_id, on_poll or (lambda info: None))
+    with progress_bar(console) as progress:
+        task = progress.add_task("connecting", total=None, detail="")
+
+        def poll(info: dict[str, Any] | None) -> None:
             if on_poll is not None:
-                on_poll(_active_info(watcher))
-            poll()
-            send.done.wait(POLL_S)
+                on_poll(info)
+            if info is not None:
+                show_progress(progress, task, info)
+
+        try:
+            summary = _follow(client, migration_id, poll)
+        except ApiError:
+            progress.update(task, description="failed")
+            raise
+        show_progress(progress, task, summary)
+        progress.update(task, description=summary.get("status", "?"))
+        return summary
+
+
+def _follow(client: ApiClient, migration_id: str,
+            on_info: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """`client.wait_for_migration`; the first Ctrl-C cancels the migration (a second one
+    stops following it)."""
+    cancelled = False
+    while True:
+        try:
+            return client.wait_for_migration(migration_id, on_info=on_info, poll_s=POLL_S)
         except KeyboardInterrupt:
             if cancelled:
                 raise
             cancelled = True
-            # too late to cancel (or already over): the send's answer says how it ended
+            # too late to cancel (or already over): the migration's outcome says how it ended
             with contextlib.suppress(ApiError):
-                watcher.cancel_migration()
+                client.cancel_migration()
 
 
 def progress_bar(console: Console) -> Progress:
@@ -156,33 +149,6 @@ def show_progress(progress: Progress, task: TaskID, info: dict[str, Any]) -> Non
         total = done = max(done, 1)
     progress.update(task, description=info.get("phase", "?"), total=total or None,
                     completed=done, detail=progress_detail(info))
-
-
-def _draw(send: _Send, watcher: ApiClient, console: Console,
-          on_poll: Callable[[dict[str, Any] | None], None] | None) -> None:
-    with progress_bar(console) as progress:
-        task = progress.add_task("connecting", total=None, detail="")
-
-        def poll() -> None:
-            info = _active_info(watcher)
-            if info is not None:
-                show_progress(progress, task, info)
-
-        _wait(send, watcher, poll, on_poll)
-        if send.summary is not None:
-            show_progress(progress, task, send.summary)
-            progress.update(task, description=send.summary.get("status", "?"))
-        else:
-            progress.update(task, description="failed")
-
-
-def _active_info(watcher: ApiClient) -> dict[str, Any] | None:
-    """The running migration's figures; None before it starts (or if the poll fails)."""
-    try:
-        info = watcher.migration_info()
-    except ApiError:  # 404 before the first migration; a slow answer is no reason to stop
-        return None
-    return info if info.get("active") else None
 
 
 def summary_table(summary: dict[str, Any], title: str = "migration") -> Table:

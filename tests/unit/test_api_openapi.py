@@ -72,7 +72,7 @@ def test_request_fields_have_descriptions() -> None:
     schemas = openapi_document()["components"]["schemas"]
     for name in ("VmCreateRequest", "SnapshotRequest", "RestoreRequest", "VmInfo",
                  "CheckResult", "PingResponse", "ReceiveMigrationRequest",
-                 "ReceiveMigrationResponse", "SendMigrationRequest", "MigrationSummary",
+                 "ReceiveMigrationResponse", "SendMigrationRequest", "MigrationStarted",
                  "MigrationInfo"):
         for field, spec in schemas[name]["properties"].items():
             assert spec.get("description"), f"{name}.{field} has no description"

@@ -12,7 +12,7 @@ Routes (all under /api/v1)::
     PUT  vm.pause | vm.resume | vm.shutdown | vm.snapshot   -> 204
     PUT  vm.check-guest    the guest verifies its working set -> CheckResult
     PUT  vm.receive-migration  listen for an incoming migration (empty VMM) -> receiver_url
-    PUT  vm.send-migration     live-migrate the VM; blocks until done -> MigrationSummary
+    PUT  vm.send-migration     start live-migrating the VM -> 202 MigrationStarted (id, info)
     PUT  vm.cancel-migration   cancel the running migration, on either side -> MigrationInfo
     PUT  vm.recover-migration  re-dial a post-copy migration in postcopy-paused (source)
     PUT  vm.migration-set-parameters  change the running send's parameters -> MigrationInfo
@@ -23,8 +23,10 @@ Routes (all under /api/v1)::
 and, outside /api/v1, ``GET /metrics``: Prometheus' text format (vmig.api.prometheus).
 
 Handlers are plain functions: FastAPI runs them in its thread pool, since VM
-operations block (a send blocks for the whole migration; vm.info and
-vm.migration-info are answered from other threads meanwhile). Errors map to
+operations block (a snapshot, a check-guest; vm.info and vm.migration-info are
+answered from other threads meanwhile). A send only starts the migration, which runs
+on the VMM's own thread: no request waits for it, and a client that goes away changes
+nothing. Errors map to
 statuses by family (`status_for`): the client's or the host's fault is 400, a
 wrong lifecycle state 409, anything else 500 (a failed migration, for one).
 """
@@ -56,7 +58,7 @@ from vmig.api.models import (
     ErrorBody,
     MigrationInfo,
     MigrationSetParametersRequest,
-    MigrationSummary,
+    MigrationStarted,
     PingResponse,
     ReceiveMigrationRequest,
     ReceiveMigrationResponse,
@@ -312,9 +314,11 @@ def _routes(vmm: Vmm) -> APIRouter:
     def vm_receive_migration(body: ReceiveMigrationRequest) -> dict[str, Any]:
         return vmm.receive_migration(body.to_params())
 
-    @router.put("/vm.send-migration", tags=["migration"], response_model=MigrationSummary,
-                summary="Live-migrate the VM to a receiving VMM; blocks until the destination "
-                        "runs it (500: failed, the VM keeps running here)")
+    @router.put("/vm.send-migration", tags=["migration"], status_code=202,
+                response_model=MigrationStarted,
+                summary="Start live-migrating the VM to a receiving VMM; answers 202 once it "
+                        "has started. Its progress and outcome: vm.migration-info, vm.events, "
+                        "/metrics (a failure leaves the VM running here)")
     def vm_send_migration(body: SendMigrationRequest) -> dict[str, Any]:
         return vmm.send_migration(body.to_params())
 

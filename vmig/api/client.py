@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -22,6 +23,11 @@ METRICS_URL = "http://localhost/metrics"  # outside API_PREFIX
 DEFAULT_TIMEOUT_S = 30.0
 LONG_TIMEOUT_S = 600.0  # create/restore/snapshot move the whole guest memory
 SEND_TIMEOUT_S = 3600.0  # the VMM's default pre-copy timeout (vm.send-migration's timeout_s)
+#: wait_for_migration's polls: the first interval, doubled up to the longest.
+FOLLOW_FIRST_S = 0.01
+FOLLOW_MAX_S = 0.25
+#: migration-info's fields about following a migration, not in its summary.
+FOLLOW_ONLY = ("active", "outcome")
 
 
 class ApiClient:
@@ -97,18 +103,56 @@ class ApiClient:
         body.update({name: value for name, value in params.items() if value is not None})
         return self._request("PUT", "vm.receive-migration", body, timeout=self.long_timeout)
 
-    def send_migration(self, **params: Any) -> dict[str, Any]:
+    def send_migration(self, *, wait: bool = True, **params: Any) -> dict[str, Any]:
         """Live-migrate the VM; `params` are SendMigrationRequest's (None ones are left out).
 
-        Blocks until the migration is over: the reply may take the pre-copy
-        timeout (`timeout_s`) plus the final copy, so the HTTP timeout is
-        `timeout_s` plus the long timeout. Returns the summary.
+        The VMM answers 202 as soon as the migration has started. `wait=False` returns
+        that answer: {"id", **migration-info}. `wait=True` follows the migration
+        (`wait_for_migration`) and returns its summary once it is over (status
+        "completed" or "cancelled"); a failed migration raises ApiError(500, the one-line
+        reason), as the VMM's blocking answer did before. (A VMM older than the 202
+        answer still blocks, and its answer, the summary, is returned either way.)
         """
         body = {name: value for name, value in params.items() if value is not None}
+        # A VMM older than the 202 answer blocks until the migration is over and answers
+        # the summary: it may take the pre-copy timeout plus the final copy.
         timeout_s = body.get("timeout_s")
         precopy = float(timeout_s) if isinstance(timeout_s, int | float) else SEND_TIMEOUT_S
-        return self._request("PUT", "vm.send-migration", body,
-                             timeout=precopy + self.long_timeout)
+        response = self._send("PUT", "vm.send-migration", body,
+                              timeout=precopy + self.long_timeout)
+        answer = self._decode(response)
+        if response.status_code != 202 or not wait:  # (the older VMM's answer: a summary)
+            return answer
+        return self.wait_for_migration(answer["id"])
+
+    def wait_for_migration(self, migration_id: str, *,
+                           on_info: Callable[[dict[str, Any]], None] | None = None,
+                           poll_s: float | None = None) -> dict[str, Any]:
+        """Follow migration `migration_id` through vm.migration-info until it is over.
+
+        Each poll is a short request of its own, so a long migration never meets an HTTP
+        timeout. `on_info(info)` sees every poll; `poll_s` is the interval (default: from
+        10 ms up to FOLLOW_MAX_S, so a short migration is not waited on for long).
+        Returns the summary (migration-info but FOLLOW_ONLY: the metrics' final view, as
+        the "completed" or "cancelled" event carries it); raises ApiError(500, its
+        reason) if it failed, ApiError(None, ...) if another migration took its place.
+        """
+        delay = poll_s or FOLLOW_FIRST_S
+        while True:
+            info = self.migration_info()
+            if info.get("migration_id") != migration_id:
+                raise ApiError(None, f"migration {migration_id} is no longer the VMM's last "
+                                    f"one (now {info.get('migration_id')}): its outcome is "
+                                    "unknown")
+            if on_info is not None:
+                on_info(info)
+            if not info.get("active"):
+                break
+            time.sleep(delay)
+            delay = poll_s or min(delay * 2, FOLLOW_MAX_S)
+        if info.get("outcome") == "failed" or info.get("status") == "failed":
+            raise ApiError(500, info.get("error") or "migration failed")
+        return {name: value for name, value in info.items() if name not in FOLLOW_ONLY}
 
     def cancel_migration(self) -> dict[str, Any]:
         """Cancel the running migration on this side; its figures once it ended (409 when
@@ -166,7 +210,9 @@ class ApiClient:
 
     def _request(self, method: str, endpoint: str, body: dict[str, Any] | None = None, *,
                  timeout: float | None = None) -> Any:
-        response = self._send(method, endpoint, body, timeout=timeout)
+        return self._decode(self._send(method, endpoint, body, timeout=timeout))
+
+    def _decode(self, response: httpx.Response) -> Any:
         if response.status_code == 204 or not response.content:
             return None
         try:

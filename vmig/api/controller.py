@@ -9,10 +9,11 @@ Machine's, which raises `StateError` itself.
 
 Migrations are the exception to "one command at a time": they take minutes, and
 vm.info and vm.migration-info must answer meanwhile. A send is admitted under
-the command lock and then runs without it (the Machine's `busy` flag keeps user
-pause/resume/snapshot away, and this class refuses shutdown and a second
-migration); a receive only starts a listener, whose thread later installs the
-received Machine. The migration bookkeeping has its own small lock, never held
+the command lock and then runs without it, on a thread of its own that no request
+waits for: vm.send-migration answers once it has started (the Machine's `busy`
+flag keeps user pause/resume/snapshot away, and this class refuses shutdown and a
+second migration). A receive only starts a listener, whose thread later installs
+the received Machine. The migration bookkeeping has its own small lock, never held
 while anything blocks, so the receiver's callback can never deadlock with a
 command.
 
@@ -31,8 +32,16 @@ from typing import Any
 
 from vmig.api.events import EventBus
 from vmig.config import VmConfig
-from vmig.errors import ConfigError, GuestMemoryError, StateError, TransportError
-from vmig.migration.metrics import MigrationMetrics
+from vmig.errors import (
+    ConfigError,
+    GuestMemoryError,
+    StateError,
+    TransportError,
+    VmigError,
+    one_line,
+)
+from vmig.migration.lifecycle import refused_after
+from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.params import ReceiveParams, SendParams, check_changes
 from vmig.migration.receiver import MigrationReceiver
 from vmig.migration.sender import MigrationSender
@@ -50,6 +59,7 @@ POSTCOPY_BUSY = "receiving its last pages (post-copy)"
 CLOSE_WAIT_S = 5.0  # how long close() waits for a running command before stopping the VM
 SEND_ABORT_POLL_S = 0.1  # close(): how often a send that is still connecting is interrupted
 CANCEL_WAIT_S = 10.0  # vm.cancel-migration waits this long for the migration to wind down
+SEND_THREAD = "send-migration"  # the thread an outgoing migration runs on
 
 # A VM in one of these states is over: creating, restoring or receiving replaces it.
 _FINISHED = (VmState.SHUTDOWN, VmState.FAILED, VmState.MIGRATED)
@@ -71,8 +81,9 @@ class Vmm:
         # Migration bookkeeping, guarded by _mig_lock (short critical sections only).
         self._mig_lock = threading.Lock()
         self._sender: MigrationSender | None = None  # the send running now
-        self._send_done = threading.Event()
+        self._send_done = threading.Event()  # the running (or last) send is over
         self._send_done.set()
+        self._send_thread: threading.Thread | None = None  # the running (or last) send's
         self._receiver: MigrationReceiver | None = None  # the last receiver started
         self._receiving = False  # _receiver has not reported its outcome yet
         self._metrics: MigrationMetrics | None = None  # the running or the last migration
@@ -247,21 +258,27 @@ class Vmm:
         """The receiver's outcome (on its thread): install the VM, or remember why not."""
         with self._mig_lock:
             self._receiving = False
+            receiver = self._receiver
             if machine is not None:
                 self.machine = self._adopt(machine)
                 self._last_error = None
             else:
                 self._last_error = error or "the incoming migration ended without a VM"
+        if receiver is not None:
+            receiver.metrics.settle()
         if machine is not None:
             log.info("incoming migration completed: the VM runs here")
             self._vm_event("received", machine.info())
 
     def send_migration(self, params: SendParams) -> dict[str, Any]:
-        """Migrate the VM as `params` say; block until done and return the summary.
+        """Start migrating the VM as `params` say; return at once {"id", **migration-info}.
 
-        ConfigError (bad parameters) comes before StateError (no VM, wrong
-        state, a migration already running). MigrationError leaves the VM
-        running here. The command lock is held only to admit the send.
+        ConfigError (bad parameters) comes before StateError (no VM, wrong state, a
+        migration already running), and both before anything starts. The migration then
+        runs on a thread of this VMM (`close()` joins it), whatever becomes of the request
+        that started it: its progress and outcome are vm.migration-info's (`outcome`,
+        `error`), the events' and /metrics'. A failure leaves the VM running here. The
+        command lock is held only to admit the send.
         """
         resolved = params.resolve()
         with self._lock:
@@ -279,24 +296,39 @@ class Vmm:
             metrics = MigrationMetrics("send")
             metrics.subscribe(self._migration_event)
             sender = MigrationSender(machine, resolved, metrics)
+            done = threading.Event()
+            thread = threading.Thread(target=self._run_send, args=(sender, done),
+                                      name=SEND_THREAD, daemon=True)
             with self._mig_lock:
                 self._sender, self._metrics = sender, metrics
-                self._send_done.clear()
-        log.info("sending the VM to %s over %d connection(s)", params.destination_url,
-                 params.connections)
-        self._migration_event("started", metrics.view())
+                self._send_done, self._send_thread = done, thread
+            log.info("sending the VM to %s over %d connection(s)", params.destination_url,
+                     params.connections)
+            self._migration_event("started", metrics.view())
+            thread.start()
+        return {"id": sender.migration_id.hex(), **_info(metrics, not done.is_set())}
+
+    def _run_send(self, sender: MigrationSender, done: threading.Event) -> None:
+        """The send's thread: run it, keep its outcome with its metrics, say it is over."""
+        error: str | None = None
         try:
-            summary = sender.run()
+            sender.run()
+        except Exception as exc:  # the outcome: vm.migration-info says why
+            error = one_line(exc, type(exc).__name__)
+            if not isinstance(exc, VmigError):
+                log.exception("outgoing migration failed")
+        try:
+            sender.metrics.settle(error)
+            if sender.machine.state is VmState.MIGRATED:
+                self._vm_event("migrated", {"destination": sender.metrics.peer})
         finally:
             with self._mig_lock:
                 self._sender = None
-                self._send_done.set()
-        if machine.state is VmState.MIGRATED:
-            self._vm_event("migrated", {"destination": summary.get("peer")})
-        return summary
+            done.set()
 
     def migration_info(self) -> dict[str, Any] | None:
-        """The running (or last) migration's figures plus "active"; None if none ever ran."""
+        """The running (or last) migration's figures plus "active" and "outcome"; None if
+        none ever ran."""
         with self._mig_lock:
             metrics = self._metrics
             receiver = self._receiver
@@ -305,7 +337,7 @@ class Vmm:
                 receiver is not None and receiver.metrics is metrics and not receiver.finished)
         if metrics is None:
             return None
-        return {**metrics.view(), "active": active}
+        return _info(metrics, active)
 
     def recover_migration(self, url: str | None = None) -> dict[str, Any]:
         """Re-dial the outgoing migration in postcopy-paused now (at `url`, if given);
@@ -330,19 +362,19 @@ class Vmm:
         """
         changes = check_changes(changes)
         self._outgoing("change parameters").set_parameters(changes)
-        return self._info()
+        return self._current_info()
 
     def migration_start_postcopy(self) -> dict[str, Any]:
         """Switch the outgoing migration to post-copy at the end of its current pass; its
         figures. StateError when none runs here or it cannot (MigrationSender says why)."""
         self._outgoing("start post-copy").start_postcopy()
-        return self._info()
+        return self._current_info()
 
     def migration_force_complete(self) -> dict[str, Any]:
         """Pause the guest and switch the outgoing migration over at the end of its current
         pass, whatever the expected downtime; its figures. StateError as for start-postcopy."""
         self._outgoing("force the switch-over").force_complete()
-        return self._info()
+        return self._current_info()
 
     def _outgoing(self, action: str) -> MigrationSender:
         """The send running here; StateError naming `action` when there is none."""
@@ -353,7 +385,7 @@ class Vmm:
                              "asked for at the source)")
         return sender
 
-    def _info(self) -> dict[str, Any]:
+    def _current_info(self) -> dict[str, Any]:
         info = self.migration_info()
         assert info is not None
         return info
@@ -363,11 +395,14 @@ class Vmm:
 
         Before the switch-over's point of no return the source keeps (or resumes) its VM
         and the destination discards what it received and is empty again. StateError
-        when no migration runs, or when it is past that point.
+        when no migration runs, or when it is past that point; a migration that already
+        completed or failed is left as it is (StateError says so). A cancel while one is
+        being cancelled, or after, answers the same outcome as the first: cancelling is
+        idempotent.
         """
         with self._mig_lock:
             sender, receiver = self._sender, self._receiver if self._receiving else None
-            done = self._send_done
+            done, last = self._send_done, self._metrics
         if sender is not None:
             sender.cancel(reason)
             done.wait(CANCEL_WAIT_S)
@@ -375,7 +410,7 @@ class Vmm:
             receiver.cancel(reason)
             receiver.wait(CANCEL_WAIT_S)
         else:
-            raise StateError("cannot cancel: no migration is running")
+            _refuse_cancel(last)
         info = self.migration_info()
         assert info is not None
         return info
@@ -419,6 +454,7 @@ class Vmm:
         while not self._send_done.is_set() and time.monotonic() < deadline:
             self._interrupt_send()  # again: the pool may not have existed the first time
             self._send_done.wait(SEND_ABORT_POLL_S)
+        self._join_send(max(deadline - time.monotonic(), SEND_ABORT_POLL_S))
         acquired = self._lock.acquire(timeout=CLOSE_WAIT_S)
         try:
             with self._mig_lock:
@@ -434,4 +470,28 @@ class Vmm:
         finally:
             if acquired:
                 self._lock.release()
+            self._join_send(CLOSE_WAIT_S)  # a send admitted while close() began: it fails now
             self.events.close()
+
+    def _join_send(self, timeout: float) -> None:
+        with self._mig_lock:
+            thread = self._send_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("the outgoing migration did not end within %.0f s of the VMM "
+                          "stopping", timeout)
+
+
+def _info(metrics: MigrationMetrics, active: bool) -> dict[str, Any]:
+    """vm.migration-info: the metrics' view, whether the migration runs, how it ended."""
+    return {**metrics.view(), "active": active, "outcome": metrics.outcome}
+
+
+def _refuse_cancel(last: MigrationMetrics | None) -> None:
+    """No migration runs: refuse the cancel (StateError), unless the last one was cancelled,
+    which a second cancel answers with again. Nothing is changed either way."""
+    if last is None or not last.phase.final:
+        raise StateError("cannot cancel: no migration is running")
+    if last.phase is not Phase.CANCELLED:
+        raise StateError(refused_after(last.phase.value))

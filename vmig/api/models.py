@@ -439,7 +439,7 @@ class RecoverMigrationRequest(BaseModel):
 
 
 class MigrationSummary(BaseModel):
-    """A migration's figures: `vm.send-migration`'s answer, and `vm.migration-info`.
+    """A migration's figures: `vm.migration-info`, and a finished send's summary.
 
     Both are views of the one metrics object of the migration. Rates: throughput is
     bytes transferred over the whole elapsed time; bandwidth is the send rate the
@@ -552,6 +552,28 @@ class MigrationInfo(MigrationSummary):
 
     active: bool = Field(description="A migration is running now; false: these are the last "
                          "one's final figures.")
+    outcome: str | None = Field(None, description="How it ended, once this side has settled "
+                                "(the VM handed over, or running here again): `completed`, "
+                                "`cancelled` or `failed` (then `error` is the one-line "
+                                "reason); null while it runs.")
+
+
+class MigrationStarted(MigrationInfo):
+    """vm.send-migration's answer (202): the migration has started; follow it with
+    vm.migration-info (until `active` is false; `outcome` then says how it ended),
+    vm.events or /metrics."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"id": "5d0b8a2f9c4e4f6e8a1b3c7d2e9f0a11", "role": "send", "status": "setup",
+         "phase": "connecting", "migration_id": "5d0b8a2f9c4e4f6e8a1b3c7d2e9f0a11",
+         "peer": "tcp:192.0.2.8:7000", "local": False, "elapsed_ms": 0.4, "paused": False,
+         "memory_bytes": 268435456, "bytes_transferred": 0, "iterations": 0,
+         "connections": 0, "warnings": [], "error": None, "outcome": None, "active": True},
+    ]})
+
+    id: str = Field(description="The migration's id (hex; `migration_id`, the same on both "
+                    "sides): the migration vm.migration-info, the events and /metrics "
+                    "report on.")
 
 
 class ErrorBody(BaseModel):

@@ -33,7 +33,7 @@ from vmig.transport.channel import (
     VersionRefused,
 )
 from vmig.transport.endpoint import dial
-from vmig.transport.stream import IO_TIMEOUT_S
+from vmig.transport.stream import IO_TIMEOUT_S, Stream
 
 __all__ = ["SendConnections"]
 
@@ -68,6 +68,9 @@ class SendConnections:
         self._beat: threading.Thread | None = None
         #: The channels in their places (MAIN first), as the pool sees them.
         self.channels: list[SenderChannel] = []
+        #: Streams dialled and still in their handshake (`interrupt_dialling` cuts them).
+        self._dialling: set[Stream] = set()
+        self._dialling_lock = threading.Lock()
 
     @property
     def resumable(self) -> bool:
@@ -120,7 +123,10 @@ class SendConnections:
         security = self.resolved.security
         stream = dial(self.address, security, timeout=timeout,
                       dead_peer_timeout_s=self.params.dead_peer_timeout_s)
+        with self._dialling_lock:
+            self._dialling.add(stream)
         try:
+            self.lifecycle.check_cancelled()  # a cancel that came during the dial
             channel: Channel
             if identity.role is ConnectionRole.FAULT:
                 channel = SourceFaultChannel(stream, identity, token=security.token)
@@ -130,8 +136,19 @@ class SendConnections:
         except BaseException:
             stream.close()
             raise
+        finally:
+            with self._dialling_lock:
+                self._dialling.discard(stream)
         stream.settimeout(IO_TIMEOUT_S)
         return channel
+
+    def interrupt_dialling(self) -> None:
+        """A cancel: cut every connection still in its handshake (a destination that
+        accepted but does not answer would otherwise hold the cancel for IO_TIMEOUT_S)."""
+        with self._dialling_lock:
+            streams = list(self._dialling)
+        for stream in streams:
+            stream.shutdown()
 
     # --- resuming --------------------------------------------------------------------------
 

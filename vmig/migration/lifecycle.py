@@ -26,7 +26,8 @@ from vmig.migration.policy import (
     next_send_phase,
 )
 
-__all__ = ["PHASE_METRICS", "ROLLBACK_WARNING", "ReceiveLifecycle", "SendLifecycle"]
+__all__ = ["PHASE_METRICS", "ROLLBACK_WARNING", "ReceiveLifecycle", "SendLifecycle",
+           "refused_after"]
 
 #: What a cancel in postcopy-paused means, said when it is given.
 ROLLBACK_WARNING = ("cancelling post-copy is a rollback: the guest goes back to the source's "
@@ -115,8 +116,12 @@ class SendLifecycle:
 
     def cancel(self, reason: str) -> bool:
         """Record a cancel (from any thread, never blocks); StateError when refused. True
-        when it is post-copy's rollback (the caller warns)."""
+        when it is post-copy's rollback (the caller warns). A cancel while the migration
+        is being cancelled, or once it is, changes nothing and is not refused: the caller
+        answers with the same outcome as the first."""
         with self._lock:
+            if self._phase is SendPhase.CANCELLED:
+                return False
             rollback = self.postcopy_paused_locked()
             if self._phase not in CANCELLABLE and not rollback:
                 raise StateError(self._refusal())
@@ -135,7 +140,7 @@ class SendLifecycle:
         if self._phase is SendPhase.COMPLETING:
             return ("cannot cancel: the switch-over passed its point of no return (COMPLETE "
                     "was sent; the destination may already run the VM)")
-        return f"cannot cancel: the migration is already {self._phase.value}"
+        return refused_after(self._phase.value)
 
     @property
     def cancelled(self) -> bool:
@@ -242,7 +247,9 @@ class ReceiveLifecycle:
         """Record a cancel; StateError when refused. Returns (new, rollback): whether this
         cancel is the first, and whether it is post-copy's rollback."""
         with self.lock:
-            if self.committing or self.completed:
+            if self.completed:
+                raise StateError(refused_after("completed"))
+            if self.committing:
                 raise StateError("cannot cancel: the switch-over passed its point of no "
                                  "return (COMPLETE arrived; the VM runs here)")
             rollback = self.postcopy and bool(self._connections.down)
@@ -295,6 +302,11 @@ class ReceiveLifecycle:
     def postcopy_paused(self) -> bool:
         with self.lock:
             return self.postcopy and bool(self._connections.down) and not self.completed
+
+
+def refused_after(outcome: str) -> str:
+    """Why a cancel is refused once the migration has `outcome` (completed or failed)."""
+    return f"cannot cancel: the migration already {outcome}; nothing was changed"
 
 
 def phase_final(phase: SendPhase) -> bool:

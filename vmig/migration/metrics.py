@@ -2,7 +2,7 @@
 
 `MigrationMetrics` is what the sender or the receiver updates as it works and
 what the API reads meanwhile (thread-safe). `view()` renders it: `vm.migration-info`
-is the view (plus "active"), a send's summary is the view at the end, and the
+is the view (plus "active" and "outcome"), a send's summary is the view at the end, and the
 Prometheus metrics and events (vmig.api) read the same object, so no figure is
 copied by hand from one to another. Each rate is defined once, here:
 
@@ -161,6 +161,9 @@ class MigrationMetrics:
         self.switchover: str | None = None
         #: Sender: the last stall found (`stalled`), None while there was none.
         self.stall: dict[str, Any] | None = None
+        #: How the side's run ended once it has settled (`settle`): "completed", "cancelled"
+        #: or "failed"; None while it runs. vm.migration-info shows it beside the view.
+        self.outcome: str | None = None
         #: The last pre-copy pass (`iteration_done`), None before the first.
         self.last_iteration: dict[str, Any] | None = None
         self._observers: list[Observer] = []
@@ -314,6 +317,17 @@ class MigrationMetrics:
                     self.bytes_remaining = 0
             event = self.phase.value
         self._notify(event)
+
+    def settle(self, error: str | None = None) -> None:
+        """The run is over and its side has settled (the VM handed over, or running here
+        again): the outcome is the final phase, or "failed" with `error`, the one-line
+        reason a run that raised gave (it replaces `error`)."""
+        if error is not None:
+            self.finish(Phase.FAILED, error=error)  # a run that raised before it ended
+        with self._lock:
+            if error is not None:
+                self.error = error
+            self.outcome = Phase.FAILED.value if error is not None else self.phase.value
 
     def end_downtime(self) -> None:
         """The guest runs again, at the destination: COMPLETE (or POSTCOPY) was

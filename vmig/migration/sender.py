@@ -174,6 +174,7 @@ class MigrationSender:
         self.lifecycle.recover(url)
 
     def _interrupt(self) -> None:
+        self.connections.interrupt_dialling()
         pool = self._pool
         if pool is not None:
             pool.stop()
