@@ -21,6 +21,7 @@ from helpers import (
     assert_source_still_healthy,
     expect_api_error,
     heartbeat_grows,
+    migration_info_or_none,
     receive,
     send_in_precopy,
     wait_for,
@@ -101,7 +102,7 @@ def test_a_stall_only_reported_then_force_complete_switches_over(
     source = spawn_vmm(*BUSY_GUEST, "--event-monitor", str(tmp_path / "src.events"))
     url, auth = receive(destination)
     send = stalling_send(source, url, auth, stall_strategy="none")
-    info = wait_for(lambda: (i := source.client.migration_info())["stall"] and i,
+    info = wait_for(lambda: (i := migration_info_or_none(source.client)) and i["stall"] and i,
                     "the stall to be reported")
     assert info["stall"]["action"] == "none" and info["stall"]["stalled_s"] >= 2
     assert info["active"] and info["phase"] == "precopy"  # `none` only reports
