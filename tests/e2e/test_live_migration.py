@@ -226,7 +226,8 @@ def test_destination_killed_mid_migration_leaves_the_source_running(spawn_vmm: S
     doomed = spawn_vmm()
     source = spawn_vmm(*BUSY_GUEST)
     url, auth = receive(doomed, ANY_PORT)
-    send = send_in_precopy(source, url, auth, connections=4)
+    # re-dialled for reconnect_timeout_s: 2 s is enough to see it, the 30 s default is slow
+    send = send_in_precopy(source, url, auth, connections=4, reconnect_timeout_s=2)
     kill(doomed)
 
     with pytest.raises(ApiError) as failure:

@@ -198,7 +198,7 @@ def test_cancelled_and_failed_migrations_give_their_events(spawn_vmm: Spawn,
 
     # The destination goes away mid-migration: the source's migration fails.
     url, auth = receive(destination)
-    send = send_in_precopy(source, url, auth)
+    send = send_in_precopy(source, url, auth, reconnect_timeout_s=2)  # not 30 s of re-dial
     kill(destination)
     with pytest.raises(Exception, match="migration"):
         send.outcome()

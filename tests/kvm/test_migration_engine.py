@@ -345,7 +345,7 @@ def test_unanswered_complete_leaves_the_source_paused(source):
     peer = threading.Thread(target=_destination_until_complete, args=(listener, lambda: None))
     peer.start()
     with pytest.raises(MigrationError, match="source stays paused"):
-        MigrationSender(source, _send(url)).run()
+        MigrationSender(source, _send(url, reconnect_timeout_s=2)).run()  # COMPLETE re-sent
     peer.join(10)
     listener.close()
     assert source.state is VmState.PAUSED and source.busy is None
@@ -387,7 +387,7 @@ def test_a_lost_connection_makes_the_switch_over_verify_memory(source, monkeypat
     monkeypatch.setattr("vmig.migration.sender.BackgroundDigest", LyingDigest)
     monkeypatch.setattr(MigrationMetrics, "connections_lost", property(lambda self: 1))
     with pytest.raises(MigrationError, match="memory verification failed"):
-        MigrationSender(source, _send(url, connections=2)).run()
+        MigrationSender(source, _send(url, connections=2, reconnect_timeout_s=2)).run()
     assert outcome.done.wait(10)
     assert outcome.machine is None and "memory verification failed" in outcome.error
     assert source.state is VmState.RUNNING
@@ -401,7 +401,7 @@ def test_a_failed_switch_over_resumes_the_paused_source(source, monkeypatch):
 
     monkeypatch.setattr(Machine, "restore", refuse)  # the destination's STATE step fails
     with pytest.raises(MigrationError, match="rejected STATE: the destination cannot build"):
-        MigrationSender(source, _send(url, connections=2)).run()
+        MigrationSender(source, _send(url, connections=2, reconnect_timeout_s=2)).run()
     assert outcome.done.wait(10)
     assert outcome.machine is None
     assert source.state is VmState.RUNNING and source.busy is None
@@ -564,7 +564,7 @@ def test_a_destination_that_cannot_allocate_fails_and_the_source_runs_on(source,
     monkeypatch.setattr(MemoryBacking, "allocate", no_memory)
     receiver, outcome, url = _receiver()
     with pytest.raises(MigrationError):
-        MigrationSender(source, _send(url, connections=2)).run()
+        MigrationSender(source, _send(url, connections=2, reconnect_timeout_s=2)).run()
     assert outcome.done.wait(10)
     receiver.close()
     assert outcome.machine is None
