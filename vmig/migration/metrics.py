@@ -4,12 +4,15 @@
 what the API reads meanwhile (thread-safe). `view()` renders it: `vm.migration-info`
 is the view (plus "active" and "outcome"), a send's summary is the view at the end, and the
 Prometheus metrics and events (vmig.api) read the same object, so no figure is
-copied by hand from one to another. Each rate is defined once, here:
+copied by hand from one to another. Which figures the view has, their types, units and
+libvirt's names for them, is `vmig.migration.figures` (the API models come from it too).
+Each rate is defined once, here:
 
 - ``throughput_bytes_per_s``: bytes transferred / elapsed time, over the whole migration;
 - ``bandwidth_bytes_per_s``: the send rate the pre-copy policy measures per iteration;
 - ``dirty_rate_bytes_per_s``: how fast the guest dirties memory (sender only);
-- ``pages_per_s``: pages transferred / elapsed time.
+- ``pages_per_s``: pages transferred / elapsed time;
+- ``progress_percent``: data processed / (processed + remaining), the highest so far.
 
 The clock stops when the migration ends, so a finished migration reads the same
 every time. Figures one side cannot know are absent (None), not zero.
