@@ -17,8 +17,10 @@ from vmig.units import PAGE_SIZE, MiB
 
 # Dirties 8,000 pages/s (33 MB/s, random order) of a 32 MiB working set, against a 40 MB/s
 # cap: each pass finds most of what it sent dirtied again, so pre-copy takes several passes
-# to reach a 100 ms downtime, and from the second one the bytes left after a pass are more
-# than half of it: data processed over processed + remaining falls at each pass's end.
+# (about 7) to reach a 100 ms downtime, and data processed over processed + remaining falls
+# at each pass's end. The first pass (40 MiB with the zeros: chunks of 16, 16 and 8 MiB)
+# reads 80% before its last chunk and 68% after it, once the ~20 MiB the guest dirtied
+# meanwhile are added; even a guest at half its pace would dirty enough for that fall.
 DIRTYING_GUEST = ("--memory", "128M", "--cpus", "2", "--workload", "dirty", "--working-set",
                   "32M", "--dirty-rate", "8000")
 SEVERAL_PASSES = {"max_bandwidth": "40M", "downtime_ms": 100, "timeout_s": 60}
