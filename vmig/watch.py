@@ -4,8 +4,9 @@
 then follows it through `vm.migration-info` (`ApiClient.wait_for_migration`) and draws
 the bar from each poll. The bar counts the bytes still to send: the memory that holds
 data at first, then the pages dirtied meanwhile, so it grows while pre-copy chases a
-busy guest. Ctrl-C cancels the migration through the API (`vm.cancel-migration`) and
-follows it on until it has wound down. Used by `vmig remote send-migration` and `vmig
+busy guest; its percentage is the VMM's `progress_percent`, which never goes backwards.
+Ctrl-C cancels the migration through the API (`vm.cancel-migration`) and follows it on
+until it has wound down. Used by `vmig remote send-migration` and `vmig
 demo`; it talks to VMMs only through `ApiClient`.
 """
 
@@ -147,6 +148,9 @@ def show_progress(progress: Progress, task: TaskID, info: dict[str, Any]) -> Non
     done, total = progress_position(info)
     if info.get("phase") == "completed":
         total = done = max(done, 1)
+    percent = info.get("progress_percent")
+    if percent is not None:  # the VMM's: it never goes backwards (KubeVirt #10722)
+        total, done = 100, percent
     progress.update(task, description=info.get("phase", "?"), total=total or None,
                     completed=done, detail=progress_detail(info))
 

@@ -63,6 +63,17 @@ def test_dirty_pages_grow_the_total() -> None:
     assert "80%" in drawn(info(), second_pass)
 
 
+def test_the_bar_never_runs_backwards_when_the_vmm_says_how_far_it_is() -> None:
+    # the guest dirtied more than the pass sent: the byte ratio falls from 80% to 64% ...
+    near_the_end = info(iterations=1, bytes_transferred=64 * MiB, bytes_remaining=16 * MiB,
+                        progress_percent=80.0)
+    next_pass = info(iterations=2, bytes_transferred=64 * MiB, bytes_remaining=36 * MiB,
+                     progress_percent=80.0)
+    assert progress_position(next_pass) == (64 * MiB, 100 * MiB)
+    line = drawn(near_the_end, next_pass)
+    assert "80%" in line and "64%" not in line  # ... the VMM's progress_percent does not
+
+
 def test_the_line_shows_rate_left_eta_and_dirty_rate() -> None:
     figures = info(iterations=2, bytes_transferred=80 * MiB, bytes_remaining=20 * MiB,
                    bandwidth_bytes_per_s=10e6, dirty_rate_bytes_per_s=4e6,

@@ -21,6 +21,7 @@ from vmig.config import (
     VmConfig,
 )
 from vmig.guest import layout
+from vmig.migration.figures import INFO_FIGURES, SUMMARY_FIGURES, Figure, Group
 from vmig.migration.params import (
     CHANGEABLE_PARAMETERS,
     RECEIVE_PARAMETERS,
@@ -398,38 +399,6 @@ MigrationSetParametersRequest = create_model(
     **{p.name: _param_field(p, change=True) for p in CHANGEABLE_PARAMETERS})
 
 
-class ConnectionFigures(BaseModel):
-    """What went over one connection (QEMU's multifd counters)."""
-
-    index: int = Field(description="0 is MAIN; MEMORY connections follow.")
-    role: str = Field(description="`main` or `memory`.")
-    bytes: int = Field(description="Page bytes acknowledged on this connection.")
-    chunks: int = Field(description="MEMORY requests acknowledged on this connection.")
-    lost: str | None = Field(None, description="Why the connection was lost mid-migration.")
-
-
-class ReconnectingFigures(BaseModel):
-    """A connection lost and being re-dialled (protocol version 3)."""
-
-    index: int = Field(description="Its place: 0 MAIN, 1.. MEMORY; FAULT after them.")
-    role: str = Field(description="`main`, `memory` or `fault`.")
-    cause: str = Field(description="Why it was lost.")
-    for_s: float = Field(description="How long it has been down.")
-
-
-class StallFigures(BaseModel):
-    """The last stall of pre-copy found (stall detection, `stall_timeout_s`)."""
-
-    action: str = Field(description="The stall_strategy applied: `postcopy`, "
-                        "`force-complete`, `cancel` or `none` (only reported).")
-    stalled_s: float = Field(description="Seconds without progress when it was found.")
-    elapsed_s: float = Field(description="Seconds into the migration when it was found.")
-    bytes_remaining: int = Field(description="Bytes left after the last pass.")
-    best_bytes_remaining: int = Field(description="Bytes left when progress was last seen.")
-    stalls: int = Field(description="Stalls found so far (more than one only with `none`).")
-    reason: str = Field(description="The stall, in one line.")
-
-
 class RecoverMigrationRequest(BaseModel):
     """`vm.recover-migration`: re-dial a post-copy migration in postcopy-paused now."""
 
@@ -438,124 +407,78 @@ class RecoverMigrationRequest(BaseModel):
                                         "destination to re-dial (default: the one it used).")
 
 
-class MigrationSummary(BaseModel):
-    """A migration's figures: `vm.migration-info`, and a finished send's summary.
+def _figure_field(figure: Figure) -> tuple[Any, Any]:
+    """A pydantic field for one figure of vmig.migration.figures (the one source)."""
+    kind: Any = {dict: dict[str, Any]}.get(figure.kind, figure.kind)
+    if isinstance(figure.kind, Group):
+        kind = _figures_model(figure.kind)
+    if figure.many:
+        kind = list[kind]
+    if figure.nullable:
+        kind = kind | None
+    description = figure.help
+    if figure.libvirt:
+        description += " libvirt: " + ", ".join(f"`VIR_DOMAIN_JOB_{name}`"
+                                                for name in figure.libvirt) + "."
+    extra: dict[str, Any] = {"examples": list(figure.examples)} if figure.examples else {}
+    if figure.many:
+        return kind, Field(default_factory=list, description=description, **extra)
+    return kind, Field(figure.default, description=description, **extra)
 
-    Both are views of the one metrics object of the migration. Rates: throughput is
-    bytes transferred over the whole elapsed time; bandwidth is the send rate the
-    pre-copy policy measures per iteration. Figures a side cannot know are null.
-    """
 
+def _figure_fields(figures: tuple[Figure, ...]) -> dict[str, Any]:
+    return {figure.name: _figure_field(figure) for figure in figures}
+
+
+_GROUP_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def _figures_model(group: Group) -> type[BaseModel]:
+    """The model of a nested object of figures (made once per group)."""
+    if group.name not in _GROUP_MODELS:
+        _GROUP_MODELS[group.name] = create_model(group.name, __doc__=group.doc,
+                                                 **_figure_fields(group.figures))
+    return _GROUP_MODELS[group.name]
+
+
+class _SummaryBase(BaseModel):
+    # Fields the VMM adds later are passed through, so older clients keep working.
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
         {"role": "send", "status": "completed", "phase": "completed",
          "migration_id": "5d0b8a2f9c4e4f6e8a1b3c7d2e9f0a11", "peer": "tcp:192.0.2.8:7000",
-         "local": False, "elapsed_ms": 412.5, "setup_ms": 21.7, "downtime_ms": 12.2,
+         "local": False, "progress_percent": 100.0, "elapsed_ms": 412.5,
+         "expected_remaining_ms": 0.0, "setup_ms": 21.7, "downtime_ms": 12.2,
          "expected_downtime_ms": 9.8, "paused": False, "memory_bytes": 268435456,
-         "data_bytes": 67108864, "bytes_transferred": 140509184, "bytes_remaining": 0,
+         "data_bytes": 67108864, "data_total_bytes": 140509184,
+         "data_processed_bytes": 140509184, "data_remaining_bytes": 0,
+         "bytes_transferred": 140509184, "bytes_remaining": 0,
          "precopy_bytes": 138412032, "switchover_bytes": 2097152, "normal_pages": 34304,
-         "zero_pages": 0, "wire_bytes": 140509184, "pages_per_s": 83161, "iterations": 3,
+         "zero_pages": 0, "wire_bytes": 140509184, "compressed_bytes": 0,
+         "compressed_pages": 0, "pages_per_s": 83161, "iterations": 3,
          "throughput_bytes_per_s": 340628310, "bandwidth_bytes_per_s": 1350000000,
-         "dirty_rate_bytes_per_s": 81920000, "connections": 4, "connections_lost": 0,
+         "dirty_rate_bytes_per_s": 81920000, "dirty_rate_pages_per_s": 20000.0,
+         "connections": 4, "connections_lost": 0,
          "per_connection": [{"index": 0, "role": "main", "bytes": 35127296, "chunks": 3,
                              "lost": None}],
          "memory_verified": True, "heartbeat_at_pause": 25842, "receiver_state": None,
          "warnings": [], "error": None},
     ]})
 
-    role: str = Field(description="`send` (this VMM is the source) or `receive`.")
-    status: str = Field(description="As QEMU's query-migrate: `setup`, `active`, "
-                        "`postcopy-active`, `postcopy-paused`, `completed`, `cancelled` or "
-                        "`failed`.")
-    phase: str = Field(description="Sender: `connecting`, `precopy`, `switchover` (guest "
-                       "paused), `completing` (COMPLETE sent: no cancel any more); receiver: "
-                       "`listening`, `receiving`; both: `postcopy`, `postcopy-paused` (a "
-                       "connection is down; both wait for it), `completed`, `cancelled`, "
-                       "`failed`.")
-    migration_id: str | None = Field(None, description="The migration's random id (hex), the "
-                                     "same on both sides; null while listening.")
-    peer: str | None = Field(None, description="The destination's URL (sender) or the "
-                             "source's address (receiver).")
-    local: bool = Field(False, description="Memory was handed over by file descriptor.")
-    elapsed_ms: float = Field(description="Since the migration began (receiver: since the "
-                              "source's MAIN connection was admitted); stops at the end.")
-    setup_ms: float | None = Field(None, description="Until the first memory was "
-                                   "acknowledged (connections, handshakes, START, CONFIG).")
-    downtime_ms: float | None = Field(None, description="Sender: from pausing the guest to "
-                                      "the destination's acknowledgement of COMPLETE; null "
-                                      "when the guest was paused throughout, or not reached.")
-    expected_downtime_ms: float | None = Field(None, description="The pause a switch-over "
-                                               "now would take (last pages + fixed costs).")
-    paused: bool = Field(False, description="The VM was paused when the migration began and "
-                         "stays paused at the destination (no guest downtime).")
-    memory_bytes: int = Field(description="Guest RAM being migrated (0 until known).")
-    data_bytes: int | None = Field(None, description="Sender: guest memory that held data "
-                                   "when the migration began (what the first pass sends).")
-    bytes_transferred: int = Field(description="Guest memory bytes acknowledged so far.")
-    bytes_remaining: int | None = Field(None, description="Sender: bytes left in the current "
-                                        "pass (data, then dirty pages).")
-    precopy_bytes: int | None = Field(None, description="Sender: bytes sent while the guest "
-                                      "ran (a receiver does not know when it paused).")
-    switchover_bytes: int | None = Field(None, description="Sender: bytes sent while it was "
-                                         "paused.")
-    normal_pages: int = Field(0, description="Pages transferred with their bytes.")
-    zero_pages: int = Field(0, description="Pages skipped or sent as zero ranges (QEMU's "
-                            "`duplicate`).")
-    wire_bytes: int = Field(0, description="Page bytes on the wire: as `bytes_transferred`, "
-                            "but compressed chunks count as compressed.")
-    pages_per_s: float | None = Field(None, description="normal_pages / elapsed time.")
-    iterations: int | None = Field(None, description="Sender: memory passes sent (pre-copy "
-                                   "iterations plus the final one); null on the receiver.")
-    throughput_bytes_per_s: float | None = Field(None, description="bytes_transferred / "
-                                                 "elapsed time.")
-    bandwidth_bytes_per_s: float | None = Field(None, description="Sender: the send rate "
-                                                "measured per iteration (smoothed).")
-    dirty_rate_bytes_per_s: float | None = Field(None, description="Sender: how fast the "
-                                                 "guest dirties memory.")
-    max_bandwidth_bytes_per_s: int | None = Field(None, description="Sender: the bandwidth "
-                                                  "cap; null for none.")
-    throttle_percent: int | None = Field(None, description="Sender: how much auto-converge "
-                                         "slows the guest's vCPUs now (0: not at all).")
-    parameters: dict[str, Any] | None = Field(
-        None, description="Sender: the parameters vm.migration-set-parameters may change, "
-        "with the values now in force.",
-        examples=[{"downtime_ms": 300, "timeout_s": 3600, "max_bandwidth": "50M",
-                   "auto_converge": False, "auto_converge_initial": 20,
-                   "auto_converge_step": 10, "auto_converge_max": 99}])
-    connections: int = Field(description="Connections the migration opened.")
-    connections_lost: int = Field(0, description="Data connections lost mid-migration (their "
-                                  "chunks went over the others).")
-    reconnecting: list[ReconnectingFigures] = Field(
-        default_factory=list, description="Connections lost and being re-dialled now, with "
-        "the cause (protocol version 3).")
-    reconnects: int = Field(0, description="Connections resumed so far.")
-    per_connection: list[ConnectionFigures] = Field(
-        default_factory=list, description="Bytes and chunks per connection (MAIN first).")
-    memory_verified: bool = Field(False, description="Both sides' memory digests matched.")
-    heartbeat_at_pause: int | None = Field(None, description="The guest's heartbeat when the "
-                                           "source paused it; the destination goes on from it.")
-    receiver_state: str | None = Field(None, description="Receiver: the protocol state of the "
-                                       "main connection.")
-    switchover: str | None = Field(None, description="Sender: why pre-copy ended: "
-                                   "`converged`, `postcopy-after-iterations`, `timeout`, "
-                                   "`stall`, `start-postcopy` or `force-complete` (commanded); "
-                                   "null before, and for a local migration.")
-    stall: StallFigures | None = Field(None, description="Sender: the last stall of "
-                                       "pre-copy found, and what was done; null if none.")
-    warnings: list[str] = Field(default_factory=list, description="Things that went less well "
-                                "than asked (fewer connections, a lost connection, a downtime "
-                                "over the budget).")
-    error: str | None = Field(None, description="Why it failed or was cancelled.")
 
+MigrationSummary = create_model(
+    "MigrationSummary", __base__=_SummaryBase,
+    __doc__="A migration's figures: `vm.migration-info`, and a finished send's summary.\n\n"
+            "Both are views of the one metrics object of the migration; the fields come "
+            "from vmig.migration.figures, which also maps them to libvirt's "
+            "virDomainGetJobStats (docs/migration-info.md). Rates: throughput is bytes "
+            "transferred over the whole elapsed time; bandwidth is the send rate the "
+            "pre-copy policy measures per iteration. Figures a side cannot know are null.",
+    **_figure_fields(SUMMARY_FIGURES))
 
-class MigrationInfo(MigrationSummary):
-    """Progress of the running migration, or the final figures of the last one."""
-
-    active: bool = Field(description="A migration is running now; false: these are the last "
-                         "one's final figures.")
-    outcome: str | None = Field(None, description="How it ended, once this side has settled "
-                                "(the VM handed over, or running here again): `completed`, "
-                                "`cancelled` or `failed` (then `error` is the one-line "
-                                "reason); null while it runs.")
+MigrationInfo = create_model(
+    "MigrationInfo", __base__=MigrationSummary,
+    __doc__="Progress of the running migration, or the final figures of the last one.",
+    **_figure_fields(INFO_FIGURES))
 
 
 class MigrationStarted(MigrationInfo):

@@ -21,60 +21,25 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from vmig import __version__
 from vmig.api.controller import EMPTY, RECEIVING, Vmm
+from vmig.migration.figures import POSTCOPY, SUMMARY_FIGURES, Figure
 from vmig.migration.metrics import Phase, Status
 
 #: Every state vm.info can report; `vmig_vm_state` has one series per state.
 VM_STATES = (EMPTY, RECEIVING, "running", "paused", "shutdown", "failed", "migrated")
 
-# (view key, metric name, help, kind, divisor): the migration's single figures.
-_MIGRATION_FIGURES: tuple[tuple[str, str, str, str, float], ...] = (
-    ("bytes_transferred", "vmig_migration_bytes", "Guest page bytes sent (side send) or "
-     "received (side receive)", "counter", 1),
-    ("wire_bytes", "vmig_migration_wire_bytes", "Page payload bytes on the wire (compressed "
-     "chunks as compressed)", "counter", 1),
-    ("precopy_bytes", "vmig_migration_precopy_bytes", "Page bytes moved while the guest ran",
-     "counter", 1),
-    ("switchover_bytes", "vmig_migration_switchover_bytes", "Page bytes moved after the pause",
-     "counter", 1),
-    ("normal_pages", "vmig_migration_normal_pages", "Pages moved with their bytes", "counter", 1),
-    ("zero_pages", "vmig_migration_zero_pages", "Zero pages skipped or sent as zero ranges",
-     "counter", 1),
-    ("iterations", "vmig_migration_iterations", "Pre-copy passes (sender only)", "counter", 1),
-    ("bytes_remaining", "vmig_migration_remaining_bytes", "Bytes still to send in this pass",
-     "gauge", 1),
-    ("memory_bytes", "vmig_migration_memory_bytes", "Guest memory size", "gauge", 1),
-    ("data_bytes", "vmig_migration_data_bytes", "Guest memory that held data at the start",
-     "gauge", 1),
-    ("elapsed_ms", "vmig_migration_elapsed_seconds", "Time since the migration started "
-     "(stops at its end)", "gauge", 1000),
-    ("setup_ms", "vmig_migration_setup_seconds", "Time until the first pages moved", "gauge",
-     1000),
-    ("downtime_ms", "vmig_migration_downtime_seconds", "How long the guest was paused",
-     "gauge", 1000),
-    ("expected_downtime_ms", "vmig_migration_expected_downtime_seconds", "The pause a "
-     "switch-over now would take", "gauge", 1000),
-    ("throughput_bytes_per_s", "vmig_migration_throughput_bytes_per_second", "Page bytes over "
-     "the whole migration's time", "gauge", 1),
-    ("bandwidth_bytes_per_s", "vmig_migration_bandwidth_bytes_per_second", "Send rate measured "
-     "per pre-copy pass", "gauge", 1),
-    ("dirty_rate_bytes_per_s", "vmig_migration_dirty_rate_bytes_per_second", "How fast the "
-     "guest dirties memory (sender only)", "gauge", 1),
-    ("max_bandwidth_bytes_per_s", "vmig_migration_max_bandwidth_bytes_per_second",
-     "The bandwidth cap, if any", "gauge", 1),
-    ("throttle_percent", "vmig_migration_throttle_percent", "Auto-converge's vCPU throttle",
-     "gauge", 1),
-    ("connections", "vmig_migration_connections", "Connections opened", "gauge", 1),
-    ("connections_lost", "vmig_migration_connections_lost", "Connections lost mid-migration",
-     "gauge", 1),
-    ("reconnects", "vmig_migration_reconnects", "Connections resumed after a loss", "gauge",
-     1),
-)
-_POSTCOPY_FIGURES = (
-    ("pages", "vmig_migration_postcopy_pages", "Pages owed at the switch to post-copy",
-     "gauge"),
-    ("pages_left", "vmig_migration_postcopy_pages_left", "Owed pages still missing", "gauge"),
-    ("faults_served", "vmig_migration_postcopy_faults", "Page faults answered", "counter"),
-)
+
+
+def _exported(figures: tuple[Figure, ...]) -> tuple[tuple[str, str, str, str, float], ...]:
+    """(view key, metric name, help, kind, divisor) of the figures that name a metric;
+    vmig.migration.figures is the one source. Figures in ms are exported in seconds."""
+    return tuple((figure.name, figure.prometheus[0], figure.help, figure.prometheus[1],
+                  1000 if figure.unit == "ms" else 1)
+                 for figure in figures if figure.prometheus is not None)
+
+
+#: The migration's single figures, and those of its `postcopy` object.
+_MIGRATION_FIGURES = _exported(SUMMARY_FIGURES)
+_POSTCOPY_FIGURES = _exported(POSTCOPY.figures)
 
 
 def _family(kind: str, name: str, documentation: str, labels: list[str]) -> Metric:
@@ -147,23 +112,12 @@ class VmmCollector(Collector):
         for name in Status:
             status.add_metric([side, name.value], 1 if view.get("status") == name.value else 0)
         yield status
-        for key, name, documentation, kind, divisor in _MIGRATION_FIGURES:
-            value = view.get(key)
-            if value is not None:
-                family = _family(kind, name, documentation, ["side"])
-                family.add_metric([side], value / divisor if divisor != 1 else value)
-                yield family
+        yield from _single_figures(_MIGRATION_FIGURES, view, side)
         verified = GaugeMetricFamily("vmig_migration_memory_verified", "1 once the memory "
                                      "digests matched", labels=["side"])
         verified.add_metric([side], int(bool(view.get("memory_verified"))))
         yield verified
-        postcopy = view.get("postcopy")
-        if postcopy is not None:
-            for key, name, documentation, kind in _POSTCOPY_FIGURES:
-                if postcopy.get(key) is not None:
-                    family = _family(kind, name, documentation, ["side"])
-                    family.add_metric([side], postcopy[key])
-                    yield family
+        yield from _single_figures(_POSTCOPY_FIGURES, view.get("postcopy") or {}, side)
         labels = ["side", "index", "role"]
         sent = CounterMetricFamily("vmig_migration_connection_bytes", "Page bytes per "
                                    "connection (QEMU's multifd counters)", labels=labels)
@@ -177,6 +131,17 @@ class VmmCollector(Collector):
             chunks.add_metric(values, connection["chunks"])
             lost.add_metric(values, int(connection["lost"] is not None))
         yield from (sent, chunks, lost)
+
+
+def _single_figures(figures: tuple[tuple[str, str, str, str, float], ...],
+                    view: dict[str, Any], side: str) -> Iterator[Metric]:
+    """One family per figure of `view` that is known (an unknown one is left out)."""
+    for key, name, documentation, kind, divisor in figures:
+        value = view.get(key)
+        if value is not None:
+            family = _family(kind, name, documentation, ["side"])
+            family.add_metric([side], value / divisor if divisor != 1 else value)
+            yield family
 
 
 def registry(vmm: Vmm) -> CollectorRegistry:

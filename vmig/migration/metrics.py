@@ -4,12 +4,15 @@
 what the API reads meanwhile (thread-safe). `view()` renders it: `vm.migration-info`
 is the view (plus "active" and "outcome"), a send's summary is the view at the end, and the
 Prometheus metrics and events (vmig.api) read the same object, so no figure is
-copied by hand from one to another. Each rate is defined once, here:
+copied by hand from one to another. Which figures the view has, their types, units and
+libvirt's names for them, is `vmig.migration.figures` (the API models come from it too).
+Each rate is defined once, here:
 
 - ``throughput_bytes_per_s``: bytes transferred / elapsed time, over the whole migration;
 - ``bandwidth_bytes_per_s``: the send rate the pre-copy policy measures per iteration;
 - ``dirty_rate_bytes_per_s``: how fast the guest dirties memory (sender only);
-- ``pages_per_s``: pages transferred / elapsed time.
+- ``pages_per_s``: pages transferred / elapsed time;
+- ``progress_percent``: data processed / (processed + remaining), the highest so far.
 
 The clock stops when the migration ends, so a finished migration reads the same
 every time. Figures one side cannot know are absent (None), not zero.
@@ -35,11 +38,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vmig.migration.figures import SUMMARY_FIGURES
 from vmig.units import PAGE_SIZE
 
 __all__ = ["ConnectionMetrics", "MigrationMetrics", "Observer", "Phase", "Status"]
 
 log = logging.getLogger(__name__)
+
+#: The highest `progress_percent` before the migration has completed.
+_BELOW_DONE = 99.9
 
 #: Hears (event, properties): the view, plus the event's own figures.
 Observer = Callable[[str, dict[str, Any]], None]
@@ -128,6 +135,11 @@ class MigrationMetrics:
         self.zero_pages = 0
         #: Page payload bytes on the wire (compressed ones as compressed).
         self.wire_bytes = 0
+        #: The chunks that went compressed: their bytes on the wire, and their pages.
+        self.compressed_bytes = 0
+        self.compressed_pages = 0
+        #: The highest progress reported so far (`progress_percent` never goes back).
+        self._progress_high: float | None = None
         self.iterations: int | None = 0 if role == "send" else None
         self.bandwidth_bytes_per_s: float | None = None
         self.dirty_rate_bytes_per_s: float | None = None
@@ -261,6 +273,9 @@ class MigrationMetrics:
                 self.setup_ms = (self._clock() - self.started_at) * 1000
             self.bytes_transferred += nbytes
             self.wire_bytes += nbytes if wire is None else wire
+            if wire is not None and wire < nbytes:  # a chunk that went compressed
+                self.compressed_bytes += wire
+                self.compressed_pages += nbytes // PAGE_SIZE
             if self.paused_at is None:
                 self.precopy_bytes += nbytes
             else:
@@ -347,64 +362,90 @@ class MigrationMetrics:
         return max(end - self.started_at, 0.0)
 
     def view(self) -> dict[str, Any]:
-        """Every figure, JSON-able: vm.migration-info and the send's summary."""
+        """Every figure of `SUMMARY_FIGURES`, in its order, JSON-able: vm.migration-info and
+        the send's summary. A figure is the attribute of its name, unless `_derived` has it."""
         with self._lock:
-            elapsed = self.elapsed_s()
-            pages = self.normal_pages
-            return {
-                "role": self.role,
-                "status": _STATUS[self.phase].value,
-                "phase": self.phase.value,
-                "migration_id": self.migration_id,
-                "peer": self.peer,
-                "local": self.local,
-                "elapsed_ms": round(elapsed * 1000, 1),
-                "setup_ms": _round(self.setup_ms),
-                "downtime_ms": _round(self.downtime_ms),
-                "expected_downtime_ms": _round(self.expected_downtime_ms),
-                "paused": self.vm_paused,
-                "memory_bytes": self.memory_bytes,
-                "data_bytes": self.data_bytes,
-                "bytes_transferred": self.bytes_transferred,
-                "bytes_remaining": self.bytes_remaining,
-                # only the sender knows when the guest paused
-                "precopy_bytes": self.precopy_bytes if self.role == "send" else None,
-                "switchover_bytes": self.switchover_bytes if self.role == "send" else None,
-                "normal_pages": pages,
-                "zero_pages": self.zero_pages,
-                "wire_bytes": self.wire_bytes,
-                "pages_per_s": round(pages / elapsed) if elapsed > 0 else None,
-                "iterations": self.iterations,
-                "throughput_bytes_per_s": (round(self.bytes_transferred / elapsed)
-                                           if elapsed > 0 else None),
-                "bandwidth_bytes_per_s": _round(self.bandwidth_bytes_per_s, 0),
-                "dirty_rate_bytes_per_s": _round(self.dirty_rate_bytes_per_s, 0),
-                "max_bandwidth_bytes_per_s": self.max_bandwidth_bytes_per_s,
-                "throttle_percent": self.throttle_percent,
-                "parameters": None if self.parameters is None else dict(self.parameters),
-                "postcopy": None if self.postcopy_pages is None else {
-                    "pages": self.postcopy_pages, "pages_left": self.postcopy_pages_left,
-                    "faults_served": self.faults_served,
-                    "fault_latency_p50_ms": self.fault_latency_p50_ms,
-                    "fault_latency_p99_ms": self.fault_latency_p99_ms},
-                "connections": len(self.connections),
-                "connections_lost": self.connections_lost,
-                "reconnecting": [
-                    {"index": r["index"], "role": r["role"], "cause": r["cause"],
-                     "for_s": round(self._clock() - r["since"], 3)}
-                    for r in self._reconnecting.values()],
-                "reconnects": self.reconnects,
-                "per_connection": [
-                    {"index": c.index, "role": c.role, "bytes": c.bytes, "chunks": c.chunks,
-                     "lost": c.lost} for c in self.connections],
-                "memory_verified": self.memory_verified,
-                "heartbeat_at_pause": self.heartbeat_at_pause,
-                "receiver_state": self.receiver_state,
-                "switchover": self.switchover,
-                "stall": None if self.stall is None else dict(self.stall),
-                "warnings": list(self.warnings),
-                "error": self.error,
-            }
+            derived = self._derived()
+            return {figure.name: derived[figure.name] if figure.name in derived
+                    else getattr(self, figure.name) for figure in SUMMARY_FIGURES}
+
+    def _derived(self) -> dict[str, Any]:
+        """The figures computed from the counters (under the lock)."""
+        elapsed = self.elapsed_s()
+        pages = self.normal_pages
+        sender = self.role == "send"  # only the sender knows when the guest paused
+        processed, remaining = self._data_processed(), self._data_remaining()
+        rate = self.bandwidth_bytes_per_s or (self.bytes_transferred / elapsed
+                                              if elapsed > 0 else None)
+        return {
+            "status": _STATUS[self.phase].value,
+            "phase": self.phase.value,
+            "progress_percent": self._progress_percent(processed, remaining),
+            "elapsed_ms": round(elapsed * 1000, 1),
+            "expected_remaining_ms": (None if remaining is None else 0.0 if remaining == 0
+                                      else _round(remaining / rate * 1000) if rate else None),
+            "setup_ms": _round(self.setup_ms),
+            "downtime_ms": _round(self.downtime_ms),
+            "expected_downtime_ms": _round(self.expected_downtime_ms),
+            "paused": self.vm_paused,
+            "data_total_bytes": None if remaining is None else processed + remaining,
+            "data_processed_bytes": processed,
+            "data_remaining_bytes": remaining,
+            "precopy_bytes": self.precopy_bytes if sender else None,
+            "switchover_bytes": self.switchover_bytes if sender else None,
+            "pages_per_s": round(pages / elapsed) if elapsed > 0 else None,
+            "throughput_bytes_per_s": (round(self.bytes_transferred / elapsed)
+                                       if elapsed > 0 else None),
+            "bandwidth_bytes_per_s": _round(self.bandwidth_bytes_per_s, 0),
+            "dirty_rate_bytes_per_s": _round(self.dirty_rate_bytes_per_s, 0),
+            "dirty_rate_pages_per_s": (None if self.dirty_rate_bytes_per_s is None else
+                                       _round(self.dirty_rate_bytes_per_s / PAGE_SIZE)),
+            "parameters": None if self.parameters is None else dict(self.parameters),
+            "postcopy": None if self.postcopy_pages is None else {
+                "pages": self.postcopy_pages, "pages_left": self.postcopy_pages_left,
+                "faults_served": self.faults_served,
+                "fault_latency_p50_ms": self.fault_latency_p50_ms,
+                "fault_latency_p99_ms": self.fault_latency_p99_ms},
+            "connections": len(self.connections),
+            "connections_lost": self.connections_lost,
+            "reconnecting": [
+                {"index": r["index"], "role": r["role"], "cause": r["cause"],
+                 "for_s": round(self._clock() - r["since"], 3)}
+                for r in self._reconnecting.values()],
+            "per_connection": [
+                {"index": c.index, "role": c.role, "bytes": c.bytes, "chunks": c.chunks,
+                 "lost": c.lost} for c in self.connections],
+            "stall": None if self.stall is None else dict(self.stall),
+            "warnings": list(self.warnings),
+        }
+
+    # --- progress (libvirt's data figures, and a percentage that never goes back) -----------
+
+    def _data_processed(self) -> int:
+        """Guest memory dealt with: page bytes acknowledged plus the zero pages found (what
+        `bytes_remaining` is counted down by)."""
+        return self.bytes_transferred + self.zero_pages * PAGE_SIZE
+
+    def _data_remaining(self) -> int | None:
+        """Memory still to deal with; None where this side cannot know it."""
+        if self.phase is Phase.COMPLETED:
+            return 0
+        if self.postcopy_pages_left is not None:  # switched to post-copy: the owed pages
+            return self.postcopy_pages_left * PAGE_SIZE
+        if self.bytes_remaining is not None:
+            return self.bytes_remaining
+        return self.data_bytes  # before the first pass: all the data is to send
+
+    def _progress_percent(self, processed: int, remaining: int | None) -> float | None:
+        """processed / (processed + remaining), as a percentage below 100 until completed,
+        and never below what was reported before: the guest dirtying pages grows what is
+        left, and a progress bar must not run backwards (KubeVirt #10722)."""
+        if self.phase is Phase.COMPLETED:
+            self._progress_high = 100.0
+        elif remaining is not None and processed + remaining > 0:
+            percent = min(processed / (processed + remaining) * 100, _BELOW_DONE)
+            self._progress_high = max(self._progress_high or 0.0, percent)
+        return None if self._progress_high is None else round(self._progress_high, 1)
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:
