@@ -11,6 +11,7 @@ the engine needs (a parsed address, the connection security, sizes in bytes).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -342,26 +343,21 @@ class SendParams:
         return int(level) if level else DEFAULT_ZSTD_LEVEL
 
     def __post_init__(self) -> None:
-        if not isinstance(self.timeout_strategy, TimeoutStrategy):
-            try:
-                strategy = TimeoutStrategy(self.timeout_strategy)
-            except ValueError:
-                choices = " or ".join(repr(s.value) for s in TimeoutStrategy)
-                raise ConfigError(f"timeout_strategy: must be {choices}, "
-                                  f"got {self.timeout_strategy!r}") from None
-            object.__setattr__(self, "timeout_strategy", strategy)
-        self._check_stall_strategy()
+        self._as_choice("timeout_strategy", TimeoutStrategy)
+        self._as_choice("stall_strategy", StallStrategy)
 
-    def _check_stall_strategy(self) -> None:
-        """stall_strategy as a StallStrategy (ConfigError for an unknown one)."""
-        if not isinstance(self.stall_strategy, StallStrategy):
-            try:
-                strategy = StallStrategy(self.stall_strategy)
-            except ValueError:
-                choices = " or ".join(repr(s.value) for s in StallStrategy)
-                raise ConfigError(f"stall_strategy: must be {choices}, "
-                                  f"got {self.stall_strategy!r}") from None
-            object.__setattr__(self, "stall_strategy", strategy)
+    def _as_choice(self, name: str, kind: type[enum.Enum]) -> None:
+        """Field `name` as a member of `kind` (ConfigError naming the field for an unknown
+        value)."""
+        value = getattr(self, name)
+        if isinstance(value, kind):
+            return
+        try:
+            member = kind(value)
+        except ValueError:
+            choices = " or ".join(repr(c.value) for c in kind)
+            raise ConfigError(f"{name}: must be {choices}, got {value!r}") from None
+        object.__setattr__(self, name, member)
 
     def validate(self) -> Address:
         """Check every rule that needs no file; return the parsed destination. ConfigError
