@@ -155,8 +155,10 @@ def test_a_bandwidth_cap_added_mid_flight_holds_and_can_change(spawn_vmm: Spawn)
     info = source.client.migration_set_parameters(max_bandwidth=high)  # bytes, raised
     assert info["max_bandwidth_bytes_per_s"] == high
     time.sleep(0.5)
-    raised = _rate(source.client, 2.0)
-    assert 2 * low < raised <= 1.5 * high, (capped, raised)
+    raised = _rate(source.client, 3.0)
+    # well above the old cap, not above the new one; on a loaded host the two vCPUs that
+    # dirty flat out leave the sender short of 40M (21M seen), so not "near high"
+    assert 1.5 * capped < raised <= 1.5 * high, (capped, raised)
     # lifted: pre-copy may now catch the guest with nothing dirty and complete
     info = source.client.migration_set_parameters(max_bandwidth=0)
     assert info["max_bandwidth_bytes_per_s"] is None

@@ -352,8 +352,10 @@ class MigrationSender:
 
     # --- pre-copy ------------------------------------------------------------------------
 
-    def _send(self, ranges: RangeTable, chunk_bytes: int | None = None) -> int:
-        """Send one iteration's ranges over the pool; record bandwidth."""
+    def _send(self, ranges: RangeTable, chunk_bytes: int | None = None, *,
+              count_pass: bool = True) -> int:
+        """Send one iteration's ranges over the pool; record bandwidth. With `count_pass`
+        false the caller publishes the pass count itself (with the pass's other figures)."""
         assert self._pool is not None
         self._check_cancelled()
         began = self.clock()
@@ -368,8 +370,9 @@ class MigrationSender:
             raise TransportError(f"the MAIN connection failed: {exc}") from None
         seconds = self.clock() - began
         self.stats.record_iteration(sent, seconds)
-        self.metrics.update(iterations=self.stats.iteration,
-                            bandwidth_bytes_per_s=self.stats.bandwidth_bytes_per_s)
+        self.metrics.update(bandwidth_bytes_per_s=self.stats.bandwidth_bytes_per_s)
+        if count_pass:
+            self.metrics.update(iterations=self.stats.iteration)
         self._chunks.first_pass = False
         return sent
 
@@ -390,7 +393,7 @@ class MigrationSender:
         self._watch_for_stalls(last_collect, ranges.total_bytes)
         while True:
             self.metrics.update(bytes_remaining=ranges.total_bytes)
-            self._send(ranges)
+            self._send(ranges, count_pass=False)  # counted below, with its dirty rate
             dirty = self.machine.collect_dirty()
             ranges = RangeTable.from_bitmap(dirty, 0, PAGE_SIZE)
             now = self.clock()
@@ -402,7 +405,8 @@ class MigrationSender:
                 params.timeout_strategy, now, MAX_ITERATIONS,
                 params.postcopy_after_iterations if params.postcopy else None)
             decision, why = self._switchover(decision, why, now)
-            self.metrics.update(bytes_remaining=ranges.total_bytes,
+            self.metrics.update(iterations=self.stats.iteration,
+                                bytes_remaining=ranges.total_bytes,
                                 dirty_rate_bytes_per_s=self.stats.dirty_rate_bytes_per_s,
                                 expected_downtime_ms=self.stats.expected_downtime_ms)
             done = self.metrics.iteration_done(
