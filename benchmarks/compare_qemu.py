@@ -24,6 +24,11 @@ here); right before every migration the benchmark touches and frees twice the gu
 size, so neither side allocates host-cold RAM; the order of the setups rotates per
 repetition, vmig and QEMU alternate; medians of ``--repeat`` runs with min-max.
 
+And the limit of every setup, in the same rotation (``raw``, benchmarks/raw_limit.py): a
+plain sender and receiver process over the same connections, no protocol, fed from a
+fresh copy of the same RAM file into a fresh or preallocated memfd; vmig and QEMU are
+also reported as fractions of it.
+
 Per run: total time and throughput (guest bytes / total time), downtime, CPU
 seconds (user + sys from /proc/PID/stat) of the source and the destination process
 over the migration, bytes sent, and a check at the destination (vmig: check-guest;
@@ -41,7 +46,7 @@ guest there (``python -m vmig.guest.build``) and run this script from the clone'
 directory with PYTHONPATH set to it; the JSON records the commit measured.
 
 Writes docs/results/compare-qemu-<label>.json (every run, machine info, medians,
-goals), docs/images/compare-qemu-<label>-{throughput,cpu,downtime}.png, and prints a
+goals), docs/images/compare-qemu-<label>-{throughput,cpu,downtime,limit}.png, and prints a
 markdown table of medians with the vmig/QEMU ratio per row.
 """
 
@@ -71,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import raw_limit
 
 import vmig as vmig_package
 from vmig import __version__
@@ -106,6 +112,7 @@ IDLE_TIMEOUT_S = 60.0
 MODES = ("plain", "tls")
 DESTINATIONS = ("fresh", "prealloc")
 IMPLS = ("vmig", "qemu")
+RAW = "raw"  # raw_limit's plain pair: the physical limit of every setup, in the same run
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
@@ -127,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "and/or tls (default: plain,tls)")
     parser.add_argument("--destinations", default="fresh,prealloc",
                         help="fresh and/or prealloc (default: both)")
-    parser.add_argument("--impls", default="vmig,qemu", help=argparse.SUPPRESS)
+    parser.add_argument("--impls", default="vmig,qemu,raw", help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=None,
                         help="runs per setup (default: 3; --quick: 1)")
     parser.add_argument("--downtime-ms", type=int, default=300,
@@ -164,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.mode_list = _choices(parser, "--modes", args.modes, MODES, {"token": "plain"})
     args.destination_list = _choices(parser, "--destinations", args.destinations,
                                      DESTINATIONS, {})
-    args.impl_list = _choices(parser, "--impls", args.impls, IMPLS, {})
+    args.impl_list = _choices(parser, "--impls", args.impls, (*IMPLS, RAW), {})
     if not args.connection_counts or min(args.connection_counts) < 1 or args.repeat < 1:
         parser.error("need connection counts >= 1 and --repeat >= 1")
     args.memory_bytes = parse_size(args.memory, "memory size")
@@ -191,7 +198,7 @@ def _choices(parser: argparse.ArgumentParser, flag: str, text: str, allowed: tup
 class Setup:
     """One configuration of the comparison."""
 
-    impl: str  # vmig or qemu
+    impl: str  # vmig, qemu or raw
     mode: str  # plain or tls
     destination: str  # fresh or prealloc
     connections: int
@@ -616,6 +623,23 @@ def run_vmig(ctx: Context, setup: Setup, workdir: Path, source_ram: Path) -> dic
     }
 
 
+def run_raw(ctx: Context, setup: Setup, workdir: Path, source_ram: Path) -> dict[str, Any]:
+    """The setup's physical limit: raw_limit's pair of processes once per method (plain:
+    sendfile and sendmsg; TLS: sendmsg), each after the warm-up touch; the best counts."""
+    tls = setup.mode == "tls"
+    size = ctx.args.memory_bytes
+    methods = ("sendmsg",) if tls else raw_limit.METHODS
+    results = [raw_limit.measure(source_ram, size, setup.connections, method,
+                                 setup.destination == "prealloc",
+                                 ctx.tls_server if tls else None,
+                                 ctx.tls_client if tls else None,
+                                 before_send=lambda: touch_and_free(2 * size))
+               for method in methods]
+    best = min(results, key=lambda result: result["total_ms"])
+    return {"total_ms": best["total_ms"], "downtime_ms": None, "cpu_s": best["cpu_s"],
+            "method": best["method"], "methods": results, "check": {"ok": True}}
+
+
 def run_qemu(ctx: Context, setup: Setup, workdir: Path, source_ram: Path) -> dict[str, Any]:
     """Two fresh QEMU processes, one migration over QMP; both stopped on every way out."""
     args = ctx.args
@@ -757,7 +781,7 @@ def one_run(ctx: Context, setup: Setup, repeat: int) -> dict[str, Any]:
     workdir.mkdir()
     try:
         fresh_copy(ctx.template, source_ram)
-        runner = run_vmig if setup.impl == "vmig" else run_qemu
+        runner = {"vmig": run_vmig, "qemu": run_qemu, RAW: run_raw}[setup.impl]
         run.update(runner(ctx, setup, workdir, source_ram))
         run["throughput_bytes_per_s"] = ctx.args.memory_bytes / (run["total_ms"] / 1000)
         run["cpu_total_s"] = round(sum(run["cpu_s"].values()), 3)
@@ -874,8 +898,14 @@ def pair_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if impl != "vmig":
             continue
         qemu = by_key.get(("qemu", mode, destination, count))
+        raw = by_key.get((RAW, mode, destination, count))
         pair: dict[str, Any] = {"mode": mode, "destination": destination,
-                                "connections": count, "vmig": vmig, "qemu": qemu}
+                                "connections": count, "vmig": vmig, "qemu": qemu, RAW: raw}
+        limit = _median(raw, "throughput_bytes_per_s")
+        for impl, row in (("vmig", vmig), ("qemu", qemu)):
+            got = _median(row, "throughput_bytes_per_s")
+            if limit and got:
+                pair[f"{impl}_of_limit"] = got / limit
         if qemu is not None:
             for metric, name in (("throughput_bytes_per_s", "throughput_ratio"),
                                  ("cpu_total_s", "cpu_ratio"), ("downtime_ms", "downtime_ratio")):
@@ -885,6 +915,11 @@ def pair_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     order = {name: index for index, name in enumerate(MODES + DESTINATIONS)}
     pairs.sort(key=lambda p: (order[p["mode"]], order[p["destination"]], p["connections"]))
     return pairs
+
+
+def _median(row: dict[str, Any] | None, metric: str) -> float | None:
+    stat = (row or {}).get(metric)
+    return stat["median"] if stat else None
 
 
 def evaluate_goals(pairs: list[dict[str, Any]], handshake: dict[str, Any] | None
@@ -924,8 +959,12 @@ def evaluate_goals(pairs: list[dict[str, Any]], handshake: dict[str, Any] | None
     goals = [
         ratio_goal("vmig over TLS >= 2x QEMU over TLS (throughput)", "throughput_ratio", 2.0,
                    [p for p in pairs if p["mode"] == "tls"]),
-        ratio_goal("fresh destination >= 1.5x QEMU fresh (throughput, unencrypted)",
-                   "throughput_ratio", 1.5,
+        ratio_goal("preallocated destination >= 85% of the same run's raw limit "
+                   "(throughput, unencrypted)", "vmig_of_limit", 0.85,
+                   [p for p in pairs if p["mode"] == "plain"
+                    and p["destination"] == "prealloc"]),
+        ratio_goal("fresh destination >= 1.2x QEMU fresh (throughput, unencrypted)",
+                   "throughput_ratio", 1.2,
                    [p for p in pairs if p["mode"] == "plain" and p["destination"] == "fresh"]),
         ratio_goal("preallocated destination >= 1.3x QEMU prealloc (throughput, unencrypted)",
                    "throughput_ratio", 1.3,
@@ -972,12 +1011,17 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
 def markdown_table(pairs: list[dict[str, Any]]) -> str:
     """Medians (min-max) per setup, vmig next to QEMU, with the ratio per row."""
     lines = [
-        "| security | destination | conns | vmig GB/s | QEMU GB/s | ratio | "
+        "| security | destination | conns | vmig GB/s | QEMU GB/s | ratio | limit GB/s | "
+        "vmig / limit | QEMU / limit | "
         "vmig downtime ms | QEMU downtime ms | vmig CPU s | QEMU CPU s | CPU ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     names = {"plain": "vmig token / QEMU plain", "tls": "TLS both"}
     for p in pairs:
@@ -990,6 +1034,8 @@ def markdown_table(pairs: list[dict[str, Any]]) -> str:
             f"{_cell(vmig.get('throughput_bytes_per_s'), 1e-9)} | "
             f"{_cell(qemu.get('throughput_bytes_per_s'), 1e-9)} | "
             f"{_ratio(p.get('throughput_ratio'))} | "
+            f"{_cell((p.get(RAW) or {}).get('throughput_bytes_per_s'), 1e-9)} | "
+            f"{_share(p.get('vmig_of_limit'))} | {_share(p.get('qemu_of_limit'))} | "
             f"{_cell(vmig.get('downtime_ms'), 1, 0)} | {_cell(qemu.get('downtime_ms'), 1, 0)} | "
             f"{_cell(vmig.get('cpu_total_s'))} | {_cell(qemu.get('cpu_total_s'))} | "
             f"{_ratio(p.get('cpu_ratio'))} |")
@@ -1047,7 +1093,38 @@ def charts(pairs: list[dict[str, Any]], args: argparse.Namespace) -> list[Path]:
         fig.suptitle(f"vmig vs QEMU 7.2: {format_size(args.memory_bytes)} idle guest, random "
                      f"RAM, loopback; medians of {args.repeat} (bars: min-max)", fontsize=10)
         written.append(save_chart(fig, args.images / f"compare-qemu-{args.label}-{name}.png"))
+    if any(f"{impl}_of_limit" in p for p in pairs for impl in IMPLS):
+        written.append(limit_chart(pairs, args, modes, titles, styles, plt))
     return written
+
+
+def limit_chart(pairs: list[dict[str, Any]], args: argparse.Namespace, modes: list[str],
+                titles: dict[str, str], styles: dict[tuple[str, str], tuple[str, str, str]],
+                plt: Any) -> Path:
+    """Throughput as a fraction of the same run's raw limit, against connections."""
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False,
+                             sharey=True)
+    for axis, mode in zip(axes[0], modes, strict=True):
+        for (impl, destination), (color, line, marker) in styles.items():
+            points = [(p["connections"], p[f"{impl}_of_limit"]) for p in pairs
+                      if p["mode"] == mode and p["destination"] == destination
+                      and f"{impl}_of_limit" in p]
+            if points:
+                label = f"{'vmig' if impl == 'vmig' else 'QEMU 7.2'}, {destination} destination"
+                axis.plot([c for c, _ in points], [share * 100 for _, share in points],
+                          color=color, linestyle=line, marker=marker, label=label)
+        axis.axhline(100, color="grey", linewidth=1)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(args.connection_counts, [str(c) for c in args.connection_counts])
+        axis.set_xlabel("connections (QEMU: multifd channels; 1 = plain migration)")
+        axis.set_title(titles[mode], fontsize=10)
+        axis.grid(True, alpha=0.3)
+    axes[0][0].set_ylim(bottom=0)
+    axes[0][0].set_ylabel("% of the raw limit (plain pair, same setup, same run)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"vmig and QEMU 7.2 as a share of the raw limit: "
+                 f"{format_size(args.memory_bytes)}, medians of {args.repeat}", fontsize=10)
+    return save_chart(fig, args.images / f"compare-qemu-{args.label}-limit.png")
 
 
 def save_chart(fig: Any, path: Path) -> Path:
@@ -1157,7 +1234,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine, "started": started,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "definitions": DEFINITIONS, "handshake": handshake, "medians": rows,
-              "pairs": [{k: v for k, v in p.items() if k not in ("vmig", "qemu")}
+              "pairs": [{k: v for k, v in p.items() if k not in ("vmig", "qemu", RAW)}
                         for p in pairs],
               "goals": goals, "runs": runs}
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -1179,6 +1256,11 @@ DEFINITIONS = {
                    "own figure is qemu_downtime_ms",
     "cpu_s": "user + sys of each process (all threads) from /proc/PID/stat, from just "
              "before the migration request until it is over on both sides",
+    "raw": "raw_limit.py's pair of processes, no protocol: the same RAM file over the same "
+           "number of TCP connections (plain: sendfile and sendmsg, the faster counts; TLS: "
+           "sendmsg into ssl), received with recv_into into a new memfd (prealloc: faulted "
+           "in first); total_ms from the first connect to the last slice's answer",
+    "vmig_of_limit": "vmig's median throughput / the raw pair's, same setup and run",
     "bytes_sent": "vmig: summary bytes_sent (guest memory bytes); QEMU: ram.transferred",
     "connections_used": "TCP connections carrying the migration: vmig's count includes its "
                         "main connection; QEMU multifd-N opens N channels plus its main one",
@@ -1189,8 +1271,9 @@ def _progress(run: dict[str, Any]) -> str:
     if "error" in run:
         return f"FAILED: {run['error']}"
     check = "ok" if run["check"]["ok"] else f"CHECK FAILED {run['check']}"
+    downtime = "-" if run["downtime_ms"] is None else f"{run['downtime_ms']:.0f}"
     return (f"{run['throughput_bytes_per_s'] / 1e9:.2f} GB/s, {run['total_ms']:.0f} ms, "
-            f"downtime {run['downtime_ms']:.0f} ms, CPU {run['cpu_s']['source']:.2f}+"
+            f"downtime {downtime} ms, CPU {run['cpu_s']['source']:.2f}+"
             f"{run['cpu_s']['destination']:.2f} s, {check}")
 
 
