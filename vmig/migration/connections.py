@@ -199,6 +199,7 @@ class SendConnections:
                 continue
             if self.lifecycle.stopped.wait(min(delay, deadline - now)):
                 self.lifecycle.check_cancelled()
+                self.lifecycle.check_abandoned()
             delay = min(delay * 2, REDIAL_MAX_S)
 
     def resume_data(self, index: int, lost: SenderChannel, exc: TransportError

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from vmig.errors import MigrationCancelled, StateError
+from vmig.errors import MigrationCancelled, MigrationError, StateError, describe
 from vmig.migration.metrics import MigrationMetrics, Phase
 from vmig.migration.policy import (
     CANCELLABLE,
@@ -74,6 +74,8 @@ class SendLifecycle:
         self.cancel_reason: str | None = None
         #: Set on cancel: wakes a re-dial's backoff and a wait for recover-migration.
         self.stopped = threading.Event()
+        #: Why re-dials give up early: a pass stopped on another connection's error.
+        self.abandoned: str | None = None
         self._recover = threading.Condition(self._lock)
         self._recover_url: str | None = None
         self._recoveries = 0
@@ -131,6 +133,21 @@ class SendLifecycle:
         self.stopped.set()
         self._interrupt()
         return rollback
+
+    def abandon_redials(self, error: BaseException) -> None:
+        """A pass stopped on `error` (the destination's cancel answered on MAIN, a
+        connection that could not be resumed): the migration is ending, so a connection
+        being re-dialled meanwhile gives up now rather than at the end of its window."""
+        with self._lock:
+            if self.abandoned is None:
+                self.abandoned = describe(error)
+            self._recover.notify_all()
+        self.stopped.set()
+
+    def check_abandoned(self) -> None:
+        """MigrationError once `abandon_redials` was called (a re-dial's way out)."""
+        if self.abandoned is not None:
+            raise MigrationError(f"re-dialling given up: {self.abandoned}")
 
     def _refusal(self) -> str:
         if self.postcopy_started:
@@ -212,8 +229,10 @@ class SendLifecycle:
         with self._recover:
             seen = self._recoveries
             self._recover.wait_for(lambda: self._recoveries != seen
-                                   or self.cancel_reason is not None)
+                                   or self.cancel_reason is not None
+                                   or self.abandoned is not None)
             self._check_cancelled()
+            self.check_abandoned()
             return self._recover_url or None
 
     def recover(self, url: str | None) -> None:

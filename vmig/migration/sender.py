@@ -228,7 +228,8 @@ class MigrationSender:
         links = self.connections
         self._pool = SenderPool(self._open_connections(), on_lost=self._lost,
                                 resume=links.resume_data, heartbeat=links.ping,
-                                heartbeat_s=links.heartbeat_s)
+                                heartbeat_s=links.heartbeat_s,
+                                on_stop=self.lifecycle.abandon_redials)
         links.channels = self._pool.channels  # one list: a resumed channel takes its place
         with self._params_lock:
             self._apply_bandwidth_cap()

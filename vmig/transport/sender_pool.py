@@ -72,6 +72,8 @@ OnLost = Callable[[int, SenderChannel, str], None]
 Resume = Callable[[int, SenderChannel, TransportError], "SenderChannel | None"]
 #: (MAIN's channel): the heartbeat, while MAIN waits for work with nothing in flight.
 Heartbeat = Callable[[SenderChannel], None]
+#: (the error): a pass stopped on it.
+OnStop = Callable[[BaseException], None]
 
 
 class _Work:
@@ -141,7 +143,7 @@ class SenderPool:
 
     def __init__(self, channels: Sequence[SenderChannel], on_lost: OnLost | None = None,
                  resume: Resume | None = None, heartbeat: Heartbeat | None = None,
-                 heartbeat_s: float | None = None) -> None:
+                 heartbeat_s: float | None = None, on_stop: OnStop | None = None) -> None:
         if not channels:
             raise ValueError("a pool needs at least the main channel")
         self.channels = list(channels)
@@ -150,6 +152,9 @@ class SenderPool:
         self._resume = resume
         self._heartbeat = heartbeat
         self._heartbeat_s = heartbeat_s
+        #: Told when a pass stops on an error (say, the destination's cancel on MAIN), so
+        #: that a connection being re-dialled meanwhile gives up instead of at its window.
+        self._on_stop = on_stop
         self._work: _Work | None = None
 
     @property
@@ -184,6 +189,12 @@ class SenderPool:
         errors: list[BaseException] = []
         acked = [0] * len(self.channels)
 
+        def fail(exc: BaseException) -> None:  # the first error wins; the others stop
+            errors.append(exc)
+            work.stop()
+            if self._on_stop is not None:
+                self._on_stop(exc)
+
         def worker(index: int) -> None:
             in_flight: collections.deque[Chunk] = collections.deque()
             while True:
@@ -199,9 +210,8 @@ class SenderPool:
                     try:
                         resumed = self._resume(index, channel, exc) if self._resume else None
                     except BaseException as failed:  # the window ran out, refused, cancelled
-                        errors.append(failed)  # (raised in a handler: the clause below
-                        work.stop()  # would not see it, and the thread would just die)
-                        return
+                        fail(failed)  # (raised in a handler: the clause below would not
+                        return  # see it, and the thread would just die)
                     if resumed is not None:  # fenced: the old copies cannot land any more
                         self.channels[index] = resumed
                         try:
@@ -212,8 +222,7 @@ class SenderPool:
                         in_flight.clear()
                         continue
                     if index == 0:
-                        errors.append(exc)
-                        work.stop()
+                        fail(exc)
                         return
                     self._alive[index] = False  # a lost MEMORY connection: the others go on
                     work.requeue(list(in_flight))
@@ -222,8 +231,7 @@ class SenderPool:
                                       "unacknowledged chunks went to the other connections")
                     return
                 except BaseException as exc:  # first error wins; the others stop taking work
-                    errors.append(exc)
-                    work.stop()
+                    fail(exc)
                     return
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"migrate-send-{i}")
