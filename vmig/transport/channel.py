@@ -25,6 +25,8 @@ import select
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from vmig.errors import MigrationCancelled, MigrationError, TransportError
 from vmig.proto import (
     AuthMethod,
@@ -55,13 +57,17 @@ from vmig.transport.fault_channel import DestinationFaultChannel, SourceFaultCha
 from vmig.transport.hello import Identity, VersionRefused, sender_handshake
 from vmig.transport.pump import pull
 from vmig.transport.ratelimit import RateLimitStopped, TokenBucket
-from vmig.transport.stream import Buffer, PlainStream, Stream
+from vmig.transport.stream import FileSpan, Part, PlainStream, Stream
 
 __all__ = ["ChannelInterrupted", "DestinationFaultChannel", "HandshakeRefused", "Identity",
            "ReceiverChannel", "SenderChannel", "SourceFaultChannel", "VersionRefused",
            "receive_handshake", "sender_handshake"]
 
 ViewsFor = Callable[[RangeTable], list[memoryview]]
+#: Ranges at least this long go with sendfile where they can; shorter ones with sendmsg,
+#: which takes up to 1024 of them in one call where sendfile takes one (scattered dirty
+#: pages would cost a syscall each).
+SENDFILE_MIN_BYTES = 64 << 10
 #: Admission: None to take the connection, or the reason it is refused.
 Admit = Callable[[Hello], "str | None"]
 
@@ -137,7 +143,7 @@ class SenderChannel:
         finally:
             self.stream.settimeout(before)
 
-    def submit(self, event: Request, payload: Sequence[Buffer] = ()) -> None:
+    def submit(self, event: Request, payload: Sequence[Part] = ()) -> None:
         """Write one request (and, for Memory, its page bytes) without waiting for its
         answer (but for the bandwidth cap)."""
         header = self.conn.send(event)
@@ -146,13 +152,23 @@ class SenderChannel:
                 self.limiter.take(len(header) + sum(len(part) for part in payload))
             except RateLimitStopped:
                 raise TransportError("stopped while waiting for the bandwidth cap") from None
-        self.stream.send_all([header, *payload])
+        self.stream.send_parts([header, *payload])
 
-    def submit_memory(self, ranges: RangeTable, views_for: ViewsFor) -> None:
-        """Write a Memory request whose page bytes come from `views_for(ranges)`."""
+    def submit_memory(self, ranges: RangeTable, views_for: ViewsFor,
+                      file_fd: int | None = None) -> None:
+        """Write a Memory request whose page bytes come from `views_for(ranges)`.
+
+        With `file_fd` (a file holding each range at offset = its address: guest memory's
+        memfd) and a stream that can (`Stream.sends_files`: plain TCP or UNIX), ranges of
+        at least SENDFILE_MIN_BYTES go with sendfile from that file; the bytes on the
+        wire are the same.
+        """
         views = views_for(ranges)
         try:
-            self.submit(Memory(ranges), views)
+            if file_fd is None or not self.stream.sends_files:
+                self.submit(Memory(ranges), views)
+            else:
+                self.submit(Memory(ranges), file_spans(ranges, views, file_fd))
         finally:
             for view in views:
                 view.release()
@@ -412,3 +428,13 @@ class ReceiverChannel:
                     os.close(fd)
             self._wake = None
         self.stream.close()
+
+
+def file_spans(ranges: RangeTable, views: Sequence[memoryview], fd: int) -> list[Part]:
+    """`views` (of `ranges`, in order) with each one of at least SENDFILE_MIN_BYTES
+    replaced by a FileSpan of `fd` at the range's address."""
+    gpas, lengths = ranges.as_arrays()
+    parts: list[Part] = list(views)
+    for index in np.flatnonzero(lengths >= SENDFILE_MIN_BYTES).tolist():
+        parts[index] = FileSpan(fd, int(gpas[index]), views[index])
+    return parts
