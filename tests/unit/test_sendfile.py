@@ -169,6 +169,7 @@ def test_file_spans_take_only_long_ranges() -> None:
     parts = file_spans(ranges, views, 99)
     assert parts[0] is views[0] and parts[2] is views[2]
     assert parts[1] == FileSpan(99, 8 * PAGE, views[1])
+    assert file_spans(ranges[:1], views[:1], 99) is None  # nothing long: sendmsg as before
 
 
 class RecordingChannel:

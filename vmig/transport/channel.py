@@ -143,16 +143,20 @@ class SenderChannel:
         finally:
             self.stream.settimeout(before)
 
-    def submit(self, event: Request, payload: Sequence[Part] = ()) -> None:
+    def submit(self, event: Request, payload: Sequence[Part] = (), *,
+               spans: bool = False) -> None:
         """Write one request (and, for Memory, its page bytes) without waiting for its
-        answer (but for the bandwidth cap)."""
+        answer (but for the bandwidth cap). `spans`: the payload holds FileSpans."""
         header = self.conn.send(event)
         if self.limiter is not None:
             try:
                 self.limiter.take(len(header) + sum(len(part) for part in payload))
             except RateLimitStopped:
                 raise TransportError("stopped while waiting for the bandwidth cap") from None
-        self.stream.send_parts([header, *payload])
+        if spans:
+            self.stream.send_parts([header, *payload])
+        else:
+            self.stream.send_all([header, *payload])  # buffers only
 
     def submit_memory(self, ranges: RangeTable, views_for: ViewsFor,
                       file_fd: int | None = None) -> None:
@@ -165,10 +169,13 @@ class SenderChannel:
         """
         views = views_for(ranges)
         try:
-            if file_fd is None or not self.stream.sends_files:
+            parts = None
+            if file_fd is not None and self.stream.sends_files:
+                parts = file_spans(ranges, views, file_fd)
+            if parts is None:
                 self.submit(Memory(ranges), views)
             else:
-                self.submit(Memory(ranges), file_spans(ranges, views, file_fd))
+                self.submit(Memory(ranges), parts, spans=True)
         finally:
             for view in views:
                 view.release()
@@ -430,11 +437,14 @@ class ReceiverChannel:
         self.stream.close()
 
 
-def file_spans(ranges: RangeTable, views: Sequence[memoryview], fd: int) -> list[Part]:
+def file_spans(ranges: RangeTable, views: Sequence[memoryview], fd: int) -> list[Part] | None:
     """`views` (of `ranges`, in order) with each one of at least SENDFILE_MIN_BYTES
-    replaced by a FileSpan of `fd` at the range's address."""
+    replaced by a FileSpan of `fd` at the range's address; None if none is that long."""
     gpas, lengths = ranges.as_arrays()
+    long = np.flatnonzero(lengths >= SENDFILE_MIN_BYTES).tolist()
+    if not long:
+        return None
     parts: list[Part] = list(views)
-    for index in np.flatnonzero(lengths >= SENDFILE_MIN_BYTES).tolist():
+    for index in long:
         parts[index] = FileSpan(fd, int(gpas[index]), views[index])
     return parts
