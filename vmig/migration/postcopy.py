@@ -14,6 +14,9 @@ Sender side, `FaultResponder`: the ``migrate-fault-srv`` thread answers each pag
 request from the paused source's memory and asks the push to send the chunks near
 it next.
 
+The destination times each remote fault, from reading it to the page installed
+(`latency_figures`, vmig.migration.faultstats: QEMU's latency histogram and blocktime).
+
 Neither side holds the whole VM while this runs: the destination has the newest
 vCPU state and the pages that arrived, the source the rest. A lost FAULT connection
 (protocol version 3) is resumed: the source re-dials it (`redial`), the destination
@@ -29,15 +32,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from vmig.errors import MigrationError, TransportError, VmigError, describe
 from vmig.memory import GuestMemory
+from vmig.migration.faultstats import FaultStats
 from vmig.ranges import RangeTable
 from vmig.transport.channel import DestinationFaultChannel, SourceFaultChannel
 from vmig.uffd import Userfaultfd
@@ -84,7 +88,7 @@ class PostcopyService:
         self._requested = np.zeros(pages, dtype=bool)
         self._lock = threading.Lock()
         self._left = self.owed_pages
-        self._latencies: list[float] = []
+        self._latency = FaultStats()  # the remote faults' service times (under _lock)
         self._asked_at: dict[int, float] = {}
         self._stopping = threading.Event()
         self._uffd: Userfaultfd | None = None
@@ -135,16 +139,11 @@ class PostcopyService:
     def pages_left(self) -> int:
         return self._left
 
-    def latency_ms(self) -> tuple[float | None, float | None]:
-        """p50 and p99 of the fault round trips so far (asked -> installed), in ms."""
+    def latency_figures(self) -> dict[str, Any]:
+        """The remote faults' service times so far (fault read -> page installed): the
+        histogram, count, p50, p99, max and blocktime (vmig.migration.faultstats)."""
         with self._lock:
-            samples = list(self._latencies)
-        if not samples:
-            return None, None
-        if len(samples) == 1:
-            return samples[0], samples[0]
-        cuts = statistics.quantiles(samples, n=100, method="inclusive")
-        return round(cuts[49], 3), round(cuts[98], 3)
+            return self._latency.figures(time.monotonic())
 
     # --- installing pages ----------------------------------------------------------------
 
@@ -168,15 +167,15 @@ class PostcopyService:
 
     def _mark(self, gpa: int, length: int) -> None:
         first, last = gpa >> PAGE_SHIFT, (gpa + length) >> PAGE_SHIFT
-        now = time.monotonic()
         with self._lock:
+            now = time.monotonic()  # installed (and woken); under the lock: after any ask
             fresh = self._owed[first:last] & ~self._present[first:last]
             self._left -= int(fresh.sum())
             self._present[first:last] = True
-            for page in range(first, last):
+            for page in range(first, last) if self._asked_at else ():
                 asked = self._asked_at.pop(page, None)
                 if asked is not None:
-                    self._latencies.append((now - asked) * 1000)
+                    self._latency.served(asked, now)
 
     # --- the threads -------------------------------------------------------------------------
 
@@ -188,13 +187,15 @@ class PostcopyService:
             while not self._stopping.is_set():
                 if not uffd.wait(FAULT_POLL_S):
                     continue
-                for address in uffd.read_faults():
-                    self._fault(uffd, address - self.memory.host_addr)
+                addresses = uffd.read_faults()
+                read_at = time.monotonic()  # the faults' clock starts when they are read
+                for address in addresses:
+                    self._fault(uffd, address - self.memory.host_addr, read_at)
         except BaseException as exc:
             if not self._stopping.is_set():
                 self._on_failure(f"post-copy fault service failed: {describe(exc)}")
 
-    def _fault(self, uffd: Userfaultfd, gpa: int) -> None:
+    def _fault(self, uffd: Userfaultfd, gpa: int, read_at: float) -> None:
         page = gpa >> PAGE_SHIFT
         if not 0 <= page < len(self._owed):
             return
@@ -203,7 +204,8 @@ class PostcopyService:
             owed, present, asked = self._owed[page], self._present[page], self._requested[page]
             if owed and not present and not asked:
                 self._requested[page] = True
-                self._asked_at[page] = time.monotonic()
+                self._asked_at[page] = read_at
+                self._latency.asked(read_at)
         if present:
             uffd.wake(gpa & ~(PAGE_SIZE - 1), PAGE_SIZE)  # installed meanwhile
         elif not owed:  # never held data here or at the source: zeros
