@@ -38,6 +38,8 @@ def test_percentiles_are_nearest_rank_and_ordered() -> None:
     assert nearest_rank([1.0], 0.5) == nearest_rank([1.0], 0.99) == 1.0
     ordered = [float(i) for i in range(1, 101)]
     assert nearest_rank(ordered, 0.5) == 50.0 and nearest_rank(ordered, 0.99) == 99.0
+    ten = [float(i) for i in range(1, 11)]  # p99 of 10 is the 10th (rank ceil(9.9))
+    assert nearest_rank(ten, 0.5) == 5.0 and nearest_rank(ten, 0.99) == 10.0
     stats = FaultStats()
     for i in range(100):  # 1 .. 100 µs, out of order
         latency = ((i * 37) % 100 + 1) * US
