@@ -3,7 +3,7 @@
 A guest whose vCPUs touch their working set flat out in random order (``--workload
 dirty --dirty-rate 0``, 2 GiB, 2 vCPUs) is migrated between two real ``vmig vmm``
 processes over loopback with post-copy forced early: ``postcopy_after_iterations`` 1
-and ``vm.migration-start-postcopy`` ``--start-postcopy-after`` s into the first pass.
+and ``downtime_ms`` 0 (pre-copy cannot converge, so the first pass ends in post-copy).
 It goes over ``--connections`` 8 with no bandwidth cap, so the background push of the
 owed pages runs at full speed while the vCPUs' faults are served on the FAULT
 connection. After each run the destination's ``vm.migration-info`` gives the remote
@@ -25,7 +25,6 @@ docs/images/postcopy-latency.png (the histogram), and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -37,7 +36,6 @@ from typing import Any
 from compare_qemu import machine_info, save_chart, touch_and_free
 
 from vmig.api.process import VmmProcess
-from vmig.errors import ApiError
 from vmig.units import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="memory the vCPUs touch (default: half the RAM)")
     parser.add_argument("--connections", type=int, default=8,
                         help="connections; the push goes over all (default: 8)")
-    parser.add_argument("--start-postcopy-after", type=float, default=0.5,
-                        help="seconds into the migration to command post-copy (default: 0.5)")
+    parser.add_argument("--downtime-ms", type=int, default=0,
+                        help="downtime_ms; 0: a dirtying guest never converges, so the first "
+                             "pass always ends in post-copy (default: 0)")
     parser.add_argument("--timeout", type=float, default=300.0, help="timeout_s")
     parser.add_argument("--repeat", type=int, default=5, help="runs (default: 5)")
     parser.add_argument("--output", type=Path, default=RESULTS / "postcopy-latency.json")
@@ -95,10 +94,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
             started = source.client.send_migration(
                 wait=False, destination_url=reply["receiver_url"], token=reply["token"],
                 connections=args.connections, postcopy=True, postcopy_after_iterations=1,
-                timeout_s=args.timeout)
-            time.sleep(args.start_postcopy_after)
-            with contextlib.suppress(ApiError):  # switched (or done) already
-                source.client.migration_start_postcopy()
+                downtime_ms=args.downtime_ms, timeout_s=args.timeout)
             summary = source.client.wait_for_migration(started["id"])
             incoming = destination.client.migration_info()
             check = destination.client.check_guest(120)
