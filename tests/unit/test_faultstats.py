@@ -126,3 +126,18 @@ def test_metrics_export_the_histogram_cumulatively_in_seconds() -> None:
                                                                     None)] == 4
     assert abs(samples[(family.name + "_sum", None)] - 604 * US) < 1e-9
     assert list(_histograms(_POSTCOPY_HISTOGRAMS, {"fault_latency_dist": []}, "send")) == []
+
+
+def test_a_snapshot_does_not_move_with_the_faults_after_it() -> None:
+    stats = FaultStats()
+    stats.asked(1.0)
+    stats.served(1.0, 1.0 + 3 * US)
+    stats.asked(2.0)  # waiting when the snapshot is taken
+    copy = stats.snapshot()
+    stats.served(2.0, 4.0)
+    stats.asked(5.0)
+    stats.served(5.0, 5.5)
+    figures = copy.figures(3.0)
+    assert figures["fault_latency_count"] == 1 and sum(figures["fault_latency_dist"]) == 1
+    assert figures["fault_latency_max_ms"] == 0.003 and figures["blocktime_ms"] == 1000.003
+    assert stats.figures(9.0)["fault_latency_count"] == 3

@@ -88,6 +88,14 @@ class FaultStats:
         if self._waiting == 0:
             self._blocked_s += at - self._blocked_since
 
+    def snapshot(self) -> FaultStats:
+        """A copy to compute the figures from outside the owner's lock (the sort of the
+        sample then holds up no fault)."""
+        copy = FaultStats.__new__(FaultStats)
+        copy.__dict__.update(self.__dict__)
+        copy.histogram, copy._samples = list(self.histogram), list(self._samples)
+        return copy
+
     def blocktime_s(self, now: float) -> float:
         """The time at least one fault waited, up to `now` (a wait going on counts)."""
         return self._blocked_s + (now - self._blocked_since if self._waiting else 0.0)

@@ -143,7 +143,8 @@ class PostcopyService:
         """The remote faults' service times so far (fault read -> page installed): the
         histogram, count, p50, p99, max and blocktime (vmig.migration.faultstats)."""
         with self._lock:
-            return self._latency.figures(time.monotonic())
+            latency, now = self._latency.snapshot(), time.monotonic()
+        return latency.figures(now)
 
     # --- installing pages ----------------------------------------------------------------
 
