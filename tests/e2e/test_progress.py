@@ -142,6 +142,10 @@ def test_progress_goes_on_through_postcopy(spawn_vmm: Spawn) -> None:
     assert (0 <= latency["fault_latency_p50_ms"] <= latency["fault_latency_p99_ms"]
             <= latency["fault_latency_max_ms"] <= latency["fault_latency_sum_ms"]), latency
     assert 0 < latency["blocktime_ms"] <= latency["fault_latency_sum_ms"], latency
+    # per vCPU (UFFD_FEATURE_THREAD_ID): each waited within the union, and they did wait
+    per_vcpu = latency["vcpu_blocktime_ms"]
+    assert len(per_vcpu) == 2 and sum(per_vcpu) > 0, latency
+    assert all(0 <= ms <= latency["blocktime_ms"] + 0.01 for ms in per_vcpu), latency
     scraped = {(s.name, s.labels.get("le")): s.value
                for family in text_string_to_metric_families(destination.client.metrics())
                for s in family.samples}

@@ -108,6 +108,7 @@ def test_a_sender_has_no_latency_figures() -> None:
     postcopy = metrics.view()["postcopy"]
     assert postcopy["fault_latency_dist"] == [] and postcopy["fault_latency_count"] is None
     assert postcopy["blocktime_ms"] is None and postcopy["faults_served"] == 4
+    assert postcopy["vcpu_blocktime_ms"] == []
 
 
 def test_metrics_export_the_histogram_cumulatively_in_seconds() -> None:
@@ -141,3 +142,21 @@ def test_a_snapshot_does_not_move_with_the_faults_after_it() -> None:
     assert figures["fault_latency_count"] == 1 and sum(figures["fault_latency_dist"]) == 1
     assert figures["fault_latency_max_ms"] == 0.003 and figures["blocktime_ms"] == 1000.003
     assert stats.figures(9.0)["fault_latency_count"] == 3
+
+
+def test_each_vcpu_waits_from_its_fault_to_its_page() -> None:
+    stats = FaultStats(vcpus=3)
+    stats.asked(10.0)
+    stats.vcpu_waiting(0, page=7, at=10.0)
+    stats.vcpu_waiting(2, page=7, at=11.0)  # vCPU 2 faults on the same page later
+    stats.asked(12.0)
+    stats.vcpu_waiting(0, page=9, at=12.0)  # never both at once for one vCPU, but harmless
+    stats.served(10.0, 13.0)
+    stats.installed(7, 13.0)
+    assert stats.vcpu_blocktime_s(14.0) == [3.0 + 2.0, 0.0, 2.0]  # page 9 still waits
+    stats.served(12.0, 15.0)
+    stats.installed(9, 15.0)
+    stats.installed(9, 16.0)  # installed twice (push and answer): counted once
+    assert stats.figures(99.0)["vcpu_blocktime_ms"] == [6000.0, 0.0, 2000.0]
+    assert stats.figures(99.0)["blocktime_ms"] == 5000.0  # the union: 10 .. 15
+    assert FaultStats().figures(1.0)["vcpu_blocktime_ms"] == []

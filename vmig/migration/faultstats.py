@@ -13,11 +13,14 @@ a constant amount of work and no growing list:
 - p50 and p99 by the nearest-rank method over a uniform random sample of at most
   `RESERVOIR` latencies (Vitter's algorithm R): exact while there were no more faults
   than that, an estimate after;
-- the blocktime (QEMU's ``postcopy-blocktime``): the union of the intervals in which at
-  least one remote fault was waiting, i.e. the wall time during which some vCPU was
-  blocked for a page. It is not per vCPU (QEMU's ``postcopy-vcpu-blocktime``): that
-  needs UFFD_FEATURE_THREAD_ID and a map from thread to vCPU, which vmig does not use.
-  Faults the destination fills itself (never-owed pages, zeros) are not counted.
+- the blocktime: the union of the intervals in which at least one remote fault was
+  waiting, i.e. the wall time during which some thread (a vCPU, mostly) was blocked for
+  a page (QEMU's ``postcopy-blocktime`` counts only the time *all* vCPUs were blocked);
+- per vCPU (QEMU's ``postcopy-vcpu-blocktime``), where userfaultfd names the faulting
+  thread (UFFD_FEATURE_THREAD_ID) and the owner maps threads to vCPUs: the time each
+  vCPU waited for remote pages, from its fault read to its page installed.
+
+Faults the destination fills itself (never-owed pages, zeros) are not counted.
 
 Not thread-safe: the owner (`PostcopyService`) calls it under its own lock.
 """
@@ -53,7 +56,9 @@ class FaultStats:
     """Histogram, percentiles and blocktime of the remote faults (see the module doc).
     Times are seconds of one monotonic clock, given by the caller."""
 
-    def __init__(self, reservoir: int = RESERVOIR, seed: int = 0) -> None:
+    def __init__(self, reservoir: int = RESERVOIR, seed: int = 0, vcpus: int = 0) -> None:
+        """`vcpus`: how many vCPUs `vcpu_waiting` may name (0: the faulting threads are not
+        known, no per-vCPU blocktime)."""
         self.histogram = [0] * BUCKETS
         self.count = 0
         self.total_s = 0.0
@@ -64,6 +69,8 @@ class FaultStats:
         self._waiting = 0
         self._blocked_since = 0.0
         self._blocked_s = 0.0
+        self._vcpu_blocked_s = [0.0] * vcpus
+        self._vcpu_waits: dict[int, list[tuple[int, float]]] = {}  # page -> (vCPU, since)
 
     def asked(self, at: float) -> None:
         """A remote fault began waiting at `at`."""
@@ -88,12 +95,31 @@ class FaultStats:
         if self._waiting == 0:
             self._blocked_s += at - self._blocked_since
 
+    def vcpu_waiting(self, vcpu: int, page: int, at: float) -> None:
+        """vCPU `vcpu` (its thread's fault read at `at`) waits for remote `page`."""
+        self._vcpu_waits.setdefault(page, []).append((vcpu, at))
+
+    def installed(self, page: int, at: float) -> None:
+        """`page` was installed at `at`: the vCPUs waiting for it run again."""
+        for vcpu, since in self._vcpu_waits.pop(page, ()):
+            self._vcpu_blocked_s[vcpu] += max(at - since, 0.0)
+
+    def vcpu_blocktime_s(self, now: float) -> list[float]:
+        """Per vCPU, the time it waited for remote pages, up to `now`."""
+        blocked = list(self._vcpu_blocked_s)
+        for waits in self._vcpu_waits.values():
+            for vcpu, since in waits:
+                blocked[vcpu] += max(now - since, 0.0)
+        return blocked
+
     def snapshot(self) -> FaultStats:
         """A copy to compute the figures from outside the owner's lock (the sort of the
         sample then holds up no fault)."""
         copy = FaultStats.__new__(FaultStats)
         copy.__dict__.update(self.__dict__)
         copy.histogram, copy._samples = list(self.histogram), list(self._samples)
+        copy._vcpu_blocked_s = list(self._vcpu_blocked_s)
+        copy._vcpu_waits = {page: list(waits) for page, waits in self._vcpu_waits.items()}
         return copy
 
     def blocktime_s(self, now: float) -> float:
@@ -113,6 +139,7 @@ class FaultStats:
             "fault_latency_max_ms": _ms(self.max_s) if self.count else None,
             "fault_latency_sum_ms": _ms(self.total_s),
             "blocktime_ms": _ms(self.blocktime_s(now)),
+            "vcpu_blocktime_ms": [_ms(s) for s in self.vcpu_blocktime_s(now)],
         }
 
 

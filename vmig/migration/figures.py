@@ -123,10 +123,14 @@ POSTCOPY = Group("PostcopyFigures", "Post-copy: the pages the destination was ow
     Figure("fault_latency_sum_ms", float, "Receiver: the service times of the remote faults "
            "added up (over `fault_latency_count`: QEMU's `postcopy-latency`, the mean).",
            unit="ms"),
-    Figure("blocktime_ms", float, "Receiver: QEMU's `postcopy-blocktime`, here the union of "
-           "the intervals in which at least one remote fault waited (not per vCPU: "
-           "UFFD_FEATURE_THREAD_ID is not used).", unit="ms",
+    Figure("blocktime_ms", float, "Receiver: the time vCPUs waited for pages: the union of "
+           "the intervals in which at least one remote fault waited (QEMU's "
+           "`postcopy-blocktime` counts only the time all vCPUs waited at once).", unit="ms",
            prometheus=("vmig_migration_postcopy_blocktime_seconds", "gauge")),
+    Figure("vcpu_blocktime_ms", float, "Receiver: per vCPU (by index), the time it waited "
+           "for remote pages, from its fault read to its page installed (QEMU's "
+           "`postcopy-vcpu-blocktime`); empty where userfaultfd cannot name the faulting "
+           "thread (UFFD_FEATURE_THREAD_ID), and on the sender.", (), many=True, unit="ms"),
 ))
 
 #: The metrics' view: a send's summary, and vm.migration-info without `INFO_FIGURES`.

@@ -44,7 +44,7 @@ from vmig.memory import GuestMemory
 from vmig.migration.faultstats import FaultStats
 from vmig.ranges import RangeTable
 from vmig.transport.channel import DestinationFaultChannel, SourceFaultChannel
-from vmig.uffd import Userfaultfd
+from vmig.uffd import UFFD_FEATURE_THREAD_ID, Userfaultfd
 from vmig.units import PAGE_SHIFT, PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,12 @@ class PostcopyService:
     """The destination's side of post-copy for one guest memory (see the module doc)."""
 
     def __init__(self, memory: GuestMemory, owed: RangeTable, channel: DestinationFaultChannel,
-                 on_failure: Callable[[str], None], resume: Resume | None = None) -> None:
+                 on_failure: Callable[[str], None], resume: Resume | None = None,
+                 vcpu_threads: dict[int, int] | None = None) -> None:
+        """`vcpu_threads`: the vCPU threads' kernel ids -> vCPU index, for the per-vCPU
+        blocktime (when userfaultfd can name the faulting thread)."""
         self.memory = memory
+        self._vcpu_threads = dict(vcpu_threads or {})
         self._channel = channel
         self._on_failure = on_failure
         self._resume = resume
@@ -103,13 +107,24 @@ class PostcopyService:
         resumed by the caller after this)."""
         for gpa, length in self._owed_ranges():
             self.memory.backing.discard(gpa, length)
-        self._uffd = Userfaultfd()
+        self._uffd = self._open_userfaultfd()
         self._uffd.register(self.memory.host_addr, self.memory.size)
         for name, target in (("migrate-fault", self._serve_faults),
                              ("migrate-fault-rx", self._read_pages)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def _open_userfaultfd(self) -> Userfaultfd:
+        """A userfaultfd that names the faulting thread, if the kernel can and the vCPU
+        threads are known (then the blocktime is per vCPU too); a plain one otherwise."""
+        if self._vcpu_threads:
+            with contextlib.suppress(VmigError):
+                uffd = Userfaultfd(UFFD_FEATURE_THREAD_ID)
+                self._latency = FaultStats(vcpus=max(self._vcpu_threads.values()) + 1)
+                return uffd
+        self._vcpu_threads = {}
+        return Userfaultfd()
 
     def _owed_ranges(self) -> RangeTable:
         pages = self._owed
@@ -177,6 +192,7 @@ class PostcopyService:
                 asked = self._asked_at.pop(page, None)
                 if asked is not None:
                     self._latency.served(asked, now)
+                    self._latency.installed(page, now)
 
     # --- the threads -------------------------------------------------------------------------
 
@@ -188,15 +204,19 @@ class PostcopyService:
             while not self._stopping.is_set():
                 if not uffd.wait(FAULT_POLL_S):
                     continue
-                addresses = uffd.read_faults()
+                events = uffd.read_fault_threads()
                 read_at = time.monotonic()  # the faults' clock starts when they are read
-                for address in addresses:
-                    self._fault(uffd, address - self.memory.host_addr, read_at)
+                threads: dict[int, list[int]] = {}  # page address -> the threads faulting
+                for address, thread in events:
+                    threads.setdefault(address, []).append(thread)
+                for address, faulting in threads.items():
+                    self._fault(uffd, address - self.memory.host_addr, read_at, faulting)
         except BaseException as exc:
             if not self._stopping.is_set():
                 self._on_failure(f"post-copy fault service failed: {describe(exc)}")
 
-    def _fault(self, uffd: Userfaultfd, gpa: int, read_at: float) -> None:
+    def _fault(self, uffd: Userfaultfd, gpa: int, read_at: float, threads: list[int]
+               ) -> None:
         page = gpa >> PAGE_SHIFT
         if not 0 <= page < len(self._owed):
             return
@@ -207,6 +227,11 @@ class PostcopyService:
                 self._requested[page] = True
                 self._asked_at[page] = read_at
                 self._latency.asked(read_at)
+            if owed and not present:
+                for thread in threads:
+                    vcpu = self._vcpu_threads.get(thread)
+                    if vcpu is not None:
+                        self._latency.vcpu_waiting(vcpu, page, read_at)
         if present:
             uffd.wake(gpa & ~(PAGE_SIZE - 1), PAGE_SIZE)  # installed meanwhile
         elif not owed:  # never held data here or at the source: zeros

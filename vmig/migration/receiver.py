@@ -441,8 +441,11 @@ class MigrationReceiver:
         """Switch to post-copy: punch the owed pages out, catch their faults, resume."""
         assert self._fault_channel is not None  # _on_start made sure
         resume = self._resume_fault if phase.start.reconnect_timeout_s else None
+        vcpu_threads = {handle.native_id: handle.vcpu.vcpu_id
+                        for handle in phase.machine.handles if handle.native_id is not None}
         service = PostcopyService(phase.machine.memory, request.ranges, self._fault_channel,
-                                  on_failure=self._abort, resume=resume)
+                                  on_failure=self._abort, resume=resume,
+                                  vcpu_threads=vcpu_threads)
         try:
             service.start()
             phase.machine.resume()
