@@ -8,8 +8,9 @@ It goes over ``--connections`` 8 with no bandwidth cap, so the background push o
 owed pages runs at full speed while the vCPUs' faults are served on the FAULT
 connection. After each run the destination's ``vm.migration-info`` gives the remote
 faults' service time (vCPU fault read off userfaultfd -> page installed and the vCPU
-woken): the log2 µs histogram (QEMU's ``postcopy-latency-dist``), count, p50, p99, max
-and the blocktime (docs/migration-info.md).
+woken): the log2 µs histogram (QEMU's ``postcopy-latency-dist``), count, p50, p99, max,
+the blocktime and the per-vCPU blocktime (summed over the vCPUs in the table;
+docs/migration-info.md).
 
 Anchors: QEMU's published remote-fault latency is about 10 ms without its
 postcopy-preempt channel and about 0.5 ms with it; the goal here is p99 <= 1 ms with
@@ -109,6 +110,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "connections": summary["connections"],
         **{name: postcopy.get(name) for name in FIGURES},
         "fault_latency_dist": postcopy.get("fault_latency_dist") or [],
+        "vcpu_blocktime_ms": postcopy.get("vcpu_blocktime_ms") or [],
+        "vcpu_blocktime_total_ms": (round(sum(postcopy["vcpu_blocktime_ms"]), 3)
+                                    if postcopy.get("vcpu_blocktime_ms") else None),
         "check_ok": check["ok"],
     }
 
@@ -137,6 +141,7 @@ def markdown(medians: dict[str, Any], runs: int) -> str:
     for name, spec in (("fault_latency_count", ".0f"), ("faults_served", ".0f"),
                        ("fault_latency_p50_ms", ".3f"), ("fault_latency_p99_ms", ".3f"),
                        ("fault_latency_max_ms", ".3f"), ("blocktime_ms", ".1f"),
+                       ("vcpu_blocktime_total_ms", ".1f"),
                        ("pages", ".0f"), ("total_ms", ".0f"), ("downtime_ms", ".1f")):
         without, with_preempt, goal = anchors.get(name, ("", "", ""))
         rows.append(f"| `{name}` | {cell(medians[name], spec)} | {without} | "
@@ -181,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     for number in range(1, args.repeat + 1):
         print(f"run {number}/{args.repeat}", file=sys.stderr, flush=True)
         runs.append(one_run(args))
-    medians = {name: spread(runs, name) for name in (*FIGURES, "total_ms", "downtime_ms")}
+    medians = {name: spread(runs, name)
+               for name in (*FIGURES, "vcpu_blocktime_total_ms", "total_ms", "downtime_ms")}
     settings = {name: str(value) if isinstance(value, Path) else value
                 for name, value in vars(args).items()}
     result = {"command": [Path(sys.executable).name, *sys.argv], "settings": settings,

@@ -15,7 +15,8 @@ request from the paused source's memory and asks the push to send the chunks nea
 it next.
 
 The destination times each remote fault, from reading it to the page installed
-(`latency_figures`, vmig.migration.faultstats: QEMU's latency histogram and blocktime).
+(`latency_figures`, vmig.migration.faultstats: QEMU's latency histogram and blocktime,
+per vCPU where userfaultfd names the faulting thread).
 
 Neither side holds the whole VM while this runs: the destination has the newest
 vCPU state and the pages that arrived, the source the rest. A lost FAULT connection
