@@ -36,6 +36,8 @@ UFFDIO_COPY_MODE_DONTWAKE = 1 << 0
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0
+#: Each PAGEFAULT message carries the faulting thread's id (`read_fault_threads`).
+UFFD_FEATURE_THREAD_ID = 1 << 8
 
 #: userfaultfd(2) has no libc wrapper everywhere; its syscall number per architecture.
 NR_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
@@ -282,9 +284,16 @@ class Userfaultfd:
     def read_faults(self, max_events: int = 64) -> list[int]:
         """Drain the queued events without blocking: the page-aligned addresses of the
         PAGEFAULT ones, in order, each once; other events are dropped."""
+        return list(dict.fromkeys(address for address, _ in
+                                  self.read_fault_threads(max_events)))
+
+    def read_fault_threads(self, max_events: int = 64) -> list[tuple[int, int]]:
+        """As `read_faults`, but every PAGEFAULT event, as (page-aligned address, the
+        faulting thread's kernel id); the id is 0 unless this fd was opened with
+        UFFD_FEATURE_THREAD_ID."""
         fd = self._checked_fd("read")
         msgs = (uffd_msg * max_events)()
-        faults: dict[int, None] = {}
+        faults: list[tuple[int, int]] = []
         while True:
             n = _check(_read(fd, msgs, ctypes.sizeof(msgs)), "read",
                        allow=(_errno.EAGAIN, _errno.EINTR))
@@ -294,10 +303,11 @@ class Userfaultfd:
                 break
             for msg in msgs[:n // ctypes.sizeof(uffd_msg)]:
                 if msg.event == UFFD_EVENT_PAGEFAULT:
-                    faults[msg.arg.pagefault.address & ~(PAGE_SIZE - 1)] = None
+                    fault = msg.arg.pagefault
+                    faults.append((fault.address & ~(PAGE_SIZE - 1), fault.ptid))
             if n < ctypes.sizeof(msgs):
                 break
-        return list(faults)
+        return faults
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block (GIL released) until an event is queued or `timeout` s pass; True if one is."""

@@ -143,6 +143,12 @@ def test_postcopy_with_its_fault_connection_cut_fails_as_documented(spawn_vmm: S
     empty = wait_for(lambda: (i := destination.client.info())["state"] == "empty" and i,
                      "the destination to stop its VM")
     assert "post-copy failed" in empty["last_error"]
+    # the fault latency figures are kept, frozen at the failure (the vCPUs that waited
+    # then wait no more: the blocktime stops)
+    failed = destination.client.migration_info()["postcopy"]
+    assert failed["fault_latency_count"] == sum(failed["fault_latency_dist"]), failed
+    time.sleep(0.2)
+    assert destination.client.migration_info()["postcopy"] == failed
     info = source.client.info()
     assert info["state"] == "paused" and info.get("busy") is None
     # The operator's call: here the destination holds nothing, so roll the guest back.

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from helpers import SENDFILE_LOG, Spawn, receive
+from prometheus_client.parser import text_string_to_metric_families
 
 from vmig.units import PAGE_SIZE, MiB
 
@@ -135,3 +136,22 @@ def test_progress_goes_on_through_postcopy(spawn_vmm: Spawn) -> None:
     assert summary["postcopy"]["faults_served"] > 0, summary
     received = destination.client.migration_info()
     assert received["postcopy"]["faults_served"] > 0 and received["progress_percent"] == 100
+    # QEMU's postcopy-latency-dist: every remote fault timed is in one bucket; a remote
+    # fault is a fault served, so there are no more of them
+    latency = received["postcopy"]
+    assert 0 < latency["fault_latency_count"] <= latency["faults_served"], latency
+    assert sum(latency["fault_latency_dist"]) == latency["fault_latency_count"], latency
+    assert len(latency["fault_latency_dist"]) == 33, latency
+    assert (0 <= latency["fault_latency_p50_ms"] <= latency["fault_latency_p99_ms"]
+            <= latency["fault_latency_max_ms"] <= latency["fault_latency_sum_ms"]), latency
+    assert 0 < latency["blocktime_ms"] <= latency["fault_latency_sum_ms"], latency
+    # per vCPU (UFFD_FEATURE_THREAD_ID): each waited within the union, and they did wait
+    per_vcpu = latency["vcpu_blocktime_ms"]
+    assert len(per_vcpu) == 2 and sum(per_vcpu) > 0, latency
+    assert all(0 <= ms <= latency["blocktime_ms"] + 0.01 for ms in per_vcpu), latency
+    scraped = {(s.name, s.labels.get("le")): s.value
+               for family in text_string_to_metric_families(destination.client.metrics())
+               for s in family.samples}
+    histogram = "vmig_migration_postcopy_fault_latency_seconds"
+    assert scraped[(histogram + "_count", None)] == latency["fault_latency_count"], scraped
+    assert scraped[(histogram + "_bucket", "+Inf")] == latency["fault_latency_count"]

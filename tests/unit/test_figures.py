@@ -99,7 +99,8 @@ def test_prometheus_exports_the_figures_that_name_a_metric() -> None:
     assert exported["progress_percent"] == "vmig_migration_progress_percent"
     seconds = {key: divisor for key, _, _, _, divisor in _MIGRATION_FIGURES}
     assert seconds["elapsed_ms"] == 1000 and seconds["bytes_transferred"] == 1
-    assert {key for key, *_ in _POSTCOPY_FIGURES} == {"pages", "pages_left", "faults_served"}
+    assert {key for key, *_ in _POSTCOPY_FIGURES} == {"pages", "pages_left", "faults_served",
+                                                      "fault_latency_max_ms", "blocktime_ms"}
 
 
 def test_every_group_is_documented_by_its_model() -> None:

@@ -22,6 +22,7 @@ import pytest
 from vmig.errors import GuestMemoryError
 from vmig.uffd import (
     ABI_SIZES,
+    UFFD_FEATURE_THREAD_ID,
     UFFDIO_API,
     UFFDIO_COPY,
     UFFDIO_REGISTER,
@@ -190,6 +191,22 @@ def test_fd_is_nonblocking_and_cloexec(uffd: Userfaultfd) -> None:
 
 
 # --- faults ------------------------------------------------------------------------------
+
+def test_thread_id_names_the_faulting_thread(memfd_region: Region) -> None:
+    open_uffd().close()  # skips where there is no userfaultfd at all
+    uffd = Userfaultfd(UFFD_FEATURE_THREAD_ID)
+    try:
+        uffd.register(memfd_region.addr, SIZE)
+        toucher = in_thread(write_byte(memfd_region.page(5), 0x07))
+        assert uffd.wait(JOIN_S)
+        events = uffd.read_fault_threads()
+        assert events == [(memfd_region.page(5), toucher.native_id)]
+        uffd.zeropage(memfd_region.page(5), PAGE_SIZE)
+        toucher.join(JOIN_S)
+        assert not toucher.is_alive()
+    finally:
+        uffd.close()
+
 
 def test_missing_page_blocks_a_thread_until_copy_fills_it(uffd: Userfaultfd,
                                                            region: Region) -> None:

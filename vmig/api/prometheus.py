@@ -16,7 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from vmig import __version__
@@ -37,9 +42,11 @@ def _exported(figures: tuple[Figure, ...]) -> tuple[tuple[str, str, str, str, fl
                  for figure in figures if figure.prometheus is not None)
 
 
-#: The migration's single figures, and those of its `postcopy` object.
+#: The migration's single figures, and those of its `postcopy` object (its histograms
+#: apart: `_histograms`).
 _MIGRATION_FIGURES = _exported(SUMMARY_FIGURES)
-_POSTCOPY_FIGURES = _exported(POSTCOPY.figures)
+_POSTCOPY_FIGURES = tuple(f for f in _exported(POSTCOPY.figures) if f[3] != "histogram")
+_POSTCOPY_HISTOGRAMS = tuple(f for f in _exported(POSTCOPY.figures) if f[3] == "histogram")
 
 
 def _family(kind: str, name: str, documentation: str, labels: list[str]) -> Metric:
@@ -118,6 +125,7 @@ class VmmCollector(Collector):
         verified.add_metric([side], int(bool(view.get("memory_verified"))))
         yield verified
         yield from _single_figures(_POSTCOPY_FIGURES, view.get("postcopy") or {}, side)
+        yield from _histograms(_POSTCOPY_HISTOGRAMS, view.get("postcopy") or {}, side)
         labels = ["side", "index", "role"]
         sent = CounterMetricFamily("vmig_migration_connection_bytes", "Page bytes per "
                                    "connection (QEMU's multifd counters)", labels=labels)
@@ -142,6 +150,27 @@ def _single_figures(figures: tuple[tuple[str, str, str, str, float], ...],
             family = _family(kind, name, documentation, ["side"])
             family.add_metric([side], value / divisor if divisor != 1 else value)
             yield family
+
+
+def _histograms(figures: tuple[tuple[str, str, str, str, float], ...],
+                view: dict[str, Any], side: str) -> Iterator[Metric]:
+    """A Prometheus histogram, in seconds, of each log2 µs bucket list of `view` that is not
+    empty (bucket i, [2^i, 2^(i+1)) µs, is counted up to `le` 2^(i+1) µs; the last bucket,
+    open-ended, only in +Inf). The sum is the figure's `..._sum_ms` companion
+    (`fault_latency_dist` -> `fault_latency_sum_ms`)."""
+    for key, name, documentation, _, _ in figures:
+        counts = view.get(key) or []
+        if not counts:
+            continue
+        buckets, seen = [], 0
+        for i, count in enumerate(counts[:-1]):
+            seen += count
+            buckets.append((repr(2.0 ** (i + 1) / 1e6), seen))
+        buckets.append(("+Inf", seen + counts[-1]))
+        total_ms = view.get(key.removesuffix("_dist") + "_sum_ms") or 0.0
+        family = HistogramMetricFamily(name, documentation, labels=["side"])
+        family.add_metric([side], buckets, sum_value=total_ms / 1000)
+        yield family
 
 
 def registry(vmm: Vmm) -> CollectorRegistry:

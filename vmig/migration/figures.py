@@ -47,12 +47,12 @@ class Figure:
     help: str
     default: Any = None
     many: bool = False
-    #: What the number counts: "bytes", "pages", "ms", "bytes/s", "pages/s", "%".
+    #: What the number counts: "bytes", "pages", "ms", "bytes/s", "pages/s", "%", "faults".
     unit: str = ""
     #: libvirt's virDomainGetJobStats fields (VIR_DOMAIN_JOB_ without the prefix).
     libvirt: tuple[str, ...] = ()
-    #: The Prometheus metric and its type ("counter" or "gauge"); a figure in ms is
-    #: exported in seconds.
+    #: The Prometheus metric and its type ("counter", "gauge", or "histogram": a list of
+    #: log2 µs bucket counts, exported in seconds); a figure in ms is exported in seconds.
     prometheus: tuple[str, str] | None = None
     examples: tuple[Any, ...] = field(default=())
 
@@ -103,10 +103,34 @@ POSTCOPY = Group("PostcopyFigures", "Post-copy: the pages the destination was ow
     Figure("faults_served", int, "Page faults of the guest answered (its requests for a "
            "missing page).", 0, libvirt=("MEMORY_POSTCOPY_REQS",),
            prometheus=("vmig_migration_postcopy_faults", "counter")),
-    Figure("fault_latency_p50_ms", float, "Receiver: median time to answer a fault.",
+    # Receiver: the remote faults' service time, from the fault read off userfaultfd to
+    # the page installed and the vCPU woken (vmig.migration.faultstats).
+    Figure("fault_latency_count", int, "Receiver: remote faults timed (a vCPU's fault on an "
+           "owed page, until the page was installed by the fault's answer or the push); "
+           "the sum of `fault_latency_dist`.", unit="faults"),
+    Figure("fault_latency_dist", int, "Receiver: the remote faults' service times as "
+           "QEMU's `postcopy-latency-dist`: element i counts those in [2^i, 2^(i+1)) µs, "
+           "i = 0 .. 32 (element 0 also those under 1 µs, element 32 all from 2^32 µs); "
+           "empty on the sender.", (), many=True, unit="faults",
+           prometheus=("vmig_migration_postcopy_fault_latency_seconds", "histogram")),
+    Figure("fault_latency_p50_ms", float, "Receiver: median service time of a remote fault "
+           "(nearest rank, over a uniform sample of at most 8192 faults).", unit="ms"),
+    Figure("fault_latency_p99_ms", float, "Receiver: 99th percentile of the service time "
+           "of a remote fault (as p50).", unit="ms"),
+    Figure("fault_latency_max_ms", float, "Receiver: the longest service time of a remote "
+           "fault (exact).", unit="ms",
+           prometheus=("vmig_migration_postcopy_fault_latency_max_seconds", "gauge")),
+    Figure("fault_latency_sum_ms", float, "Receiver: the service times of the remote faults "
+           "added up (over `fault_latency_count`: QEMU's `postcopy-latency`, the mean).",
            unit="ms"),
-    Figure("fault_latency_p99_ms", float, "Receiver: 99th percentile of the time to answer "
-           "a fault.", unit="ms"),
+    Figure("blocktime_ms", float, "Receiver: the time vCPUs waited for pages: the union of "
+           "the intervals in which at least one remote fault waited (QEMU's "
+           "`postcopy-blocktime` counts only the time all vCPUs waited at once).", unit="ms",
+           prometheus=("vmig_migration_postcopy_blocktime_seconds", "gauge")),
+    Figure("vcpu_blocktime_ms", float, "Receiver: per vCPU (by index), the time it waited "
+           "for remote pages, from its fault read to its page installed (QEMU's "
+           "`postcopy-vcpu-blocktime`); empty where userfaultfd cannot name the faulting "
+           "thread (UFFD_FEATURE_THREAD_ID), and on the sender.", (), many=True, unit="ms"),
 ))
 
 #: The metrics' view: a send's summary, and vm.migration-info without `INFO_FIGURES`.
@@ -269,6 +293,8 @@ def _metric(figure: Figure) -> str:
     if figure.prometheus is None:
         return ""
     name, kind = figure.prometheus
+    if kind == "histogram":
+        return f"`{name}` (histogram)"
     return f"`{name}_total`" if kind == "counter" else f"`{name}`"
 
 

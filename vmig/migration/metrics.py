@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmig.migration.figures import SUMMARY_FIGURES
+from vmig.migration.figures import POSTCOPY, SUMMARY_FIGURES
 from vmig.units import PAGE_SIZE
 
 __all__ = ["ConnectionMetrics", "MigrationMetrics", "Observer", "Phase", "Status"]
@@ -157,8 +157,10 @@ class MigrationMetrics:
         self.postcopy_pages: int | None = None
         self.postcopy_pages_left: int | None = None
         self.faults_served = 0
-        self.fault_latency_p50_ms: float | None = None
-        self.fault_latency_p99_ms: float | None = None
+        #: Receiver: the remote faults' latency figures (PostcopyService.latency_figures),
+        #: read live at each view while post-copy runs, then frozen (`fault_latency`).
+        self.fault_latency_source: Callable[[], dict[str, Any]] | None = None
+        self.fault_latency: dict[str, Any] | None = None
         self.throttle_percent: int | None = 0 if role == "send" else None
         #: Sender: the parameters a running send may change, as they are now.
         self.parameters: dict[str, Any] | None = None
@@ -401,11 +403,7 @@ class MigrationMetrics:
             "dirty_rate_pages_per_s": (None if self.dirty_rate_bytes_per_s is None else
                                        _round(self.dirty_rate_bytes_per_s / PAGE_SIZE)),
             "parameters": None if self.parameters is None else dict(self.parameters),
-            "postcopy": None if self.postcopy_pages is None else {
-                "pages": self.postcopy_pages, "pages_left": self.postcopy_pages_left,
-                "faults_served": self.faults_served,
-                "fault_latency_p50_ms": self.fault_latency_p50_ms,
-                "fault_latency_p99_ms": self.fault_latency_p99_ms},
+            "postcopy": None if self.postcopy_pages is None else self._postcopy_view(),
             "connections": len(self.connections),
             "connections_lost": self.connections_lost,
             "reconnecting": [
@@ -418,6 +416,16 @@ class MigrationMetrics:
             "stall": None if self.stall is None else dict(self.stall),
             "warnings": list(self.warnings),
         }
+
+    def _postcopy_view(self) -> dict[str, Any]:
+        """The `postcopy` object: the pages and faults, and the receiver's fault latency
+        (live from its source while post-copy runs; absent ones at their defaults)."""
+        source = self.fault_latency_source
+        latency = source() if source is not None else self.fault_latency or {}
+        figures = {"pages": self.postcopy_pages, "pages_left": self.postcopy_pages_left,
+                   "faults_served": self.faults_served, **latency}
+        return {figure.name: figures.get(figure.name, _empty(figure.default))
+                for figure in POSTCOPY.figures}
 
     # --- progress (libvirt's data figures, and a percentage that never goes back) -----------
 
@@ -446,6 +454,11 @@ class MigrationMetrics:
             percent = min(processed / (processed + remaining) * 100, _BELOW_DONE)
             self._progress_high = max(self._progress_high or 0.0, percent)
         return None if self._progress_high is None else round(self._progress_high, 1)
+
+
+def _empty(default: Any) -> Any:
+    """A figure's value when unknown: its default (a list for a tuple)."""
+    return list(default) if isinstance(default, tuple) else default
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:

@@ -14,6 +14,10 @@ Sender side, `FaultResponder`: the ``migrate-fault-srv`` thread answers each pag
 request from the paused source's memory and asks the push to send the chunks near
 it next.
 
+The destination times each remote fault, from reading it to the page installed
+(`latency_figures`, vmig.migration.faultstats: QEMU's latency histogram and blocktime,
+per vCPU where userfaultfd names the faulting thread).
+
 Neither side holds the whole VM while this runs: the destination has the newest
 vCPU state and the pages that arrived, the source the rest. A lost FAULT connection
 (protocol version 3) is resumed: the source re-dials it (`redial`), the destination
@@ -29,18 +33,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from vmig.errors import MigrationError, TransportError, VmigError, describe
 from vmig.memory import GuestMemory
+from vmig.migration.faultstats import FaultStats
 from vmig.ranges import RangeTable
 from vmig.transport.channel import DestinationFaultChannel, SourceFaultChannel
-from vmig.uffd import Userfaultfd
+from vmig.uffd import UFFD_FEATURE_THREAD_ID, Userfaultfd
 from vmig.units import PAGE_SHIFT, PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -69,8 +74,12 @@ class PostcopyService:
     """The destination's side of post-copy for one guest memory (see the module doc)."""
 
     def __init__(self, memory: GuestMemory, owed: RangeTable, channel: DestinationFaultChannel,
-                 on_failure: Callable[[str], None], resume: Resume | None = None) -> None:
+                 on_failure: Callable[[str], None], resume: Resume | None = None,
+                 vcpu_threads: dict[int, int] | None = None) -> None:
+        """`vcpu_threads`: the vCPU threads' kernel ids -> vCPU index, for the per-vCPU
+        blocktime (when userfaultfd can name the faulting thread)."""
         self.memory = memory
+        self._vcpu_threads = dict(vcpu_threads or {})
         self._channel = channel
         self._on_failure = on_failure
         self._resume = resume
@@ -84,7 +93,7 @@ class PostcopyService:
         self._requested = np.zeros(pages, dtype=bool)
         self._lock = threading.Lock()
         self._left = self.owed_pages
-        self._latencies: list[float] = []
+        self._latency = FaultStats()  # the remote faults' service times (under _lock)
         self._asked_at: dict[int, float] = {}
         self._stopping = threading.Event()
         self._uffd: Userfaultfd | None = None
@@ -99,13 +108,24 @@ class PostcopyService:
         resumed by the caller after this)."""
         for gpa, length in self._owed_ranges():
             self.memory.backing.discard(gpa, length)
-        self._uffd = Userfaultfd()
+        self._uffd = self._open_userfaultfd()
         self._uffd.register(self.memory.host_addr, self.memory.size)
         for name, target in (("migrate-fault", self._serve_faults),
                              ("migrate-fault-rx", self._read_pages)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def _open_userfaultfd(self) -> Userfaultfd:
+        """A userfaultfd that names the faulting thread, if the kernel can and the vCPU
+        threads are known (then the blocktime is per vCPU too); a plain one otherwise."""
+        if self._vcpu_threads:
+            with contextlib.suppress(VmigError):
+                uffd = Userfaultfd(UFFD_FEATURE_THREAD_ID)
+                self._latency = FaultStats(vcpus=max(self._vcpu_threads.values()) + 1)
+                return uffd
+        self._vcpu_threads = {}
+        return Userfaultfd()
 
     def _owed_ranges(self) -> RangeTable:
         pages = self._owed
@@ -135,16 +155,12 @@ class PostcopyService:
     def pages_left(self) -> int:
         return self._left
 
-    def latency_ms(self) -> tuple[float | None, float | None]:
-        """p50 and p99 of the fault round trips so far (asked -> installed), in ms."""
+    def latency_figures(self) -> dict[str, Any]:
+        """The remote faults' service times so far (fault read -> page installed): the
+        histogram, count, p50, p99, max and blocktime (vmig.migration.faultstats)."""
         with self._lock:
-            samples = list(self._latencies)
-        if not samples:
-            return None, None
-        if len(samples) == 1:
-            return samples[0], samples[0]
-        cuts = statistics.quantiles(samples, n=100, method="inclusive")
-        return round(cuts[49], 3), round(cuts[98], 3)
+            latency, now = self._latency.snapshot(), time.monotonic()
+        return latency.figures(now)
 
     # --- installing pages ----------------------------------------------------------------
 
@@ -168,15 +184,16 @@ class PostcopyService:
 
     def _mark(self, gpa: int, length: int) -> None:
         first, last = gpa >> PAGE_SHIFT, (gpa + length) >> PAGE_SHIFT
-        now = time.monotonic()
         with self._lock:
+            now = time.monotonic()  # installed (and woken); under the lock: after any ask
             fresh = self._owed[first:last] & ~self._present[first:last]
             self._left -= int(fresh.sum())
             self._present[first:last] = True
-            for page in range(first, last):
+            for page in range(first, last) if self._asked_at else ():
                 asked = self._asked_at.pop(page, None)
                 if asked is not None:
-                    self._latencies.append((now - asked) * 1000)
+                    self._latency.served(asked, now)
+                    self._latency.installed(page, now)
 
     # --- the threads -------------------------------------------------------------------------
 
@@ -188,13 +205,19 @@ class PostcopyService:
             while not self._stopping.is_set():
                 if not uffd.wait(FAULT_POLL_S):
                     continue
-                for address in uffd.read_faults():
-                    self._fault(uffd, address - self.memory.host_addr)
+                events = uffd.read_fault_threads()
+                read_at = time.monotonic()  # the faults' clock starts when they are read
+                threads: dict[int, list[int]] = {}  # page address -> the threads faulting
+                for address, thread in events:
+                    threads.setdefault(address, []).append(thread)
+                for address, faulting in threads.items():
+                    self._fault(uffd, address - self.memory.host_addr, read_at, faulting)
         except BaseException as exc:
             if not self._stopping.is_set():
                 self._on_failure(f"post-copy fault service failed: {describe(exc)}")
 
-    def _fault(self, uffd: Userfaultfd, gpa: int) -> None:
+    def _fault(self, uffd: Userfaultfd, gpa: int, read_at: float, threads: list[int]
+               ) -> None:
         page = gpa >> PAGE_SHIFT
         if not 0 <= page < len(self._owed):
             return
@@ -203,7 +226,13 @@ class PostcopyService:
             owed, present, asked = self._owed[page], self._present[page], self._requested[page]
             if owed and not present and not asked:
                 self._requested[page] = True
-                self._asked_at[page] = time.monotonic()
+                self._asked_at[page] = read_at
+                self._latency.asked(read_at)
+            if owed and not present:
+                for thread in threads:
+                    vcpu = self._vcpu_threads.get(thread)
+                    if vcpu is not None:
+                        self._latency.vcpu_waiting(vcpu, page, read_at)
         if present:
             uffd.wake(gpa & ~(PAGE_SIZE - 1), PAGE_SIZE)  # installed meanwhile
         elif not owed:  # never held data here or at the source: zeros

@@ -441,8 +441,11 @@ class MigrationReceiver:
         """Switch to post-copy: punch the owed pages out, catch their faults, resume."""
         assert self._fault_channel is not None  # _on_start made sure
         resume = self._resume_fault if phase.start.reconnect_timeout_s else None
+        vcpu_threads = {handle.native_id: handle.vcpu.vcpu_id
+                        for handle in phase.machine.handles if handle.native_id is not None}
         service = PostcopyService(phase.machine.memory, request.ranges, self._fault_channel,
-                                  on_failure=self._abort, resume=resume)
+                                  on_failure=self._abort, resume=resume,
+                                  vcpu_threads=vcpu_threads)
         try:
             service.start()
             phase.machine.resume()
@@ -450,7 +453,8 @@ class MigrationReceiver:
             service.close()
             raise
         self.metrics.update(postcopy_pages=service.owed_pages,
-                            postcopy_pages_left=service.owed_pages)
+                            postcopy_pages_left=service.owed_pages,
+                            fault_latency_source=service.latency_figures)
         with self._lock:
             self.lifecycle.postcopy = True
         self.metrics.set_phase(Phase.POSTCOPY)
@@ -482,10 +486,10 @@ class MigrationReceiver:
         return channel
 
     def _postcopy_figures(self, service: PostcopyService) -> None:
-        p50, p99 = service.latency_ms()
         self.metrics.update(postcopy_pages_left=service.pages_left,
-                            faults_served=service.faults, fault_latency_p50_ms=p50,
-                            fault_latency_p99_ms=p99)
+                            faults_served=service.faults,
+                            fault_latency=service.latency_figures(),
+                            fault_latency_source=None)
 
     def _on_complete(self, phase: Built, request: Complete,
                      channel: ReceiverChannel) -> Completed:
@@ -631,6 +635,8 @@ class MigrationReceiver:
                      f"migration cancelled at the destination: {cancel_reason}")
         self._set_phase(Aborted(error))
         cancelled = self.lifecycle.cancel_reason is not None or self.lifecycle.source_cancelled
+        if isinstance(phase, PostcopyActive):
+            self._postcopy_figures(phase.service)  # the last ones, frozen
         if isinstance(phase, PostcopyActive) and not error.startswith("post-copy failed"):
             # whatever broke, it broke post-copy: the guest had to be stopped here
             error = f"post-copy failed: {error}"

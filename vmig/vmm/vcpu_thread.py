@@ -94,6 +94,11 @@ class VcpuHandle:
     def state(self) -> VcpuRunState:
         return self._actual
 
+    @property
+    def native_id(self) -> int | None:
+        """The kernel's id of the vCPU's thread (userfaultfd's faulting thread id)."""
+        return self._thread.native_id
+
     # --- control (any thread) ----------------------------------------------------
 
     def resume(self) -> None:
