@@ -461,10 +461,14 @@ class RangeTable:
         cls, page_indices: npt.ArrayLike, base_gpa: int = 0, page_size: int = PAGE_SIZE
     ) -> RangeTable:
         """Turn page numbers (any order, duplicates allowed) into sorted, merged ranges."""
-        pages = np.unique(np.asarray(page_indices, dtype=_U64).reshape(-1))
+        pages = np.sort(np.asarray(page_indices, dtype=_U64).reshape(-1))
         if pages.size == 0:
             return cls()
-        breaks = np.flatnonzero(np.diff(pages) != _U64(1)) + 1
+        step = np.diff(pages)
+        if not step.all():  # duplicates (np.unique would do, but is 4x slower than a sort)
+            pages = pages[np.concatenate(([True], step != 0))]
+            step = np.diff(pages)
+        breaks = np.flatnonzero(step != _U64(1)) + 1
         run_starts = np.concatenate(([0], breaks))
         run_ends = np.concatenate((breaks, [pages.size]))
         counts = (run_ends - run_starts).astype(_U64)

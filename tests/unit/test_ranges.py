@@ -219,6 +219,16 @@ def test_from_pages_sorts_dedupes_and_merges():
     assert RangeTable.from_pages([]) == RangeTable()
 
 
+@settings(max_examples=200, deadline=None)
+@given(pages=st.lists(st.integers(0, 300), max_size=120))
+def test_from_pages_property_matches_naive_reference(pages):
+    """Any page numbers, duplicates and all: the runs of the sorted set."""
+    words = [0] * 5
+    for page in pages:
+        words[page // 64] |= 1 << (page % 64)
+    assert pairs(RangeTable.from_pages(pages, 0x4000)) == naive_from_bitmap(words, 0x4000)
+
+
 def test_from_pages_agrees_with_from_bitmap():
     rng = np.random.default_rng(3)
     pages = rng.choice(5000, 700, replace=False)
