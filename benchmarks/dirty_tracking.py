@@ -56,8 +56,8 @@ CODE_GPA = 0x1000
 PML4_GPA = 0x2000
 PDPT_GPA = 0x3000
 PD_GPA = 0x4000
-LIST_GPA = 1 * MiB
-FIRST_TARGET_PAGE = 16 * MiB // PAGE_SIZE + 1024  # after a list of up to 1.5 M pages
+LIST_GPA = 4 * MiB  # after the page directories of up to 512 GiB (2 MiB)
+FIRST_TARGET_PAGE = 24 * MiB // PAGE_SIZE  # after a list of up to 2.6 M pages
 # mov rax,[rsi]; mov byte [rax],1; add rsi,8; dec rcx; jnz -15; hlt
 GUEST_CODE = bytes.fromhex("488b06" "c60001" "4883c608" "48ffc9" "75f1" "f4")
 PTE_PRESENT_RW_ACCESSED = 0x23
