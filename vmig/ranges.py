@@ -103,7 +103,7 @@ def _set_bits(x: U64Array) -> Iterator[tuple[IntpArray, U64Array, IntpArray | in
         while x.size:
             low = np.negative(x)
             low &= x
-            bit = low.astype(np.float64).view(_U64)  # 2**b is exact: exponent b + 1023
+            bit = _single_bit_floats(low)  # 2**b is exact: exponent b + 1023
             bit >>= _EXPONENT
             bit -= _U64(_EXPONENT_BIAS)
             yield word, bit, rank
@@ -125,6 +125,17 @@ def _set_bits(x: U64Array) -> Iterator[tuple[IntpArray, U64Array, IntpArray | in
         ranks -= first.take(word)
         word += lo
         yield word, (position & 63).astype(_U64), ranks
+
+
+def _single_bit_floats(words: U64Array) -> U64Array:
+    """The float64 bits of words with one bit set, 2**b: exponent field b + 1023; a new array.
+
+    Converted as int64 (numpy's uint64 -> float64 is twice as slow); 2**63 becomes
+    -2**63, whose sign bit `abs` clears.
+    """
+    floats = words.view(np.int64).astype(np.float64)
+    np.abs(floats, out=floats)
+    return floats.view(_U64)
 
 
 class _Scale:
@@ -152,13 +163,18 @@ class _Scale:
         """``page_size * (b + 1023)``, b the highest set bit of each word; a new array.
 
         Exact for words with at most 53 bits set (rounding to 53 bits then never
-        carries into the next power of two). Words with a single bit set have a zero
-        mantissa, so their exponent field is shifted straight into place.
+        carries into the next power of two); other words must have two bits or more
+        (``w >> 1`` is converted, to stay in int64). Words with a single bit set have a
+        zero mantissa, so their exponent field is shifted straight into place.
         """
-        bits = words.astype(np.float64).view(_U64)
-        if single_bit and self.shift is not None and self.shift <= 52:
-            bits >>= _U64(52 - self.shift)
-            return bits
+        if single_bit:
+            bits = _single_bit_floats(words)
+            if self.shift is not None and self.shift <= 52:
+                bits >>= _U64(52 - self.shift)
+                return bits
+        else:  # the top bit of w >> 1, one lower: a signed conversion, twice as fast
+            bits = (words >> _ONE).view(np.int64).astype(np.float64).view(_U64)
+            bits += _ONE << _EXPONENT
         bits >>= _EXPONENT
         return self.scale(bits)
 
@@ -238,32 +254,28 @@ def _bitmap_runs(words: U64Array, base_gpa: int, page_size: int) -> tuple[U64Arr
             idx = np.zeros(1, dtype=np.intp)
             ww = w[:1]
             x = np.ones(1, dtype=_U64)
+            top = np.ones(1, dtype=np.bool_)
         else:
             idx = np.flatnonzero(w != 0)
             ww = w.take(idx)
-            before = words.take(idx + (lo - 1))  # index -1 (the last word) only for word 0
-            if lo == 0 and idx[0] == 0:
-                before[0] = 0
-            before >>= _U64(63)
             x = ww << _ONE
-            x |= before
             np.bitwise_not(x, out=x)
-            x &= ww  # run starts: set bits whose previous bit is clear
+            x &= ww  # run starts: set bits whose previous bit is clear ...
+            top = ww >= _TOP_BIT
+            _clear_carried_starts(x, idx, top, lo > 0 and int(words[lo - 1]) >> 63 == 1)
         counts = np.bitwise_count(x)
-        slot32 = np.cumsum(counts, dtype=np.int32)  # int32: at most 32 runs per word
-        count = int(slot32[-1])
+        ends = np.cumsum(counts, dtype=np.intp)  # each word's slots end here
+        count = int(ends[-1])
         if count == 0:
             continue
-        slot32 -= counts
-        slot = slot32.astype(np.intp)
+        slot = ends - counts
         gpas, lengths, offset = out.reserve(count, block)
         first_slot = out.total - count
         empty = np.flatnonzero(counts == 0)  # every bit continues a run from before
         if empty.size:
             slot[empty] = count  # their writes go to the spare element after this block
         g = gpas[offset:offset + count + 1]
-        base = idx.astype(_U64)  # of each word's bit 0, less the exponent bias
-        base *= word_bytes
+        base = idx.view(_U64) * word_bytes  # of each word's bit 0, less the exponent bias
         base += _U64((base_gpa + lo * 64 * page_size - _EXPONENT_BIAS * page_size) % modulus)
         low = np.negative(x)
         low &= x
@@ -272,23 +284,22 @@ def _bitmap_runs(words: U64Array, base_gpa: int, page_size: int) -> tuple[U64Arr
         g[slot] = first
         several = np.flatnonzero(counts > 1)
         if several.size:
-            sx = x.take(several)
-            sbase = base.take(several)
-            sslot = slot.take(several)
-            scount = counts.take(several).astype(np.intp)
-            last = scale.exponent(sx, single_bit=False)
-            last += sbase
-            g[sslot + scount - 1] = last
-            inner = np.flatnonzero(scount > 2)
+            last = scale.exponent(x.take(several), single_bit=False)
+            last += base.take(several)
+            last_slot = ends.take(several)
+            last_slot -= 1
+            g[last_slot] = last
+            inner = np.flatnonzero(counts > 2)
             if inner.size:
-                mx = sx.take(inner)
+                mx = x.take(inner)
                 mx &= mx - _ONE  # clear the lowest start
-                top = (mx.astype(np.float64).view(_U64) >> _EXPONENT) - _U64(_EXPONENT_BIAS)
-                mx ^= np.left_shift(_ONE, top)  # and the highest
-                middle.append((mx, sbase.take(inner), sslot.take(inner) + (first_slot + 1)))
+                highest = ((mx >> _ONE).view(np.int64).astype(np.float64).view(_U64)
+                           >> _EXPONENT) - _U64(_EXPONENT_BIAS - 1)
+                mx ^= np.left_shift(_ONE, highest)  # and the highest
+                middle.append((mx, base.take(inner), slot.take(inner) + (first_slot + 1)))
         lengths[offset:offset + count] = scale.page_size
         special = x != ww  # some run is longer than a page
-        special |= ww >= _TOP_BIT  # or may go on into the next word
+        special |= top  # or may go on into the next word
         special = np.flatnonzero(special)
         if empty.size and special.size:
             special = special[counts.take(special) != 0]
@@ -323,6 +334,24 @@ def _bitmap_runs(words: U64Array, base_gpa: int, page_size: int) -> tuple[U64Arr
             target = _joined(crossing_slots)
             lengths[target] += scale.scale(_pages_after(words, _joined(crossing_words)))
     return gpas, lengths
+
+
+def _clear_carried_starts(x: U64Array, idx: IntpArray, top: npt.NDArray[np.bool_],
+                          carry_in: bool) -> None:
+    """... except bit 0 of a word whose previous word ends in a set bit 63 (in place).
+
+    `x` holds the starts of the non-zero words ``idx`` of a block as if each word stood
+    alone, `top` which of them have bit 63 set, `carry_in` whether the word before the
+    block has. Few words end in a set bit, so this is cheaper than fetching every word's
+    predecessor.
+    """
+    if carry_in and idx[0] == 0:
+        x[0] &= ~_ONE
+    ended = np.flatnonzero(top[:-1])  # positions whose successor may carry on
+    if ended.size:
+        following = ended + 1
+        following = following[idx.take(following) == idx.take(ended) + 1]
+        x[following] &= ~_ONE
 
 
 def _joined(parts: Sequence[npt.NDArray[_T]]) -> npt.NDArray[_T]:
@@ -432,10 +461,14 @@ class RangeTable:
         cls, page_indices: npt.ArrayLike, base_gpa: int = 0, page_size: int = PAGE_SIZE
     ) -> RangeTable:
         """Turn page numbers (any order, duplicates allowed) into sorted, merged ranges."""
-        pages = np.unique(np.asarray(page_indices, dtype=_U64).reshape(-1))
+        pages = np.sort(np.asarray(page_indices, dtype=_U64).reshape(-1))
         if pages.size == 0:
             return cls()
-        breaks = np.flatnonzero(np.diff(pages) != _U64(1)) + 1
+        step = np.diff(pages)
+        if not step.all():  # duplicates (np.unique would do, but is 4x slower than a sort)
+            pages = pages[np.concatenate(([True], step != 0))]
+            step = np.diff(pages)
+        breaks = np.flatnonzero(step != _U64(1)) + 1
         run_starts = np.concatenate(([0], breaks))
         run_ends = np.concatenate((breaks, [pages.size]))
         counts = (run_ends - run_starts).astype(_U64)

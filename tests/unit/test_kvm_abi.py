@@ -38,6 +38,8 @@ def test_ioctl_numbers_known_values():
     assert b.KVM_GET_SUPPORTED_CPUID == 0xC008AE05
     assert b.KVM_GET_CLOCK == 0x8030AE7C
     assert b.KVM_SET_CLOCK == 0x4030AE7B
+    assert b.KVM_ENABLE_CAP == 0x4068AEA3
+    assert b.KVM_RESET_DIRTY_RINGS == 0xAEC7
     assert b.KVM_GET_MP_STATE == 0x8004AE98
     assert b.KVM_GET_DEBUGREGS == 0x8080AEA1
     assert b.KVM_GET_XSAVE == 0x9000AEA4

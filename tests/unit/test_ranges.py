@@ -6,6 +6,8 @@ from array import array
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmig.ranges import MemoryRange, RangeTable
 from vmig.units import PAGE_SIZE, GiB, MiB
@@ -145,6 +147,31 @@ def test_bitmap_matches_reference_across_block_edges(seed, monkeypatch):
     assert table.total_bytes == int(np.bitwise_count(words).sum()) * page_size
 
 
+#: Words built from a few bits, edge bits and all-ones, so runs cross words and blocks.
+EDGE_WORDS = st.one_of(
+    st.sampled_from([0, ALL_ONES, 1, 1 << 63, (1 << 63) | 1, ALL_ONES >> 1, ALL_ONES - 1]),
+    st.lists(st.integers(0, 63), max_size=5).map(lambda bits: sum({1 << b for b in bits})),
+    st.integers(0, ALL_ONES),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=st.lists(EDGE_WORDS, max_size=40), block=st.sampled_from([1, 2, 3, 7, 1 << 17]),
+       base_page=st.integers(0, 1 << 30), page_size=st.sampled_from([PAGE_SIZE, 1, 3, 2 * MiB]))
+def test_bitmap_property_matches_naive_reference(words, block, base_page, page_size):
+    """Any bitmap, any block size: the same runs as walking every bit."""
+    import vmig.ranges as ranges_module
+
+    saved = ranges_module._BLOCK_WORDS
+    ranges_module._BLOCK_WORDS = block
+    try:
+        table = RangeTable.from_bitmap(np.array(words, dtype=np.uint64), base_page * page_size,
+                                       page_size)
+    finally:
+        ranges_module._BLOCK_WORDS = saved
+    assert pairs(table) == naive_from_bitmap(words, base_page * page_size, page_size)
+
+
 @pytest.mark.parametrize("pattern", ["scattered", "clustered", "dense", "long_runs"])
 def test_large_bitmaps_match_reference(pattern):
     """Default block sizes, several blocks, the shapes benchmarks/ranges.py times."""
@@ -190,6 +217,16 @@ def test_from_pages_sorts_dedupes_and_merges():
         (0x8000 + 10 * PAGE_SIZE, PAGE_SIZE),
     ]
     assert RangeTable.from_pages([]) == RangeTable()
+
+
+@settings(max_examples=200, deadline=None)
+@given(pages=st.lists(st.integers(0, 300), max_size=120))
+def test_from_pages_property_matches_naive_reference(pages):
+    """Any page numbers, duplicates and all: the runs of the sorted set."""
+    words = [0] * 5
+    for page in pages:
+        words[page // 64] |= 1 << (page % 64)
+    assert pairs(RangeTable.from_pages(pages, 0x4000)) == naive_from_bitmap(words, 0x4000)
 
 
 def test_from_pages_agrees_with_from_bitmap():

@@ -36,6 +36,7 @@ class ExitReason(enum.IntEnum):
     NMI = 16
     INTERNAL_ERROR = 17
     SYSTEM_EVENT = 24
+    DIRTY_RING_FULL = 31
 
 
 class Cap(enum.IntEnum):
@@ -61,6 +62,8 @@ class Cap(enum.IntEnum):
     VCPU_ATTRIBUTES = 127
     SREGS2 = 200
     XSAVE2 = 208
+    DIRTY_LOG_RING = 192
+    DIRTY_LOG_RING_ACQ_REL = 223
 
 
 # kvm_clock_data.flags
@@ -228,6 +231,23 @@ class kvm_dirty_log(ctypes.Structure):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class kvm_enable_cap(ctypes.Structure):
+    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
+
+
+class kvm_dirty_gfn(ctypes.Structure):
+    """One dirty-ring entry: KVM sets DIRTY, userspace sets RESET once it has read it."""
+
+    _fields_ = [("flags", u32), ("slot", u32), ("offset", u64)]
+
+
+# kvm_dirty_gfn.flags
+KVM_DIRTY_GFN_F_DIRTY = 1 << 0
+KVM_DIRTY_GFN_F_RESET = 1 << 1
+#: Page offset of a vCPU's dirty ring in its fd's mmap space (x86).
+KVM_DIRTY_LOG_PAGE_OFFSET = 64
+
+
 class kvm_vcpu_events(ctypes.Structure):
     class _exception(ctypes.Structure):
         _fields_ = [("injected", u8), ("nr", u8), ("has_error_code", u8), ("pending", u8),
@@ -328,6 +348,8 @@ KVM_CREATE_VCPU = io(0x41)
 KVM_GET_DIRTY_LOG = iow(0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = iow(0x46, kvm_userspace_memory_region)
 KVM_SET_CLOCK = iow(0x7B, kvm_clock_data)
+KVM_ENABLE_CAP = iow(0xA3, kvm_enable_cap)
+KVM_RESET_DIRTY_RINGS = io(0xC7)
 KVM_GET_CLOCK = ior(0x7C, kvm_clock_data)
 # vCPU fd
 KVM_RUN = io(0x80)
@@ -383,6 +405,8 @@ ABI_SIZES: dict[type[ctypes.Structure], int] = {
     kvm_cpuid_entry2: 40,
     kvm_cpuid2: 8,
     kvm_dirty_log: 16,
+    kvm_enable_cap: 104,
+    kvm_dirty_gfn: 16,
     kvm_vcpu_events: 64,
     kvm_run_io: 16,
     kvm_run_exit: 256,
