@@ -30,9 +30,6 @@ BUSY_GUEST = ("--memory", "128M", "--cpus", "2", "--workload", "dirty", "--worki
 NEVER_CONVERGES = {"downtime_ms": 0, "timeout_s": 30}
 ANY_PORT = "tcp:127.0.0.1:0"
 WAIT_S = 20.0
-#: The debug line a source logs when it first sends pages with sendfile on a connection
-#: (vmig.transport.stream; a VMM started with "--log-level", "debug" writes it to stderr).
-SENDFILE_LOG = "with sendfile"
 
 Spawn = Callable[..., VmmProcess]
 

@@ -3,13 +3,12 @@
 The socket options are read back from real sockets made by `dial()` and `Listener`.
 Detection itself is shown on a real path between this host and a network
 namespace (tests/netns.py) made silent with blackhole routes: a sender with data
-in flight (sendmsg, and sendfile from a memfd) and an idle reader, on both ends, are
-failed in `dead_peer_timeout_s`, and a silence of half that is ridden out.
+in flight and an idle reader, on both ends, are failed in `dead_peer_timeout_s`,
+and a silence of half that is ridden out.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -32,7 +31,7 @@ from vmig.transport.liveness import (
     set_dead_peer_timeout,
 )
 from vmig.transport.security import Security, TlsSide, load_tls
-from vmig.transport.stream import FileSpan, PlainStream, Stream
+from vmig.transport.stream import Stream
 
 TOKEN = b"0123456789abcdef0123456789abcdef"
 TCP = socket.IPPROTO_TCP
@@ -207,22 +206,6 @@ def _send_forever(stream: Stream) -> object:
     return work
 
 
-def _sendfile_forever(stream: Stream) -> object:
-    """`_send_forever` with the bytes sent from a memfd (sendfile on a plain stream)."""
-    fd = os.memfd_create("liveness", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 1 << 20)
-    block = memoryview(bytes(1 << 20))
-
-    def work(worker: Worker) -> None:
-        try:
-            while True:
-                stream.send_parts([FileSpan(fd, 0, block)])
-                worker.done += len(block)
-        finally:
-            os.close(fd)
-    return work
-
-
 def _read_forever(stream: Stream) -> object:
     def work(worker: Worker) -> None:
         while True:
@@ -244,17 +227,15 @@ def _pairs(ns: netns.Namespace, listener: Listener, client: Security,
            timeout: float) -> tuple[Pair, Pair]:
     """A bulk pair (host sends, namespace reads) and an idle one, both ends watched with
     `timeout` (the accepted ends retuned, as the receiver does after START)."""
-    return _watched(listener, client, timeout), _watched(listener, client, timeout)
-
-
-def _watched(listener: Listener, client: Security, timeout: float) -> Pair:
-    """One connected pair, both ends watched with `timeout`."""
-    pair = _connect(listener, client, dead_peer_timeout_s=timeout)
-    pair.accepted.set_dead_peer_timeout(timeout)
-    for stream in (pair.dialled, pair.accepted):
-        stream.settimeout(timeout + 10)  # a Python-level timeout: a miss shows as one
-    _ping(pair)
-    return pair
+    pairs = []
+    for _ in range(2):
+        pair = _connect(listener, client, dead_peer_timeout_s=timeout)
+        pair.accepted.set_dead_peer_timeout(timeout)
+        for stream in (pair.dialled, pair.accepted):
+            stream.settimeout(timeout + 10)  # a Python-level timeout: a miss shows as one
+        _ping(pair)
+        pairs.append(pair)
+    return pairs[0], pairs[1]
 
 
 @needs_netns
@@ -262,16 +243,10 @@ def test_a_silent_peer_is_found_within_the_timeout(far) -> None:
     ns, listener, client = far
     timeout = 2
     bulk, idle = _pairs(ns, listener, client, timeout)
-    files = _watched(listener, client, timeout)  # page bytes from a memfd (sendfile)
     workers = {"sender with data in flight": Worker("send", _send_forever(bulk.dialled)),
-               "its reader in the namespace": Worker("read", _read_forever(bulk.accepted)),
-               "sender from a file": Worker("sendfile", _sendfile_forever(files.dialled)),
-               "its reader": Worker("read-files", _read_forever(files.accepted))}
+               "its reader in the namespace": Worker("read", _read_forever(bulk.accepted))}
     time.sleep(0.3)  # bytes flowing
     assert workers["sender with data in flight"].done > 0
-    assert workers["sender from a file"].done > 0
-    if isinstance(files.dialled, PlainStream):
-        assert files.dialled.sendfile_bytes > 0
     _ping(idle)  # so that both idle ends last heard of the other just now
     workers["idle reader"] = Worker("idle", _read_forever(idle.dialled))
     workers["idle reader in the namespace"] = Worker("idle-ns", _read_forever(idle.accepted))
@@ -284,7 +259,6 @@ def test_a_silent_peer_is_found_within_the_timeout(far) -> None:
         ns.restore()
         bulk.close()
         idle.close()
-        files.close()
     for what, worker in workers.items():
         assert worker.error is not None and worker.failed_at is not None, what
         assert "the peer is silent (nothing heard for 2 s)" in str(worker.error), (what,

@@ -9,8 +9,6 @@ host side (the fd, the mapping, prefaulting, freeing, holes) is the backing's:
 
 from __future__ import annotations
 
-import os
-import stat
 import struct
 import threading
 from collections.abc import Iterable
@@ -68,15 +66,6 @@ class GuestMemory:
     @property
     def path(self) -> str | None:
         return self.backing.path
-
-    def sendfile_fd(self) -> int | None:
-        """The fd to sendfile guest pages from, where guest-physical address A is file
-        offset A (the one mapping covers the file from offset 0), or None when there is
-        no such fd (closed, or not a regular file: a memfd or a --memory-file is one)."""
-        if not self.backing.is_open:
-            return None
-        fd = self.backing.fd
-        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
     @property
     def host_addr(self) -> int:

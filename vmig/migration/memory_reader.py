@@ -8,21 +8,6 @@ writers that put them on the connection: the data as views of guest memory (no c
 or as one zstd frame when compression is on and shrinks them. The pool's `Chunk` keeps
 what was sent until the chunk is acknowledged; `acked` then books it in the migration's
 metrics.
-
-On a plain TCP or UNIX connection, the uncompressed data pages of runs of at least
-`SENDFILE_MIN_BYTES` go with sendfile from guest memory's fd (`GuestMemory.sendfile_fd`)
-after the request's header: the socket takes the memfd's pages, with no copy in the
-sender; the bytes on the wire are the same as sendmsg's. The socket may read a page
-later than the call, while it is still queued, so the destination can get bytes newer
-than at the call (or, as with sendmsg's copy of live memory, a page changed halfway).
-That is safe for the same reason a copy of a running guest is: the dirty log was
-cleared before the pass read the page, so any write since marks it dirty (KVM's dirty
-log, or the VMM's own bitmap) and the next pass sends it again; a pass ends only when
-every chunk is acknowledged, i.e. its bytes have left the socket, so no queued old copy
-can overtake a later one; the final pass runs with the guest paused, and post-copy's
-pages are sent while the source is paused, so nothing changes under them. A lost
-connection's queued bytes never land either: the destination fences the lost
-connection (its worker ended) before the chunk is sent again (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -51,8 +36,6 @@ class ChunkSender:
         #: The first pass skips zero pages; later passes send them as ZERO ranges.
         self.first_pass = True
         self._compressors: dict[int, zstandard.ZstdCompressor] = {}  # per channel (thread)
-        #: Uncompressed pages go with sendfile from here on plain streams (None: never).
-        self._file_fd = memory.sendfile_fd()
 
     def prepare(self, chunk: Chunk) -> None:
         """The requests that carry `chunk`: its zero pages as a ZERO range (not in the
@@ -73,7 +56,7 @@ class ChunkSender:
         """One MEMORY request with `data`'s pages, zstd-compressed when asked for and when
         it shrinks them; returns the bytes it put on the wire."""
         if self._level is None:
-            channel.submit_memory(data, self._memory.views, self._file_fd)
+            channel.submit_memory(data, self._memory.views)
             return data.total_bytes
         compressor = self._compressors.get(id(channel))
         if compressor is None:

@@ -25,8 +25,6 @@ import select
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from vmig.errors import MigrationCancelled, MigrationError, TransportError
 from vmig.proto import (
     AuthMethod,
@@ -57,17 +55,13 @@ from vmig.transport.fault_channel import DestinationFaultChannel, SourceFaultCha
 from vmig.transport.hello import Identity, VersionRefused, sender_handshake
 from vmig.transport.pump import pull
 from vmig.transport.ratelimit import RateLimitStopped, TokenBucket
-from vmig.transport.stream import FileSpan, Part, PlainStream, Stream
+from vmig.transport.stream import Buffer, PlainStream, Stream
 
 __all__ = ["ChannelInterrupted", "DestinationFaultChannel", "HandshakeRefused", "Identity",
            "ReceiverChannel", "SenderChannel", "SourceFaultChannel", "VersionRefused",
            "receive_handshake", "sender_handshake"]
 
 ViewsFor = Callable[[RangeTable], list[memoryview]]
-#: Ranges at least this long go with sendfile where they can; shorter ones with sendmsg,
-#: which takes up to 1024 of them in one call where sendfile takes one (scattered dirty
-#: pages would cost a syscall each).
-SENDFILE_MIN_BYTES = 64 << 10
 #: Admission: None to take the connection, or the reason it is refused.
 Admit = Callable[[Hello], "str | None"]
 
@@ -143,39 +137,22 @@ class SenderChannel:
         finally:
             self.stream.settimeout(before)
 
-    def submit(self, event: Request, payload: Sequence[Part] = (), *,
-               spans: bool = False) -> None:
+    def submit(self, event: Request, payload: Sequence[Buffer] = ()) -> None:
         """Write one request (and, for Memory, its page bytes) without waiting for its
-        answer (but for the bandwidth cap). `spans`: the payload holds FileSpans."""
+        answer (but for the bandwidth cap)."""
         header = self.conn.send(event)
         if self.limiter is not None:
             try:
                 self.limiter.take(len(header) + sum(len(part) for part in payload))
             except RateLimitStopped:
                 raise TransportError("stopped while waiting for the bandwidth cap") from None
-        if spans:
-            self.stream.send_parts([header, *payload])
-        else:
-            self.stream.send_all([header, *payload])  # buffers only
+        self.stream.send_all([header, *payload])
 
-    def submit_memory(self, ranges: RangeTable, views_for: ViewsFor,
-                      file_fd: int | None = None) -> None:
-        """Write a Memory request whose page bytes come from `views_for(ranges)`.
-
-        With `file_fd` (a file holding each range at offset = its address: guest memory's
-        memfd) and a stream that can (`Stream.sends_files`: plain TCP or UNIX), ranges of
-        at least SENDFILE_MIN_BYTES go with sendfile from that file; the bytes on the
-        wire are the same.
-        """
+    def submit_memory(self, ranges: RangeTable, views_for: ViewsFor) -> None:
+        """Write a Memory request whose page bytes come from `views_for(ranges)`."""
         views = views_for(ranges)
         try:
-            parts = None
-            if file_fd is not None and self.stream.sends_files:
-                parts = file_spans(ranges, views, file_fd)
-            if parts is None:
-                self.submit(Memory(ranges), views)
-            else:
-                self.submit(Memory(ranges), parts, spans=True)
+            self.submit(Memory(ranges), views)
         finally:
             for view in views:
                 view.release()
@@ -435,16 +412,3 @@ class ReceiverChannel:
                     os.close(fd)
             self._wake = None
         self.stream.close()
-
-
-def file_spans(ranges: RangeTable, views: Sequence[memoryview], fd: int) -> list[Part] | None:
-    """`views` (of `ranges`, in order) with each one of at least SENDFILE_MIN_BYTES
-    replaced by a FileSpan of `fd` at the range's address; None if none is that long."""
-    gpas, lengths = ranges.as_arrays()
-    long = np.flatnonzero(lengths >= SENDFILE_MIN_BYTES).tolist()
-    if not long:
-        return None
-    parts: list[Part] = list(views)
-    for index in long:
-        parts[index] = FileSpan(fd, int(gpas[index]), views[index])
-    return parts

@@ -2,10 +2,8 @@
 
 `Stream` is the interface the channels use; `PlainStream` and `TlsStream` are its two
 variants. The plain one moves page bytes without a Python-level copy: from
-guest-memory memoryviews to the socket with `sendmsg`, or for long runs of pages
-(`FileSpan`) from guest memory's fd with `sendfile`, which hands the pages to the
-socket with no copy in the sender at all; from the socket into guest memory with
-`recvmsg_into`. Python's `SSLSocket` has neither, so the TLS one writes
+guest-memory memoryviews to the socket with `sendmsg`, from the socket into guest
+memory with `recvmsg_into`. Python's `SSLSocket` has neither, so the TLS one writes
 each buffer with `SSL_write` (small ones gathered first, so that scattered pages do
 not become one TLS record each) and reads with `recv_into`, record by record;
 encryption needs a copy anyway, and `ssl` releases the GIL while it works. Socket
@@ -18,16 +16,9 @@ from __future__ import annotations
 
 import array
 import contextlib
-import errno
-import logging
-import math
-import os
-import select
 import socket
 import ssl
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 from vmig.errors import TransportError
 from vmig.transport.liveness import (
@@ -46,29 +37,6 @@ TLS_GATHER_BYTES = 256 << 10
 
 Buffer = bytes | bytearray | memoryview
 
-log = logging.getLogger(__name__)
-
-#: sendfile errors that mean "this fd cannot be sendfile'd" (a filesystem without splice
-#: support, a pipe), not a broken connection: the bytes then go with sendmsg instead.
-_SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
-                                   errno.ESPIPE})
-
-
-@dataclass(frozen=True, slots=True)
-class FileSpan:
-    """Bytes to send straight from a file: `len(view)` bytes at `offset` of `fd`, where
-    `view` maps the same bytes (what is sent instead where sendfile cannot be used)."""
-
-    fd: int
-    offset: int
-    view: memoryview
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-
-Part = Buffer | FileSpan
-
 
 class Stream:
     """One connected socket, owned: close it with `close()` or a `with` block."""
@@ -77,8 +45,6 @@ class Stream:
     passes_fds = False
     #: Whether bytes are encrypted and authenticated on the wire.
     encrypted = False
-    #: Whether `send_parts` sends a FileSpan with sendfile (else from its view).
-    sends_files = False
 
     def __init__(self, sock: socket.socket, peer: str, timeout: float | None = IO_TIMEOUT_S):
         self.sock = sock
@@ -166,10 +132,6 @@ class Stream:
         """Send every buffer, in order."""
         raise NotImplementedError
 
-    def send_parts(self, parts: Sequence[Part]) -> None:
-        """Send buffers and file spans in order: here each span from its view."""
-        self.send_all([part.view if isinstance(part, FileSpan) else part for part in parts])
-
     # --- ending ---------------------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -192,18 +154,11 @@ class Stream:
 
 
 class PlainStream(Stream):
-    """A TCP or UNIX socket, zero-copy: `sendmsg` and `recvmsg_into` on memoryviews,
-    `sendfile` for file spans."""
-
-    sends_files = True
+    """A TCP or UNIX socket, zero-copy: `sendmsg` and `recvmsg_into` on memoryviews."""
 
     def __init__(self, sock: socket.socket, peer: str, timeout: float | None = IO_TIMEOUT_S):
         super().__init__(sock, peer, timeout)
         self.passes_fds = sock.family == socket.AF_UNIX
-        #: Bytes sent with sendfile so far (tests look at it to see the path taken).
-        self.sendfile_bytes = 0
-        #: Whether sendfile refused a file as unsupported: spans go from their views then.
-        self.sendfile_refused = False
 
     def recv_into_all(self, views: Sequence[memoryview]) -> None:
         """Fill every view in order; scattered pages land with few recvmsg_into calls."""
@@ -222,90 +177,15 @@ class PlainStream(Stream):
 
     def send_all(self, buffers: Sequence[Buffer]) -> None:
         """Send every buffer in order with sendmsg, resuming after partial writes."""
-        self._send_batch(buffers, 0)
-
-    def send_parts(self, parts: Sequence[Part]) -> None:
-        """Send buffers and file spans in order, byte for byte as `send_all` of their
-        views would: buffers with sendmsg, each span with sendfile from its fd (the
-        socket takes the file's pages, no copy here). The buffers before a span go with
-        MSG_MORE, so that a request's header leaves in the same segment as its first
-        pages. A file sendfile refuses (EINVAL, ESPIPE: it cannot splice) is sent from the
-        views from then on.
-        """
-        batch: list[Buffer] = []
-        for part in parts:
-            if not isinstance(part, FileSpan) or self.sendfile_refused:
-                batch.append(part.view if isinstance(part, FileSpan) else part)
-                continue
-            if batch:
-                self._send_batch(batch, socket.MSG_MORE)
-                batch = []
-            if not self._sendfile(part):
-                batch.append(part.view)
-        if batch:
-            self._send_batch(batch, 0)
-
-    def _send_batch(self, buffers: Sequence[Buffer], flags: int) -> None:
-        """`send_all` with sendmsg flags (MSG_MORE: more bytes follow at once)."""
         pending = [memoryview(b).cast("B") for b in buffers if len(b)]
         first = 0
         try:
             with self.errors("sending to"):
                 while first < len(pending):
-                    sent = self.sock.sendmsg(pending[first:first + IOV_MAX], (), flags)
+                    sent = self.sock.sendmsg(pending[first:first + IOV_MAX])
                     first = _advance(pending, first, sent)
         finally:
             _release(pending)
-
-    def _sendfile(self, span: FileSpan) -> bool:
-        """Send all of `span` with os.sendfile; False if sendfile refused the file before
-        a byte went (the caller sends the view instead).
-
-        A socket with a timeout is non-blocking underneath: EAGAIN waits for room with
-        poll, at most the socket's timeout at a time (then TimeoutError, like sendmsg's);
-        a kernel that gave up on a silent peer fails the call with ETIMEDOUT. Both go
-        through `errors()` like every other write.
-        """
-        fd = self.sock.fileno()
-        offset, left = span.offset, len(span)
-        timeout = self.sock.gettimeout()
-        with self.errors("sending to"):
-            while left:
-                try:
-                    sent = os.sendfile(fd, span.fd, offset, left)
-                except BlockingIOError:
-                    self._wait_writable(fd, timeout)
-                    continue
-                except OSError as exc:
-                    if exc.errno in _SENDFILE_UNSUPPORTED and left == len(span):
-                        log.debug("sendfile refused the guest memory fd (%s): sending "
-                                  "from the mapping", exc.strerror)
-                        self.sendfile_refused = True
-                        return False
-                    raise
-                if sent == 0:  # the file ended before the span did
-                    raise OSError(errno.EIO, f"file ended at offset {offset} "
-                                  f"({left} bytes short)")
-                if not self.sendfile_bytes:
-                    log.debug("sending pages to %s with sendfile", self.peer)
-                offset += sent
-                left -= sent
-                self.sendfile_bytes += sent
-        return True
-
-    @staticmethod
-    def _wait_writable(fd: int, timeout: float | None) -> None:
-        """Block until the socket takes bytes again, or TimeoutError after `timeout` s."""
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait_ms = None if deadline is None else \
-                max(0, math.ceil((deadline - time.monotonic()) * 1000))
-            if poller.poll(wait_ms):
-                return  # writable, or an error/hangup that the next sendfile reports
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("timed out")
 
     def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
         """Send `data` with `fds` attached as SCM_RIGHTS (UNIX sockets only)."""
