@@ -277,11 +277,13 @@ def _backoff_capped() -> bool:
 
 
 @needs_netns
-@pytest.mark.parametrize(("timeout", "silence"), [(3, 1.5), (5, 3.5)], ids=["half", "70%"])
+@pytest.mark.parametrize(("timeout", "silence"), [(3, 1.5), (5, 3.2)], ids=["half", "64%"])
 def test_a_silence_shorter_than_the_timeout_is_ridden_out(far, timeout: int,
                                                           silence: float) -> None:
-    """Half the timeout, and 70 %: with its backoff uncapped TCP would retransmit 3.0 s and
-    then 6.2 s into a 3.5 s silence, and give up at 5.2 s; capped at 1 s it goes at 4.4."""
+    """Half the timeout, and 64 %: with its backoff uncapped TCP would retransmit 3.0 s and
+    then 6.2 s into a 3.2 s silence, and give up at 5.2 s; capped at 1 s it goes by 4.2.
+    (At 70 %, 3.5 s, the 0.6 s left before the timeout was too little on a loaded host:
+    the suite flaked there twice.)"""
     if silence > timeout / 2 and not _backoff_capped():
         pytest.skip("this kernel has no TCP_RTO_MAX_MS (Linux 6.15)")
     ns, listener, client = far
@@ -308,7 +310,7 @@ def test_a_silence_shorter_than_the_timeout_is_ridden_out(far, timeout: int,
         flowing_by = time.monotonic() + 6.0  # the next retransmission, on a loaded machine
         while reader.done == moved and reader.error is None and time.monotonic() < flowing_by:
             time.sleep(0.05)
-        assert reader.done > moved  # bytes flow again
+        assert reader.done > moved, (sender.error, reader.error, sender.done, reader.done)  # flowing again
         stop.set()
         sender.join(timeout + 10)
         deadline = time.monotonic() + timeout + 5
