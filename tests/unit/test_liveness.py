@@ -310,7 +310,8 @@ def test_a_silence_shorter_than_the_timeout_is_ridden_out(far, timeout: int,
         flowing_by = time.monotonic() + 6.0  # the next retransmission, on a loaded machine
         while reader.done == moved and reader.error is None and time.monotonic() < flowing_by:
             time.sleep(0.05)
-        assert reader.done > moved, (sender.error, reader.error, sender.done, reader.done)  # flowing again
+        # bytes flow again
+        assert reader.done > moved, (sender.error, reader.error, sender.done, reader.done)
         stop.set()
         sender.join(timeout + 10)
         deadline = time.monotonic() + timeout + 5
