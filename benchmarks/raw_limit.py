@@ -251,12 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(send(args.file, args.port, size, args.connections, args.method,
                               args.tls_dir)))
     else:  # both: a random file on /dev/shm, one transfer, the figures
+        from compare_qemu import fill_random  # it imports this module: not at the top
+
         path = Path(f"/dev/shm/raw-limit-{os.getpid()}.ram")
         try:
-            with open(path, "wb") as out:
-                for _ in range(0, size, 64 << 20):
-                    out.write(os.urandom(min(64 << 20, size)))
-            os.truncate(path, size)
+            fill_random(path, size)
             result = measure(path, size, args.connections, args.method, args.prealloc)
             result["gb_per_s"] = round(size / result["total_ms"] * 1000 / 1e9, 2)
             print(json.dumps(result))
