@@ -139,6 +139,16 @@ def test_data_figures_before_during_and_after() -> None:
             view["progress_percent"]) == (0, 0.0, 100.0)
 
 
+def test_a_sender_setting_up_reports_no_progress_yet_not_an_unknown_one() -> None:
+    """Between the send's 202 and the memory measured: 0%, never null (a bar polled from
+    the first moment; CI once saw null then 0.0)."""
+    metrics = MigrationMetrics("send", FakeClock())
+    assert metrics.view()["progress_percent"] == 0.0
+    metrics.update(memory_bytes=4000 * PAGE_SIZE, data_bytes=1000 * PAGE_SIZE)
+    metrics.set_phase(Phase.PRECOPY)
+    assert metrics.view()["progress_percent"] == 0.0
+
+
 def test_a_receiver_knows_no_progress_until_it_completed() -> None:
     metrics = MigrationMetrics("receive")
     metrics.set_phase(Phase.RECEIVING)

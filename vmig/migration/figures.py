@@ -150,7 +150,8 @@ SUMMARY_FIGURES: tuple[Figure, ...] = (
     Figure("progress_percent", float, "How much of the migration is done, 0 to 100: "
            "`data_processed_bytes` over `data_total_bytes`, never lower than a value "
            "reported before (the guest's dirtying grows the total), 100 only once "
-           "completed; null while unknown (a receiver before the end).", unit="%",
+           "completed; 0 while a sender sets up; null while unknown (a receiver before the "
+           "end).", unit="%",
            prometheus=("vmig_migration_progress_percent", "gauge")),
     Figure("elapsed_ms", float, "Since the migration began (receiver: since the source's "
            "MAIN connection was admitted); stops at the end.", REQUIRED, unit="ms",

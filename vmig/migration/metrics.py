@@ -453,6 +453,8 @@ class MigrationMetrics:
         elif remaining is not None and processed + remaining > 0:
             percent = min(processed / (processed + remaining) * 100, _BELOW_DONE)
             self._progress_high = max(self._progress_high or 0.0, percent)
+        elif self.role == "send":  # setting up, the memory not measured yet: none done
+            self._progress_high = 0.0
         return None if self._progress_high is None else round(self._progress_high, 1)
 
 
