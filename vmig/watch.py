@@ -88,7 +88,10 @@ def send_and_watch(client: ApiClient, params: dict[str, Any], *,
     called on every poll. Ctrl-C cancels the migration through the API and follows it
     until it has wound down. Raises ApiError with the VMM's reason if it failed.
     """
-    started = client.send_migration(wait=False, **params)
+    try:
+        started = client.send_migration(wait=False, **params)
+    except KeyboardInterrupt:  # Ctrl-C while the VMM started it: it may run already
+        started = _cancel_the_send_that_started(client)
     if "id" not in started:  # a VMM older than the 202 answer: this is the summary
         return started
     return watch_migration(client, started["id"], console=console, on_poll=on_poll)
@@ -119,21 +122,40 @@ def watch_migration(client: ApiClient, migration_id: str, *, console: Console | 
         return summary
 
 
+def _cancel_the_send_that_started(client: ApiClient) -> dict[str, Any]:
+    """After a Ctrl-C that cut the send's request short: cancel the send this VMM runs, if
+    it started, and return its id to follow; re-raise the Ctrl-C if none runs."""
+    with client.fresh() as fresh:
+        try:
+            info = fresh.migration_info()
+        except ApiError:
+            info = {}
+        if not (info.get("active") and info.get("role") == "send" and info.get("migration_id")):
+            raise KeyboardInterrupt
+        with contextlib.suppress(ApiError):  # too late, or over: its outcome says how
+            fresh.cancel_migration()
+    return {"id": info["migration_id"]}
+
+
 def _follow(client: ApiClient, migration_id: str,
             on_info: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """`client.wait_for_migration`; the first Ctrl-C cancels the migration (a second one
-    stops following it)."""
+    stops following it). After a Ctrl-C the rest goes through a fresh client: the one
+    interrupted may be left mid-request."""
     cancelled = False
-    while True:
-        try:
-            return client.wait_for_migration(migration_id, on_info=on_info, poll_s=POLL_S)
-        except KeyboardInterrupt:
-            if cancelled:
-                raise
-            cancelled = True
-            # too late to cancel (or already over): the migration's outcome says how it ended
-            with contextlib.suppress(ApiError):
-                client.cancel_migration()
+    with contextlib.ExitStack() as owned:
+        while True:
+            try:
+                return client.wait_for_migration(migration_id, on_info=on_info,
+                                                 poll_s=POLL_S)
+            except KeyboardInterrupt:
+                if cancelled:
+                    raise
+                cancelled = True
+                client = owned.enter_context(client.fresh())
+                # too late to cancel (or already over): the outcome says how it ended
+                with contextlib.suppress(ApiError):
+                    client.cancel_migration()
 
 
 def progress_bar(console: Console) -> Progress:

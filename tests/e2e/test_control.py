@@ -7,6 +7,7 @@ the destination empty and able to receive again, and a one-line reason.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -108,7 +109,8 @@ def test_ctrl_c_on_send_migration_cancels_through_the_api(spawn_vmm: Spawn) -> N
     command = [sys.executable, "-m", "vmig", "remote", "--api-socket", source.socket_path,
                "send-migration", url, "--token", auth["token"], "--downtime-ms", "0",
                "--timeout-s", "30", "--max-bandwidth", "50M", "--json"]  # far from 1000 passes
-    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         def in_precopy() -> bool:
             assert cli.poll() is None, f"the CLI ended early: {cli.communicate()}"
@@ -117,7 +119,13 @@ def test_ctrl_c_on_send_migration_cancels_through_the_api(spawn_vmm: Spawn) -> N
 
         wait_for(in_precopy, "the source to start pre-copy")
         cli.send_signal(signal.SIGINT)
-        out, err = cli.communicate(timeout=30)
+        try:
+            out, err = cli.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # where it hangs: faulthandler's dump on SIGABRT
+            cli.send_signal(signal.SIGABRT)
+            out, err = cli.communicate(timeout=10)
+            pytest.fail(f"the CLI did not end 30 s after Ctrl-C: {out!r} {err!r}; the "
+                        f"source: {migration_info_or_none(source.client)}")
     finally:
         if cli.poll() is None:
             cli.kill()

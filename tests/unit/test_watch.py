@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
 from rich.console import Console
 
 from vmig.units import MiB
@@ -12,6 +13,7 @@ from vmig.watch import (
     progress_bar,
     progress_detail,
     progress_position,
+    send_and_watch,
     show_progress,
     summary_table,
 )
@@ -99,3 +101,78 @@ def test_the_summary_title_stays_on_one_line() -> None:
     Console(file=out, width=100, color_system=None).print(
         summary_table({"status": "completed", "connections": 1}, title=title))
     assert out.getvalue().splitlines()[0].strip() == title
+
+
+# --- Ctrl-C --------------------------------------------------------------------------------
+
+
+class FakeVmm:
+    """What the clients of one VMM saw: which client cancelled, and how often."""
+
+    def __init__(self, running: dict[str, Any] | None) -> None:
+        self.running = running
+        self.cancelled_by: list[int] = []
+        self.clients = 0
+
+
+class FakeClient:
+    """An ApiClient stand-in whose first request of `interrupt` raises KeyboardInterrupt
+    (a Ctrl-C that cut it short); `fresh()` clients are never interrupted."""
+
+    def __init__(self, vmm: FakeVmm, interrupt: str = "") -> None:
+        vmm.clients += 1
+        self.number, self.vmm, self.interrupt = vmm.clients, vmm, interrupt
+        self.closed = False
+
+    def _maybe_interrupted(self, what: str) -> None:
+        if self.interrupt == what:
+            self.interrupt = ""
+            raise KeyboardInterrupt
+
+    def fresh(self) -> FakeClient:
+        return FakeClient(self.vmm)
+
+    def send_migration(self, **params: Any) -> dict[str, Any]:
+        self._maybe_interrupted("send")
+        return {"id": "m1"}
+
+    def migration_info(self) -> dict[str, Any]:
+        return self.vmm.running or {"active": False}
+
+    def wait_for_migration(self, migration_id: str, **kwargs: Any) -> dict[str, Any]:
+        self._maybe_interrupted("wait")
+        status = "cancelled" if self.vmm.cancelled_by else "completed"
+        return {"id": migration_id, "status": status}
+
+    def cancel_migration(self) -> dict[str, Any]:
+        self.vmm.cancelled_by.append(self.number)
+        return {}
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closed = True
+
+
+RUNNING = {"active": True, "role": "send", "migration_id": "m1"}
+
+
+def test_ctrl_c_while_following_cancels_through_a_fresh_client() -> None:
+    vmm = FakeVmm(RUNNING)
+    summary = send_and_watch(FakeClient(vmm, interrupt="wait"), {})
+    assert summary["status"] == "cancelled"
+    assert vmm.cancelled_by == [2]  # not through the client the Ctrl-C cut short
+
+
+def test_ctrl_c_while_the_send_starts_cancels_the_send_that_started() -> None:
+    vmm = FakeVmm(RUNNING)
+    summary = send_and_watch(FakeClient(vmm, interrupt="send"), {})
+    assert vmm.cancelled_by == [2] and summary == {"id": "m1", "status": "cancelled"}
+
+
+def test_ctrl_c_before_any_send_started_is_a_plain_interrupt() -> None:
+    vmm = FakeVmm(None)
+    with pytest.raises(KeyboardInterrupt):
+        send_and_watch(FakeClient(vmm, interrupt="send"), {})
+    assert vmm.cancelled_by == []

@@ -42,6 +42,11 @@ class ApiClient:
         self._http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path),
                                   base_url=f"http://localhost{API_PREFIX}", timeout=timeout)
 
+    def fresh(self) -> ApiClient:
+        """A new client for the same VMM, with its own connections: a request cut short
+        (Ctrl-C) may leave this client's connection pool mid-request."""
+        return ApiClient(self.socket_path, self.timeout, self.long_timeout)
+
     # --- the endpoints -------------------------------------------------------------------
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
