@@ -10,6 +10,7 @@ and a silence of half that is ridden out.
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -267,6 +268,17 @@ def test_a_silent_peer_is_found_within_the_timeout(far) -> None:
         assert timeout - 0.5 < took < timeout + SLACK_S, (what, took)
 
 
+def _tcp_states(ns: netns.Namespace) -> str:
+    """`ss -tinmo` on the host and in the namespace: what a failure message needs to
+    tell a stuck connection (windows, retransmissions, timers) from a stuck thread."""
+    out = []
+    for where, prefix in (("host", ()), ("namespace", ns.exec_prefix)):
+        ran = subprocess.run([*prefix, "ss", "-tinmo"], capture_output=True, text=True,
+                             check=False)
+        out.append(f"{where}:\n{ran.stdout}{ran.stderr}")
+    return "\n".join(out)
+
+
 def _backoff_capped() -> bool:
     with socket.socket() as sock:
         try:
@@ -311,7 +323,8 @@ def test_a_silence_shorter_than_the_timeout_is_ridden_out(far, timeout: int,
         while reader.done == moved and reader.error is None and time.monotonic() < flowing_by:
             time.sleep(0.05)
         # bytes flow again
-        assert reader.done > moved, (sender.error, reader.error, sender.done, reader.done)
+        assert reader.done > moved, (sender.error, reader.error, sender.done, reader.done,
+                                     _tcp_states(ns))
         stop.set()
         sender.join(timeout + 10)
         deadline = time.monotonic() + timeout + 5
