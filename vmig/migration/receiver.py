@@ -213,6 +213,7 @@ class MigrationReceiver:
                 channel = self._serve_main(channel)
                 self._linger(channel)
         except BaseException as exc:
+            _log_if_unexpected(exc)
             reason = describe(exc)
             cancel_reason = self.lifecycle.cancel_reason
             if cancel_reason is not None:
@@ -590,6 +591,7 @@ class MigrationReceiver:
             self.metrics.connection_lost(channel.index, str(exc))
             self.metrics.warn(message)
         except BaseException as exc:  # after a hand-over _abort() ignores this
+            _log_if_unexpected(exc)
             self._abort(describe(exc))
 
     # --- ending -----------------------------------------------------------------------------
@@ -662,3 +664,10 @@ _STEPS: dict[tuple[type, type], Callable[..., ReceivePhase]] = {
     (Built, Postcopy): MigrationReceiver._on_postcopy,
     (PostcopyActive, Complete): MigrationReceiver._on_postcopy_complete,
 }
+
+
+def _log_if_unexpected(exc: BaseException) -> None:
+    """A failure that is not a VmigError is a defect: its traceback goes to the log (the
+    outcome keeps its one line)."""
+    if not isinstance(exc, VmigError):
+        log.error("unexpected error in the incoming migration", exc_info=exc)
