@@ -1,9 +1,11 @@
 """The ctypes mirrors match the kernel ABI, and ioctl numbers follow from their sizes."""
 
 import ctypes
+import errno
 
 import pytest
 
+from vmig.kvm import _ioctl
 from vmig.kvm import bindings as b
 from vmig.kvm._ioctl import io, ior, iow, iowr
 
@@ -59,3 +61,21 @@ def test_ioctl_helpers_encode_direction_and_size():
     assert ior(2, Twelve) == (2 << 30) | (12 << 16) | 0xAE02
     assert iow(3, Twelve) == (1 << 30) | (12 << 16) | 0xAE03
     assert iowr(4, Twelve) == (3 << 30) | (12 << 16) | 0xAE04
+
+
+def test_an_interrupted_ioctl_is_issued_again_except_kvm_run(monkeypatch) -> None:
+    """EINTR means nothing was done: issue it again; KVM_RUN's is a kick for the caller."""
+    calls: list[int] = []
+
+    def interrupted_once(fd: int, request: int, arg: object = 0, mutate: bool = False) -> int:
+        calls.append(request)
+        if len(calls) == 1:
+            raise InterruptedError(errno.EINTR, "Interrupted system call")
+        return 7
+
+    monkeypatch.setattr(_ioctl.fcntl, "ioctl", interrupted_once)
+    assert _ioctl.ioctl(3, 0xAE01, name="KVM_CREATE_VM") == 7 and len(calls) == 2
+    calls.clear()
+    with pytest.raises(InterruptedError):
+        _ioctl.ioctl(3, 0xAE80, name="KVM_RUN", restart=False)
+    assert len(calls) == 1

@@ -40,18 +40,23 @@ def iowr(nr: int, struct: type[ctypes._CData]) -> int:
     return _ioc(_IOC_READ | _IOC_WRITE, nr, ctypes.sizeof(struct))
 
 
-def ioctl(fd: int, request: int, arg: Any = 0, *, name: str) -> int:
+def ioctl(fd: int, request: int, arg: Any = 0, *, name: str, restart: bool = True) -> int:
     """Issue one ioctl; raise KvmError(name, errno) on failure.
 
     `arg` is an int or a mutable buffer (a ctypes object or bytearray), which the
-    kernel may read and write in place. InterruptedError (EINTR, a vCPU kick) is
-    passed through untouched: the vCPU loop treats it as an ordinary exit.
+    kernel may read and write in place. Python does not retry an ioctl that a signal
+    interrupted (EINTR: nothing was done), so this does, unless `restart` is False:
+    KVM_RUN's EINTR is a vCPU kick, passed through as InterruptedError for the vCPU
+    loop to treat as an ordinary exit. (A debugger attaching, py-spy's sampling,
+    once failed a migration at the destination with a bare InterruptedError.)
     """
-    try:
-        if isinstance(arg, int):
-            return fcntl.ioctl(fd, request, arg)
-        return fcntl.ioctl(fd, request, arg, True)
-    except InterruptedError:
-        raise
-    except OSError as exc:
-        raise KvmError(name, exc.errno or 0) from exc
+    while True:
+        try:
+            if isinstance(arg, int):
+                return fcntl.ioctl(fd, request, arg)
+            return fcntl.ioctl(fd, request, arg, True)
+        except InterruptedError:
+            if not restart:
+                raise
+        except OSError as exc:
+            raise KvmError(name, exc.errno or 0) from exc

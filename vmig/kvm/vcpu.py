@@ -62,7 +62,7 @@ class Vcpu:
     def run(self) -> VcpuExit:
         """KVM_RUN once. A kick (signal + immediate_exit) returns `interrupted=True`."""
         try:
-            ioctl(self.fd, b.KVM_RUN, 0, name="KVM_RUN")
+            ioctl(self.fd, b.KVM_RUN, 0, name="KVM_RUN", restart=False)
         except InterruptedError:
             return VcpuExit(b.ExitReason.INTR, interrupted=True)
         reason = self.kvm_run.exit_reason
