@@ -132,9 +132,15 @@ def _cancel_the_send_that_started(client: ApiClient) -> dict[str, Any]:
             info = {}
         if not (info.get("active") and info.get("role") == "send" and info.get("migration_id")):
             raise KeyboardInterrupt
-        with contextlib.suppress(ApiError):  # too late, or over: its outcome says how
-            fresh.cancel_migration()
+        _cancel(fresh)
     return {"id": info["migration_id"]}
+
+
+def _cancel(client: ApiClient) -> None:
+    """Cancel the running migration; too late to (or already over), its outcome says
+    how it ended."""
+    with contextlib.suppress(ApiError):
+        client.cancel_migration()
 
 
 def _follow(client: ApiClient, migration_id: str,
@@ -153,9 +159,7 @@ def _follow(client: ApiClient, migration_id: str,
                     raise
                 cancelled = True
                 client = owned.enter_context(client.fresh())
-                # too late to cancel (or already over): the outcome says how it ended
-                with contextlib.suppress(ApiError):
-                    client.cancel_migration()
+                _cancel(client)
 
 
 def progress_bar(console: Console) -> Progress:
