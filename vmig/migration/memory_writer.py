@@ -74,8 +74,16 @@ def write_memory(channel: ReceiverChannel, memory: GuestMemory, request: MemoryR
 def install_memory(channel: ReceiverChannel, service: PostcopyService,
                    request: MemoryRequest) -> None:
     """Post-copy's background push: through UFFDIO_COPY (the pages may be missing and
-    registered: writing them through the mapping would fault on ourselves)."""
+    registered: writing them through the mapping would fault on ourselves). Waits for
+    one of the service's push slots first (`PUSH_INSTALLERS`: the fault threads' share
+    of the GIL and the cores)."""
     _check_bounds(request.ranges, service.memory)
+    with service.push_slots:
+        _install(channel, service, request)
+
+
+def _install(channel: ReceiverChannel, service: PostcopyService,
+             request: MemoryRequest) -> None:
     if request.flags & MemoryFlags.ZERO:
         channel.receive_payload([])
         for gpa, length in request.ranges:

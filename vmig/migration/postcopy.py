@@ -8,7 +8,9 @@ page, at once), any other missing page never held data and is filled with zeros
 locally. The ``migrate-fault-rx`` thread reads the answers and installs them with
 UFFDIO_COPY, which wakes the vCPU. Pages pushed in the background (MEMORY on the
 data connections) are installed the same way (`install`); whichever copy comes
-first wins, the other finds the page present (EEXIST) and is dropped.
+first wins, the other finds the page present (EEXIST) and is dropped. At most `PUSH_INSTALLERS`
+push requests are received and installed at once, so that the fault threads do not
+queue for the GIL and the cores behind one thread per data connection.
 
 Sender side, `FaultResponder`: the ``migrate-fault-srv`` thread answers each page
 request from the paused source's memory and asks the push to send the chunks near
@@ -54,6 +56,11 @@ log = logging.getLogger(__name__)
 FAULT_POLL_S = 0.05  # how often the fault thread looks at its stop flag
 #: The push sends the queued chunks this close to a fault first.
 PRIORITY_WINDOW_BYTES = 4 << 20
+#: Push requests the destination receives and installs at once (the other data
+#: connections wait their turn). Each one in flight is a thread the fault threads share
+#: the GIL and the cores with; on 2 cores, 8 at once doubled the faults' wait and made
+#: the push no faster than 2 (docs/performance.md, "Post-copy fault latency").
+PUSH_INSTALLERS = 2
 
 OnServed = Callable[[RangeTable], None]
 #: Source: (the lost FAULT channel, why) -> the resumed one (raises when it cannot be).
@@ -105,6 +112,8 @@ class PostcopyService:
         self._present = np.zeros(pages, dtype=bool)
         self._requested = np.zeros(pages, dtype=bool)
         self._lock = threading.Lock()
+        #: Held by each push request while it is received and installed (`install_memory`).
+        self.push_slots = threading.BoundedSemaphore(PUSH_INSTALLERS)
         self._left = self.owed_pages
         self._latency = FaultStats()  # the remote faults' service times (under _lock)
         self._asked_at: dict[int, float] = {}
@@ -202,11 +211,11 @@ class PostcopyService:
             fresh = self._owed[first:last] & ~self._present[first:last]
             self._left -= int(fresh.sum())
             self._present[first:last] = True
-            for page in range(first, last) if self._asked_at else ():
-                asked = self._asked_at.pop(page, None)
-                if asked is not None:
-                    self._latency.served(asked, now)
-                    self._latency.installed(page, now)
+            # the pages asked for are few (about one per vCPU), a pushed range has
+            # thousands: look the asked ones up, not every page of the range
+            for page in [page for page in self._asked_at if first <= page < last]:
+                self._latency.served(self._asked_at.pop(page), now)
+                self._latency.installed(page, now)
 
     # --- the threads -------------------------------------------------------------------------
 
