@@ -7,8 +7,9 @@ the CPU time (user + sys, from /proc/PID/stat) each VMM process spent during
 the migration and in all, the source's peak RSS beyond guest memory (RssAnon +
 RssFile, sampled every 10 ms), and whether the guest's self-check passed at the
 destination. Runs are interleaved (1, 2, 4, 8, 1, 2, ...) so that drift on a
-shared machine spreads over every configuration, and before each one twice the guest
-size is touched and freed, so that neither VMM allocates host-cold RAM.
+shared machine spreads over every configuration, and right before each send (both VMMs
+started, an idle guest booted) twice the guest size is touched and freed, so that
+neither VMM allocates host-cold RAM during the migration.
 
 With ``--prefill random`` the source's RAM is a file on /dev/shm filled with
 random bytes *before* the VMM starts, so no page is a hole or zero (as in the
@@ -41,6 +42,7 @@ from compare_qemu import (
     machine_info,
     make_certificates,
     touch_and_free,
+    wait_idle,
 )
 
 from vmig.api.process import VmmProcess
@@ -143,7 +145,6 @@ def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str,
     """Fresh VMMs, one migration, everything measured; the VMMs are stopped on every way out."""
     memory_file = SHM / f"vmig-bench-{os.getpid()}-{index}.ram" if args.prefill != "none" \
         else None
-    touch_and_free(2 * args.memory_bytes)  # neither VMM gets host-cold RAM
     with tempfile.TemporaryDirectory(prefix="vmig-bench-") as tmp:
         source_args = ["--memory", args.memory, "--cpus", str(args.cpus),
                        "--workload", args.workload]
@@ -171,6 +172,11 @@ def one_run(args: argparse.Namespace, connections: int, index: int) -> dict[str,
             url = reply["receiver_url"]
             auth = ({"tls_dir": str(tls[1])} if tls is not None
                     else {"token": reply["token"]})
+            if args.workload != "dirty":
+                wait_idle(source.proc.pid, destination.proc.pid)  # booted and stamped
+            # right before the send, after the prefill and both VMMs' start-up: neither
+            # VMM then allocates host-cold RAM during the migration (compare_qemu.py)
+            touch_and_free(2 * args.memory_bytes)
             before = {"source": cpu_seconds(source.proc.pid),
                       "destination": cpu_seconds(destination.proc.pid)}
             rss = RssPeak(source.proc.pid)
