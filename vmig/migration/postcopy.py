@@ -87,11 +87,9 @@ def _prefer_this_thread() -> None:
     try:
         os.sched_setscheduler(thread, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
                               os.sched_param(FAULT_THREAD_FIFO_PRIORITY))
-        return
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, thread, FAULT_THREAD_NICE)
+    except OSError:  # not allowed: the nice value, where even that is
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, thread, FAULT_THREAD_NICE)
 
 
 def check_userfaultfd() -> str | None:
