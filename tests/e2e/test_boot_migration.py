@@ -106,6 +106,12 @@ def test_a_boot_sector_migrates_live_and_keeps_its_invariant(
     assert second > first  # ...and it runs on at the destination
 
 
+def _whole_lines(serial: Path) -> str:
+    """The serial log up to its last newline: a tick still being written is left out."""
+    text = serial.read_text()
+    return text[:text.rfind("\n") + 1]
+
+
 def test_a_multiboot_kernel_migrates_and_runs_on(spawn_vmm: Spawn, tmp_path: Path) -> None:
     kernel = build_multiboot("multiboot_report.S", tmp_path)
     source_serial, destination_serial = tmp_path / "source.serial", tmp_path / "dest.serial"
@@ -119,12 +125,13 @@ def test_a_multiboot_kernel_migrates_and_runs_on(spawn_vmm: Spawn, tmp_path: Pat
     assert summary["status"] == "completed", summary
     info = destination.client.info()
     assert info["boot_format"] == "multiboot" and info["boot_cmdline"] == "mode=migrate"
-    # The destination's serial log goes on counting where the source's stopped.
-    last = int(source_serial.read_text().split("tick ")[-1].split()[0], 16)
+    # The destination's serial log goes on counting where the source's stopped (a tick the
+    # source had half written is finished at the destination, so its number is not read).
+    last = int(_whole_lines(source_serial).split("tick ")[-1].split()[0], 16)
     later = wait_for(lambda: [int(word.split()[0], 16) for word in
-                              destination_serial.read_text().split("tick ")[1:]
+                              _whole_lines(destination_serial).split("tick ")[1:]
                               if word.strip()], "ticks at the destination")
-    assert later[0] in (last, last + 1) and later == list(range(later[0], later[0] + len(later)))
+    assert last <= later[0] <= last + 2 and later == list(range(later[0], later[0] + len(later)))
 
 
 def test_a_boot_sector_migrates_locally_is_cancelled_and_restores_without_its_file(

@@ -42,10 +42,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def _wait_serial(path: Path, text: str, proc: subprocess.Popen[bytes],
                  timeout: float = 30.0) -> str:
+    """The serial log once a whole line holding `text` is in it (its newline written)."""
     deadline = time.monotonic() + timeout
     while True:
         found = path.read_text(errors="replace") if path.exists() else ""
-        if text in found:
+        start = found.find(text)
+        if start >= 0 and "\n" in found[start:]:
             return found
         assert proc.poll() is None, f"QEMU exited ({proc.returncode}); serial: {found!r}"
         assert time.monotonic() < deadline, f"no {text!r} on the serial line: {found!r}"
