@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,11 +45,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 IMAGES = ROOT / "docs" / "images"
 READY_TIMEOUT_S = 120.0
+PROBE = Path(__file__).with_name("wakeup_probe.py")
+MARK_POLL_S = 0.01  # how often the source's phase is read until post-copy begins
 SETTLE_S = 1.0  # the guest runs flat out this long before the migration starts
 #: Published QEMU remote-fault latencies (ms) and the goal, shown beside the results.
 QEMU_NO_PREEMPT_MS = 10.0
 QEMU_PREEMPT_MS = 0.5
 GOAL_P99_MS = 1.0
+#: The wake-up probe's lateness during post-copy (benchmarks/wakeup_probe.py).
+PROBE_FIGURES = ("probe_postcopy_p99_ms", "probe_postcopy_p999_ms", "probe_postcopy_max_ms")
 FIGURES = ("fault_latency_count", "fault_latency_p50_ms", "fault_latency_p99_ms",
            "fault_latency_max_ms", "blocktime_ms", "faults_served", "pages")
 
@@ -92,11 +98,18 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
                 stderr_path=f"{tmp}/src.err", ready_timeout=READY_TIMEOUT_S)
             time.sleep(SETTLE_S)
             reply = destination.client.receive_migration("tcp:127.0.0.1:0")
-            started = source.client.send_migration(
-                wait=False, destination_url=reply["receiver_url"], token=reply["token"],
-                connections=args.connections, postcopy=True, postcopy_after_iterations=1,
-                downtime_ms=args.downtime_ms, timeout_s=args.timeout)
-            summary = source.client.wait_for_migration(started["id"])
+            probe = subprocess.Popen([sys.executable, str(PROBE)], stdout=subprocess.PIPE,
+                                     text=True)
+            try:
+                started = source.client.send_migration(
+                    wait=False, destination_url=reply["receiver_url"], token=reply["token"],
+                    connections=args.connections, postcopy=True, postcopy_after_iterations=1,
+                    downtime_ms=args.downtime_ms, timeout_s=args.timeout)
+                mark_postcopy(source, probe)
+                summary = source.client.wait_for_migration(started["id"])
+            finally:
+                probe.terminate()
+                wakeups = json.loads(probe.communicate(timeout=30)[0])
             incoming = destination.client.migration_info()
             check = destination.client.check_guest(120)
         finally:
@@ -114,7 +127,23 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "vcpu_blocktime_total_ms": (round(sum(postcopy["vcpu_blocktime_ms"]), 3)
                                     if postcopy.get("vcpu_blocktime_ms") else None),
         "check_ok": check["ok"],
+        "wakeup_probe": wakeups,
+        "probe_postcopy_p99_ms": wakeups["marked"]["p99_ms"],
+        "probe_postcopy_p999_ms": wakeups["marked"]["p999_ms"],
+        "probe_postcopy_max_ms": wakeups["marked"]["max_ms"],
     }
+
+
+def mark_postcopy(source: VmmProcess, probe: subprocess.Popen[str]) -> None:
+    """Tell the wake-up probe when the source reports post-copy (polled every
+    `MARK_POLL_S`; the polling stops there, so post-copy itself runs without it)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        info = source.client.migration_info()
+        if info.get("phase") == "postcopy" or not info.get("active", True):
+            probe.send_signal(signal.SIGUSR1)
+            return
+        time.sleep(MARK_POLL_S)
 
 
 def spread(runs: list[dict[str, Any]], name: str) -> dict[str, float] | None:
@@ -142,7 +171,9 @@ def markdown(medians: dict[str, Any], runs: int) -> str:
                        ("fault_latency_p50_ms", ".3f"), ("fault_latency_p99_ms", ".3f"),
                        ("fault_latency_max_ms", ".3f"), ("blocktime_ms", ".1f"),
                        ("vcpu_blocktime_total_ms", ".1f"),
-                       ("pages", ".0f"), ("total_ms", ".0f"), ("downtime_ms", ".1f")):
+                       ("pages", ".0f"), ("total_ms", ".0f"), ("downtime_ms", ".1f"),
+                       ("probe_postcopy_p99_ms", ".3f"), ("probe_postcopy_p999_ms", ".3f"),
+                       ("probe_postcopy_max_ms", ".3f")):
         without, with_preempt, goal = anchors.get(name, ("", "", ""))
         rows.append(f"| `{name}` | {cell(medians[name], spec)} | {without} | "
                     f"{with_preempt} | {goal} |")
@@ -187,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {number}/{args.repeat}", file=sys.stderr, flush=True)
         runs.append(one_run(args))
     medians = {name: spread(runs, name)
-               for name in (*FIGURES, "vcpu_blocktime_total_ms", "total_ms", "downtime_ms")}
+               for name in (*FIGURES, "vcpu_blocktime_total_ms", "total_ms", "downtime_ms",
+                            *PROBE_FIGURES)}
     settings = {name: str(value) if isinstance(value, Path) else value
                 for name, value in vars(args).items()}
     result = {"command": [Path(sys.executable).name, *sys.argv], "settings": settings,
