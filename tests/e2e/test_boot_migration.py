@@ -30,26 +30,80 @@ BATCH = 8
 def sweep_state(memory: bytes | memoryview) -> tuple[int, int]:
     """(pass, page) from counter_boot's status words, after checking that the pages hold
     its invariant: pages before `page` carry `pass`, pages after it `pass - 1` (zero in
-    the first pass), the page itself either, and every check word matches."""
+    the first pass), the page itself either, and every check word matches.
+
+    A snapshot pauses the vCPU between any two instructions, so two moments are torn:
+    the page being written may hold its new generation beside its old check word, and a
+    pass just begun has its new number in STATUS while the page index still names the
+    last page (read as page -1 of that pass: no page written in it yet)."""
     passes, page = struct.unpack_from("<II", memory, STATUS)
     words = np.frombuffer(memory, dtype="<u4", count=SWEEP_PAGES * PAGE // 4,
                           offset=REGION).reshape(SWEEP_PAGES, PAGE // 4)
     gens, checks = words[:, 0].astype(np.int64), words[:, 1]
     index = np.arange(SWEEP_PAGES, dtype=np.uint32)
+    assert passes >= 1 and page < SWEEP_PAGES, (passes, page)
+    if page == SWEEP_PAGES - 1 and passes > 1 and (gens == passes - 1).all():
+        page = -1  # the new pass is stored, its first page index not yet
     written = gens != 0
-    bad_check = written & (checks != (gens.astype(np.uint32) ^ np.uint32(CHECK) ^ index))
+
+    def check_of(generation: np.ndarray) -> np.ndarray:
+        return np.where(generation != 0, generation.astype(np.uint32) ^ np.uint32(CHECK)
+                        ^ index, 0).astype(np.uint32)
+
+    bad_check = written & (checks != check_of(gens))
+    if page >= 0 and bad_check[page]:  # the page being written: its old check word
+        bad_check[page] = checks[page] != check_of(gens - 1)[page]
     assert not bad_check.any(), f"pages with a bad check word: {np.flatnonzero(bad_check)[:8]}"
     assert not (~written & (checks != 0)).any(), "a never-written page has a check word"
-    assert passes >= 1 and page < SWEEP_PAGES, (passes, page)
-    before, after = gens[:page], gens[page + 1:]
+    before, after = gens[:max(page, 0)], gens[page + 1:]
     stale = np.flatnonzero(before != passes)
     assert stale.size == 0, f"pass {passes} at page {page}, but page {stale[0]} has " \
                             f"{gens[stale[0]]}"
     behind = np.flatnonzero(after != passes - 1)
     assert behind.size == 0, f"pass {passes} at page {page}, but page " \
                              f"{page + 1 + behind[0]} has {gens[page + 1 + behind[0]]}"
-    assert gens[page] in (passes, passes - 1)
+    assert page < 0 or gens[page] in (passes, passes - 1)
     return int(passes), int(page)
+
+
+def _sweep_image(passes: int, page: int, written_to: int) -> bytearray:
+    """counter_boot's memory in pass `passes`: pages below `written_to` of this pass."""
+    memory = bytearray(REGION + SWEEP_PAGES * PAGE)
+    struct.pack_into("<II", memory, STATUS, passes, page)
+    for number in range(SWEEP_PAGES):
+        generation = passes if number < written_to else passes - 1
+        if generation:
+            struct.pack_into("<II", memory, REGION + number * PAGE, generation,
+                             generation ^ CHECK ^ number)
+    return memory
+
+
+def test_sweep_state_takes_the_moments_a_pause_can_tear_and_nothing_else() -> None:
+    assert sweep_state(_sweep_image(3, 100, 101)) == (3, 100)
+    torn = _sweep_image(3, 100, 100)  # page 100's new generation, its old check word
+    struct.pack_into("<I", torn, REGION + 100 * PAGE, 3)
+    assert sweep_state(torn) == (3, 100)
+    first = _sweep_image(1, 5, 5)
+    struct.pack_into("<I", first, REGION + 5 * PAGE, 1)  # first pass: the old check is 0
+    assert sweep_state(first) == (1, 5)
+    # the new pass stored, the page index still the last page's
+    assert sweep_state(_sweep_image(4, SWEEP_PAGES - 1, 0)) == (4, -1)
+    for broken in (torn, _sweep_image(3, 100, 101)):
+        struct.pack_into("<I", broken, REGION + 99 * PAGE + 4, 0xDEAD)  # a page not being written
+        with pytest.raises(AssertionError, match="bad check word"):
+            sweep_state(broken)
+    garbled = _sweep_image(3, 100, 101)
+    struct.pack_into("<I", garbled, REGION + 100 * PAGE + 4, 0xBEEF)  # neither old nor new
+    with pytest.raises(AssertionError, match="bad check word"):
+        sweep_state(garbled)
+    lost = _sweep_image(3, 100, 101)
+    struct.pack_into("<II", lost, REGION + 50 * PAGE, 2, 2 ^ CHECK ^ 50)  # an old page
+    with pytest.raises(AssertionError, match="page 50 has 2"):
+        sweep_state(lost)
+    wrong_pass = _sweep_image(4, SWEEP_PAGES - 1, 0)
+    struct.pack_into("<II", wrong_pass, REGION, 2, 2 ^ CHECK)  # one page a pass behind
+    with pytest.raises(AssertionError):
+        sweep_state(wrong_pass)
 
 
 def _destination_memory(vmm_client: object, tmp_path: Path, name: str) -> bytes:
